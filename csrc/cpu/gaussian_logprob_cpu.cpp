@@ -1,0 +1,200 @@
+// CPU kernels of refit::gaussian_logprob: one pass over pred and traj,
+// accumulation in float64, threads over (step, user) rows.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../gaussian_logprob.h"
+#include "refit/gaussian_logprob.h"
+
+namespace refit {
+namespace {
+
+// Each row kernel is compiled for AVX-512, AVX2+FMA and baseline x86-64 and
+// picked at load time, so one build runs well on any x86 machine without
+// -march=native.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define REFIT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define REFIT_CPU_CLONES
+#endif
+
+// Widening loads: the 16-bit types convert through float (exactly), so the
+// arithmetic below always runs in float64.
+REFIT_INLINE double as_double(double v) { return v; }
+REFIT_INLINE double as_double(float v) { return v; }
+REFIT_INLINE double as_double(c10::Half v) { return static_cast<float>(v); }
+REFIT_INLINE double as_double(c10::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+REFIT_INLINE double row_sum_sq(const T* __restrict__ x_next, const T* __restrict__ x,
+                               const T* __restrict__ pred, int64_t n, double coef_pred,
+                               double coef_x) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = glp::residual<double>(as_double(x_next[i]), as_double(x[i]),
+                                           as_double(pred[i]), coef_pred, coef_x);
+    acc += r * r;
+  }
+  return acc;
+}
+
+template <typename T>
+REFIT_INLINE void row_grad(T* __restrict__ out, const T* __restrict__ x_next,
+                           const T* __restrict__ x, const T* __restrict__ pred, int64_t n,
+                           double coef_pred, double coef_x, double factor) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = glp::residual<double>(as_double(x_next[i]), as_double(x[i]),
+                                           as_double(pred[i]), coef_pred, coef_x);
+    out[i] = static_cast<T>(factor * r);
+  }
+}
+
+// Non-template entry points, one per element type, so that target_clones
+// (which GCC does not apply to templates) can multiversion them.
+#define REFIT_DEFINE_ROWS(T, SUFFIX)                                                         \
+  REFIT_CPU_CLONES double row_sum_sq_##SUFFIX(const T* x_next, const T* x, const T* pred,  \
+                                              int64_t n, double cp, double cx) {           \
+    return row_sum_sq<T>(x_next, x, pred, n, cp, cx);                                      \
+  }                                                                                        \
+  REFIT_CPU_CLONES void row_grad_##SUFFIX(T* out, const T* x_next, const T* x,             \
+                                          const T* pred, int64_t n, double cp, double cx,  \
+                                          double factor) {                                 \
+    row_grad<T>(out, x_next, x, pred, n, cp, cx, factor);                                  \
+  }
+
+REFIT_DEFINE_ROWS(float, f32)
+REFIT_DEFINE_ROWS(double, f64)
+REFIT_DEFINE_ROWS(c10::Half, f16)
+REFIT_DEFINE_ROWS(c10::BFloat16, bf16)
+#undef REFIT_DEFINE_ROWS
+
+template <typename T> struct Rows;
+template <> struct Rows<float> {
+  static constexpr auto sum_sq = row_sum_sq_f32;
+  static constexpr auto grad = row_grad_f32;
+};
+template <> struct Rows<double> {
+  static constexpr auto sum_sq = row_sum_sq_f64;
+  static constexpr auto grad = row_grad_f64;
+};
+template <> struct Rows<c10::Half> {
+  static constexpr auto sum_sq = row_sum_sq_f16;
+  static constexpr auto grad = row_grad_f16;
+};
+template <> struct Rows<c10::BFloat16> {
+  static constexpr auto sum_sq = row_sum_sq_bf16;
+  static constexpr auto grad = row_grad_bf16;
+};
+
+std::vector<double> to_doubles(const at::Tensor& c) {
+  const at::Tensor d = c.to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+}
+
+// Rows per parallel task: enough items that thread start-up is amortised.
+int64_t grain_for(int64_t n_items) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_items));
+}
+
+}  // namespace
+
+at::Tensor gaussian_logprob_cpu(const at::Tensor& pred_in, const at::Tensor& traj_in,
+                                const at::Tensor& coef_pred, const at::Tensor& coef_x,
+                                const at::Tensor& log_var, bool mean, bool per_step) {
+  check_gaussian_logprob_args(pred_in, traj_in, coef_pred, coef_x, log_var, mean);
+  TORCH_CHECK_VALUE(pred_in.device().is_cpu(), "gaussian_logprob (cpu): pred must be a CPU tensor, got ",
+                    pred_in.device());
+  const at::Tensor pred = items_contiguous(pred_in);
+  const at::Tensor traj = items_contiguous(traj_in);
+  const int64_t S = pred.size(0), B = pred.size(1), I = pred.size(2);
+  const std::vector<double> cp = to_doubles(coef_pred), cx = to_doubles(coef_x),
+                            lv = to_doubles(log_var);
+  const double scale = mean ? 1.0 / static_cast<double>(I) : 1.0;
+
+  // Per-row terms in float64; summing them over steps in a fixed order below
+  // keeps the result independent of the thread count.
+  std::vector<double> terms(static_cast<size_t>(S * B));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "gaussian_logprob_cpu", [&] {
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    const scalar_t* t = traj.const_data_ptr<scalar_t>();
+    const int64_t ps0 = pred.stride(0), ps1 = pred.stride(1);
+    const int64_t ts0 = traj.stride(0), ts1 = traj.stride(1);
+    at::parallel_for(0, S * B, grain_for(I), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t s = row / B, b = row % B;
+        const double sum_sq = Rows<scalar_t>::sum_sq(t + (s + 1) * ts0 + b * ts1,
+                                                     t + s * ts0 + b * ts1,
+                                                     p + s * ps0 + b * ps1, I, cp[s], cx[s]);
+        terms[row] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
+      }
+    });
+  });
+
+  const auto out_type = gaussian_logprob_result_type(pred.scalar_type());
+  if (per_step) {
+    at::Tensor out = at::empty({S, B}, pred.options().dtype(at::kDouble));
+    std::copy(terms.begin(), terms.end(), out.data_ptr<double>());
+    return out.to(out_type);
+  }
+  at::Tensor out = at::empty({B}, pred.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) o[b] = 0.0;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t b = 0; b < B; ++b) o[b] += terms[s * B + b];
+  return out.to(out_type);
+}
+
+at::Tensor gaussian_logprob_backward_cpu(const at::Tensor& grad_in, const at::Tensor& pred_in,
+                                         const at::Tensor& traj_in, const at::Tensor& coef_pred,
+                                         const at::Tensor& coef_x, const at::Tensor& log_var,
+                                         bool mean, bool per_step) {
+  check_gaussian_logprob_args(pred_in, traj_in, coef_pred, coef_x, log_var, mean);
+  check_gaussian_logprob_grad(grad_in, pred_in, per_step);
+  TORCH_CHECK_VALUE(pred_in.device().is_cpu(), "gaussian_logprob_backward (cpu): pred must be a CPU tensor, got ",
+                    pred_in.device());
+  const at::Tensor pred = items_contiguous(pred_in);
+  const at::Tensor traj = items_contiguous(traj_in);
+  const int64_t S = pred.size(0), B = pred.size(1), I = pred.size(2);
+  const std::vector<double> cp = to_doubles(coef_pred), cx = to_doubles(coef_x),
+                            lv = to_doubles(log_var);
+  const double scale = mean ? 1.0 / static_cast<double>(I) : 1.0;
+  // grad is (B,) or (S, B) and often an expanded view of a scalar's gradient.
+  const at::Tensor g = grad_in.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+
+  at::Tensor out = at::empty({S, B, I}, pred.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "gaussian_logprob_backward_cpu", [&] {
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    const scalar_t* t = traj.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t ps0 = pred.stride(0), ps1 = pred.stride(1);
+    const int64_t ts0 = traj.stride(0), ts1 = traj.stride(1);
+    at::parallel_for(0, S * B, grain_for(I), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t s = row / B, b = row % B;
+        const double factor = (per_step ? gp[row] : gp[b]) * glp::grad_factor<double>(cp[s], lv[s], scale);
+        Rows<scalar_t>::grad(o + row * I, t + (s + 1) * ts0 + b * ts1, t + s * ts0 + b * ts1,
+                             p + s * ps0 + b * ps1, I, cp[s], cx[s], factor);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(refit, CPU, m) {
+  m.impl("gaussian_logprob", &gaussian_logprob_cpu);
+  m.impl("gaussian_logprob_backward", &gaussian_logprob_backward_cpu);
+}
+
+}  // namespace refit

@@ -1,0 +1,54 @@
+// The refit operator library: every op's schema, and the Python module
+// `refit_kernels._C` whose import loads (and so registers) the kernels.
+//
+// Kernels register themselves per device next to their code
+// (TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*_host.cpp); fake
+// (meta) implementations and gradients are registered from Python, in
+// refit_kernels/ops/*.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// REFIT_TORCH_VERSION and REFIT_CUDA_VERSION, written by setup.py.
+#include "refit_build_info.h"
+
+TORCH_LIBRARY(refit, m) {
+  m.def(
+      "gaussian_logprob(Tensor pred, Tensor traj, Tensor coef_pred, Tensor coef_x, "
+      "Tensor log_var, bool mean, bool per_step) -> Tensor");
+  m.def(
+      "gaussian_logprob_backward(Tensor grad, Tensor pred, Tensor traj, Tensor coef_pred, "
+      "Tensor coef_x, Tensor log_var, bool mean, bool per_step) -> Tensor");
+}
+
+// A plain CPython module (no pybind11): it only carries the build facts the
+// Python side checks before trusting the registered kernels.
+static PyModuleDef refit_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "Compiled refit kernels. Importing it registers the refit:: ops with torch.",
+    -1,
+    nullptr,
+};
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&refit_module);
+  if (m == nullptr) return nullptr;
+#ifdef WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+#ifdef _OPENMP
+  const long with_openmp = 1;
+#else
+  const long with_openmp = 0;
+#endif
+  if (PyModule_AddStringConstant(m, "torch_version", REFIT_TORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_version", REFIT_CUDA_VERSION) < 0 ||
+      PyModule_AddIntConstant(m, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddIntConstant(m, "with_openmp", with_openmp) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
