@@ -11,19 +11,11 @@
 #include <vector>
 
 #include "../gaussian_logprob.h"
+#include "common.h"
 #include "refit/gaussian_logprob.h"
 
 namespace refit {
 namespace {
-
-// Each row kernel is compiled for AVX-512, AVX2+FMA and baseline x86-64 and
-// picked at load time, so one build runs well on any x86 machine without
-// -march=native.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define REFIT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define REFIT_CPU_CLONES
-#endif
 
 // Widening loads: the 16-bit types convert through float (exactly), so the
 // arithmetic below always runs in float64.
@@ -58,8 +50,7 @@ REFIT_INLINE void row_grad(T* __restrict__ out, const T* __restrict__ x_next,
   }
 }
 
-// Non-template entry points, one per element type, so that target_clones
-// (which GCC does not apply to templates) can multiversion them.
+// Non-template entry points, one per element type, multiversioned.
 #define REFIT_DEFINE_ROWS(T, SUFFIX)                                                         \
   REFIT_CPU_CLONES double row_sum_sq_##SUFFIX(const T* x_next, const T* x, const T* pred,  \
                                               int64_t n, double cp, double cx) {           \
@@ -100,11 +91,6 @@ std::vector<double> to_doubles(const at::Tensor& c) {
   return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
 }
 
-// Rows per parallel task: enough items that thread start-up is amortised.
-int64_t grain_for(int64_t n_items) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_items));
-}
-
 }  // namespace
 
 at::Tensor gaussian_logprob_cpu(const at::Tensor& pred_in, const at::Tensor& traj_in,
@@ -129,14 +115,10 @@ at::Tensor gaussian_logprob_cpu(const at::Tensor& pred_in, const at::Tensor& tra
     const scalar_t* t = traj.const_data_ptr<scalar_t>();
     const int64_t ps0 = pred.stride(0), ps1 = pred.stride(1);
     const int64_t ts0 = traj.stride(0), ts1 = traj.stride(1);
-    at::parallel_for(0, S * B, grain_for(I), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t s = row / B, b = row % B;
-        const double sum_sq = Rows<scalar_t>::sum_sq(t + (s + 1) * ts0 + b * ts1,
-                                                     t + s * ts0 + b * ts1,
-                                                     p + s * ps0 + b * ps1, I, cp[s], cx[s]);
-        terms[row] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
-      }
+    cpu::for_each_step_row(S, B, I * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t s, int64_t b) {
+      const double sum_sq = Rows<scalar_t>::sum_sq(t + (s + 1) * ts0 + b * ts1, t + s * ts0 + b * ts1,
+                                                   p + s * ps0 + b * ps1, I, cp[s], cx[s]);
+      terms[s * B + b] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
     });
   });
 
@@ -172,7 +154,7 @@ at::Tensor gaussian_logprob_backward_cpu(const at::Tensor& grad_in, const at::Te
   const at::Tensor g = grad_in.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
 
-  at::Tensor out = at::empty({S, B, I}, pred.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = cpu::empty_for_overwrite({S, B, I}, pred.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "gaussian_logprob_backward_cpu", [&] {
     const scalar_t* p = pred.const_data_ptr<scalar_t>();
@@ -180,13 +162,11 @@ at::Tensor gaussian_logprob_backward_cpu(const at::Tensor& grad_in, const at::Te
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t ps0 = pred.stride(0), ps1 = pred.stride(1);
     const int64_t ts0 = traj.stride(0), ts1 = traj.stride(1);
-    at::parallel_for(0, S * B, grain_for(I), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t s = row / B, b = row % B;
-        const double factor = (per_step ? gp[row] : gp[b]) * glp::grad_factor<double>(cp[s], lv[s], scale);
-        Rows<scalar_t>::grad(o + row * I, t + (s + 1) * ts0 + b * ts1, t + s * ts0 + b * ts1,
-                             p + s * ps0 + b * ps1, I, cp[s], cx[s], factor);
-      }
+    cpu::for_each_step_row(S, B, I * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t s, int64_t b) {
+      const double factor =
+          (per_step ? gp[s * B + b] : gp[b]) * glp::grad_factor<double>(cp[s], lv[s], scale);
+      Rows<scalar_t>::grad(o + (s * B + b) * I, t + (s + 1) * ts0 + b * ts1, t + s * ts0 + b * ts1,
+                           p + s * ps0 + b * ps1, I, cp[s], cx[s], factor);
     });
   });
   return out;

@@ -1,0 +1,74 @@
+// Helpers shared by the CPU kernels (torch-side; not for the CUDA sources).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace refit {
+namespace cpu {
+
+// Multiversioning: a function marked REFIT_CPU_CLONES is compiled for AVX-512,
+// AVX2+FMA and baseline x86-64 and the best one is picked at load time, so one
+// build runs well on any x86 machine without -march=native. GCC does not
+// clone templates: mark non-template wrappers.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define REFIT_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define REFIT_CPU_CLONES
+#endif
+
+// A new tensor that the caller is about to overwrite in full. Large outputs
+// are advised onto transparent huge pages before their first touch: faulting
+// in a 180 MB gradient 4 KiB at a time costs more than computing it. (torch
+// does the same for all allocations under THP_MEM_ALLOC_ENABLE=1.) The advice
+// is only a hint; where it is refused nothing changes.
+inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t stop = start + out.nbytes();
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = stop & ~(kHuge - 1);
+  if (out.nbytes() >= 4 * kHuge && end > begin) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+// Visits every (step, user) row of an (S, B, I) problem once, calling
+// fn(s, b) from several threads. The walk is step-major (all users of step s,
+// then of step s+1), so every thread streams long contiguous runs of memory,
+// which the prefetchers follow. Users are taken in blocks whose rows of one
+// step fill about kBlockBytes, a fraction of a last-level cache: the block's
+// traj[s+1] rows, read as the next states of step s, are still cached when
+// step s+1 reads them as its current states, so every plane of a trajectory
+// comes from memory once.
+template <typename F>
+void for_each_step_row(int64_t S, int64_t B, int64_t row_bytes, const F& fn) {
+  if (S == 0 || B == 0) return;
+  constexpr int64_t kBlockBytes = 4 << 20;
+  row_bytes = std::max<int64_t>(1, row_bytes);
+  const int64_t block = std::clamp<int64_t>(kBlockBytes / row_bytes, 1, B);
+  // At least ~256 KiB of rows per task, so small problems stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(256) << 10) / row_bytes);
+  for (int64_t b0 = 0; b0 < B; b0 += block) {
+    const int64_t nb = std::min(block, B - b0);
+    at::parallel_for(0, S * nb, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) fn(r / nb, b0 + r % nb);
+    });
+  }
+}
+
+}  // namespace cpu
+}  // namespace refit
