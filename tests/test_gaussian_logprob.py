@@ -18,7 +18,7 @@ import torch
 import refit_kernels as rk
 from refit_kernels import reference
 
-from conftest import backend_params, describe_mismatch
+from _testing import backend_params, describe_mismatch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1, 1, 1), (1, 3, 5), (4, 6, 37), (3, 2, 1100)]

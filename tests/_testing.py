@@ -1,0 +1,45 @@
+"""Helpers shared by the tests: backend parametrisation and mismatch reports."""
+
+import pytest
+import torch
+
+import refit_kernels as rk
+
+GPU = torch.cuda.is_available()
+
+# (backend, device its inputs live on) pairs every kernel test runs over.
+BACKEND_DEVICES = [
+    ("reference", "cpu"),
+    ("cpu", "cpu"),
+    ("triton", "cuda" if GPU else "cpu"),
+    ("cuda", "cuda"),
+]
+
+
+def backend_params():
+    """pytest params over BACKEND_DEVICES: CUDA ones marked, unusable ones skipped with the reason."""
+    status = rk.available_backends()
+    params = []
+    for backend, device in BACKEND_DEVICES:
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        reason = status[backend]
+        if reason is None and device == "cuda" and not GPU:
+            reason = "no CUDA device"
+        if reason is not None:
+            marks.append(pytest.mark.skip(reason=f"{backend} backend unusable: {reason}"))
+        params.append(pytest.param((backend, device), id=backend, marks=marks))
+    return params
+
+
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, k: int = 5) -> str:
+    """The k worst elements of a comparison, for failure messages."""
+    diff = (actual.double() - expected.double()).abs().flatten()
+    if diff.numel() == 0:
+        return "(empty)"
+    worst = torch.topk(diff, min(k, diff.numel())).indices
+    lines = []
+    for flat in worst.tolist():
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), actual.shape))
+        lines.append(f"  at {idx}: got {actual.double().flatten()[flat].item()!r}, "
+                     f"expected {expected.double().flatten()[flat].item()!r}")
+    return "\n".join(lines)
