@@ -333,3 +333,24 @@ def test_torch_compile_fullgraph(backend):
     got.backward()
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(p_comp.grad, p_eager.grad)
+
+
+# --- property-based: any shape, any layout of the batch ----------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(S=st.integers(1, 5), B=st.integers(1, 6), I=st.integers(1, 70), stride=st.integers(1, 3),
+       mean=st.booleans(), per_step=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_matches_reference_on_any_shape(S, B, I, stride, mean, per_step, seed):
+    if rk.available_backends()["cpu"] is not None:
+        pytest.skip(rk.available_backends()["cpu"])
+    pred, traj, cp, cx, lv = make_trajectory(S, B * stride, I, dtype=torch.float64, seed=seed)
+    pred, traj = pred[:, ::stride], traj[:, ::stride]  # users spread out in memory
+    reduction = "mean" if mean else "sum"
+    got, got_grad = run("cpu", pred, traj, cp, cx, lv, reduction, per_step)
+    (want, want_grad), _ = truth_and_baseline(pred, traj, cp, cx, lv, reduction, per_step)
+    c_val, c_grad = conditioning(pred, traj, cp, cx, lv, reduction, per_step)
+    assert_accurate(got, want, want, c_val, "value")
+    assert_accurate(got_grad, want_grad, want_grad, c_grad, "gradient")
