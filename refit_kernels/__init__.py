@@ -8,6 +8,7 @@ backend is missing: :func:`available_backends` says what is usable and why not.
 
 from . import _extension  # loads refit_kernels._C first: the ops below attach to it
 from .dispatch import BACKENDS, BackendUnavailable, available_backends
+from .sparse import CSR, as_csr
 from .ops.gaussian_logprob import gaussian_logprob
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "CSR",
+    "as_csr",
     "available_backends",
     "gaussian_logprob",
     "__version__",

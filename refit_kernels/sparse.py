@@ -1,0 +1,156 @@
+"""Sparse (CSR) arguments of the ops.
+
+Interaction matrices are CSR over users x items. Every op that takes one
+accepts a ``torch.sparse_csr_tensor``, a ``scipy.sparse`` CSR matrix (or
+array), or an ``(indptr, indices[, values])`` tuple of tensors or NumPy
+arrays, and passes plain ``indptr`` / ``indices`` / ``values`` tensors to the
+kernels. :func:`as_csr` does that conversion and the cheap structural checks.
+
+Column indices inside a row are expected sorted and unique (the loaders of
+``refit`` guarantee it); ops rely on that only where they check it cheaply or
+say so in their docstring. Column indices out of range are the kernels' to
+reject (they see every index anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import torch
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class CSR:
+    """A CSR matrix as plain tensors.
+
+    Attributes:
+        indptr: (n_rows + 1,) int64, indptr[0] == 0, non-decreasing, indptr[-1] == nnz.
+        indices: (nnz,) int64 column ids.
+        values: (nnz,) floating values, or None for an implicit all-ones matrix.
+        n_cols: the number of columns when known (None for a tuple without it).
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: Optional[torch.Tensor]
+    n_cols: Optional[int]
+
+    @property
+    def n_rows(self) -> int:
+        return self.indptr.shape[0] - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.indptr.device
+
+    @property
+    def shape(self) -> Tuple[int, Optional[int]]:
+        return (self.n_rows, self.n_cols)
+
+    def to(self, device) -> "CSR":
+        """The same matrix on ``device`` (self when already there)."""
+        device = torch.device(device)
+        if self.indptr.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return CSR(move(self.indptr), move(self.indices), move(self.values), self.n_cols)
+
+
+def _tensor(x: Any, name: str, part: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"{name}: {part} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _is_scipy_sparse(x: Any) -> bool:
+    # Duck-typed, so scipy is never imported just to check.
+    return type(x).__module__.startswith("scipy.sparse") and hasattr(x, "tocsr")
+
+
+def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
+           values_dtype: Optional[torch.dtype] = None) -> CSR:
+    """Converts any accepted CSR form into a :class:`CSR`, checking its structure.
+
+    Args:
+        x: ``torch.sparse_csr_tensor``, scipy sparse matrix/array (converted
+            with ``tocsr()``), or ``(indptr, indices)`` / ``(indptr, indices,
+            values)`` of tensors or numpy arrays.
+        name: the argument's name, for error messages.
+        n_cols: expected number of columns; checked against the matrix's own
+            when it has one, and used when it has none.
+        device: move the result there (no copy when already there).
+        values_dtype: cast the values to this dtype (when there are values).
+
+    Raises:
+        TypeError for the wrong kinds of objects or dtypes; ValueError for an
+        inconsistent structure, naming ``name``.
+    """
+    own_cols: Optional[int] = None
+    if isinstance(x, torch.Tensor):
+        if x.layout != torch.sparse_csr:
+            raise TypeError(f"{name}: expected a CSR matrix (torch.sparse_csr_tensor, scipy.sparse "
+                            f"CSR or an (indptr, indices[, values]) tuple), got a {x.layout} tensor")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D CSR matrix, got {x.dim()} dimensions")
+        indptr, indices, values = x.crow_indices(), x.col_indices(), x.values()
+        own_cols = x.shape[1]
+    elif _is_scipy_sparse(x):
+        m = x.tocsr()
+        indptr, indices, values = (torch.from_numpy(np.ascontiguousarray(a)) for a in (m.indptr, m.indices, m.data))
+        own_cols = m.shape[1]
+    elif isinstance(x, (tuple, list)):
+        if len(x) not in (2, 3):
+            raise ValueError(f"{name}: a CSR tuple is (indptr, indices) or (indptr, indices, values), "
+                             f"got {len(x)} items")
+        indptr = _tensor(x[0], name, "indptr")
+        indices = _tensor(x[1], name, "indices")
+        values = None if len(x) == 2 or x[2] is None else _tensor(x[2], name, "values")
+    else:
+        raise TypeError(f"{name}: expected a CSR matrix (torch.sparse_csr_tensor, scipy.sparse CSR "
+                        f"or an (indptr, indices[, values]) tuple), got {type(x).__name__}")
+
+    if n_cols is not None and own_cols is not None and own_cols != n_cols:
+        raise ValueError(f"{name}: expected {n_cols} columns, got a matrix with {own_cols}")
+    cols = own_cols if own_cols is not None else n_cols
+
+    for part, t in (("indptr", indptr), ("indices", indices)):
+        if t.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"{name}: {part} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name}: {part} must be 1-D, got shape {tuple(t.shape)}")
+    if indptr.shape[0] < 1:
+        raise ValueError(f"{name}: indptr must have n_rows + 1 >= 1 entries, got none")
+    if indices.device != indptr.device:
+        raise ValueError(f"{name}: indices is on {indices.device} but indptr is on {indptr.device}")
+    if values is not None:
+        if not values.is_floating_point():
+            raise TypeError(f"{name}: values must be floating point, got {values.dtype}")
+        if tuple(values.shape) != tuple(indices.shape):
+            raise ValueError(f"{name}: values must have the shape of indices {tuple(indices.shape)}, "
+                             f"got {tuple(values.shape)}")
+        if values.device != indptr.device:
+            raise ValueError(f"{name}: values is on {values.device} but indptr is on {indptr.device}")
+
+    indptr = indptr.to(torch.int64).contiguous()
+    indices = indices.to(torch.int64).contiguous()
+    nnz = indices.shape[0]
+    # O(n_rows): cheap next to anything that reads the rows.
+    if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
+        raise ValueError(f"{name}: indptr must start at 0 and end at nnz = {nnz}, "
+                         f"got {int(indptr[0])} .. {int(indptr[-1])}")
+    if indptr.shape[0] > 1 and bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError(f"{name}: indptr must be non-decreasing")
+    if values is not None:
+        values = values.contiguous() if values_dtype is None else values.to(values_dtype).contiguous()
+    csr = CSR(indptr, indices, values, cols)
+    return csr if device is None else csr.to(device)
