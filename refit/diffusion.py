@@ -1,0 +1,305 @@
+"""DiffRec's Gaussian diffusion over interaction rows.
+
+The forward process noises a user's row x0 over T steps with a schedule of
+betas; the model learns to undo it. This module holds the schedule and its
+derived constants (in float64, as DiffRec keeps them), forward noising, the
+ELBO training loss with importance-sampled timesteps, and the reverse sampler
+that ranks items (and, for ReFiT, returns the whole trajectory and the
+per-step constants that :func:`refit_kernels.gaussian_logprob` scores it with).
+
+Schedules follow DiffRec (Wang et al., SIGIR 2023): ``linear`` and
+``linear-var`` betas from ``noise_scale * [noise_min, noise_max]``, ``cosine``
+from the squared-cosine alpha-bar, the first beta fixed at 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+MEAN_TYPES = ("x0", "eps")
+SCHEDULES = ("linear", "linear-var", "cosine")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Hyper-parameters of the diffusion; DiffRec's names and ML-1M defaults."""
+
+    mean_type: str = "x0"
+    steps: int = 40
+    noise_schedule: str = "linear-var"
+    noise_scale: float = 0.005
+    noise_min: float = 0.005
+    noise_max: float = 0.01
+    history_per_step: int = 10  # losses kept per step for importance sampling
+    uniform_prob: float = 0.001  # uniform floor of the importance distribution
+
+    def __post_init__(self):
+        if self.mean_type not in MEAN_TYPES:
+            raise ValueError(f"mean_type must be one of {MEAN_TYPES}, got {self.mean_type!r}")
+        if self.noise_schedule not in SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.noise_scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
+        if self.noise_scale > 0 and not (0 < self.noise_min <= self.noise_max < 1):
+            raise ValueError(f"need 0 < noise_min <= noise_max < 1, got {self.noise_min}, {self.noise_max}")
+        if self.history_per_step < 1:
+            raise ValueError(f"history_per_step must be >= 1, got {self.history_per_step}")
+        if not 0 <= self.uniform_prob <= 1:
+            raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def betas_for(config: DiffusionConfig) -> np.ndarray:
+    """(T,) float64 betas of the schedule, the first fixed at 1e-5."""
+    T = config.steps
+    if config.noise_schedule in ("linear", "linear-var"):
+        start, end = config.noise_scale * config.noise_min, config.noise_scale * config.noise_max
+        ramp = np.linspace(start, end, T, dtype=np.float64)
+        if config.noise_schedule == "linear":
+            betas = ramp
+        else:
+            # linear-var: the cumulative variance 1 - alpha_bar grows linearly.
+            alpha_bar = 1.0 - ramp
+            betas = np.empty(T, dtype=np.float64)
+            betas[0] = 1.0 - alpha_bar[0]
+            betas[1:] = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    else:  # cosine
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1.0 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=np.float64)
+    betas = betas.copy()
+    betas[0] = 1e-5  # a small fixed first variance keeps the first step from overfitting
+    if not ((betas > 0) & (betas <= 1)).all():
+        raise ValueError(f"the schedule gives betas outside (0, 1]: {betas}")
+    return betas
+
+
+class Trajectory(NamedTuple):
+    """A reverse trajectory over the stochastic steps, ready for gaussian_logprob.
+
+    Attributes:
+        states: (S+1, B, I) ``states[0]`` the state the stochastic steps start
+            from, ``states[s+1]`` the state sampled at step s. No gradient.
+        preds: (S, B, I) the denoiser's outputs at each stochastic step (with
+            gradient when sampled with ``keep_graph=True``).
+        coef_pred, coef_x, log_var: (S,) float32 per-step constants: the step's
+            mean is ``coef_pred * pred + coef_x * state`` and its variance
+            ``exp(log_var)`` (exactly the values the sampler used).
+        timesteps: (S,) int64 diffusion timestep of each stochastic step.
+        final: (B, I) the output of the last, deterministic step (the scores).
+    """
+
+    states: torch.Tensor
+    preds: torch.Tensor
+    coef_pred: torch.Tensor
+    coef_x: torch.Tensor
+    log_var: torch.Tensor
+    timesteps: torch.Tensor
+    final: torch.Tensor
+
+
+class GaussianDiffusion:
+    """Schedule constants, forward noising, ELBO loss and reverse sampling.
+
+    Constants are float64 on ``device``; per-step values used in float32
+    arithmetic are rounded to float32 once, as DiffRec does.
+    """
+
+    def __init__(self, config: DiffusionConfig = DiffusionConfig(), device="cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        T = config.steps
+        self.steps = T
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.loss_history = np.zeros((T, config.history_per_step), dtype=np.float64)
+        self.loss_count = np.zeros(T, dtype=np.int64)
+        if config.noise_scale == 0:
+            self.betas = None
+            return
+        betas = torch.tensor(betas_for(config), **f64)
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, 0)
+        ac_prev = torch.cat([torch.ones(1, **f64), ac[:-1]])
+        self.betas = betas
+        self.alphas_cumprod = ac
+        self.alphas_cumprod_prev = ac_prev
+        self.sqrt_alphas_cumprod = ac.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - ac).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / ac).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / ac - 1.0).sqrt()
+        self.posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # Step 0's posterior variance is 0 (log -inf): take step 1's instead.
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac)
+
+        # The reverse step's mean in terms of the model output:
+        # mean = step_coef_pred[t] * output + step_coef_x[t] * x_t.
+        if config.mean_type == "x0":
+            self.step_coef_pred = self.posterior_mean_coef1
+            self.step_coef_x = self.posterior_mean_coef2
+        else:  # x0 = sqrt(1/ac) x_t - sqrt(1/ac - 1) eps
+            self.step_coef_pred = -self.posterior_mean_coef1 * self.sqrt_recipm1_alphas_cumprod
+            self.step_coef_x = self.posterior_mean_coef1 * self.sqrt_recip_alphas_cumprod + self.posterior_mean_coef2
+        self._f32 = {name: getattr(self, name).float() for name in (
+            "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "step_coef_pred", "step_coef_x",
+            "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
+
+    # --- forward process and training -------------------------------------------
+
+    def _at(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """(B, 1) float32 column of a per-step constant at timesteps t."""
+        return self._f32[name].to(t.device)[t].unsqueeze(1)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x0) for (B, I) x0 and (B,) int64 timesteps t."""
+        if self.betas is None:
+            return x0
+        if noise is None:
+            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        return self._at("sqrt_alphas_cumprod", t) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t) * noise
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t (float64)."""
+        ac = self.alphas_cumprod.to(t.device)[t]
+        return ac / (1.0 - ac)
+
+    def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
+        """Timesteps and their importance weights, (B,) int64 and (B,) float32.
+
+        Uniform until every step has a full history of recent losses; then
+        p(t) proportional to the root mean square of t's recent losses, mixed
+        with a small uniform floor, and weights 1 / (T p(t)).
+        """
+        device = device or self.device
+        T = self.steps
+        if (self.loss_count < self.config.history_per_step).any():
+            t = torch.randint(0, T, (batch_size,), device="cpu", generator=generator).to(device)
+            return t, torch.ones(batch_size, device=device)
+        rms = np.sqrt(np.mean(self.loss_history ** 2, axis=1))
+        p = rms / rms.sum() * (1.0 - self.config.uniform_prob) + self.config.uniform_prob / T
+        p_t = torch.from_numpy(p)
+        t = torch.multinomial(p_t, batch_size, replacement=True, generator=generator)
+        weight = (p_t[t] * T).float()
+        return t.to(device), weight.to(device)
+
+    def _record_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Appends each sample's loss to its step's history (oldest dropped when full)."""
+        H = self.config.history_per_step
+        for step, loss in zip(t.tolist(), losses.detach().double().cpu().tolist()):
+            if self.loss_count[step] == H:
+                self.loss_history[step, :-1] = self.loss_history[step, 1:]
+                self.loss_history[step, -1] = loss
+            else:
+                self.loss_history[step, self.loss_count[step]] = loss
+                self.loss_count[step] += 1
+
+    def training_loss(self, model: Denoiser, x0: torch.Tensor, reweight: bool = True,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-user ELBO training loss, (B,), importance-weighted; take its mean.
+
+        In x0 mode the mean squared error is weighted by SNR(t-1) - SNR(t)
+        (1 at t = 0) when ``reweight``; in eps mode by the corresponding
+        factor, with the x0 likelihood at t = 0.
+        """
+        B = x0.shape[0]
+        t, importance = self.sample_timesteps(B, x0.device, generator)
+        noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        x_t = self.q_sample(x0, t, noise)
+        output = model(x_t, t)
+        target = x0 if self.config.mean_type == "x0" else noise
+        mse = ((target - output) ** 2).mean(dim=1)
+        loss = mse
+        if reweight and self.betas is not None:
+            if self.config.mean_type == "x0":
+                weight = self.snr(t - 1) - self.snr(t)
+            else:
+                ac, ac_prev, b = (v.to(t.device)[t] for v in (self.alphas_cumprod, self.alphas_cumprod_prev, self.betas))
+                weight = (1.0 - ac) / ((1.0 - ac_prev) ** 2 * (1.0 - b))
+                x0_hat = self._at("sqrt_recip_alphas_cumprod", t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t) * output
+                likelihood = ((x0 - x0_hat) ** 2 / 2.0).mean(dim=1)
+                loss = torch.where(t == 0, likelihood, mse)
+            weight = torch.where(t == 0, torch.ones_like(weight), weight).to(loss.dtype)
+            loss = weight * loss
+        self._record_losses(t, loss)
+        return loss / importance
+
+    # --- reverse process -----------------------------------------------------------------
+
+    def step_constants(self, device=None):
+        """(T,) float32 coef_pred, coef_x, log_var of every reverse step, by timestep."""
+        device = device or self.device
+        return tuple(self._f32[n].to(device) for n in ("step_coef_pred", "step_coef_x", "posterior_log_variance_clipped"))
+
+    def sample(self, model: Denoiser, x_start: torch.Tensor, *, sampling_steps: int = 0, noise: bool = False,
+               return_trajectory: bool = False, keep_graph: bool = False,
+               generator: Optional[torch.Generator] = None):
+        """Runs the reverse process from a user's row; returns the final (B, I) scores.
+
+        Args:
+            x_start: (B, I) the clean row the reverse process starts from.
+            sampling_steps: first noise x_start to this step (0: start clean,
+                DiffRec's default for inference).
+            noise: add Gaussian noise at every step but the last (t = 0).
+            return_trajectory: return a :class:`Trajectory` of the stochastic
+                steps (needs ``noise``), else the final scores.
+            keep_graph: keep the model outputs' autograd graph in the
+                trajectory (for a policy gradient taken from this very pass).
+        """
+        if not 0 <= sampling_steps <= self.steps:
+            raise ValueError(f"sampling_steps must be in [0, {self.steps}], got {sampling_steps}")
+        if return_trajectory and not noise:
+            raise ValueError("a trajectory has stochastic steps only with noise=True")
+        B = x_start.shape[0]
+        dev = x_start.device
+        x = x_start
+        if sampling_steps > 0:
+            x = self.q_sample(x_start, torch.full((B,), sampling_steps - 1, dtype=torch.long, device=dev),
+                              generator=generator)
+        if self.betas is None:  # no noise at all: the model maps x_t to x_{t-1} directly
+            for i in reversed(range(self.steps)):
+                x = model(x, torch.full((B,), i, dtype=torch.long, device=dev))
+            return x
+        cp, cx, lv = self.step_constants(dev)
+        T = self.steps
+        S = T - 1 if noise else 0  # stochastic steps: t = T-1 .. 1
+        states = preds = None
+        if return_trajectory:
+            states = torch.empty((S + 1,) + tuple(x.shape), dtype=x.dtype, device=dev)
+            states[0] = x
+            preds = [] if keep_graph else torch.empty((S,) + tuple(x.shape), dtype=x.dtype, device=dev)
+        with torch.enable_grad() if keep_graph else torch.no_grad():
+            for s, i in enumerate(reversed(range(T))):
+                t = torch.full((B,), i, dtype=torch.long, device=dev)
+                out = model(x, t)
+                # States are sampled without gradient; only `preds` may keep it.
+                mean = cp[i] * out.detach() + cx[i] * x
+                if noise and i > 0:
+                    eps = torch.randn(x.shape, dtype=x.dtype, device=dev, generator=generator)
+                    x = mean + torch.exp(0.5 * lv[i]) * eps
+                    if return_trajectory:
+                        states[s + 1] = x
+                        if keep_graph:
+                            preds.append(out)
+                        else:
+                            preds[s] = out.detach()
+                else:
+                    x = mean
+        if not return_trajectory:
+            return x
+        if keep_graph:
+            preds = torch.stack(preds) if preds else x.new_empty((0,) + tuple(x.shape))
+        ts = torch.arange(T - 1, 0, -1, device=dev)
+        return Trajectory(states, preds, cp[ts], cx[ts], lv[ts], ts, x)
