@@ -13,7 +13,6 @@ import math
 import warnings
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 import refit_kernels as rk

@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from refit import data as rdata
+from _testing import shared_dataset
 from refit.data import DataFormatError, InteractionData, UserBatches, load_dataset
 
 
@@ -242,15 +242,9 @@ def test_not_an_npy_file(tmp_path):
         load_dataset(write_diffrec(tmp_path / "e", [[0, 0]], [[0, 1]], [[1, 2]]), min_rating=3)
 
 
-def _shared_ml1m():
-    root = os.environ.get("REFIT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-    path = os.path.join(root, "ml-1m_clean")
-    return path if os.path.exists(os.path.join(path, "train_list.npy")) else None
-
-
-@pytest.mark.skipif(_shared_ml1m() is None, reason="ML-1M split not found in ../shared/data or $REFIT_DATA")
+@pytest.mark.skipif(shared_dataset() is None, reason="the ML-1M split is not in ../shared/data (or $REFIT_DATA)")
 def test_ml1m_published_counts():
-    d = load_dataset(_shared_ml1m())
+    d = load_dataset(shared_dataset())
     check_well_formed(d)
     assert (d.n_users, d.n_items) == (5949, 2810)
     assert (d.train.nnz, d.valid.nnz, d.test.nnz) == (403277, 110722, 57532)

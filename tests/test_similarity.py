@@ -1,7 +1,6 @@
 """refit.similarity: top_similar_users against exact dense computations; neighbor_profiles."""
 
 import math
-import os
 from fractions import Fraction
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from _testing import shared_dataset
 from refit.similarity import neighbor_profiles, top_similar_users
 
 
@@ -124,17 +124,11 @@ def test_neighbor_profiles():
         torch.testing.assert_close(summed[u].double(), want, rtol=1e-6, atol=1e-6)
 
 
-def _shared_ml1m():
-    root = os.environ.get("REFIT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-    path = os.path.join(root, "ml-1m_clean")
-    return path if os.path.exists(os.path.join(path, "train_list.npy")) else None
-
-
-@pytest.mark.skipif(_shared_ml1m() is None, reason="ML-1M split not found in ../shared/data or $REFIT_DATA")
+@pytest.mark.skipif(shared_dataset() is None, reason="the ML-1M split is not in ../shared/data (or $REFIT_DATA)")
 def test_ml1m_blocks_agree_and_stay_small():
     from refit.data import load_dataset
 
-    data = load_dataset(_shared_ml1m())
+    data = load_dataset(shared_dataset())
     A = data.train
     users = np.arange(0, data.n_users, 97)
     got = top_similar_users(A, m=10)

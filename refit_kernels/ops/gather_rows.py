@@ -213,7 +213,9 @@ def _index_tensor(x: Any, name: str, device: torch.device) -> torch.Tensor:
         raise TypeError(f"{_OP}: {name} must be a tensor, a numpy array or a sequence of ints, got {type(x).__name__}")
     if not isinstance(x, torch.Tensor):
         t = t.to(device)
-    if t.dtype not in (torch.int32, torch.int64) and not (t.numel() == 0 and t.is_floating_point()):
+        if t.numel() == 0 and t.is_floating_point():  # np.array([]) is float64
+            t = t.to(torch.int64)
+    if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{_OP}: {name} must be int32 or int64, got {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{_OP}: {name} must be 1-D, got shape {tuple(t.shape)}")
