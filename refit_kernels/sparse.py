@@ -156,8 +156,12 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
         index_dtype = torch.int32 if both32 else torch.int64
     elif index_dtype not in _INDEX_DTYPES:
         raise ValueError(f"{name}: index_dtype must be torch.int32, torch.int64 or None, got {index_dtype}")
-    indptr = indptr.to(index_dtype).contiguous()
-    indices = indices.to(index_dtype).contiguous()
+    # (.to / .contiguous only when needed: this runs on every op call.)
+    if indptr.dtype != index_dtype:
+        indptr = indptr.to(index_dtype)
+    if indices.dtype != index_dtype:
+        indices = indices.to(index_dtype)
+    indptr, indices = indptr.contiguous(), indices.contiguous()
     nnz = indices.shape[0]
     if check:
         # O(n_rows): cheap next to anything that reads the rows.
@@ -167,6 +171,8 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
         if indptr.shape[0] > 1 and bool((indptr[1:] < indptr[:-1]).any()):
             raise ValueError(f"{name}: indptr must be non-decreasing")
     if values is not None:
-        values = values.contiguous() if values_dtype is None else values.to(values_dtype).contiguous()
+        if values_dtype is not None and values.dtype != values_dtype:
+            values = values.to(values_dtype)
+        values = values.contiguous()
     csr = CSR(indptr, indices, values, cols)
     return csr if device is None else csr.to(device)

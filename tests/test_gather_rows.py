@@ -257,15 +257,45 @@ def test_cpu_threads_give_identical_results():
     values = torch.randn(indices.shape[0], generator=torch.Generator().manual_seed(1))
     rows, seg, _ = random_segments(300, B=400, max_len=20, seed=14)
     weights = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(2))
+    plain = torch.arange(290).flip(0)  # fewer gathered rows than the matrix has: the fused path
     old = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = rk.gather_rows((indptr, indices, values), rows, segments=seg, weights=weights, n_cols=500, backend="cpu")
-        torch.set_num_threads(max(2, old))
-        many = rk.gather_rows((indptr, indices, values), rows, segments=seg, weights=weights, n_cols=500, backend="cpu")
+        for threads in (1, max(2, old)):
+            torch.set_num_threads(threads)
+            results.append((
+                rk.gather_rows((indptr, indices, values), rows, segments=seg, weights=weights, n_cols=500,
+                               backend="cpu"),
+                rk.gather_rows((indptr, indices, values), plain, n_cols=500, dtype=torch.bfloat16, backend="cpu")))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(one, many)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert_same(results[1][1], truth(indptr, indices, values, plain, None, None, 500, torch.bfloat16))
+
+
+def test_cpu_threads_check_everything_before_anyone_writes():
+    """A bad row id in the last thread's share stops every thread before it writes."""
+    if rk.available_backends()["cpu"] is not None:
+        pytest.skip(rk.available_backends()["cpu"])
+    indptr, indices, values = random_csr(300, 500, density=0.1, seed=24, empty_every=0)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, old))
+        for bad_at, cols in ((280, False), (0, False), (150, True)):
+            rows = torch.arange(290)
+            m = (indptr, indices, values)
+            if cols:  # a bad column id instead
+                bad_indices = indices.clone()
+                bad_indices[indptr[rows[bad_at]]] = 500
+                m = (indptr, bad_indices, values)
+            else:
+                rows[bad_at] = 300
+            out = torch.full((290, 500), 7.0)
+            with pytest.raises(IndexError, match=rf"rows\[{bad_at}\]"):
+                rk.gather_rows(m, rows, out=out, backend="cpu")
+            assert bool((out == 7.0).all())
+    finally:
+        torch.set_num_threads(old)
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -304,6 +334,31 @@ def test_bad_indices_raise_before_writing(bd, case):
     with pytest.raises(exc, match=msg):
         rk.gather_rows(m, rows, segments=seg, out=out, backend=backend)
     assert bool((out == 7.0).all()), "out was written before the error"
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("repeats", [1, 50], ids=["few-rows", "more-entries-than-the-matrix"])
+def test_only_the_rows_read_are_checked(bd, repeats):
+    """A bad column id in a row that is not gathered is no error; in a gathered one it is.
+
+    With many repeats the gathered rows hold more entries than the matrix, and
+    the cpu kernel checks the whole matrix once instead of each gathered row.
+    """
+    backend, device = bd
+    indptr, indices, values = random_csr(6, 5, seed=23, empty_every=0)
+    indices = indices.clone()
+    indices[indptr[3]] = 9  # row 3 is broken
+    m = tuple(t.to(device) for t in (indptr, indices, values))
+    good = torch.tensor([0, 1, 5, 2] * repeats, device=device)
+    assert int((indptr[good.cpu() + 1] - indptr[good.cpu()]).sum()) > (indices.shape[0] if repeats > 1 else 0)
+    got = rk.gather_rows(m, good, n_cols=5, backend=backend)
+    assert_same(got, truth(indptr, indices, values, good.cpu(), None, None, 5, torch.float32))
+    bad = torch.cat([good, torch.tensor([4, 3, 3], device=device)])
+    with pytest.raises(IndexError, match=rf"column index 9 .*rows\[{good.shape[0] + 1}\]"):
+        rk.gather_rows(m, bad, n_cols=5, backend=backend)
+    seg = torch.tensor([0, bad.shape[0]], device=device)
+    with pytest.raises(IndexError, match="column index 9"):
+        rk.gather_rows(m, bad, segments=seg, n_cols=5, backend=backend)
 
 
 @pytest.mark.parametrize("case", BAD_INDEX, ids=[c[0] for c in BAD_INDEX])

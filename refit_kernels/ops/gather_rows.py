@@ -221,7 +221,7 @@ def _index_tensor(x: Any, name: str, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{_OP}: {name} must be 1-D, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{_OP}: {name} is on {t.device} but the matrix is on {device}")
-    return t.to(torch.int64).contiguous()
+    return (t if t.dtype == torch.int64 else t.to(torch.int64)).contiguous()
 
 
 def gather_rows(
@@ -333,8 +333,8 @@ def gather_rows(
         _gather_rows_out_triton(*args, out)
         return out
     if out is None:
-        return torch.ops.refit.gather_rows(*args, dtype)
-    torch.ops.refit.gather_rows_out(*args, out)
+        return torch.ops.refit.gather_rows.default(*args, dtype)
+    torch.ops.refit.gather_rows_out.default(*args, out)
     return out
 
 
