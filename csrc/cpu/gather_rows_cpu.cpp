@@ -1,7 +1,9 @@
 // CPU kernel of refit::gather_rows: threads over output rows, each output row
-// written by one thread (no atomics), after a validation pass that reads every
-// index the kernel will use, so nothing is written when any is out of range.
-#include <ATen/Dispatch.h>
+// zeroed and filled by one thread (no atomics). Every index the kernel will
+// use is checked before anything is written, so nothing is written when one
+// is out of range: in the same parallel region as the filling (a barrier
+// between the two) or, for gathers longer than the matrix, in passes of
+// their own (see check_then_fill).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
