@@ -38,8 +38,12 @@ def copy_bandwidth_fixture():
     return 2 * n * src.element_size() / t
 
 
-def record(benchmark, group, impl, floor_s=None, note=""):
-    """Stores the median of a finished benchmark for the summary table."""
+def record(benchmark, group, impl, floor_s=None, note="", baseline=None):
+    """Stores the median of a finished benchmark for the summary table.
+
+    ``baseline`` names the implementation of the group that every row is
+    also compared with (for ops whose natural rival is not the reference).
+    """
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: nothing was timed
         return
@@ -49,6 +53,8 @@ def record(benchmark, group, impl, floor_s=None, note=""):
         entry["floor_s"] = floor_s
     if note:
         entry["note"] = note
+    if baseline is not None:
+        entry["baseline"] = baseline
 
 
 def write_summary(terminalreporter):
@@ -72,3 +78,15 @@ def write_summary(terminalreporter):
             tr.write_line("".join(cols))
         if floor:
             tr.write_line(f"  {'hardware floor':<22}{floor * 1e3:>11.2f}")
+        base = entry.get("baseline")
+        if base in impls:
+            tr.write_line(f"  speed-up over {base}: " + ", ".join(
+                f"{name} {impls[base] / t:.1f}x" for name, t in impls.items() if name != base))
+
+
+def shared_dataset(name: str = "ml-1m_clean"):
+    """Path of a data set in ../shared/data (or $REFIT_DATA), or None when it is absent."""
+    root = os.environ.get("REFIT_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                        "shared", "data")
+    path = os.path.join(root, name)
+    return path if os.path.isdir(path) else None

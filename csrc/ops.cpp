@@ -18,6 +18,15 @@ TORCH_LIBRARY(refit, m) {
   m.def(
       "gaussian_logprob_backward(Tensor grad, Tensor pred, Tensor traj, Tensor coef_pred, "
       "Tensor coef_x, Tensor log_var, bool mean, bool per_step) -> Tensor");
+  // out[b] = sum_{j in [segments[b], segments[b+1])} weights[j] * A[rows[j]], A = (indptr,
+  // indices, values) with n_cols columns; no segments: one row per output. Not differentiable.
+  m.def(
+      "gather_rows(Tensor indptr, Tensor indices, Tensor? values, Tensor rows, Tensor? segments, "
+      "Tensor? weights, int n_cols, ScalarType dtype) -> Tensor");
+  // The same into a caller's buffer, overwritten in full (zeroed, then filled).
+  m.def(
+      "gather_rows_out(Tensor indptr, Tensor indices, Tensor? values, Tensor rows, "
+      "Tensor? segments, Tensor? weights, int n_cols, Tensor(a!) out) -> ()");
 }
 
 // A plain CPython module (no pybind11): it only carries the build facts the

@@ -28,8 +28,9 @@ class CSR:
     """A CSR matrix as plain tensors.
 
     Attributes:
-        indptr: (n_rows + 1,) int64, indptr[0] == 0, non-decreasing, indptr[-1] == nnz.
-        indices: (nnz,) int64 column ids.
+        indptr: (n_rows + 1,) int64 (or int32 on request, see :func:`as_csr`),
+            indptr[0] == 0, non-decreasing, indptr[-1] == nnz.
+        indices: (nnz,) column ids, indptr's dtype.
         values: (nnz,) floating values, or None for an implicit all-ones matrix.
         n_cols: the number of columns when known (None for a tuple without it).
     """
@@ -78,7 +79,8 @@ def _is_scipy_sparse(x: Any) -> bool:
 
 
 def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
-           values_dtype: Optional[torch.dtype] = None) -> CSR:
+           values_dtype: Optional[torch.dtype] = None,
+           index_dtype: Optional[torch.dtype] = torch.int64, check: bool = True) -> CSR:
     """Converts any accepted CSR form into a :class:`CSR`, checking its structure.
 
     Args:
@@ -90,6 +92,14 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
             when it has one, and used when it has none.
         device: move the result there (no copy when already there).
         values_dtype: cast the values to this dtype (when there are values).
+        index_dtype: dtype of the returned ``indptr`` and ``indices``
+            (int64 by default). None keeps int32 when both are int32 (as
+            scipy stores them), which saves converting the whole matrix on
+            every call; anything else becomes int64.
+        check: run the O(n_rows) checks of ``indptr``'s values (start, end,
+            order). A kernel that checks every ``indptr`` entry it reads may
+            skip them; so must code being traced by ``torch.compile``, where
+            reading tensor values is not possible.
 
     Raises:
         TypeError for the wrong kinds of objects or dtypes; ValueError for an
@@ -104,17 +114,17 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
             raise ValueError(f"{name}: expected a 2-D CSR matrix, got {x.dim()} dimensions")
         indptr, indices, values = x.crow_indices(), x.col_indices(), x.values()
         own_cols = x.shape[1]
-    elif _is_scipy_sparse(x):
-        m = x.tocsr()
-        indptr, indices, values = (torch.from_numpy(np.ascontiguousarray(a)) for a in (m.indptr, m.indices, m.data))
-        own_cols = m.shape[1]
-    elif isinstance(x, (tuple, list)):
+    elif isinstance(x, (tuple, list)):  # before the scipy check, which torch.compile cannot trace
         if len(x) not in (2, 3):
             raise ValueError(f"{name}: a CSR tuple is (indptr, indices) or (indptr, indices, values), "
                              f"got {len(x)} items")
         indptr = _tensor(x[0], name, "indptr")
         indices = _tensor(x[1], name, "indices")
         values = None if len(x) == 2 or x[2] is None else _tensor(x[2], name, "values")
+    elif _is_scipy_sparse(x):
+        m = x.tocsr()
+        indptr, indices, values = (torch.from_numpy(np.ascontiguousarray(a)) for a in (m.indptr, m.indices, m.data))
+        own_cols = m.shape[1]
     else:
         raise TypeError(f"{name}: expected a CSR matrix (torch.sparse_csr_tensor, scipy.sparse CSR "
                         f"or an (indptr, indices[, values]) tuple), got {type(x).__name__}")
@@ -141,16 +151,28 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
         if values.device != indptr.device:
             raise ValueError(f"{name}: values is on {values.device} but indptr is on {indptr.device}")
 
-    indptr = indptr.to(torch.int64).contiguous()
-    indices = indices.to(torch.int64).contiguous()
+    if index_dtype is None:
+        both32 = indptr.dtype == torch.int32 and indices.dtype == torch.int32
+        index_dtype = torch.int32 if both32 else torch.int64
+    elif index_dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name}: index_dtype must be torch.int32, torch.int64 or None, got {index_dtype}")
+    # (.to / .contiguous only when needed: this runs on every op call.)
+    if indptr.dtype != index_dtype:
+        indptr = indptr.to(index_dtype)
+    if indices.dtype != index_dtype:
+        indices = indices.to(index_dtype)
+    indptr, indices = indptr.contiguous(), indices.contiguous()
     nnz = indices.shape[0]
-    # O(n_rows): cheap next to anything that reads the rows.
-    if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
-        raise ValueError(f"{name}: indptr must start at 0 and end at nnz = {nnz}, "
-                         f"got {int(indptr[0])} .. {int(indptr[-1])}")
-    if indptr.shape[0] > 1 and bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError(f"{name}: indptr must be non-decreasing")
+    if check:
+        # O(n_rows): cheap next to anything that reads the rows.
+        if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
+            raise ValueError(f"{name}: indptr must start at 0 and end at nnz = {nnz}, "
+                             f"got {int(indptr[0])} .. {int(indptr[-1])}")
+        if indptr.shape[0] > 1 and bool((indptr[1:] < indptr[:-1]).any()):
+            raise ValueError(f"{name}: indptr must be non-decreasing")
     if values is not None:
-        values = values.contiguous() if values_dtype is None else values.to(values_dtype).contiguous()
+        if values_dtype is not None and values.dtype != values_dtype:
+            values = values.to(values_dtype)
+        values = values.contiguous()
     csr = CSR(indptr, indices, values, cols)
     return csr if device is None else csr.to(device)

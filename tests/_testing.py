@@ -43,3 +43,13 @@ def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, k: int = 5) 
         lines.append(f"  at {idx}: got {actual.double().flatten()[flat].item()!r}, "
                      f"expected {expected.double().flatten()[flat].item()!r}")
     return "\n".join(lines)
+
+
+def shared_dataset(name: str = "ml-1m_clean"):
+    """Path of a data set in ../shared/data (or $REFIT_DATA), or None when it is absent."""
+    import os
+
+    root = os.environ.get("REFIT_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                        "shared", "data")
+    path = os.path.join(root, name)
+    return path if os.path.isdir(path) else None

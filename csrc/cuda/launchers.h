@@ -40,6 +40,36 @@ LaunchStatus gaussian_logprob_backward(DType dtype, const void* grad, const void
                                        const GaussianLogprobShape& shape, bool mean,
                                        bool per_step, void* grad_pred, void* stream);
 
+// gather_rows: out[b] = sum_{j in [segments[b], segments[b+1])} weights[j] * A[rows[j]].
+// Device pointers; null `values`, `segments` or `weights` mean ones, one row
+// per output, ones.
+struct GatherRowsArgs {
+  const void* indptr;   // (n_rows + 1,) int64 when index64, else int32
+  const void* indices;  // (nnz,) indptr's type
+  bool index64;
+  const float* values;      // (nnz,) or null
+  const int64_t* rows;      // (n,)
+  const int64_t* segments;  // (batch + 1,) or null (then batch == n)
+  const float* weights;     // (n,) or null
+  int64_t n_rows, nnz, n_cols;
+  int64_t n;      // gathered rows
+  int64_t batch;  // output rows B
+};
+
+// Checks every segment offset, row id, indptr entry and column id the kernel
+// would read; sets the device int32 `*bad` (zeroed by the caller) to 1 when
+// any is wrong. The caller reports which (it copies the arguments to the host).
+LaunchStatus gather_rows_validate(const GatherRowsArgs& args, int32_t* bad, void* stream);
+
+// Overwrites `out` ((batch, n_cols) of out_dtype: kFloat32, kFloat16 or
+// kBFloat16, element strides out_row_stride / out_col_stride) with the sums.
+// The arguments must have passed gather_rows_validate.
+LaunchStatus gather_rows_forward(const GatherRowsArgs& args, DType out_dtype, void* out,
+                                 int64_t out_row_stride, int64_t out_col_stride, void* stream);
+
+// The message of the last CUDA error seen by a gather_rows launcher on this thread.
+const char* gather_rows_last_error_string();
+
 // The message of the last CUDA error seen by a launcher on this thread.
 const char* last_error_string();
 

@@ -1,0 +1,688 @@
+"""Interaction data: loaders, the train / valid / test split, and user batches.
+
+``load_dataset(name_or_path, **options)`` reads one of
+
+* a folder of DiffRec splits: ``train_list.npy``, ``valid_list.npy``,
+  ``test_list.npy``, each an (n, 2) integer array of (user, item) pairs
+  whose ids are already dense indices (kept as they are);
+* a RecBole atomic ``.inter`` file (tab-separated, a ``name:type`` header with
+  ``user_id`` and ``item_id``, optionally ``rating`` and ``timestamp``);
+* raw MovieLens ratings: ``ratings.dat`` (``user::item::rating::timestamp``,
+  ML-1M / ML-10M) or the tab-separated ``u.data`` of ML-100K (whose
+  ``u.info``, when present beside it, declares the id ranges);
+* ``"movielens-100k"``: the ML-100K copy shipped inside the ``recbole``
+  package (read from the package's folder; RecBole is never imported);
+* ``"synthetic"``: a seeded generator with taste clusters and popularity skew;
+
+and returns an :class:`InteractionData`. Raw ratings become implicit feedback
+(rating >= ``min_rating``, 4 by default) and each user's interactions are split
+chronologically 7:1:2 into train / valid / test (``split_mode="random"`` for a
+seeded random split). Users and items are re-indexed densely; the original ids
+are kept in ``user_ids`` / ``item_ids``. What was filtered is logged (logger
+``refit.data``) and kept in ``InteractionData.summary``.
+
+Malformed files raise :class:`DataFormatError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+import refit_kernels as rk
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPLIT = (0.7, 0.1, 0.2)
+DEFAULT_MIN_RATING = 4.0
+BUILTIN = ("movielens-100k", "synthetic")
+
+RECBOLE_HINT = (
+    "'movielens-100k' is read from the copy of MovieLens-100K shipped inside the recbole package, "
+    "which is not installed here. Install it without its dependencies (only its data files are read; "
+    "RecBole itself is never imported): pip install --no-deps recbole==1.2.1 -- or pass the path of a "
+    "MovieLens-100K u.data or ml-100k.inter file."
+)
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read as what it claims to be; says which file and line."""
+
+    def __init__(self, path: str, line: Optional[int], message: str, what: str = "line"):
+        self.path = str(path)
+        self.line = line
+        where = self.path if line is None else f"{self.path}, {what} {line}"
+        super().__init__(f"{where}: {message}")
+
+
+# --- the data set --------------------------------------------------------------------
+
+@dataclass
+class InteractionData:
+    """Implicit-feedback interactions of ``n_users`` users with ``n_items`` items.
+
+    Attributes:
+        name: where the data came from.
+        n_users, n_items: sizes of the dense id spaces.
+        train, valid, test: (n_users, n_items) ``scipy.sparse.csr_matrix``,
+            float32 ones, sorted unique column indices, disjoint.
+        user_ids, item_ids: original id of each dense user / item index.
+        summary: counts of what was read, filtered and kept.
+    """
+
+    name: str
+    n_users: int
+    n_items: int
+    train: sp.csr_matrix
+    valid: sp.csr_matrix
+    test: sp.csr_matrix
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    summary: Dict[str, int] = field(default_factory=dict)
+
+    def user_index(self, original_ids: Any) -> np.ndarray:
+        """Dense indices of original user ids (KeyError for an unknown id)."""
+        return _lookup(self.user_ids, original_ids, "user")
+
+    def item_index(self, original_ids: Any) -> np.ndarray:
+        """Dense indices of original item ids (KeyError for an unknown id)."""
+        return _lookup(self.item_ids, original_ids, "item")
+
+    def batches(self, batch_size: int, split: str = "train", **options) -> "UserBatches":
+        """A :class:`UserBatches` over one split's rows (options as there)."""
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+        return UserBatches(getattr(self, split), batch_size, **options)
+
+    def __repr__(self) -> str:
+        return (f"InteractionData({self.name!r}: {self.n_users} users, {self.n_items} items; "
+                f"train {self.train.nnz}, valid {self.valid.nnz}, test {self.test.nnz})")
+
+
+def _lookup(ids: np.ndarray, query: Any, what: str) -> np.ndarray:
+    q = np.atleast_1d(np.asarray(query))
+    if len(ids) == 0:
+        raise KeyError(f"unknown {what} ids: {q[:5].tolist()}")
+    pos = np.minimum(np.searchsorted(ids, q), len(ids) - 1)
+    found = ids[pos] == q
+    if not np.all(found):
+        raise KeyError(f"unknown {what} ids: {q[~found][:5].tolist()}")
+    return pos
+
+
+# --- batches ------------------------------------------------------------------------------
+
+class UserBatches:
+    """Batches ``(user_ids, dense_rows)`` of a user x item matrix, built by ``gather_rows``.
+
+    Each iteration is one epoch; with ``shuffle`` the users come in an order
+    drawn from ``(seed, epoch)``, so every epoch differs and every run repeats.
+    The epoch counter starts at 0 and advances at each ``iter()``;
+    :meth:`set_epoch` sets it.
+
+    Args:
+        matrix: (n_users, n_items) CSR matrix (scipy, ``torch.sparse_csr_tensor``
+            or ``(indptr, indices[, values])`` with ``n_cols``).
+        batch_size: users per batch.
+        users: the users to iterate over (default: every row).
+        shuffle, seed: per-epoch shuffling.
+        drop_last: skip a last, smaller batch.
+        dtype: dtype of the dense rows (float32, float16, bfloat16).
+        reuse_out: write every batch into one preallocated buffer (no
+            allocation per batch). The yielded rows are then overwritten by
+            the next batch: copy what must outlive it.
+        device: where the rows are built (the matrix is moved there once).
+        backend: forces a ``gather_rows`` backend.
+
+    Yields:
+        user_ids: (b,) int64 tensor on ``device``; dense_rows: (b, n_items).
+    """
+
+    def __init__(self, matrix: Any, batch_size: int, *, users: Any = None, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, dtype: torch.dtype = torch.float32, reuse_out: bool = False,
+                 device: Any = None, backend: Optional[str] = None, n_cols: Optional[int] = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        csr = rk.as_csr(matrix, "matrix", n_cols=n_cols, values_dtype=torch.float32, index_dtype=None)
+        if csr.n_cols is None:
+            raise ValueError("matrix: pass n_cols= with an (indptr, indices[, values]) tuple")
+        device = torch.device(device) if device is not None else csr.device
+        values = csr.values
+        if values is not None and bool((values == 1).all()):
+            values = None  # implicit feedback: let the kernel skip reading the ones
+        self._matrix = tuple(t.to(device) for t in (csr.indptr, csr.indices)) + (
+            () if values is None else (values.to(device),))
+        self.n_rows, self.n_cols = csr.n_rows, int(csr.n_cols)
+        if users is None:
+            self.users = np.arange(self.n_rows, dtype=np.int64)
+        else:
+            self.users = np.asarray(users, dtype=np.int64).reshape(-1)
+            bad = (self.users < 0) | (self.users >= self.n_rows)
+            if bad.any():
+                raise IndexError(f"users: id {int(self.users[bad][0])} is out of range for {self.n_rows} rows")
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.dtype, self.device, self.backend = dtype, device, backend
+        self._out = torch.empty((batch_size, self.n_cols), dtype=dtype, device=device) if reuse_out else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.users)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The users in the order of ``epoch``."""
+        if not self.shuffle:
+            return self.users
+        return np.random.default_rng([self.seed, epoch]).permutation(self.users)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order(self.epoch)
+        self.epoch += 1
+        for b in range(len(self)):
+            ids = torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size]).to(self.device)
+            out = None if self._out is None else self._out[: ids.shape[0]]
+            rows = rk.gather_rows(self._matrix, ids, dtype=self.dtype, out=out, backend=self.backend,
+                                  n_cols=self.n_cols)
+            yield ids, rows
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def load_dataset(name_or_path: Any, **options) -> InteractionData:
+    """Loads interactions and splits them (see the module docstring for the sources).
+
+    Options (each source takes those that apply to it; others raise TypeError):
+        min_rating: keep ratings >= this (default 4; None keeps all). Sources
+            with ratings only.
+        split: (train, valid, test) fractions (default (0.7, 0.1, 0.2)).
+        split_mode: ``"time"`` (each user's interactions in time order, ties
+            in file order; default) or ``"random"`` (a seeded shuffle per user).
+        seed: seed of the random split and of the synthetic generator.
+        n_users, n_items: for a DiffRec folder, the declared sizes (ids must
+            be below them; default: the largest id + 1). For ``"synthetic"``,
+            the sizes to generate.
+        Other ``"synthetic"`` options: see :func:`synthetic_interactions`.
+
+    Raises:
+        DataFormatError (a ValueError) naming the file and line of malformed
+        input; FileNotFoundError for an unknown name or a missing path.
+    """
+    if isinstance(name_or_path, str) and name_or_path.lower() in ("synthetic",):
+        return _load_synthetic(**options)
+    if isinstance(name_or_path, str) and name_or_path.lower() in ("movielens-100k", "ml-100k"):
+        return _load_file(_recbole_ml100k(), "recbole", options, name="movielens-100k")
+    path = os.fspath(name_or_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no data set {path!r}: not a path, and not one of the built-in names "
+                                f"{', '.join(BUILTIN)}")
+    if os.path.isdir(path):
+        kind, file = _detect_folder(path)
+        if kind == "diffrec":
+            return _load_diffrec(path, **options)
+        return _load_file(file, kind, options)
+    return _load_file(path, _detect_file(path), options)
+
+
+def _detect_folder(path: str) -> Tuple[str, Optional[str]]:
+    names = set(os.listdir(path))
+    if {"train_list.npy", "valid_list.npy", "test_list.npy"} <= names:
+        return "diffrec", None
+    if "ratings.dat" in names:
+        return "movielens-dat", os.path.join(path, "ratings.dat")
+    if "u.data" in names:
+        return "movielens-100k", os.path.join(path, "u.data")
+    inter = sorted(n for n in names if n.endswith(".inter"))
+    own = os.path.basename(os.path.normpath(path)) + ".inter"
+    if own in inter:
+        return "recbole", os.path.join(path, own)
+    if len(inter) == 1:
+        return "recbole", os.path.join(path, inter[0])
+    raise FileNotFoundError(
+        f"{path}: no data set found (expected train_list.npy/valid_list.npy/test_list.npy, ratings.dat, "
+        f"u.data or one .inter file{'; found several .inter files: ' + ', '.join(inter) if inter else ''})")
+
+
+def _detect_file(path: str) -> str:
+    base = os.path.basename(path)
+    if base.endswith(".inter"):
+        return "recbole"
+    if base.endswith(".npy"):
+        raise ValueError(f"{path}: a DiffRec split is a folder with train_list.npy, valid_list.npy and "
+                         "test_list.npy; pass the folder")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if b"::" in head:
+        return "movielens-dat"
+    return "movielens-100k"
+
+
+def _recbole_ml100k() -> str:
+    spec = importlib.util.find_spec("recbole")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(RECBOLE_HINT)
+    for root in spec.submodule_search_locations:
+        candidate = os.path.join(root, "dataset_example", "ml-100k", "ml-100k.inter")
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"recbole is installed at {list(spec.submodule_search_locations)} but has no "
+                            f"dataset_example/ml-100k/ml-100k.inter. {RECBOLE_HINT}")
+
+
+# --- reading text tables ----------------------------------------------------------------------
+
+@dataclass
+class _Records:
+    """Interactions in file order: original ids, optional ratings and times, source lines."""
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: Optional[np.ndarray]
+    times: Optional[np.ndarray]
+    lines: np.ndarray  # 1-based line of each record in its file
+
+
+_INT_FIELD = re.compile(r"^[+-]?\d+$")
+
+
+def _scan_for_error(path: str, text: str, sep: str, fields: Sequence[Tuple[str, str]], first_line: int) -> None:
+    """Finds the first malformed line and raises DataFormatError for it (the slow path)."""
+    shown = "tab" if sep == "\t" else repr(sep)
+    for no, line in enumerate(text.split("\n")[first_line - 1:], start=first_line):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        parts = line.split(sep)
+        if len(parts) != len(fields):
+            raise DataFormatError(path, no, f"expected {len(fields)} fields ({', '.join(n for n, _ in fields)}) "
+                                            f"separated by {shown}, got {len(parts)}: {line[:80]!r}")
+        for (name, kind), tok in zip(fields, parts):
+            tok = tok.strip()
+            if kind == "int" and not _INT_FIELD.match(tok):
+                raise DataFormatError(path, no, f"{name} must be an integer, got {tok[:40]!r}")
+            if kind == "float":
+                try:
+                    v = float(tok)
+                except ValueError:
+                    raise DataFormatError(path, no, f"{name} must be a number, got {tok[:40]!r}") from None
+                if not math.isfinite(v):
+                    raise DataFormatError(path, no, f"{name} must be finite, got {tok[:40]!r}")
+
+
+def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_lines: int = 0):
+    """Reads a delimited text table into a structured array, plus each row's line number.
+
+    fields: (name, "int" | "float") per column. Blank lines are skipped. Any
+    malformed line raises DataFormatError with its line number.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataFormatError(path, line, f"not UTF-8 text ({exc.reason})") from None
+    lines = text.split("\n")
+    body = lines[header_lines:]
+    line_no = np.flatnonzero([bool(s.strip()) for s in body]) + header_lines + 1
+    if len(line_no) == 0:
+        raise DataFormatError(path, None, "the file has no data rows" + (" (only a header)" if header_lines else
+                                                                          " (it is empty)"))
+    dtype = np.dtype([(name, np.int64 if kind == "int" else np.float64) for name, kind in fields])
+    data = "\n".join(body)
+    if len(sep) > 1:  # loadtxt takes one-character separators
+        data = data.replace(sep, "\x1f")
+    try:
+        table = np.loadtxt(io.StringIO(data), delimiter="\x1f" if len(sep) > 1 else sep, dtype=dtype,
+                           comments=None, ndmin=1)
+        if table.shape[0] != len(line_no):
+            raise ValueError("row count")
+        for name, kind in fields:
+            if kind == "float" and not np.isfinite(table[name]).all():
+                raise ValueError("not finite")
+    except ValueError:
+        _scan_for_error(path, text, sep, fields, header_lines + 1)
+        raise DataFormatError(path, None, "could not be parsed (no single malformed line was found)") from None
+    return table, line_no
+
+
+_RECBOLE_KINDS = {"user_id": "int", "item_id": "int", "rating": "float", "timestamp": "float"}
+
+
+def _read_recbole(path: str) -> _Records:
+    with open(path, "rb") as f:
+        header = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    if not header.strip():
+        raise DataFormatError(path, 1, "the file is empty" if os.path.getsize(path) == 0 else
+                              "expected a header of name:type fields")
+    cols = header.split("\t")
+    names = []
+    for c in cols:
+        if ":" not in c:
+            raise DataFormatError(path, 1, f"header field {c!r} is not name:type (RecBole atomic file)")
+        names.append(c.split(":", 1)[0].strip())
+    for need in ("user_id", "item_id"):
+        if need not in names:
+            raise DataFormatError(path, 1, f"the header has no {need} field (got {', '.join(names)})")
+    extra = [n for n in names if n not in _RECBOLE_KINDS]
+    if extra:  # columns of other types (tokens, sequences): read line by line
+        return _read_recbole_general(path, names, extra)
+    table, lines = _read_table(path, "\t", [(n, _RECBOLE_KINDS[n]) for n in names], header_lines=1)
+    return _Records(table["user_id"], table["item_id"],
+                    table["rating"] if "rating" in names else None,
+                    table["timestamp"] if "timestamp" in names else None, lines)
+
+
+def _read_recbole_general(path: str, names: Sequence[str], extra: Sequence[str]) -> _Records:
+    """A .inter file with columns beyond user, item, rating and time: those are checked for count only."""
+    kinds = _RECBOLE_KINDS
+    users, items, ratings, times, lines = [], [], [], [], []
+    with open(path, encoding="utf-8") as f:
+        f.readline()
+        for no, line in enumerate(f, start=2):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != len(names):
+                raise DataFormatError(path, no, f"expected {len(names)} tab-separated fields, got {len(parts)}")
+            rec = {}
+            for name, tok in zip(names, parts):
+                kind = kinds.get(name)
+                if kind == "int":
+                    if not _INT_FIELD.match(tok.strip()):
+                        raise DataFormatError(path, no, f"{name} must be an integer, got {tok[:40]!r}")
+                    rec[name] = int(tok)
+                elif kind == "float":
+                    try:
+                        rec[name] = float(tok)
+                    except ValueError:
+                        raise DataFormatError(path, no, f"{name} must be a number, got {tok[:40]!r}") from None
+                    if not math.isfinite(rec[name]):
+                        raise DataFormatError(path, no, f"{name} must be finite, got {tok[:40]!r}")
+            users.append(rec["user_id"])
+            items.append(rec["item_id"])
+            ratings.append(rec.get("rating", np.nan))
+            times.append(rec.get("timestamp", np.nan))
+            lines.append(no)
+    if not users:
+        raise DataFormatError(path, None, "the file has no data rows (only a header)")
+    log.info("%s: ignoring the columns %s", path, ", ".join(extra))
+    return _Records(np.asarray(users, np.int64), np.asarray(items, np.int64),
+                    np.asarray(ratings) if "rating" in names else None,
+                    np.asarray(times) if "timestamp" in names else None, np.asarray(lines))
+
+
+_RATING_FIELDS = [("user id", "int"), ("item id", "int"), ("rating", "float"), ("timestamp", "float")]
+
+
+def _read_movielens(path: str, kind: str) -> Tuple[_Records, Optional[Dict[str, int]]]:
+    sep = "::" if kind == "movielens-dat" else "\t"
+    table, lines = _read_table(path, sep, _RATING_FIELDS)
+    declared = _read_u_info(os.path.join(os.path.dirname(path), "u.info")) if kind == "movielens-100k" else None
+    return _Records(table["user id"], table["item id"], table["rating"], table["timestamp"], lines), declared
+
+
+def _read_u_info(path: str) -> Optional[Dict[str, int]]:
+    """ML-100K's u.info: "943 users", "1682 items", "100000 ratings"."""
+    if not os.path.exists(path):
+        return None
+    declared = {}
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise DataFormatError(path, no, f"expected '<count> users|items|ratings', got {line.strip()[:80]!r}")
+            declared[parts[1]] = int(parts[0])
+    return declared
+
+
+def _check_declared(path: str, rec: _Records, declared: Optional[Dict[str, int]], source: str) -> None:
+    """Ids of a 1-based MovieLens file must lie in 1..n as declared."""
+    if not declared:
+        return
+    for what, ids in (("users", rec.users), ("items", rec.items)):
+        n = declared.get(what)
+        if n is None:
+            continue
+        bad = np.flatnonzero((ids < 1) | (ids > n))
+        if len(bad):
+            i = bad[0]
+            raise DataFormatError(path, int(rec.lines[i]), f"{what[:-1]} id {int(ids[i])} is outside the declared "
+                                                           f"range 1..{n} ({source})")
+
+
+# --- from records to the split ----------------------------------------------------------------
+
+def _fractions(split: Sequence[float]) -> Tuple[float, float, float]:
+    if len(split) != 3 or any((not isinstance(f, (int, float))) or f < 0 for f in split) or sum(split) <= 0:
+        raise ValueError(f"split must be three non-negative fractions (train, valid, test), got {split!r}")
+    total = float(sum(split))
+    return tuple(float(f) / total for f in split)  # type: ignore[return-value]
+
+
+def _split_positions(user: np.ndarray, key: np.ndarray, fractions, n_users: int) -> np.ndarray:
+    """0 / 1 / 2 (train / valid / test) per interaction, by its rank in its user's order of key.
+
+    A user with n interactions gets round(f_train * n) train ones and
+    round((f_train + f_valid) * n) train + valid ones (halves round up): the
+    earliest to train, the latest to test.
+    """
+    order = np.lexsort((key, user))
+    counts = np.bincount(user, minlength=n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(user), dtype=np.int64)
+    rank[order] = np.arange(len(user)) - starts[user[order]]
+    n = counts[user]
+    cut1 = np.floor(fractions[0] * n + 0.5 + 1e-9).astype(np.int64)
+    cut2 = np.floor((fractions[0] + fractions[1]) * n + 0.5 + 1e-9).astype(np.int64)
+    return np.where(rank < cut1, 0, np.where(rank < cut2, 1, 2))
+
+
+def _csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
+    m.sum_duplicates()
+    m.sort_indices()
+    m.data[:] = 1.0
+    return m
+
+
+def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] = DEFAULT_MIN_RATING,
+           split: Sequence[float] = DEFAULT_SPLIT, split_mode: str = "time", seed: int = 0) -> InteractionData:
+    fractions = _fractions(split)
+    if split_mode not in ("time", "random"):
+        raise ValueError(f"split_mode must be 'time' or 'random', got {split_mode!r}")
+    n_read = len(rec.users)
+    users_all = np.unique(rec.users)
+    items_all = np.unique(rec.items)
+    order_key = np.arange(n_read) if rec.times is None else rec.times
+    # Duplicates of a (user, item) pair: the latest record (by time, then file order) wins.
+    chrono = np.lexsort((np.arange(n_read), order_key))
+    pair = np.stack([rec.users, rec.items], axis=1)
+    _, pair_id = np.unique(pair, axis=0, return_inverse=True)
+    pair_id = pair_id.reshape(-1)
+    latest = chrono[::-1]
+    _, first = np.unique(pair_id[latest], return_index=True)
+    keep = np.zeros(n_read, dtype=bool)
+    keep[latest[first]] = True
+    n_dup = n_read - int(keep.sum())
+    n_low = 0
+    if rec.ratings is not None and min_rating is not None:
+        low = keep & (rec.ratings < min_rating)
+        n_low = int(low.sum())
+        keep &= ~low
+    if not keep.any():
+        raise ValueError(f"{path}: no interaction is left after filtering (read {n_read}, duplicates {n_dup}, "
+                         f"ratings below {min_rating}: {n_low})")
+    user_ids = np.unique(rec.users[keep])
+    item_ids = np.unique(rec.items[keep])
+    u = np.searchsorted(user_ids, rec.users[keep])
+    i = np.searchsorted(item_ids, rec.items[keep])
+    n_users, n_items = len(user_ids), len(item_ids)
+    if split_mode == "time":
+        if rec.times is None:
+            log.warning("%s: no timestamps; the file order is taken as time order for the split", path)
+        key = order_key[keep] if rec.times is not None else np.flatnonzero(keep)
+        # Ties in time keep the file order: lexsort's sort is stable and records are in file order.
+        part = _split_positions(u, _stable_rank(key), fractions, n_users)
+    else:
+        key = np.random.default_rng(seed).permutation(len(u))
+        part = _split_positions(u, key, fractions, n_users)
+    mats = [_csr(u[part == p], i[part == p], n_users, n_items) for p in range(3)]
+    summary = {
+        "read": n_read,
+        "duplicates": n_dup,
+        "below_min_rating": n_low,
+        "users_dropped": len(users_all) - n_users,
+        "items_dropped": len(items_all) - n_items,
+        "kept": int(keep.sum()),
+        "train": mats[0].nnz,
+        "valid": mats[1].nnz,
+        "test": mats[2].nnz,
+    }
+    _log_summary(name, summary, min_rating if rec.ratings is not None else None)
+    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary)
+
+
+def _stable_rank(key: np.ndarray) -> np.ndarray:
+    """Ranks of key with ties in array order (so lexsort on it keeps file order for equal times)."""
+    order = np.argsort(key, kind="stable")
+    rank = np.empty(len(key), dtype=np.int64)
+    rank[order] = np.arange(len(key))
+    return rank
+
+
+def _log_summary(name: str, s: Dict[str, int], min_rating: Optional[float]) -> None:
+    parts = [f"read {s['read']} interactions"]
+    parts.append(f"dropped {s['duplicates']} duplicate (user, item) pairs (the latest kept)")
+    if min_rating is not None:
+        parts.append(f"{s['below_min_rating']} ratings below {min_rating:g}")
+    if s["users_dropped"] or s["items_dropped"]:
+        parts.append(f"{s['users_dropped']} users and {s['items_dropped']} items with nothing left")
+    parts.append(f"kept {s['kept']}: train {s['train']}, valid {s['valid']}, test {s['test']}")
+    log.info("%s: %s", name, "; ".join(parts))
+
+
+def _load_file(path: str, kind: str, options: Dict[str, Any], name: Optional[str] = None) -> InteractionData:
+    allowed = {"min_rating", "split", "split_mode", "seed"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(f"{path}: unknown options for a {kind} file: {', '.join(sorted(unknown))} "
+                        f"(accepted: {', '.join(sorted(allowed))})")
+    if kind == "recbole":
+        rec = _read_recbole(path)
+        declared = None
+    else:
+        rec, declared = _read_movielens(path, kind)
+        _check_declared(path, rec, declared, "u.info")
+    return _build(rec, name or path, path, **options)
+
+
+# --- DiffRec splits ----------------------------------------------------------------------------
+
+def _read_pairs(path: str) -> np.ndarray:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataFormatError(path, None, f"not a NumPy .npy array ({exc})") from None
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise DataFormatError(path, None, f"expected an (n, 2) array of (user, item) pairs, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise DataFormatError(path, None, f"expected integer ids, got dtype {a.dtype}")
+    if a.shape[0] == 0:
+        raise DataFormatError(path, None, "the array has no pairs")
+    a = a.astype(np.int64)
+    neg = np.flatnonzero((a < 0).any(axis=1))
+    if len(neg):
+        raise DataFormatError(path, int(neg[0]), f"negative id in pair {a[neg[0]].tolist()}", what="row")
+    return a
+
+
+def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Optional[int] = None,
+                  **options) -> InteractionData:
+    if options:
+        raise TypeError(f"{folder}: a DiffRec folder is already split and implicit; unknown options: "
+                        f"{', '.join(sorted(options))} (accepted: n_users, n_items)")
+    parts = {}
+    for split in ("train", "valid", "test"):
+        path = os.path.join(folder, f"{split}_list.npy")
+        parts[split] = (path, _read_pairs(path))
+    for what, col, declared in (("user", 0, n_users), ("item", 1, n_items)):
+        if declared is None:
+            continue
+        for path, a in parts.values():
+            bad = np.flatnonzero(a[:, col] >= declared)
+            if len(bad):
+                raise DataFormatError(path, int(bad[0]), f"{what} id {int(a[bad[0], col])} is outside the declared "
+                                                         f"range 0..{declared - 1}", what="row")
+    nu = n_users if n_users is not None else 1 + max(int(a[:, 0].max()) for _, a in parts.values())
+    ni = n_items if n_items is not None else 1 + max(int(a[:, 1].max()) for _, a in parts.values())
+    mats, dups = {}, 0
+    for split, (path, a) in parts.items():
+        mats[split] = _csr(a[:, 0], a[:, 1], nu, ni)
+        dups += a.shape[0] - mats[split].nnz
+    overlap = int(mats["train"].multiply(mats["test"]).nnz + mats["train"].multiply(mats["valid"]).nnz)
+    if overlap:
+        log.warning("%s: %d (user, item) pairs appear in train and in valid or test", folder, overlap)
+    summary = {"read": sum(a.shape[0] for _, a in parts.values()), "duplicates": dups, "below_min_rating": 0,
+               "users_dropped": 0, "items_dropped": 0, "kept": sum(m.nnz for m in mats.values()),
+               "train": mats["train"].nnz, "valid": mats["valid"].nnz, "test": mats["test"].nnz}
+    _log_summary(folder, summary, None)
+    return InteractionData(folder, nu, ni, mats["train"], mats["valid"], mats["test"],
+                           np.arange(nu, dtype=np.int64), np.arange(ni, dtype=np.int64), summary)
+
+
+# --- synthetic data ----------------------------------------------------------------------------
+
+def synthetic_interactions(n_users: int = 600, n_items: int = 400, *, n_clusters: int = 6,
+                           mean_interactions: float = 30.0, popularity_exponent: float = 0.8,
+                           taste_strength: float = 3.0, seed: int = 0) -> _Records:
+    """Interactions with learnable structure, as records (all positive, with times).
+
+    Every item has a popularity (Zipf-like, ``rank ** -popularity_exponent``)
+    and belongs to one of ``n_clusters`` tastes; every user has one taste. A
+    user picks items without replacement with probability proportional to
+    popularity times ``exp(taste_strength)`` for items of the user's taste
+    (1 otherwise). Activity is skewed too: the number of interactions per
+    user is log-normal around ``mean_interactions``. Times are random, so the
+    time split is a random one.
+    """
+    if n_users < 1 or n_items < 2 or n_clusters < 1:
+        raise ValueError(f"synthetic: need n_users >= 1, n_items >= 2, n_clusters >= 1, got "
+                         f"{n_users}, {n_items}, {n_clusters}")
+    rng = np.random.default_rng(seed)
+    popularity = rng.permutation(np.arange(1, n_items + 1, dtype=np.float64) ** -popularity_exponent)
+    item_taste = rng.integers(0, n_clusters, size=n_items)
+    user_taste = rng.integers(0, n_clusters, size=n_users)
+    counts = np.clip(np.round(rng.lognormal(math.log(mean_interactions), 0.5, size=n_users)), 3, n_items // 2)
+    users, items = [], []
+    for u in range(n_users):
+        w = popularity * np.where(item_taste == user_taste[u], math.exp(taste_strength), 1.0)
+        chosen = rng.choice(n_items, size=int(counts[u]), replace=False, p=w / w.sum())
+        users.append(np.full(len(chosen), u, dtype=np.int64))
+        items.append(chosen.astype(np.int64))
+    users_a, items_a = np.concatenate(users), np.concatenate(items)
+    times = rng.random(len(users_a))
+    return _Records(users_a, items_a, None, times, np.arange(1, len(users_a) + 1))
+
+
+def _load_synthetic(*, split: Sequence[float] = DEFAULT_SPLIT, split_mode: str = "time", seed: int = 0,
+                    **generator) -> InteractionData:
+    rec = synthetic_interactions(seed=seed, **generator)
+    return _build(rec, "synthetic", "synthetic", min_rating=None, split=split, split_mode=split_mode, seed=seed)
