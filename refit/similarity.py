@@ -31,11 +31,13 @@ def _sparse_tensor(csr: rk.CSR, dtype: torch.dtype) -> torch.Tensor:
 
 
 def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = None,
-                      return_similarity: bool = False):
+                      return_similarity: bool = False, measure: str = "cosine"):
     """The m most cosine-similar users of every user.
 
     Similarity of users u and v is ``<x_u, x_v> / (|x_u| |x_v|)`` over their
-    rows of ``matrix`` (the training interactions). A user's neighbors are
+    rows of ``matrix`` (the training interactions); with ``measure="overlap"``
+    it is the plain ``<x_u, x_v>`` (for 0/1 rows: the number of shared
+    items, CF-Diff's weighting of 3-hop neighbors). A user's neighbors are
     the users with positive similarity, highest first, ties to the lower id;
     the user itself is excluded. Rows are padded with -1 when fewer than m
     users qualify, so a user without interactions gets m times -1.
@@ -57,6 +59,7 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
         block_size: users per block.
         return_similarity: also return the (n_users, m) float64 similarities
             (0 where padded).
+        measure: ``"cosine"`` (default) or ``"overlap"``.
 
     Returns:
         (n_users, m) int64 tensor of user ids (-1 = padding), and with
@@ -64,6 +67,8 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
     """
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")
+    if measure not in ("cosine", "overlap"):
+        raise ValueError(f"measure must be 'cosine' or 'overlap', got {measure!r}")
     csr = rk.as_csr(matrix, "matrix", values_dtype=torch.float64)
     if csr.n_cols is None:
         raise ValueError("matrix: pass a matrix that knows its column count (scipy or torch sparse)")
@@ -97,8 +102,11 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
         else:
             dense = _dense_rows_float64(csr, block)
         dot = torch.sparse.mm(X, dense.t().contiguous()).t().to(torch.float64)  # (b, n)
-        # Ranking key of v for u: sim(u, v) * |x_u|, squared with its sign; exact divisions.
-        key = dot * dot.abs() / torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm))
+        if measure == "overlap":
+            key = dot.clone()
+        else:
+            # Ranking key of v for u: sim(u, v) * |x_u|, squared with its sign; exact divisions.
+            key = dot * dot.abs() / torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm))
         key[torch.arange(u1 - u0), block] = -math.inf  # not one's own neighbor
         key[:, sq_norm == 0] = -math.inf
         chosen = _top_ids(key, k, all_ids)  # (b, k), -1 padded
@@ -106,7 +114,7 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
         if return_similarity:
             safe = chosen.clamp(min=0)
             d = dot.gather(1, safe)
-            s = d / torch.sqrt(sq_norm[block][:, None] * sq_norm[safe])
+            s = d if measure == "overlap" else d / torch.sqrt(sq_norm[block][:, None] * sq_norm[safe])
             sims[u0:u1, :k] = torch.where(chosen >= 0, s, torch.zeros_like(s))
     return (ids, sims) if return_similarity else ids
 

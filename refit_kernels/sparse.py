@@ -85,8 +85,8 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
 
     Args:
         x: ``torch.sparse_csr_tensor``, scipy sparse matrix/array (converted
-            with ``tocsr()``), or ``(indptr, indices)`` / ``(indptr, indices,
-            values)`` of tensors or numpy arrays.
+            with ``tocsr()``), ``(indptr, indices)`` / ``(indptr, indices,
+            values)`` of tensors or numpy arrays, or a :class:`CSR`.
         name: the argument's name, for error messages.
         n_cols: expected number of columns; checked against the matrix's own
             when it has one, and used when it has none.
@@ -106,7 +106,9 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
         inconsistent structure, naming ``name``.
     """
     own_cols: Optional[int] = None
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, CSR):  # already converted: re-check, re-type, move as asked
+        indptr, indices, values, own_cols = x.indptr, x.indices, x.values, x.n_cols
+    elif isinstance(x, torch.Tensor):
         if x.layout != torch.sparse_csr:
             raise TypeError(f"{name}: expected a CSR matrix (torch.sparse_csr_tensor, scipy.sparse "
                             f"CSR or an (indptr, indices[, values]) tuple), got a {x.layout} tensor")

@@ -143,3 +143,22 @@ def test_ml1m_blocks_agree_and_stay_small():
         k = key[row].tolist()
         order = sorted(range(data.n_users), key=lambda v: (-k[v], v))[:10]
         assert got[u].tolist() == order, f"user {u}"
+
+
+def test_overlap_measure_ranks_by_shared_items():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from refit.similarity import top_similar_users
+
+    rng = np.random.default_rng(5)
+    dense = (rng.random((30, 25)) < 0.3).astype(np.float32)
+    dense[7] = 0  # a user without interactions
+    ids, sims = top_similar_users(sp.csr_matrix(dense), m=4, measure="overlap", return_similarity=True)
+    overlap = dense @ dense.T
+    for u in range(30):
+        cand = [(-overlap[u, v], v) for v in range(30) if v != u and overlap[u, v] > 0 and dense[u].any() and dense[v].any()]
+        want = [v for _, v in sorted(cand)[:4]]
+        want += [-1] * (4 - len(want))
+        assert ids[u].tolist() == want, u
+        assert sims[u, : len(cand[:4])].tolist() == [overlap[u, v] for v in want if v >= 0]

@@ -66,3 +66,12 @@ def test_bad_inputs_name_the_argument(bad, exc, msg):
 def test_column_count_mismatch():
     with pytest.raises(ValueError, match="expected 5 columns"):
         as_csr(sp.csr_matrix(DENSE), "exclude", n_cols=5)
+
+
+def test_csr_objects_pass_through():
+    csr = as_csr(sp.csr_matrix(DENSE), "m")
+    again = as_csr(csr, "m", n_cols=4)
+    _check(again)
+    assert again.indptr is csr.indptr  # nothing to convert
+    with pytest.raises(ValueError, match="expected 5 columns"):
+        as_csr(csr, "m", n_cols=5)

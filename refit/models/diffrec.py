@@ -59,7 +59,11 @@ class DiffRecMLP(nn.Module):
         return {"n_items": self.n_items, "dims": list(self.dims), "emb_size": self.emb_size,
                 "dropout": self.drop.p, "norm": self.norm}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def condition(self, users: torch.Tensor, rows: torch.Tensor) -> None:
+        """DiffRec's MLP is conditioned on nothing but its input row."""
+        return None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: None = None) -> torch.Tensor:
         """(B, I) states and (B,) int64 timesteps -> (B, I) predictions."""
         emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(x.dtype))
         if self.norm:

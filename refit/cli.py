@@ -1,0 +1,195 @@
+"""The ``refit`` command line: info, pretrain, evaluate.
+
+    refit info
+    refit pretrain --data ../shared/data/ml-1m_clean --out runs/diffrec-ml1m
+    refit evaluate --checkpoint runs/diffrec-ml1m/best.pt --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from . import __version__
+
+
+def _int_list(text: str) -> List[int]:
+    """'200,600', '[200, 600]' or '200' -> [200, 600]."""
+    try:
+        value = ast.literal_eval(text.strip()) if text.strip().startswith("[") else [
+            int(p) for p in text.replace(" ", "").split(",") if p]
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if isinstance(value, int):
+        value = [value]
+    if not value or not all(isinstance(v, int) and v > 0 for v in value):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return list(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, default=None,
+                   help="data set: a DiffRec split folder, a .inter / ratings.dat / u.data file, "
+                        "'movielens-100k' or 'synthetic'")
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from .pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    _add_data_args(p, required=True)
+    p.add_argument("--model", choices=["diffrec", "cfdiff"], default=d.model)
+    p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<data name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    g = p.add_argument_group("DiffRec MLP")
+    g.add_argument("--dims", type=_int_list, default=list(d.dims), help="encoder widths, e.g. 200,600")
+    g.add_argument("--emb-size", type=_positive_int, default=d.emb_size)
+    g.add_argument("--dropout", type=float, default=d.dropout)
+    g = p.add_argument_group("CF-Diff")
+    g.add_argument("--n-tokens", type=_positive_int, default=d.n_tokens)
+    g.add_argument("--d-model", type=_positive_int, default=d.d_model)
+    g.add_argument("--n-heads", type=_positive_int, default=d.n_heads)
+    g.add_argument("--top-n", type=_positive_int, default=d.top_n, help="co-users of the 3-hop signal")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--mean-type", choices=["x0", "eps"], default=d.mean_type)
+    g.add_argument("--steps", type=_positive_int, default=d.steps)
+    g.add_argument("--noise-schedule", choices=["linear", "linear-var", "cosine"], default=d.noise_schedule)
+    g.add_argument("--noise-scale", type=float, default=d.noise_scale)
+    g.add_argument("--noise-min", type=float, default=d.noise_min)
+    g.add_argument("--noise-max", type=float, default=d.noise_max)
+    g.add_argument("--sampling-steps", type=int, default=d.sampling_steps)
+    g.add_argument("--sampling-noise", action=argparse.BooleanOptionalAction, default=d.sampling_noise)
+    g.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=d.reweight)
+    g = p.add_argument_group("training")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
+    g.add_argument("--patience", type=_positive_int, default=d.patience, help="epochs without improvement")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
+    g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
+    g.add_argument("--ks", type=_int_list, default=list(d.ks), help="cut-offs, e.g. 10,20,50,100")
+
+
+def _default_out(kind: str, model: str, data: str) -> str:
+    name = os.path.basename(os.path.normpath(data)) or "data"
+    return os.path.join("runs", f"{kind}-{model}-{name}")
+
+
+def format_table(results, ks: Sequence[int], metrics=("recall", "ndcg", "precision", "mrr")) -> str:
+    """Rows of named metric dicts as a fixed-width table."""
+    cols = [f"{m}@{k}" for k in ks for m in metrics]
+    width = max(10, max(len(c) for c in cols) + 1)
+    name_w = max([len("") + 6] + [len(n) + 2 for n, _ in results])
+    lines = ["".ljust(name_w) + "".join(c.rjust(width) for c in cols)]
+    for name, res in results:
+        lines.append(name.ljust(name_w) + "".join(
+            (f"{res[c]:.4f}" if res is not None and c in res else "-").rjust(width) for c in cols))
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    from refit_kernels.info import report
+
+    print(f"refit {__version__}")
+    print(report())
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    out = args.out or _default_out("pretrain", args.model, args.data)
+    try:
+        config = PretrainConfig(
+            data=args.data, model=args.model, dims=tuple(args.dims), emb_size=args.emb_size, dropout=args.dropout,
+            n_tokens=args.n_tokens, d_model=args.d_model, n_heads=args.n_heads, top_n=args.top_n,
+            mean_type=args.mean_type, steps=args.steps, noise_schedule=args.noise_schedule,
+            noise_scale=args.noise_scale, noise_min=args.noise_min, noise_max=args.noise_max,
+            sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise, reweight=args.reweight,
+            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+            eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
+            eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"refit pretrain: {exc}", file=sys.stderr)
+        return 2
+    summary = pretrain(config, resume=args.resume)
+    print(f"run folder: {os.path.abspath(out)}")
+    print(f"best epoch {summary['best_epoch']} (of {summary['epochs_run']}), {summary['seconds']:.1f} s, "
+          f"peak memory {summary['peak_memory_mb']:.0f} MiB")
+    print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .pretrain import evaluate_recommender, load_recommender
+
+    data = load_dataset(args.data) if args.data else None
+    rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision)
+    splits = ["valid", "test"] if args.split == "both" else [args.split]
+    results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
+                                   progress=not args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        print(f"{args.checkpoint}: {rec.model_name} on {state.get('data', {}).get('source', '?')} "
+              f"({data.n_users} users, {data.n_items} items)")
+        print(format_table([(s, results[s]) for s in splits], args.ks))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refit", description="ReFiT: RL fine-tuning of diffusion recommenders.")
+    parser.add_argument("--version", action="version", version=f"refit {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the data loaders filter")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("info", help="versions, what was built, which kernel backends are usable")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("pretrain", help="train a diffusion recommender with the ELBO (DiffRec's recipe)")
+    _add_pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("evaluate", help="full-ranking metrics of a saved model")
+    p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by refit")
+    _add_data_args(p, required=False)
+    p.add_argument("--split", choices=["valid", "test", "both"], default="test")
+    p.add_argument("--ks", type=_int_list, default=[10, 20, 50, 100])
+    p.add_argument("--batch-size", type=_positive_int, default=1024)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, IndexError) as exc:
+        print(f"refit {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Pretraining of a diffusion recommender with the ELBO (DiffRec's recipe).
+
+``pretrain(config)`` trains with AdamW on batches of users densified by
+``gather_rows``, evaluates every ``eval_every`` epochs (one reverse pass per
+user batch serves both the validation and the test ranking), keeps the model
+with the best validation Recall@20, stops after ``patience`` epochs without
+improvement, and writes everything into the run folder: ``config.json``,
+``metrics.jsonl``, ``best.pt``, ``last.pt`` (to resume) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .data import InteractionData, load_dataset
+from .diffusion import DiffusionConfig, GaussianDiffusion
+from .evaluate import evaluate_many
+from .models import MODELS, build_model
+from .recommender import PRECISIONS, Recommender
+from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+SELECTION_METRIC = "recall@20"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run depends on. Defaults: DiffRec's published ML-1M settings."""
+
+    data: str = "synthetic"
+    model: str = "diffrec"
+    # DiffRec MLP
+    dims: Tuple[int, ...] = (200, 600)
+    emb_size: int = 10
+    dropout: float = 0.5
+    # CF-Diff
+    n_tokens: int = 16
+    d_model: int = 32
+    n_heads: int = 4
+    top_n: int = 50
+    # diffusion
+    mean_type: str = "x0"
+    steps: int = 40
+    noise_schedule: str = "linear-var"
+    noise_scale: float = 0.005
+    noise_min: float = 0.005
+    noise_max: float = 0.01
+    sampling_steps: int = 0
+    sampling_noise: bool = False
+    reweight: bool = True
+    # optimisation and schedule
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 400
+    epochs: int = 1000
+    eval_every: int = 5
+    patience: int = 20
+    seed: int = 1
+    precision: str = "fp32"
+    eval_batch_size: int = 1024
+    ks: Tuple[int, ...] = (10, 20, 50, 100)
+    out: str = "runs/pretrain"
+    progress: bool = True
+    data_options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "epochs", "eval_every", "patience", "eval_batch_size", "emb_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if not self.ks or 20 not in self.ks:
+            raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC}), got {self.ks}")
+        self.dims = tuple(int(d) for d in self.dims)
+        self.ks = tuple(sorted(int(k) for k in self.ks))
+        self.diffusion_config()  # validates the diffusion settings
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(mean_type=self.mean_type, steps=self.steps, noise_schedule=self.noise_schedule,
+                               noise_scale=self.noise_scale, noise_min=self.noise_min, noise_max=self.noise_max)
+
+    def model_config(self, n_items: int) -> Dict[str, Any]:
+        if self.model == "diffrec":
+            return {"n_items": n_items, "dims": list(self.dims), "emb_size": self.emb_size,
+                    "dropout": self.dropout, "norm": False}
+        return {"n_items": n_items, "n_tokens": self.n_tokens, "d_model": self.d_model, "n_heads": self.n_heads,
+                "emb_size": self.emb_size, "dropout": self.dropout, "top_n": self.top_n}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test")):
+    """(positives, exclude) per split: validation masks train; test masks train + valid (DiffRec)."""
+    targets = {}
+    for split in splits:
+        if split == "valid":
+            targets[split] = (data.valid, [data.train])
+        elif split == "test":
+            targets[split] = (data.test, [data.train, data.valid])
+        else:
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    return targets
+
+
+def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequence[str] = ("valid", "test"), *,
+                         ks: Sequence[int] = (10, 20, 50, 100), batch_size: int = 1024,
+                         progress: bool = False) -> Dict[str, Dict[str, float]]:
+    """Metrics of ``rec`` on each split, from one reverse pass per batch of users.
+
+    Every user is scored from their training row; no users x items matrix is built.
+    """
+    from .data import UserBatches
+
+    batches = UserBatches(data.train, batch_size, shuffle=False, device=rec.device)
+    rows_of = {}
+
+    def score_fn(users: torch.Tensor) -> torch.Tensor:
+        rows = rows_of.pop("rows")
+        return rec.scores(users.to(rec.device), rows)
+
+    def batch_iter():
+        for users, rows in batches:
+            rows_of["rows"] = rows
+            yield users
+
+    return evaluate_many(score_fn, evaluation_targets(data, splits), ks=ks, user_batches=batch_iter(),
+                         n_users=data.n_users, progress=progress, desc="evaluate")
+
+
+class _Progress:
+    """tqdm when asked for and installed, else a silent stand-in."""
+
+    def __init__(self, enabled: bool, **kwargs):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(**kwargs)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self.bar = None
+
+    def update(self, n=1, **postfix):
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint: str, path: str) -> None:
+    saved = dict(state.get("config", {}))
+    mine = config.to_dict()
+    # What may change on resume: where the run stops and how it reports.
+    for free in ("epochs", "progress", "out", "patience", "eval_batch_size"):
+        saved.pop(free, None)
+        mine.pop(free, None)
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if diff:
+        raise ValueError(f"cannot resume {path}: the run was started with other settings ({', '.join(diff)}); "
+                         "start a new run folder or use the original settings")
+    if state.get("data", {}).get("fingerprint") != fingerprint:
+        raise ValueError(f"cannot resume {path}: it was trained on other data than {config.data!r}")
+
+
+def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, resume: bool = False,
+             device: Any = "cpu") -> Dict[str, Any]:
+    """Runs (or resumes) a pretraining run; returns the summary that is also written to summary.json."""
+    t_start = time.perf_counter()
+    run = RunDir(config.out)
+    data = data if data is not None else load_dataset(config.data, **config.data_options)
+    fingerprint = data_fingerprint(data)
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    model = build_model(config.model, config.model_config(data.n_items), train=data.train).to(device)
+    diffusion = GaussianDiffusion(config.diffusion_config(), device=device)
+    rec = Recommender(config.model, model, diffusion, sampling_steps=config.sampling_steps,
+                      sampling_noise=config.sampling_noise, precision=config.precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    batches = data.batches(config.batch_size, "train", shuffle=True, seed=config.seed, device=device)
+
+    start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
+    elapsed_before = 0.0
+    if resume and os.path.exists(run.file("last.pt")):
+        state = load_checkpoint(run.file("last.pt"))
+        _check_resumable(state, config, fingerprint, run.file("last.pt"))
+        model.load_state_dict(state["recommender"]["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        diffusion.loss_history[...] = state["loss_history"]
+        diffusion.loss_count[...] = state["loss_count"]
+        set_rng_state(state["rng"], generator)
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        elapsed_before = state.get("elapsed", 0.0)
+        run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
+        log.info("resuming %s after epoch %d", run.path, state["epoch"])
+    elif resume:
+        log.info("no last.pt in %s: starting a new run", run.path)
+    run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
+                                   "n_users": data.n_users, "n_items": data.n_items})
+
+    def checkpoint_state(epoch: int) -> Dict[str, Any]:
+        return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
+                "data": {"source": config.data, "options": config.data_options, "fingerprint": fingerprint,
+                         "n_users": data.n_users, "n_items": data.n_items},
+                "epoch": epoch, "best": best}
+
+    epochs_bar = _Progress(config.progress, total=config.epochs, initial=start_epoch - 1, desc="pretrain",
+                           unit="epoch")
+    epoch = start_epoch - 1
+    stopped_early = False
+    train_times, eval_times = [], []
+    for epoch in range(start_epoch, config.epochs + 1):
+        if epoch - best["epoch"] >= config.patience and best["epoch"] > 0:
+            stopped_early = True
+            epoch -= 1
+            break
+        model.train()
+        batches.set_epoch(epoch)
+        t0 = time.perf_counter()
+        total, n_batches = 0.0, 0
+        for users, rows in batches:
+            loss = diffusion.training_loss(rec.denoiser(users, rows), rows, reweight=config.reweight,
+                                           generator=generator).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+            n_batches += 1
+        train_s = time.perf_counter() - t0
+        train_times.append(train_s)
+        record = {"epoch": epoch, "loss": total / max(1, n_batches), "train_s": round(train_s, 4)}
+        if epoch % config.eval_every == 0:
+            t1 = time.perf_counter()
+            metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
+            eval_s = time.perf_counter() - t1
+            eval_times.append(eval_s)
+            record.update({"valid": metrics["valid"], "test": metrics["test"], "eval_s": round(eval_s, 4)})
+            if metrics["valid"][SELECTION_METRIC] > best["value"]:
+                best = {"epoch": epoch, "value": metrics["valid"][SELECTION_METRIC],
+                        "valid": metrics["valid"], "test": metrics["test"]}
+                save_checkpoint(run.file("best.pt"), checkpoint_state(epoch))
+        run.log(record)
+        save_checkpoint(run.file("last.pt"), {
+            **checkpoint_state(epoch), "optimizer": optimizer.state_dict(),
+            "loss_history": diffusion.loss_history.copy(), "loss_count": diffusion.loss_count.copy(),
+            "rng": rng_state(generator), "elapsed": elapsed_before + time.perf_counter() - t_start})
+        epochs_bar.update(1, loss=f"{record['loss']:.4f}",
+                          best=f"{best['value']:.4f}@{best['epoch']}" if best["epoch"] else "-")
+    epochs_bar.close()
+
+    summary = {
+        "best_epoch": best["epoch"],
+        "selection": f"valid {SELECTION_METRIC}",
+        "valid": best["valid"],
+        "test": best["test"],
+        "epochs_run": epoch,
+        "stopped_early": stopped_early,
+        "seconds": round(elapsed_before + time.perf_counter() - t_start, 2),
+        "train_s_per_epoch": round(sum(train_times) / len(train_times), 4) if train_times else None,
+        "eval_s_per_pass": round(sum(eval_times) / len(eval_times), 4) if eval_times else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "checkpoint": run.file("best.pt") if best["epoch"] else None,
+        "data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
+                 "n_items": data.n_items},
+    }
+    run.write_json("summary.json", summary)
+    return summary
+
+
+def load_recommender(path: str, data: Optional[InteractionData] = None, *, device: Any = "cpu",
+                     precision: Optional[str] = None) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
+    """A saved recommender with its data (loaded from the checkpoint's source unless given).
+
+    Raises ValueError when the data differs from what the model was trained on.
+    """
+    state = load_checkpoint(path)
+    meta = state.get("data", {})
+    if data is None:
+        data = load_dataset(meta.get("source", "synthetic"), **meta.get("options", {}))
+    fp = data_fingerprint(data)
+    if meta.get("fingerprint") not in (None, fp):
+        raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "
+                         f"these data {fp}): pass the data it was trained on")
+    n_items = state["recommender"]["model"]["config"].get("n_items")
+    if n_items != data.n_items:
+        raise ValueError(f"checkpoint {path!r} scores {n_items} items, the data has {data.n_items}")
+    rec = Recommender.from_state(state["recommender"], train=data.train, device=device, precision=precision)
+    return rec, data, state
