@@ -18,6 +18,12 @@ TORCH_LIBRARY(refit, m) {
   m.def(
       "gaussian_logprob_backward(Tensor grad, Tensor pred, Tensor traj, Tensor coef_pred, "
       "Tensor coef_x, Tensor log_var, bool mean, bool per_step) -> Tensor");
+  m.def(
+      "topk_hits(Tensor scores, int[] ks, Tensor? users, Tensor? exclude_indptr, "
+      "Tensor? exclude_indices, Tensor? positives_indptr, Tensor? positives_indices, "
+      "Tensor? neighbors, Tensor? neighbor_sets_indptr, Tensor? neighbor_sets_indices, "
+      "bool return_indices) -> (Tensor hits, Tensor dcg, Tensor neighbor_hits, "
+      "Tensor first_hit, Tensor indices)");
 }
 
 // A plain CPython module (no pybind11): it only carries the build facts the

@@ -10,6 +10,7 @@ from . import _extension  # loads refit_kernels._C first: the ops below attach t
 from .dispatch import BACKENDS, BackendUnavailable, available_backends
 from .sparse import CSR, as_csr
 from .ops.gaussian_logprob import gaussian_logprob
+from .ops.topk_hits import TopKHits, topk_hits
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,7 @@ __all__ = [
     "as_csr",
     "available_backends",
     "gaussian_logprob",
+    "TopKHits",
+    "topk_hits",
     "__version__",
 ]
