@@ -83,6 +83,8 @@ def plain_args(scores, ks, users=None, exclude=None, positives=None, neighbors=N
     def parts(x):
         if x is None:
             return None, None
+        if isinstance(x, tuple) and all(isinstance(t, torch.Tensor) for t in x):
+            return x[0].to(torch.int64), x[1].to(torch.int64)  # unchecked: the kernels check
         c = as_csr(x, "x", n_cols=scores.shape[1], device=scores.device)
         return c.indptr, c.indices
 
@@ -529,3 +531,126 @@ def test_torch_compile_fullgraph(backend):
 
     compiled = torch.compile(reward, fullgraph=True)
     torch.testing.assert_close(compiled(case["scores"], case["neighbors"]), reward(case["scores"], case["neighbors"]))
+
+
+# --- the CUDA kernel, executed on the CPU ------------------------------------------------------
+#
+# Without a GPU the CUDA source is still run: tests/cuda_emu provides host
+# versions of the CUDA headers it includes (a block's threads as std::threads,
+# __syncthreads() as a barrier, __shared__ as statics, real atomics), the
+# kernel's <<<...>>> launch is rewritten into a call, and a small driver feeds
+# it a case through files. It runs in a subprocess under a timeout, since a
+# barrier that only part of a block reaches deadlocks.
+
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.+?)>>>\s*\((.*?)\)\s*;", re.S)
+_EMU_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    work = tmp_path_factory.mktemp("cuda_emu")
+    with open(os.path.join(ROOT, "csrc", "cuda", "topk_hits_cuda.cu")) as f:
+        source, launches = _LAUNCH.subn(r"emu_launch(\1, \2, \3);", f.read())
+    assert launches == 1, "expected one kernel launch in topk_hits_cuda.cu"
+    (work / "emulated.cpp").write_text(source)
+    exe = work / "topk_hits_main"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-I", str(work), "-I", _EMU_DIR,
+           "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", os.path.join(ROOT, "csrc", "include"),
+           os.path.join(_EMU_DIR, "topk_hits_main.cpp"), "-o", str(exe)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stderr[-4000:]}"
+    return exe, work
+
+
+def run_emulated(emulated_cuda, ks, return_indices=True, **case):
+    """The CUDA kernel on a case, with the host glue's raising: TopKHits on the CPU."""
+    exe, work = emulated_cuda
+    scores = case["scores"].contiguous()
+    B, I = scores.shape
+    (_, ks_list, users, ex_p, ex_i, po_p, po_i, nbrs, ns_p, ns_i, _) = plain_args(ks=ks, **case)
+    n_rows = lambda p: -1 if p is None else p.shape[0] - 1  # noqa: E731
+    nnz = lambda i: 0 if i is None else i.shape[0]  # noqa: E731
+    header = [_EMU_DTYPES[scores.dtype], B, I, I, len(ks_list), ks_list[-1], int(users is not None),
+              n_rows(ex_p), nnz(ex_i), n_rows(po_p), nnz(po_i), -1 if nbrs is None else nbrs.shape[1],
+              n_rows(ns_p), nnz(ns_i), int(return_indices)]
+    raw = scores.view(torch.int16) if scores.dtype != torch.float32 else scores
+    parts = [np.asarray(header, dtype=np.int64), raw.numpy(), np.asarray(ks_list, dtype=np.int64)]
+    parts += [t.numpy().astype(np.int64) for t in (users, ex_p, ex_i, po_p, po_i, nbrs, ns_p, ns_i) if t is not None]
+    with open(work / "in.bin", "wb") as f:
+        for p in parts:
+            f.write(np.ascontiguousarray(p).tobytes())
+    out = subprocess.run([str(exe), str(work / "in.bin"), str(work / "out.bin")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = open(work / "out.bin", "rb").read()
+    n_k, kmax = len(ks_list), ks_list[-1]
+    offset = 0
+
+    def take(dtype, n):
+        nonlocal offset
+        arr = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
+        offset += arr.nbytes
+        return torch.from_numpy(arr.copy())
+
+    status = int(take(np.int64, 1)[0])
+    assert status == 0, f"launcher status {status}"
+    hits, dcg, nbr = take(np.int64, B * n_k), take(np.float32, B * n_k), take(np.float32, B * n_k)
+    first = take(np.int64, B)
+    indices = take(np.int64, B * kmax if return_indices else 0)
+    report = take(np.int64, B * 4).view(B, 4)
+    rows = {"exclude": n_rows(ex_p), "positives": n_rows(po_p), "neighbor_sets": n_rows(ns_p)}
+    error = reference.topk_row_error(report, I, rows)
+    if error is not None:
+        raise error
+    return rk.TopKHits(hits.view(B, n_k), dcg.view(B, n_k), nbr.view(B, n_k), first,
+                       indices.view(B, kmax) if return_indices else None)
+
+
+EMU_SHAPES = SHAPES + [(4, 700, (10, 20, 100)), (3, 1100, (1, 1024))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cuda_kernel_emulated(emulated_cuda, dtype, shape):
+    B, I, ks = shape
+    for continuous in (False, True):
+        case = make_case(B, I, seed=hash((shape, str(dtype), continuous)) % 2**31, dtype=dtype,
+                         with_users=True, continuous=continuous, p_excl=0.3 if I < 100 else 0.05)
+        assert_matches(run_emulated(emulated_cuda, ks, **case), truth(case, ks), f"cuda (emulated) {dtype}")
+
+
+def test_cuda_kernel_emulated_without_optional_arguments(emulated_cuda):
+    case = make_case(4, 30, seed=12)
+    out = run_emulated(emulated_cuda, (3, 30), return_indices=False, scores=case["scores"])
+    want = truth({"scores": case["scores"]}, (3, 30), return_indices=False)
+    assert_matches(out, want, "cuda (emulated), scores only", indices=False)
+    assert out.hits.abs().sum() == 0 and bool((out.first_hit == -1).all())
+
+
+EMU_BAD = [c for c in BAD if c[0] in (
+    "nan", "nan-in-excluded-item", "exclude-column-range", "exclude-negative-column", "positives-unsorted",
+    "positives-duplicate", "neighbor-id-range", "neighbor-id-below-padding", "neighbor-set-column",
+    "users-range", "users-negative")] + [
+    ("indptr-past-nnz", dict(scores=torch.zeros(2, 3), ks=1, exclude=(torch.tensor([0, 1, 5]), torch.tensor([0, 2]))),
+     ValueError, r"exclude row 1 \(scores row 1\) has an invalid indptr range"),
+]
+
+
+@pytest.mark.parametrize("case", EMU_BAD, ids=[c[0] for c in EMU_BAD])
+def test_cuda_kernel_emulated_reports_bad_input(emulated_cuda, case):
+    _, kwargs, exc, pattern = case
+    kwargs = dict(kwargs)
+    ks = kwargs.pop("ks")
+    ks = (ks,) if isinstance(ks, int) else ks
+    with pytest.raises(exc, match=pattern):
+        run_emulated(emulated_cuda, ks, **kwargs)
