@@ -85,6 +85,23 @@ def idcg_table(kmax: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(disc, 0)])
 
 
+def _per_user(out: rk.TopKHits, n_pos: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """(4, b, n_k) float64: Recall, NDCG, Precision, MRR of each user at each k (0 without positives)."""
+    n_pos = n_pos.cpu().to(torch.int64)
+    hits = out.hits.cpu().to(torch.float64)
+    dcg = out.dcg.cpu().to(torch.float64)
+    first = out.first_hit.cpu()
+    ks_t = torch.tensor(ks, dtype=torch.int64)
+    has = (n_pos > 0)[:, None]
+    ideal = idcg_table(max(ks))[torch.minimum(n_pos[:, None], ks_t[None, :])]
+    n = n_pos.clamp(min=1).to(torch.float64)[:, None]
+    within = (first[:, None] >= 0) & (first[:, None] < ks_t[None, :])
+    rr = (1.0 / (first.to(torch.float64) + 1.0))[:, None]
+    per_user = torch.stack([hits / n, dcg / ideal.clamp(min=1.0), hits / ks_t.to(torch.float64),
+                            torch.where(within, rr, 0.0).expand_as(hits)])
+    return torch.where(has[None], per_user, 0.0)
+
+
 def metrics_from_hits(out: rk.TopKHits, n_pos: torch.Tensor, ks: Sequence[int]) -> Dict[str, torch.Tensor]:
     """Per-user Recall, NDCG, Precision and MRR at each k from :func:`refit_kernels.topk_hits` outputs.
 
@@ -96,21 +113,8 @@ def metrics_from_hits(out: rk.TopKHits, n_pos: torch.Tensor, ks: Sequence[int]) 
     Returns:
         {"recall@k": (b,) float64, ...}; users without positives get 0.
     """
-    n_pos = n_pos.to(torch.float64).cpu()
-    hits = out.hits.cpu().to(torch.float64)
-    dcg = out.dcg.cpu().to(torch.float64)
-    first = out.first_hit.cpu()
-    idcg = idcg_table(max(ks))
-    has = n_pos > 0
-    result = {}
-    for j, k in enumerate(ks):
-        ideal = idcg[torch.clamp(n_pos, max=k).to(torch.int64)]
-        result[f"recall@{k}"] = torch.where(has, hits[:, j] / n_pos.clamp(min=1), 0.0)
-        result[f"ndcg@{k}"] = torch.where(has, dcg[:, j] / ideal.clamp(min=1e-300), 0.0)
-        result[f"precision@{k}"] = torch.where(has, hits[:, j] / k, 0.0)
-        within = (first >= 0) & (first < k)
-        result[f"mrr@{k}"] = torch.where(has & within, 1.0 / (first.to(torch.float64) + 1.0), 0.0)
-    return result
+    per_user = _per_user(out, n_pos, ks)
+    return {f"{m}@{k}": per_user[i, :, j] for i, m in enumerate(METRICS) for j, k in enumerate(ks)}
 
 
 def evaluate(
@@ -167,7 +171,7 @@ def evaluate(
     n_pos_all = pos.indptr.diff()
     if exclude_users_without_positives:
         user_ids = user_ids[n_pos_all[user_ids] > 0]
-    totals = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
+    totals = torch.zeros(len(METRICS), len(ks), dtype=torch.float64)
     n_eval = int(user_ids.numel())
 
     csr_cache = {}
@@ -204,9 +208,8 @@ def evaluate(
         p_csr, ex_csr = csr_args(scores.shape[1], dev)
         out = rk.topk_hits(scores.to(dev), ks, users=batch.to(dev), exclude=ex_csr, positives=p_csr,
                            backend=backend)
-        per_user = metrics_from_hits(out, n_pos_all[batch], ks)
-        for name, values in per_user.items():
-            totals[name] += float(values.sum())
-    result = {name: (total / n_eval if n_eval else 0.0) for name, total in totals.items()}
+        totals += _per_user(out, n_pos_all[batch], ks).sum(1)
+    means = (totals / n_eval if n_eval else totals).tolist()
+    result = {f"{m}@{k}": means[i][j] for j, k in enumerate(ks) for i, m in enumerate(METRICS)}
     result["n_users"] = n_eval
     return result
