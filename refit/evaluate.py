@@ -36,7 +36,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 def _is_csr_list(x) -> bool:
     """A list/tuple of CSR matrices, as opposed to one (indptr, indices[, values]) tuple."""
-    if not isinstance(x, (list, tuple)) or len(x) == 0:
+    if isinstance(x, CSR) or not isinstance(x, (list, tuple)) or len(x) == 0:
         return False
     first = x[0]
     if isinstance(first, np.ndarray) or (isinstance(first, torch.Tensor) and first.layout == torch.strided):
@@ -56,6 +56,15 @@ def _canonical(x):
     return x
 
 
+def _as_csr(x, name: str, n_cols: Optional[int] = None) -> CSR:
+    """as_csr on the CPU, also taking a :class:`refit_kernels.CSR` (already checked) as is."""
+    if isinstance(x, CSR):
+        if n_cols is not None and x.n_cols is not None and x.n_cols != n_cols:
+            raise ValueError(f"{name}: expected {n_cols} columns, got a matrix with {x.n_cols}")
+        return x.to("cpu")
+    return as_csr(_canonical(x), name, n_cols=n_cols, device="cpu")
+
+
 def union_csr(matrices: Sequence, n_cols: int, name: str = "exclude") -> CSR:
     """The row-wise union of CSR matrices with the same shape: sorted, unique column indices.
 
@@ -63,7 +72,7 @@ def union_csr(matrices: Sequence, n_cols: int, name: str = "exclude") -> CSR:
         matrices: CSR matrices in any form :func:`refit_kernels.as_csr` accepts.
         n_cols: the number of columns (items).
     """
-    parts = [as_csr(m, f"{name}[{j}]", n_cols=n_cols, device="cpu") for j, m in enumerate(matrices)]
+    parts = [_as_csr(m, f"{name}[{j}]", n_cols) for j, m in enumerate(matrices)]
     n_rows = parts[0].n_rows
     for j, p in enumerate(parts):
         if p.n_rows != n_rows:
@@ -137,7 +146,8 @@ def evaluate(
             (float32, float16 or bfloat16; any device). It is called once per
             batch, with ids in increasing order.
         positives: CSR (n_users x I) of each user's target items (e.g. the
-            test split), in any form ``refit_kernels.as_csr`` accepts.
+            test split), in any form ``refit_kernels.as_csr`` accepts, or a
+            ``refit_kernels.CSR`` it returned.
         exclude: None, one CSR, or a list of CSRs (n_users x I) of items never
             ranked, e.g. ``[train]`` for validation and ``[train, valid]`` for
             the test, as DiffRec masks them. A list is merged once.
@@ -159,7 +169,7 @@ def evaluate(
     ks = tuple(int(k) for k in ks)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pos = as_csr(_canonical(positives), "positives", device="cpu")
+    pos = _as_csr(positives, "positives")
     n_users = pos.n_rows
     if users is None:
         user_ids = torch.arange(n_users)
@@ -172,6 +182,7 @@ def evaluate(
     if exclude_users_without_positives:
         user_ids = user_ids[n_pos_all[user_ids] > 0]
     totals = torch.zeros(len(METRICS), len(ks), dtype=torch.float64)
+    outputs = []
     n_eval = int(user_ids.numel())
 
     csr_cache = {}
@@ -185,11 +196,10 @@ def evaluate(
             elif _is_csr_list(exclude):
                 ex = union_csr(exclude, n_items)
             else:
-                ex = as_csr(_canonical(exclude), "exclude", n_cols=n_items, device="cpu")
+                ex = _as_csr(exclude, "exclude", n_items)
             if ex is not None and ex.n_rows != n_users:
                 raise ValueError(f"exclude has {ex.n_rows} rows but positives has {n_users}")
-            csr_cache[dev] = ((pos.indptr.to(dev), pos.indices.to(dev)),
-                              None if ex is None else (ex.indptr.to(dev), ex.indices.to(dev)))
+            csr_cache[dev] = (pos.to(dev), None if ex is None else ex.to(dev))
         return csr_cache[dev]
 
     batches = range(0, n_eval, batch_size)
@@ -208,7 +218,12 @@ def evaluate(
         p_csr, ex_csr = csr_args(scores.shape[1], dev)
         out = rk.topk_hits(scores.to(dev), ks, users=batch.to(dev), exclude=ex_csr, positives=p_csr,
                            backend=backend)
-        totals += _per_user(out, n_pos_all[batch], ks).sum(1)
+        # The per-user metrics are computed once at the end, from these small outputs.
+        outputs.append((out.hits.cpu(), out.dcg.cpu(), out.first_hit.cpu(), n_pos_all[batch]))
+    if outputs:
+        hits, dcg, first, n_pos = (torch.cat(parts) for parts in zip(*outputs))
+        out = rk.TopKHits(hits, dcg, torch.zeros_like(dcg), first, None)
+        totals = _per_user(out, n_pos, ks).sum(1)
     means = (totals / n_eval if n_eval else totals).tolist()
     result = {f"{m}@{k}": means[i][j] for j, k in enumerate(ks) for i, m in enumerate(METRICS)}
     result["n_users"] = n_eval

@@ -179,6 +179,13 @@ def test_non_canonical_scipy_inputs_are_accepted():
     assert_same_metrics(got, python_evaluate(scores, test, [train], (5,)))
 
 
+def test_checked_csr_objects_are_accepted():
+    scores, train, valid, test = make_data(n_users=10, seed=9)
+    merged = union_csr([train, valid], test.shape[1])
+    got = evaluate(lambda u: scores[u], rk.as_csr(test, "test"), merged, ks=(3,))
+    assert_same_metrics(got, python_evaluate(scores, test, [train, valid], (3,)))
+
+
 def test_union_csr():
     a = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32))
     b = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=np.float32))

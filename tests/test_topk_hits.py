@@ -241,6 +241,7 @@ def test_csr_forms_and_index_dtypes(bd):
         "tuple-int32": lambda m: (torch.from_numpy(m.indptr.astype(np.int32)).to(device),
                                   torch.from_numpy(m.indices.astype(np.int32)).to(device)),
         "numpy-tuple-values": lambda m: (m.indptr, m.indices, m.data),
+        "checked-CSR": lambda m: as_csr(m, "x", device=device),
     }
     for name, form in forms.items():
         kw = dict(case)
@@ -420,6 +421,8 @@ def _bad_cases():
         ("neighbors-device", dict(scores=s, ks=1, neighbors=nb.to(meta), neighbor_sets=sets), ValueError,
          "neighbors is on meta"),
         ("return-indices-type", dict(scores=s, ks=1, return_indices="yes"), TypeError, "return_indices"),
+        ("checked-CSR-columns", dict(scores=s, ks=1, exclude=as_csr(sp.csr_matrix(np.eye(3, 5)), "exclude")),
+         ValueError, "exclude: expected 4 columns"),
     ]
 
 

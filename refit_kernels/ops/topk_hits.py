@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import _extension, dispatch, reference
-from ..sparse import as_csr
+from ..sparse import CSR, as_csr
 
 _OP = "topk_hits"
 _SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -164,6 +164,13 @@ def _csr(x, name: str, n_items: int, device: torch.device):
     """
     if x is None:
         return None, None
+    if isinstance(x, CSR):
+        # Already converted and checked by as_csr: reused as is, e.g. across batches.
+        if x.n_cols is not None and x.n_cols != n_items:
+            raise ValueError(f"{name}: expected {n_items} columns, got a matrix with {x.n_cols}")
+        if x.device != device:
+            raise ValueError(f"{_OP}: {name} is on {x.device} but scores is on {device}")
+        return x.indptr, x.indices
     if torch.compiler.is_compiling() and isinstance(x, (tuple, list)) and len(x) in (2, 3) \
             and all(isinstance(t, torch.Tensor) for t in x[:2]):
         # as_csr's structural checks read tensor values, which would break the
@@ -292,7 +299,8 @@ def topk_hits(
             None lets the dispatcher choose (``REFIT_BACKEND`` overrides).
 
     CSR arguments take a ``torch.sparse_csr_tensor``, a ``scipy.sparse`` CSR
-    matrix or an ``(indptr, indices[, values])`` tuple (values are ignored);
+    matrix, an ``(indptr, indices[, values])`` tuple (values are ignored) or a
+    :class:`refit_kernels.CSR` from ``rk.as_csr`` (reused without new checks);
     the column indices of every row used must be sorted and unique. Torch
     inputs must be on the scores' device; scipy and numpy inputs are moved.
 
