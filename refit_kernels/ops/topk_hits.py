@@ -164,6 +164,10 @@ def _csr(x, name: str, n_items: int, device: torch.device):
     """
     if x is None:
         return None, None
+    if _holds_torch(x):
+        first = x if isinstance(x, torch.Tensor) else x[0]
+        if first.device != device:
+            raise ValueError(f"{_OP}: {name} is on {first.device} but scores is on {device}")
     if isinstance(x, CSR):
         # Already converted and checked by as_csr: reused as is, e.g. across batches.
         if x.n_cols is not None and x.n_cols != n_items:
