@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -36,19 +35,12 @@ using topk::RowError;
 
 // Keys that order (score, item) pairs as the ranking rule does, larger first:
 // the score's order-preserving code above ~item (refit/topk_hits.h, shared
-// with the CUDA kernel). One integer comparison decides rank, ties included.
+// with the CUDA kernel; float64 scores need 96 bits). One integer comparison
+// decides rank, ties included.
 template <typename acc_t> struct KeyOf;
 template <> struct KeyOf<float> {
   using type = uint64_t;
   static REFIT_INLINE type key(float x, int64_t item) { return topk::rank_key(x, static_cast<uint32_t>(item)); }
-  // The score a key was made from (+0.0 for either zero).
-  static REFIT_INLINE float score(type key) {
-    const uint32_t code = static_cast<uint32_t>(key >> 32);
-    const uint32_t bits = (code & 0x80000000u) ? (code & 0x7FFFFFFFu) : ~code;
-    float x;
-    std::memcpy(&x, &bits, sizeof x);
-    return x;
-  }
 };
 template <> struct KeyOf<double> {
   using type = unsigned __int128;
@@ -58,13 +50,6 @@ template <> struct KeyOf<double> {
     std::memcpy(&bits, &x, sizeof bits);
     const uint64_t code = (bits >> 63) ? ~bits : (bits | (uint64_t(1) << 63));
     return (static_cast<type>(code) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(item));
-  }
-  static REFIT_INLINE double score(type key) {
-    const uint64_t code = static_cast<uint64_t>(key >> 32);
-    const uint64_t bits = (code >> 63) ? (code & ~(uint64_t(1) << 63)) : ~code;
-    double x;
-    std::memcpy(&x, &bits, sizeof x);
-    return x;
   }
 };
 
