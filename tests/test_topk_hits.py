@@ -312,6 +312,20 @@ def test_large_kmax_when_supported(bd):
     assert_matches(rk.topk_hits(ks=ks, return_indices=True, backend=backend, **case), truth(case, ks), backend)
 
 
+@pytest.mark.parametrize("pattern", ["ascending", "descending", "organ-pipe", "all-ties", "sawtooth"])
+def test_cpu_structured_rows(pattern):
+    """Orderings that trouble selection algorithms (sorted runs, organ pipes, all ties)."""
+    if rk.available_backends()["cpu"] is not None:
+        pytest.skip(rk.available_backends()["cpu"])
+    I = 1500
+    ramp = torch.arange(I, dtype=torch.float32)
+    row = {"ascending": ramp, "descending": -ramp, "all-ties": torch.zeros(I), "sawtooth": ramp % 7,
+           "organ-pipe": torch.cat([ramp[:I // 2], ramp[:I - I // 2].flip(0)])}[pattern]
+    case = {"scores": row.repeat(4, 1), "positives": (torch.tensor([0, 3, 3, 6, 7]), torch.tensor([0, 750, 1499, 5, 9, 749, 12]))}
+    for ks in ((10, 100), (1,), (I,)):
+        assert_matches(rk.topk_hits(ks=ks, return_indices=True, backend="cpu", **case), truth(case, ks), f"{pattern} {ks}")
+
+
 def test_cpu_threads_give_identical_results():
     if rk.available_backends()["cpu"] is not None:
         pytest.skip(rk.available_backends()["cpu"])

@@ -63,9 +63,19 @@ REFIT_INLINE uint32_t item_of(key_t key) {
 // branch (each value is written to both sides and the side's length grows by
 // a comparison), so it costs a few cycles per value and pass instead of the
 // branch mispredictions of std::nth_element.
+//
+// Median-of-three pivots can be driven to O(n^2) by adversarial inputs;
+// after 2 log2(n) + 8 passes the rest goes to std::nth_element (O(n log n)
+// at worst).
 template <typename T>
 REFIT_INLINE T kth_largest(T* __restrict__ a, int64_t n, int64_t k, T* __restrict__ scratch) {
+  int passes = 8;
+  for (int64_t m = n; m > 1; m >>= 1) passes += 2;
   while (n > 24) {
+    if (--passes < 0) {
+      std::nth_element(a, a + (k - 1), a + n, std::greater<T>());
+      return a[k - 1];
+    }
     const T p0 = a[0], p1 = a[n / 2], p2 = a[n - 1];
     const T pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));  // median of three
     int64_t n_gt = 0, n_lt = 0;
@@ -163,12 +173,20 @@ __attribute__((target("avx512f"))) int64_t collect_at_least_avx512(const float* 
   }
   return count;
 }
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+bool has_avx512() {
+  // Asked on first use, not in a static initialiser, which may run before
+  // the compiler's CPU detection.
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
 #endif
 
 REFIT_INLINE int64_t collect_any(const float* x, int64_t n, float t, int32_t* out) {
 #ifdef REFIT_HAVE_AVX512_COLLECT
-  if (kHasAvx512) return collect_at_least_avx512(x, n, t, out);
+  if (has_avx512()) return collect_at_least_avx512(x, n, t, out);
 #endif
   return collect_at_least<float>(x, n, t, out);
 }
