@@ -27,6 +27,12 @@ TORCH_LIBRARY(refit, m) {
   m.def(
       "gather_rows_out(Tensor indptr, Tensor indices, Tensor? values, Tensor rows, "
       "Tensor? segments, Tensor? weights, int n_cols, Tensor(a!) out) -> ()");
+  m.def(
+      "topk_hits(Tensor scores, int[] ks, Tensor? users, Tensor? exclude_indptr, "
+      "Tensor? exclude_indices, Tensor? positives_indptr, Tensor? positives_indices, "
+      "Tensor? neighbors, Tensor? neighbor_sets_indptr, Tensor? neighbor_sets_indices, "
+      "bool return_indices) -> (Tensor hits, Tensor dcg, Tensor neighbor_hits, "
+      "Tensor first_hit, Tensor indices)");
 }
 
 // A plain CPython module (no pybind11): it only carries the build facts the

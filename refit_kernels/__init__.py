@@ -11,6 +11,7 @@ from .dispatch import BACKENDS, BackendUnavailable, available_backends
 from .sparse import CSR, as_csr
 from .ops.gaussian_logprob import gaussian_logprob
 from .ops.gather_rows import gather_rows
+from .ops.topk_hits import TopKHits, topk_hits
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,7 @@ __all__ = [
     "available_backends",
     "gaussian_logprob",
     "gather_rows",
+    "TopKHits",
+    "topk_hits",
     "__version__",
 ]

@@ -8,6 +8,7 @@ they are the truth the tests compare with.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -104,3 +105,222 @@ def gather_rows(
     out = torch.zeros(B, n_cols, dtype=acc, device=device)
     out.index_put_((out_row, cols), vals, accumulate=True)
     return out.to(dtype)
+# --- topk_hits (DESIGN.md, Op 2) ----------------------------------------------
+
+# Per-row error report shared by every backend of topk_hits: four int64 per
+# row, {code, argument, csr_row, detail}, as in csrc/include/refit/topk_hits.h.
+TOPK_NAN, TOPK_USER_RANGE, TOPK_BAD_INDPTR, TOPK_COLUMN_RANGE, TOPK_UNSORTED, TOPK_NEIGHBOR_RANGE = 1, 2, 3, 4, 5, 6
+TOPK_ARGS = ("scores", "exclude", "positives", "neighbors", "neighbor_sets")
+_ARG_EXCLUDE, _ARG_POSITIVES, _ARG_NEIGHBORS, _ARG_SETS = 1, 2, 3, 4
+
+
+def topk_row_error(report: torch.Tensor, n_items: int, n_rows: dict) -> Optional[Exception]:
+    """The exception for the first bad row of a (B, 4) report, or None when all rows are fine.
+
+    ``n_rows`` maps "exclude", "positives" and "neighbor_sets" to their row
+    counts (for the messages). The messages are those of the C++ kernels.
+    """
+    bad = (report[:, 0] != 0).nonzero()
+    if bad.numel() == 0:
+        return None
+    b = int(bad[0, 0])
+    code, arg, row, detail = (int(v) for v in report[b].tolist())
+    name = TOPK_ARGS[arg] if 0 <= arg < len(TOPK_ARGS) else "?"
+    if code == TOPK_NAN:
+        return ValueError(f"topk_hits: scores row {b} contains NaN (first at column {detail}); "
+                          "NaN scores cannot be ranked")
+    if code == TOPK_USER_RANGE:
+        return IndexError(f"topk_hits: users[{b}] = {detail} is out of range for {name} with "
+                          f"{n_rows.get(name)} rows")
+    if code == TOPK_BAD_INDPTR:
+        return ValueError(f"topk_hits: {name} row {row} (scores row {b}) has an invalid indptr range: "
+                          f"need 0 <= indptr[{row}] <= indptr[{row + 1}] <= nnz")
+    if code == TOPK_COLUMN_RANGE:
+        return IndexError(f"topk_hits: {name} row {row} (scores row {b}) has column index {detail}, "
+                          f"out of range for I = {n_items} items")
+    if code == TOPK_UNSORTED:
+        return ValueError(f"topk_hits: {name} row {row} (scores row {b}) has column index {detail} after "
+                          "a larger or equal one: the column indices of a row must be sorted and unique "
+                          "(e.g. scipy's sum_duplicates())")
+    if code == TOPK_NEIGHBOR_RANGE:
+        return IndexError(f"topk_hits: neighbors[{b}, {row}] = {detail} is out of range for neighbor_sets "
+                          f"with {n_rows.get('neighbor_sets')} rows (-1 marks padding)")
+    return RuntimeError(f"topk_hits: internal error in row {b} (code {code}): please report it")
+
+
+def _csr_row_problems(indptr, indices, rows, valid, n_items):
+    """(code, detail) per entry of ``rows`` for the checks of a CSR row, in kernel order:
+    its indptr range, then its columns (in [0, n_items) and strictly increasing)."""
+    nnz = indices.shape[0]
+    code = torch.zeros(rows.shape, dtype=torch.int64, device=rows.device)
+    detail = torch.zeros_like(code)
+    r = torch.where(valid, rows, 0)
+    lo, hi = indptr[r], indptr[r + 1]
+    bad_ptr = valid & ~((lo >= 0) & (lo <= hi) & (hi <= nnz))
+    code[bad_ptr] = TOPK_BAD_INDPTR
+    good = valid & ~bad_ptr
+    lengths = torch.where(good, hi - lo, 0)
+    owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), lengths.flatten())
+    starts = torch.cumsum(lengths.flatten(), 0) - lengths.flatten()
+    offset = torch.arange(owner.numel(), device=rows.device) - starts[owner]
+    pos = lo.flatten()[owner] + offset
+    col = indices[pos]
+    prev = indices[(pos - 1).clamp(min=0)]
+    out_of_range = (col < 0) | (col >= n_items)
+    unsorted = (offset > 0) & (col <= prev)
+    problem = out_of_range | unsorted
+    if bool(problem.any()):
+        big = torch.iinfo(torch.int64).max
+        first = torch.full((rows.numel(),), big, dtype=torch.int64, device=rows.device)
+        first.scatter_reduce_(0, owner[problem], offset[problem], "amin")
+        has = first != big
+        at = lo.flatten()[has] + first[has]
+        c = indices[at]
+        flat_code = code.flatten()
+        flat_detail = detail.flatten()
+        flat_code[has] = torch.where((c < 0) | (c >= n_items), TOPK_COLUMN_RANGE, TOPK_UNSORTED)
+        flat_detail[has] = c
+        code, detail = flat_code.view(rows.shape), flat_detail.view(rows.shape)
+    return code, detail
+
+
+def _topk_report(scores, users, excl, pos, neighbors, sets):
+    """The (B, 4) per-row error report of topk_hits, in the order the kernels check."""
+    B, I = scores.shape
+    dev = scores.device
+    report = torch.zeros(B, 4, dtype=torch.int64, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    batch = torch.arange(B, device=dev)
+    own_rows = users if users is not None else batch
+
+    def put(bad, code, arg, row, detail):
+        sel = bad & ~done
+        fill = torch.stack(torch.broadcast_tensors(
+            torch.as_tensor(code, device=dev), torch.as_tensor(arg, device=dev),
+            torch.as_tensor(row, device=dev), torch.as_tensor(detail, device=dev)), -1).expand(B, 4)
+        report[sel] = fill[sel]
+        done.logical_or_(sel)
+
+    def csr_checks(csr, arg):
+        indptr, indices = csr
+        n = indptr.shape[0] - 1
+        in_range = (own_rows >= 0) & (own_rows < n)
+        put(~in_range, TOPK_USER_RANGE, arg, 0, own_rows)
+        code, detail = _csr_row_problems(indptr, indices, own_rows, in_range, I)
+        put(code != 0, code, arg, own_rows, detail)
+
+    if excl is not None:
+        csr_checks(excl, _ARG_EXCLUDE)
+    nan = torch.isnan(scores)
+    put(nan.any(1), TOPK_NAN, 0, 0, nan.to(torch.int8).argmax(1))
+    if pos is not None:
+        csr_checks(pos, _ARG_POSITIVES)
+    if neighbors is not None and neighbors.shape[1] > 0:
+        indptr, indices = sets
+        n = indptr.shape[0] - 1
+        out_of_range = (neighbors < -1) | (neighbors >= n)
+        ok = (neighbors >= 0) & (neighbors < n)
+        code, detail = _csr_row_problems(indptr, indices, neighbors, ok, I)
+        code = torch.where(out_of_range, TOPK_NEIGHBOR_RANGE, code)
+        arg = torch.where(out_of_range, _ARG_NEIGHBORS, _ARG_SETS)
+        row = torch.where(out_of_range, torch.arange(neighbors.shape[1], device=dev), neighbors)
+        detail = torch.where(out_of_range, neighbors, detail)
+        m = (code != 0).to(torch.int8).argmax(1, keepdim=True)  # each row's first bad neighbor
+        put((code != 0).any(1), code.gather(1, m)[:, 0], arg.gather(1, m)[:, 0], row.gather(1, m)[:, 0],
+            detail.gather(1, m)[:, 0])
+    return report
+
+
+def _dense_rows(indptr, indices, rows, n_items):
+    """(len(rows), n_items) bool: row j marks the columns of CSR row rows[j]."""
+    lo, hi = indptr[rows], indptr[rows + 1]
+    lengths = hi - lo
+    owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), lengths)
+    offset = torch.arange(owner.numel(), device=rows.device) - (torch.cumsum(lengths, 0) - lengths)[owner]
+    dense = torch.zeros(rows.numel(), n_items, dtype=torch.bool, device=rows.device)
+    dense[owner, indices[lo[owner] + offset]] = True
+    return dense
+
+
+def topk_hits(
+    scores: torch.Tensor,
+    ks,
+    users: Optional[torch.Tensor] = None,
+    exclude_indptr: Optional[torch.Tensor] = None,
+    exclude_indices: Optional[torch.Tensor] = None,
+    positives_indptr: Optional[torch.Tensor] = None,
+    positives_indices: Optional[torch.Tensor] = None,
+    neighbors: Optional[torch.Tensor] = None,
+    neighbor_sets_indptr: Optional[torch.Tensor] = None,
+    neighbor_sets_indices: Optional[torch.Tensor] = None,
+    return_indices: bool = False,
+):
+    """Top-k hit counts of ranked rows, the definition (DESIGN.md, Op 2).
+
+    Ranks each row of ``scores`` by the full sort the rule describes (higher
+    score first, equal scores by lower item id, excluded items last and cut
+    off), then counts hits at every k against the row's positives and its
+    neighbors' item sets.
+
+    Args:
+        scores: (B, I) float16/bfloat16/float32/float64; NaN is an error.
+        ks: ascending ints, 1 <= k <= I; Kmax = ks[-1].
+        users: (B,) int64 CSR row of each scores row (default: row b).
+        exclude_*, positives_*: CSR (indptr, indices) int64, rows sorted and unique.
+        neighbors: (B, M) int64 rows of neighbor_sets_*, -1 = padding.
+        return_indices: also return the ranked items.
+
+    Returns:
+        (hits (B, n_k) int64, dcg (B, n_k) float64, neighbor_hits (B, n_k)
+        float64, first_hit (B,) int64, indices (B, Kmax) int64 -1 padded, or
+        (B, 0) without ``return_indices``).
+    """
+    ks = [int(k) for k in ks]
+    B, I = scores.shape
+    dev = scores.device
+    kmax = ks[-1]
+    excl = None if exclude_indptr is None else (exclude_indptr, exclude_indices)
+    pos = None if positives_indptr is None else (positives_indptr, positives_indices)
+    sets = None if neighbor_sets_indptr is None else (neighbor_sets_indptr, neighbor_sets_indices)
+    report = _topk_report(scores, users, excl, pos, neighbors, sets)
+    n_rows = {name: (None if csr is None else csr[0].shape[0] - 1)
+              for name, csr in (("exclude", excl), ("positives", pos), ("neighbor_sets", sets))}
+    error = topk_row_error(report.cpu(), I, n_rows)
+    if error is not None:
+        raise error
+    rows = users if users is not None else torch.arange(B, device=dev)
+
+    # The ranking: a stable sort by descending score keeps equal scores in id
+    # order; a second stable sort moves excluded items behind all the others.
+    s = scores.to(torch.float64)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    excluded = (_dense_rows(*excl, rows, I) if excl is not None
+                else torch.zeros(B, I, dtype=torch.bool, device=dev))
+    order = order.gather(1, torch.sort(excluded.gather(1, order).to(torch.int8), dim=1, stable=True).indices)
+    rank = torch.arange(kmax, device=dev)
+    n_rankable = I - excluded.sum(1)
+    top = torch.where(rank[None, :] < n_rankable[:, None], order[:, :kmax], -1)  # (B, Kmax)
+    ranked = top >= 0
+    k_at = torch.tensor(ks, device=dev) - 1
+
+    if pos is not None:
+        hit = _dense_rows(*pos, rows, I).gather(1, top.clamp(min=0)) & ranked
+    else:
+        hit = torch.zeros(B, kmax, dtype=torch.bool, device=dev)
+    discount = 1.0 / torch.log2(rank.to(torch.float64) + 2.0)
+    hits = hit.to(torch.int64).cumsum(1)[:, k_at]
+    dcg = (hit * discount).cumsum(1)[:, k_at]
+    first_hit = torch.where(hit.any(1), hit.to(torch.int8).argmax(1), -1)
+
+    neighbor_hits = torch.zeros(B, len(ks), dtype=torch.float64, device=dev)
+    if neighbors is not None and neighbors.shape[1] > 0:
+        valid = neighbors >= 0
+        needed, where = torch.unique(neighbors.clamp(min=0), return_inverse=True)
+        sets_dense = _dense_rows(*sets, needed, I)
+        member = sets_dense[where[:, :, None], top.clamp(min=0)[:, None, :]]  # (B, M, Kmax)
+        member &= valid[:, :, None] & ranked[:, None, :]
+        counts = member.sum(1).cumsum(1)[:, k_at].to(torch.float64)
+        n_valid = valid.sum(1, keepdim=True)
+        neighbor_hits = torch.where(n_valid > 0, counts / n_valid.clamp(min=1), 0.0)
+    indices = top if return_indices else torch.empty(B, 0, dtype=torch.int64, device=dev)
+    return hits, dcg, neighbor_hits, first_hit, indices

@@ -69,6 +69,44 @@ LaunchStatus gather_rows_forward(const GatherRowsArgs& args, DType out_dtype, vo
 
 // The message of the last CUDA error seen by a gather_rows launcher on this thread.
 const char* gather_rows_last_error_string();
+// topk_hits: one CSR argument (rows sorted and unique, checked by the kernel);
+// indptr == nullptr when absent.
+struct TopKCsrView {
+  const int64_t* indptr;
+  const int64_t* indices;
+  int64_t rows, nnz;
+};
+
+// The largest Kmax the CUDA topk_hits kernel ranks (its top list lives in
+// shared memory).
+constexpr int64_t kTopKMaxK = 1024;
+
+// Arguments of topk_hits: scores (rows, items) of `dtype` (float16, bfloat16
+// or float32) with unit item stride; ks (n_ks,) ascending on the device with
+// ks[n_ks - 1] == kmax; outputs contiguous: hits (rows, n_ks), dcg and
+// neighbor_hits (rows, n_ks) float, first_hit (rows,), indices (rows, kmax)
+// or nullptr, report (rows, 4) zero-initialised (refit/topk_hits.h). users,
+// neighbors (rows, n_neighbors) and the CSR arguments may be absent (nullptr).
+struct TopKHitsParams {
+  const void* scores;
+  int64_t rows, items, score_row_stride;
+  const int64_t* ks;
+  int64_t n_ks, kmax;
+  const int64_t* users;
+  TopKCsrView exclude, positives, neighbor_sets;
+  const int64_t* neighbors;
+  int64_t n_neighbors;
+  int64_t* hits;
+  float* dcg;
+  float* neighbor_hits;
+  int64_t* first_hit;
+  int64_t* indices;
+  int64_t* report;
+};
+
+LaunchStatus topk_hits(DType dtype, const TopKHitsParams& params, void* stream);
+// The message of the last CUDA error seen by topk_hits on this thread.
+const char* topk_hits_error_string();
 
 // The message of the last CUDA error seen by a launcher on this thread.
 const char* last_error_string();

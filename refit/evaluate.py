@@ -1,0 +1,230 @@
+"""Full-ranking evaluation of a recommender with ``refit_kernels.topk_hits``.
+
+Every user's scores over all items are ranked with the user's history
+excluded, and Recall, NDCG, Precision and MRR at each k are computed from the
+kernel's hit counts, DCG and first-hit ranks. The protocol is DiffRec's
+``computeTopNAccuracy``:
+
+* Precision@k = hits / k; Recall@k = hits / |positives|;
+* NDCG@k = DCG / IDCG, with IDCG the sum of 1 / log2(r + 2) over the ranks
+  r < min(|positives|, k);
+* MRR@k = 1 / (first_hit + 1) when the first hit is within the top k, else 0;
+* each is averaged over all evaluated users, a user without positives
+  counting as 0 (``exclude_users_without_positives=True`` leaves such users
+  out of the average instead, as RecBole does).
+
+DiffRec rounds the averages to 4 decimals for display; this module returns
+them unrounded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+import refit_kernels as rk
+from refit_kernels.sparse import CSR, as_csr
+
+DEFAULT_KS = (10, 20, 50, 100)
+METRICS = ("recall", "ndcg", "precision", "mrr")
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _is_csr_list(x) -> bool:
+    """A list/tuple of CSR matrices, as opposed to one (indptr, indices[, values]) tuple."""
+    if isinstance(x, CSR) or not isinstance(x, (list, tuple)) or len(x) == 0:
+        return False
+    first = x[0]
+    if isinstance(first, np.ndarray) or (isinstance(first, torch.Tensor) and first.layout == torch.strided):
+        return False  # the indptr of a CSR tuple
+    return True
+
+
+def _canonical(x):
+    """scipy matrices with unsorted or duplicate column indices are put in canonical form
+    (a copy); other forms pass unchanged (the kernel checks their rows)."""
+    if type(x).__module__.startswith("scipy.sparse") and hasattr(x, "tocsr"):
+        m = x.tocsr()
+        if not m.has_canonical_format:
+            m = m.copy()
+            m.sum_duplicates()
+        return m
+    return x
+
+
+def _as_csr(x, name: str, n_cols: Optional[int] = None) -> CSR:
+    """as_csr on the CPU, also taking a :class:`refit_kernels.CSR` (already checked) as is."""
+    if isinstance(x, CSR):
+        if n_cols is not None and x.n_cols is not None and x.n_cols != n_cols:
+            raise ValueError(f"{name}: expected {n_cols} columns, got a matrix with {x.n_cols}")
+        return x.to("cpu")
+    return as_csr(_canonical(x), name, n_cols=n_cols, device="cpu")
+
+
+def union_csr(matrices: Sequence, n_cols: int, name: str = "exclude") -> CSR:
+    """The row-wise union of CSR matrices with the same shape: sorted, unique column indices.
+
+    Args:
+        matrices: CSR matrices in any form :func:`refit_kernels.as_csr` accepts.
+        n_cols: the number of columns (items).
+    """
+    parts = [_as_csr(m, f"{name}[{j}]", n_cols) for j, m in enumerate(matrices)]
+    n_rows = parts[0].n_rows
+    for j, p in enumerate(parts):
+        if p.n_rows != n_rows:
+            raise ValueError(f"{name}[{j}] has {p.n_rows} rows, {name}[0] has {n_rows}")
+    rows = torch.cat([torch.repeat_interleave(torch.arange(n_rows), p.indptr.diff()) for p in parts])
+    cols = torch.cat([p.indices for p in parts])
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= n_cols):
+        raise IndexError(f"{name}: column indices must be in [0, {n_cols})")
+    key = torch.unique(rows * n_cols + cols)  # sorted: by row, then column
+    counts = torch.bincount(key // n_cols, minlength=n_rows)
+    indptr = torch.zeros(n_rows + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=indptr[1:])
+    return CSR(indptr, key % n_cols, None, n_cols)
+
+
+def idcg_table(kmax: int) -> torch.Tensor:
+    """(kmax + 1,) float64: entry n is the IDCG of n relevant items, sum_{r<n} 1/log2(r+2)."""
+    disc = 1.0 / torch.log2(torch.arange(kmax, dtype=torch.float64) + 2.0)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(disc, 0)])
+
+
+def _per_user(out: rk.TopKHits, n_pos: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """(4, b, n_k) float64: Recall, NDCG, Precision, MRR of each user at each k (0 without positives)."""
+    n_pos = n_pos.cpu().to(torch.int64)
+    hits = out.hits.cpu().to(torch.float64)
+    dcg = out.dcg.cpu().to(torch.float64)
+    first = out.first_hit.cpu()
+    ks_t = torch.tensor(ks, dtype=torch.int64)
+    has = (n_pos > 0)[:, None]
+    ideal = idcg_table(max(ks))[torch.minimum(n_pos[:, None], ks_t[None, :])]
+    n = n_pos.clamp(min=1).to(torch.float64)[:, None]
+    within = (first[:, None] >= 0) & (first[:, None] < ks_t[None, :])
+    rr = (1.0 / (first.to(torch.float64) + 1.0))[:, None]
+    per_user = torch.stack([hits / n, dcg / ideal.clamp(min=1.0), hits / ks_t.to(torch.float64),
+                            torch.where(within, rr, 0.0).expand_as(hits)])
+    return torch.where(has[None], per_user, 0.0)
+
+
+def metrics_from_hits(out: rk.TopKHits, n_pos: torch.Tensor, ks: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """Per-user Recall, NDCG, Precision and MRR at each k from :func:`refit_kernels.topk_hits` outputs.
+
+    Args:
+        out: the kernel's outputs for a batch of b users.
+        n_pos: (b,) the number of positives of each user.
+        ks: the ks the kernel was called with.
+
+    Returns:
+        {"recall@k": (b,) float64, ...}; users without positives get 0.
+    """
+    per_user = _per_user(out, n_pos, ks)
+    return {f"{m}@{k}": per_user[i, :, j] for i, m in enumerate(METRICS) for j, k in enumerate(ks)}
+
+
+def evaluate(
+    score_fn: ScoreFn,
+    positives,
+    exclude=None,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 1024,
+    users: Optional[Union[torch.Tensor, np.ndarray, Iterable[int]]] = None,
+    exclude_users_without_positives: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    backend: Optional[str] = None,
+    progress: bool = False,
+) -> Dict[str, float]:
+    """Full-ranking evaluation over all items, history masked (DiffRec's protocol).
+
+    Args:
+        score_fn: maps a (b,) int64 tensor of user ids to (b, I) scores
+            (float32, float16 or bfloat16; any device). It is called once per
+            batch, with ids in increasing order.
+        positives: CSR (n_users x I) of each user's target items (e.g. the
+            test split), in any form ``refit_kernels.as_csr`` accepts, or a
+            ``refit_kernels.CSR`` it returned.
+        exclude: None, one CSR, or a list of CSRs (n_users x I) of items never
+            ranked, e.g. ``[train]`` for validation and ``[train, valid]`` for
+            the test, as DiffRec masks them. A list is merged once.
+        ks: the cut-offs, ascending.
+        batch_size: users per call of ``score_fn``.
+        users: the users to evaluate (rows of ``positives``); default all.
+        exclude_users_without_positives: average over users with at least one
+            positive only (DiffRec averages over all evaluated users, counting
+            the others as 0).
+        device: where the CSR arguments go (default: the device of the first
+            scores).
+        backend: forced ``topk_hits`` backend (default: the dispatcher's choice).
+        progress: show a progress bar.
+
+    Returns:
+        {"recall@k", "ndcg@k", "precision@k", "mrr@k" for every k: float}
+        plus "n_users", the number of users averaged over.
+    """
+    ks = tuple(int(k) for k in ks)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pos = _as_csr(positives, "positives")
+    n_users = pos.n_rows
+    if users is None:
+        user_ids = torch.arange(n_users)
+    else:
+        user_ids = torch.as_tensor(np.asarray(users) if not isinstance(users, torch.Tensor) else users)
+        user_ids = user_ids.to(torch.int64).cpu().reshape(-1)
+        if user_ids.numel() and (int(user_ids.min()) < 0 or int(user_ids.max()) >= n_users):
+            raise IndexError(f"users must be in [0, {n_users}), the rows of positives")
+    n_pos_all = pos.indptr.diff()
+    if exclude_users_without_positives:
+        user_ids = user_ids[n_pos_all[user_ids] > 0]
+    totals = torch.zeros(len(METRICS), len(ks), dtype=torch.float64)
+    outputs = []
+    n_eval = int(user_ids.numel())
+
+    csr_cache = {}
+
+    def csr_args(n_items: int, dev: torch.device):
+        if dev not in csr_cache:
+            if pos.n_cols is not None and pos.n_cols != n_items:
+                raise ValueError(f"positives has {pos.n_cols} columns but score_fn returned {n_items} items")
+            if exclude is None:
+                ex = None
+            elif _is_csr_list(exclude):
+                ex = union_csr(exclude, n_items)
+            else:
+                ex = _as_csr(exclude, "exclude", n_items)
+            if ex is not None and ex.n_rows != n_users:
+                raise ValueError(f"exclude has {ex.n_rows} rows but positives has {n_users}")
+            csr_cache[dev] = (pos.to(dev), None if ex is None else ex.to(dev))
+        return csr_cache[dev]
+
+    batches = range(0, n_eval, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=math.ceil(n_eval / batch_size), desc="evaluate", unit="batch")
+    for start in batches:
+        batch = user_ids[start:start + batch_size]
+        scores = score_fn(batch)
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != batch.numel():
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"score_fn must return ({batch.numel()}, I) scores for {batch.numel()} users, "
+                             f"got {shape}")
+        dev = scores.device if device is None else torch.device(device)
+        p_csr, ex_csr = csr_args(scores.shape[1], dev)
+        out = rk.topk_hits(scores.to(dev), ks, users=batch.to(dev), exclude=ex_csr, positives=p_csr,
+                           backend=backend)
+        # The per-user metrics are computed once at the end, from these small outputs.
+        outputs.append((out.hits.cpu(), out.dcg.cpu(), out.first_hit.cpu(), n_pos_all[batch]))
+    if outputs:
+        hits, dcg, first, n_pos = (torch.cat(parts) for parts in zip(*outputs))
+        out = rk.TopKHits(hits, dcg, torch.zeros_like(dcg), first, None)
+        totals = _per_user(out, n_pos, ks).sum(1)
+    means = (totals / n_eval if n_eval else totals).tolist()
+    result = {f"{m}@{k}": means[i][j] for j, k in enumerate(ks) for i, m in enumerate(METRICS)}
+    result["n_users"] = n_eval
+    return result
