@@ -166,11 +166,44 @@ def evaluate(
         {"recall@k", "ndcg@k", "precision@k", "mrr@k" for every k: float}
         plus "n_users", the number of users averaged over.
     """
+    return evaluate_many(score_fn, {"result": (positives, exclude)}, ks=ks, batch_size=batch_size, users=users,
+                         exclude_users_without_positives=exclude_users_without_positives, device=device,
+                         backend=backend, progress=progress)["result"]
+
+
+def evaluate_many(
+    score_fn: ScoreFn,
+    targets: Dict[str, tuple],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 1024,
+    users: Optional[Union[torch.Tensor, np.ndarray, Iterable[int]]] = None,
+    exclude_users_without_positives: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    backend: Optional[str] = None,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> Dict[str, Dict[str, float]]:
+    """:func:`evaluate` against several targets from one scoring of every user.
+
+    ``targets`` maps a name to ``(positives, exclude)``, e.g.
+    ``{"valid": (valid, [train]), "test": (test, [train, valid])}``: each batch
+    of users is scored once and ranked once per target, so a model's
+    expensive forward pass serves the validation and the test metrics alike.
+    Every target's positives must have the same rows (users). Other arguments
+    as in :func:`evaluate`; returns {name: metrics}.
+    """
+    if not targets:
+        raise ValueError("targets must name at least one (positives, exclude) pair")
     ks = tuple(int(k) for k in ks)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pos = _as_csr(positives, "positives")
-    n_users = pos.n_rows
+    names = list(targets)
+    pos = {name: _as_csr(targets[name][0], f"{name} positives") for name in names}
+    n_users = pos[names[0]].n_rows
+    for name in names:
+        if pos[name].n_rows != n_users:
+            raise ValueError(f"{name} positives has {pos[name].n_rows} rows, {names[0]} positives {n_users}")
     if users is None:
         user_ids = torch.arange(n_users)
     else:
@@ -178,19 +211,19 @@ def evaluate(
         user_ids = user_ids.to(torch.int64).cpu().reshape(-1)
         if user_ids.numel() and (int(user_ids.min()) < 0 or int(user_ids.max()) >= n_users):
             raise IndexError(f"users must be in [0, {n_users}), the rows of positives")
-    n_pos_all = pos.indptr.diff()
-    if exclude_users_without_positives:
-        user_ids = user_ids[n_pos_all[user_ids] > 0]
-    totals = torch.zeros(len(METRICS), len(ks), dtype=torch.float64)
-    outputs = []
+    n_pos_all = {name: pos[name].indptr.diff() for name in names}
+    outputs = {name: [] for name in names}
     n_eval = int(user_ids.numel())
 
     csr_cache = {}
 
-    def csr_args(n_items: int, dev: torch.device):
-        if dev not in csr_cache:
-            if pos.n_cols is not None and pos.n_cols != n_items:
-                raise ValueError(f"positives has {pos.n_cols} columns but score_fn returned {n_items} items")
+    def csr_args(name: str, n_items: int, dev: torch.device):
+        key = (name, dev)
+        if key not in csr_cache:
+            p = pos[name]
+            if p.n_cols is not None and p.n_cols != n_items:
+                raise ValueError(f"{name} positives has {p.n_cols} columns but score_fn returned {n_items} items")
+            exclude = targets[name][1]
             if exclude is None:
                 ex = None
             elif _is_csr_list(exclude):
@@ -198,15 +231,15 @@ def evaluate(
             else:
                 ex = _as_csr(exclude, "exclude", n_items)
             if ex is not None and ex.n_rows != n_users:
-                raise ValueError(f"exclude has {ex.n_rows} rows but positives has {n_users}")
-            csr_cache[dev] = (pos.to(dev), None if ex is None else ex.to(dev))
-        return csr_cache[dev]
+                raise ValueError(f"{name} exclude has {ex.n_rows} rows but positives has {n_users}")
+            csr_cache[key] = (p.to(dev), None if ex is None else ex.to(dev))
+        return csr_cache[key]
 
     batches = range(0, n_eval, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=math.ceil(n_eval / batch_size), desc="evaluate", unit="batch")
+        batches = tqdm(batches, total=math.ceil(n_eval / batch_size), desc=desc, unit="batch")
     for start in batches:
         batch = user_ids[start:start + batch_size]
         scores = score_fn(batch)
@@ -215,16 +248,28 @@ def evaluate(
             raise ValueError(f"score_fn must return ({batch.numel()}, I) scores for {batch.numel()} users, "
                              f"got {shape}")
         dev = scores.device if device is None else torch.device(device)
-        p_csr, ex_csr = csr_args(scores.shape[1], dev)
-        out = rk.topk_hits(scores.to(dev), ks, users=batch.to(dev), exclude=ex_csr, positives=p_csr,
-                           backend=backend)
-        # The per-user metrics are computed once at the end, from these small outputs.
-        outputs.append((out.hits.cpu(), out.dcg.cpu(), out.first_hit.cpu(), n_pos_all[batch]))
-    if outputs:
-        hits, dcg, first, n_pos = (torch.cat(parts) for parts in zip(*outputs))
-        out = rk.TopKHits(hits, dcg, torch.zeros_like(dcg), first, None)
-        totals = _per_user(out, n_pos, ks).sum(1)
-    means = (totals / n_eval if n_eval else totals).tolist()
-    result = {f"{m}@{k}": means[i][j] for j, k in enumerate(ks) for i, m in enumerate(METRICS)}
-    result["n_users"] = n_eval
-    return result
+        scores = scores.to(dev)
+        for name in names:
+            p_csr, ex_csr = csr_args(name, scores.shape[1], dev)
+            out = rk.topk_hits(scores, ks, users=batch.to(dev), exclude=ex_csr, positives=p_csr, backend=backend)
+            # The per-user metrics are computed once at the end, from these small outputs.
+            outputs[name].append((out.hits.cpu(), out.dcg.cpu(), out.first_hit.cpu(), n_pos_all[name][batch]))
+    results = {}
+    for name in names:
+        totals = torch.zeros(len(METRICS), len(ks), dtype=torch.float64)
+        count = n_eval
+        if outputs[name]:
+            hits, dcg, first, n_pos = (torch.cat(parts) for parts in zip(*outputs[name]))
+            out = rk.TopKHits(hits, dcg, torch.zeros_like(dcg), first, None)
+            per_user = _per_user(out, n_pos, ks)
+            if exclude_users_without_positives:
+                per_user = per_user[:, n_pos > 0]
+                count = int((n_pos > 0).sum())
+            totals = per_user.sum(1)
+        elif exclude_users_without_positives:
+            count = 0
+        means = (totals / count if count else totals).tolist()
+        result = {f"{m}@{k}": means[i][j] for j, k in enumerate(ks) for i, m in enumerate(METRICS)}
+        result["n_users"] = count
+        results[name] = result
+    return results

@@ -20,6 +20,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+import refit_kernels as rk
+
 from .data import InteractionData, load_dataset
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .evaluate import evaluate_many
@@ -127,24 +129,19 @@ def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequen
                          progress: bool = False) -> Dict[str, Dict[str, float]]:
     """Metrics of ``rec`` on each split, from one reverse pass per batch of users.
 
-    Every user is scored from their training row; no users x items matrix is built.
+    Every user is scored from their training row (densified per batch with
+    ``gather_rows``); no users x items matrix is built.
     """
-    from .data import UserBatches
-
-    batches = UserBatches(data.train, batch_size, shuffle=False, device=rec.device)
-    rows_of = {}
+    train = rk.as_csr(data.train, "train", index_dtype=None)
+    device = rec.device
 
     def score_fn(users: torch.Tensor) -> torch.Tensor:
-        rows = rows_of.pop("rows")
-        return rec.scores(users.to(rec.device), rows)
+        users = users.to(device)
+        rows = rk.gather_rows(train, users)
+        return rec.scores(users, rows.to(device))
 
-    def batch_iter():
-        for users, rows in batches:
-            rows_of["rows"] = rows
-            yield users
-
-    return evaluate_many(score_fn, evaluation_targets(data, splits), ks=ks, user_batches=batch_iter(),
-                         n_users=data.n_users, progress=progress, desc="evaluate")
+    return evaluate_many(score_fn, evaluation_targets(data, splits), ks=ks, batch_size=batch_size,
+                         progress=progress, desc="evaluate")
 
 
 class _Progress:
@@ -249,7 +246,7 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
             n_batches += 1
         train_s = time.perf_counter() - t0
         train_times.append(train_s)

@@ -240,3 +240,32 @@ def test_ml1m_random_scores_subset():
     sub = {n: m for n, m in mats.items()}
     want = python_evaluate(scores, sub["test"], [sub["train"], sub["valid"]], DEFAULT_KS, users=users)
     assert_same_metrics(got, want, "ml-1m")
+
+
+def test_evaluate_many_scores_once_and_equals_separate_evaluations():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from refit.evaluate import evaluate, evaluate_many
+
+    rng = np.random.default_rng(3)
+    n_users, n_items = 37, 60
+    mats = [sp.csr_matrix((rng.random((n_users, n_items)) < p).astype(np.float32)) for p in (0.2, 0.05, 0.05)]
+    train, valid, test = mats[0], mats[1] - mats[1].multiply(mats[0]), mats[2] - mats[2].multiply(mats[0])
+    valid.eliminate_zeros()
+    test.eliminate_zeros()
+    table = torch.from_numpy(rng.standard_normal((n_users, n_items)).astype(np.float32))
+    calls = []
+
+    def score_fn(users):
+        calls.append(users.clone())
+        return table[users]
+
+    both = evaluate_many(score_fn, {"valid": (valid, [train]), "test": (test, [train, valid])}, ks=(5, 10),
+                         batch_size=16)
+    assert len(calls) == 3 and torch.equal(torch.cat(calls), torch.arange(n_users))
+    for name, (pos, ex) in {"valid": (valid, [train]), "test": (test, [train, valid])}.items():
+        alone = evaluate(lambda u: table[u], pos, ex, ks=(5, 10), batch_size=16)
+        assert both[name] == alone
+    dropped = evaluate_many(lambda u: table[u], {"test": (test, [train])}, ks=(5,), exclude_users_without_positives=True)
+    assert dropped["test"]["n_users"] == int((np.diff(test.indptr) > 0).sum())
