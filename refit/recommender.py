@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .diffusion import DiffusionConfig, GaussianDiffusion
+from .diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent
 from .models import build_model
 
 PRECISIONS = ("fp32", "bf16")
@@ -60,13 +60,34 @@ class Recommender:
 
         return f
 
+    def latent_inference(self) -> bool:
+        """Whether :meth:`scores` can run the reverse pass in the hidden space (see
+        :func:`refit.diffusion.reverse_in_latent`): a noise-free pass, a noise
+        schedule, and a denoiser that is linear in its row (DiffRec without
+        normalisation, CF-Diff)."""
+        return (not self.sampling_noise and self.diffusion.betas is not None
+                and hasattr(self.model, "latent_parts") and not getattr(self.model, "norm", False))
+
     @torch.no_grad()
     def scores(self, users: torch.Tensor, rows: torch.Tensor,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(B, I) float32 ranking scores of users whose training rows are ``rows`` (B, I)."""
+               generator: Optional[torch.Generator] = None, latent: Optional[bool] = None) -> torch.Tensor:
+        """(B, I) float32 ranking scores of users whose training rows are ``rows`` (B, I).
+
+        ``latent`` (default: when possible) runs the noise-free reverse pass in
+        the model's hidden space: the same scores up to float32 rounding, for
+        a fraction of the work. ``latent=False`` takes every step on full rows.
+        """
         was_training = self.model.training
         self.model.eval()
         try:
+            use_latent = self.latent_inference() if latent is None else latent
+            if use_latent:
+                x = rows
+                if self.sampling_steps > 0:
+                    t = torch.full((rows.shape[0],), self.sampling_steps - 1, dtype=torch.long, device=rows.device)
+                    x = self.diffusion.q_sample(rows, t, generator=generator)
+                return reverse_in_latent(self.diffusion, self.model, x, self.model.condition(users, rows),
+                                         autocast=lambda: autocast(self.precision, rows.device))
             return self.diffusion.sample(self.denoiser(users, rows), rows, sampling_steps=self.sampling_steps,
                                          noise=self.sampling_noise, generator=generator)
         finally:

@@ -161,3 +161,37 @@ def test_cli_reports_bad_flags_clearly(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     info = _refit("info", cwd=tmp_path)
     assert info.returncode == 0 and "backends:" in info.stdout
+
+
+@pytest.mark.parametrize("name,config", [("diffrec", {"n_items": 200, "dims": [16, 48]}),
+                                         ("cfdiff", {"n_items": 200, "top_n": 4})])
+@pytest.mark.parametrize("mean_type", ["x0", "eps"])
+def test_hidden_space_reverse_pass_equals_the_step_by_step_pass(data, name, config, mean_type):
+    from refit.diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent
+    from refit.recommender import Recommender
+
+    torch.manual_seed(0)
+    model = build_model(name, config, train=data.train).eval()
+    for p in model.parameters():  # weights of a trained model's size, not of an initialisation
+        p.data.mul_(2.0)
+    diffusion = GaussianDiffusion(DiffusionConfig(mean_type=mean_type, steps=12))
+    users = torch.arange(40)
+    rows = rk.gather_rows(data.train, users)
+    # In float64 the two passes are the same function: equal to rounding.
+    m64 = build_model(name, config, train=data.train).eval().double()
+    m64.load_state_dict(model.state_dict())
+    cond = m64.condition(users, rows)
+    cond = None if cond is None else type(cond)(*(c.double() for c in cond))
+    step = diffusion.sample(lambda x, t: m64(x, t, cond), rows.double())
+    torch.testing.assert_close(reverse_in_latent(diffusion, m64, rows.double(), cond), step, rtol=1e-9, atol=1e-9)
+    # In float32, through the recommender, with and without a noised start.
+    rec = Recommender(name, model, diffusion)
+    assert rec.latent_inference()
+    torch.testing.assert_close(rec.scores(users, rows, latent=True), rec.scores(users, rows, latent=False),
+                               rtol=1e-4, atol=1e-4)
+    rec.sampling_steps = 3  # start from a noised row: the same noise for both passes
+    a = rec.scores(users, rows, latent=False, generator=torch.Generator().manual_seed(1))
+    b = rec.scores(users, rows, latent=True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    rec.sampling_noise = True  # noise at every step: only the step-by-step pass applies
+    assert not rec.latent_inference()

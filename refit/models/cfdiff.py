@@ -134,14 +134,31 @@ class CFDiff(nn.Module):
         h = self.encoder(torch.cat([row, emb], dim=-1))
         return h.view(h.shape[0], self.n_tokens, self.d_model)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: HopInputs) -> torch.Tensor:
-        """(B, I) states, (B,) timesteps and the batch's hop inputs -> (B, I) predictions."""
-        emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(x.dtype))
-        user = self._tokens(self.drop(x), emb)
-        hops = torch.cat([self._tokens(cond.two_hop.to(x.dtype), emb),
-                          self._tokens(cond.three_hop.to(x.dtype), emb)], dim=1)
+    def _hidden(self, user: torch.Tensor, emb: torch.Tensor, cond: HopInputs) -> torch.Tensor:
+        """(B, n_tokens * d_model): the decoder's input, from the user's tokens and the hops."""
+        dtype = user.dtype
+        hops = torch.cat([self._tokens(cond.two_hop.to(dtype), emb),
+                          self._tokens(cond.three_hop.to(dtype), emb)], dim=1)
         attended, _ = self.attention(hops, user, user, need_weights=False)
         T = self.n_tokens
         h = user + attended[:, :T] + attended[:, T:]  # each hop token updates its user token
         h = torch.tanh(self.token_layer(torch.tanh(h)))
-        return self.decoder(h.reshape(h.shape[0], -1))
+        return h.reshape(h.shape[0], -1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: HopInputs) -> torch.Tensor:
+        """(B, I) states, (B,) timesteps and the batch's hop inputs -> (B, I) predictions."""
+        emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(x.dtype))
+        return self.decoder(self._hidden(self._tokens(self.drop(x), emb), emb, cond))
+
+    # --- the noise-free reverse pass in the hidden space (see refit.diffusion.reverse_in_latent) ---
+
+    def latent_parts(self):
+        """(W_x, W_out, b_out): the row's part of the shared encoder, and the decoder (both linear in it)."""
+        return self.encoder.weight[:, : self.n_items], self.decoder.weight, self.decoder.bias
+
+    def hidden_from_projection(self, v: torch.Tensor, t: torch.Tensor, cond: HopInputs) -> torch.Tensor:
+        """The decoder's input, given ``v = W_x @ x`` (B, width) instead of the row x (eval mode)."""
+        emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(v.dtype))
+        w_emb = self.encoder.weight[:, self.n_items:]
+        user = (v + nn.functional.linear(emb, w_emb, self.encoder.bias)).view(v.shape[0], self.n_tokens, self.d_model)
+        return self._hidden(user, emb, cond)

@@ -59,6 +59,31 @@ class DiffRecMLP(nn.Module):
         return {"n_items": self.n_items, "dims": list(self.dims), "emb_size": self.emb_size,
                 "dropout": self.drop.p, "norm": self.norm}
 
+    # --- the noise-free reverse pass in the hidden space (see refit.diffusion.reverse_in_latent) ---
+
+    def latent_parts(self):
+        """(W_x, W_out, b_out): the input row's part of the first layer, and the last layer.
+
+        The row enters the network only through ``W_x @ x`` and the output is
+        ``W_out @ h + b_out``: both linear, which lets a noise-free reverse
+        pass run in the hidden space (valid without input normalisation).
+        """
+        if self.norm:
+            raise ValueError("the hidden-space reverse pass needs norm=False (normalisation is not linear)")
+        first, last = self.in_layers[0], self.out_layers[-1]
+        return first.weight[:, : self.n_items], last.weight, last.bias
+
+    def hidden_from_projection(self, v: torch.Tensor, t: torch.Tensor, cond: None = None) -> torch.Tensor:
+        """The input of the last layer, given ``v = W_x @ x`` (B, H) instead of the row x (eval mode)."""
+        emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(v.dtype))
+        first = self.in_layers[0]
+        h = torch.tanh(v + nn.functional.linear(emb, first.weight[:, self.n_items:], first.bias))
+        for layer in self.in_layers[1:]:
+            h = torch.tanh(layer(h))
+        for layer in self.out_layers[:-1]:
+            h = torch.tanh(layer(h))
+        return h
+
     def condition(self, users: torch.Tensor, rows: torch.Tensor) -> None:
         """DiffRec's MLP is conditioned on nothing but its input row."""
         return None

@@ -1,0 +1,117 @@
+"""The collaborative reward of ReFiT: hits of the final top-K list.
+
+``r = alpha * N_K / K + (1 - alpha) * N_simK / K`` where N_K counts the
+user's target items in the top-K list ranked from the trajectory's final
+state, and N_simK the mean number of items of each of the user's M most
+similar users (by cosine similarity of training rows) in that same list.
+Both come from one ``topk_hits`` call per batch.
+
+What is the target? Two readings are offered:
+
+* ``target="hidden"`` (default): each episode hides a random fraction of the
+  user's training items from the input; N_K counts hits on the hidden items,
+  and the visible items are excluded from the ranking (as at evaluation,
+  where the history is masked). The model is rewarded for recommending what
+  the user did interact with but it was not shown: the task it is evaluated
+  on.
+* ``target="observed"``: the input is the whole training row, the positives
+  are that same row and nothing is excluded. The reward then measures how
+  much of its own input the model puts back on top of the list.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+import refit_kernels as rk
+
+TARGETS = ("hidden", "observed")
+
+
+class Episode(NamedTuple):
+    """A batch's start rows and the CSR rows its reward is counted against.
+
+    Attributes:
+        users: (B,) int64 user ids.
+        rows: (B, I) float32 start rows of the reverse process (visible items).
+        positives: CSR (B rows) of each user's target items.
+        exclude: CSR (B rows) of items never ranked, or None.
+    """
+
+    users: torch.Tensor
+    rows: torch.Tensor
+    positives: rk.CSR
+    exclude: Optional[rk.CSR]
+
+
+class Reward(NamedTuple):
+    """Per-user reward and its parts, (B,) float32 each."""
+
+    reward: torch.Tensor
+    n_k: torch.Tensor
+    n_sim_k: torch.Tensor
+
+
+def _rows_csr(indptr: torch.Tensor, indices: torch.Tensor, n_items: int) -> rk.CSR:
+    return rk.CSR(indptr.to(torch.int64), indices.to(torch.int64), None, n_items)
+
+
+def make_episode(train: rk.CSR, users: torch.Tensor, target: str = "hidden", hide_fraction: float = 0.2,
+                 generator: Optional[torch.Generator] = None) -> Episode:
+    """Start rows and targets for ``users`` (CPU tensors; ``train`` a CSR with sorted rows).
+
+    In ``"hidden"`` mode every user keeps at least one visible item and hides
+    at least one (users with a single training item hide nothing);
+    ``round(hide_fraction * n)`` items are hidden otherwise, chosen uniformly.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not 0.0 < hide_fraction < 1.0:
+        raise ValueError(f"hide_fraction must be in (0, 1), got {hide_fraction}")
+    n_items = int(train.n_cols)
+    starts, ends = train.indptr[users], train.indptr[users + 1]
+    lens = ends - starts
+    B = users.shape[0]
+    owner = torch.repeat_interleave(torch.arange(B), lens)
+    pos_in_row = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    items = train.indices[starts[owner] + pos_in_row].to(torch.int64)
+    full_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+    if target == "observed":
+        rows = rk.gather_rows(train, users)
+        return Episode(users, rows, _rows_csr(full_ptr, items, n_items), None)
+    n_hide = torch.clamp(torch.round(lens.to(torch.float64) * hide_fraction).to(torch.int64), min=1)
+    n_hide = torch.where(lens >= 2, torch.minimum(n_hide, lens - 1), torch.zeros_like(lens))
+    # A uniform choice per row: the n_hide items with the smallest random keys.
+    keys = torch.rand(items.shape[0], generator=generator)
+    order = torch.argsort(owner.to(torch.float64) * 2.0 + keys.to(torch.float64))  # by row, then key
+    rank = torch.empty_like(order)
+    rank[order] = pos_in_row
+    hidden = rank < n_hide[owner]  # row order of items is kept: both parts stay sorted
+    counts_h = torch.bincount(owner[hidden], minlength=B)
+    counts_v = lens - counts_h
+    ptr_h = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts_h, 0)])
+    ptr_v = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts_v, 0)])
+    visible = _rows_csr(ptr_v, items[~hidden], n_items)
+    rows = rk.gather_rows(visible, torch.arange(B))
+    return Episode(users, rows, _rows_csr(ptr_h, items[hidden], n_items), visible)
+
+
+def collaborative_reward(scores: torch.Tensor, episode: Episode, neighbors: torch.Tensor, neighbor_sets,
+                         *, k: int = 20, alpha: float = 0.5, backend: Optional[str] = None) -> Reward:
+    """r = alpha * N_K / K + (1 - alpha) * N_simK / K from one top-K selection per row.
+
+    Args:
+        scores: (B, I) final states of the episode's trajectories.
+        episode: from :func:`make_episode` (its CSRs have one row per score row).
+        neighbors: (B, M) similar users of each row's user (-1 padding).
+        neighbor_sets: CSR (n_users x I) training interactions.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = rk.topk_hits(scores.detach(), (k,), exclude=episode.exclude, positives=episode.positives,
+                       neighbors=neighbors, neighbor_sets=neighbor_sets, backend=backend)
+    n_k = out.hits[:, 0].to(torch.float32)
+    n_sim_k = out.neighbor_hits[:, 0].to(torch.float32)
+    return Reward(alpha * n_k / k + (1.0 - alpha) * n_sim_k / k, n_k, n_sim_k)
