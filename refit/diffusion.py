@@ -245,7 +245,7 @@ class GaussianDiffusion:
 
     def sample(self, model: Denoiser, x_start: torch.Tensor, *, sampling_steps: int = 0, noise: bool = False,
                return_trajectory: bool = False, keep_graph: bool = False,
-               generator: Optional[torch.Generator] = None):
+               generator: Optional[torch.Generator] = None, temperature: float = 1.0):
         """Runs the reverse process from a user's row; returns the final (B, I) scores.
 
         Args:
@@ -257,7 +257,12 @@ class GaussianDiffusion:
                 steps (needs ``noise``), else the final scores.
             keep_graph: keep the model outputs' autograd graph in the
                 trajectory (for a policy gradient taken from this very pass).
+            temperature: scale of the added noise's standard deviation (an
+                exploration knob for fine-tuning; the trajectory's ``log_var``
+                is that of the noise actually added).
         """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 <= sampling_steps <= self.steps:
             raise ValueError(f"sampling_steps must be in [0, {self.steps}], got {sampling_steps}")
         if return_trajectory and not noise:
@@ -273,6 +278,8 @@ class GaussianDiffusion:
                 x = model(x, torch.full((B,), i, dtype=torch.long, device=dev))
             return x
         cp, cx, lv = self.step_constants(dev)
+        if temperature != 1.0:
+            lv = lv + 2.0 * math.log(temperature)
         T = self.steps
         S = T - 1 if noise else 0  # stochastic steps: t = T-1 .. 1
         states = preds = None

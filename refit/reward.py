@@ -115,3 +115,22 @@ def collaborative_reward(scores: torch.Tensor, episode: Episode, neighbors: torc
     n_k = out.hits[:, 0].to(torch.float32)
     n_sim_k = out.neighbor_hits[:, 0].to(torch.float32)
     return Reward(alpha * n_k / k + (1.0 - alpha) * n_sim_k / k, n_k, n_sim_k)
+
+
+def repeat_episode(episode: Episode, times: int) -> Episode:
+    """Each user's episode ``times`` times in a row (rows u0, u0, ..., u1, u1, ...)."""
+    def rep_csr(c: Optional[rk.CSR]) -> Optional[rk.CSR]:
+        if c is None:
+            return None
+        lens = c.indptr.diff()
+        starts = c.indptr[:-1]
+        lens_r = lens.repeat_interleave(times)
+        starts_r = starts.repeat_interleave(times)
+        owner = torch.repeat_interleave(torch.arange(lens_r.numel()), lens_r)
+        offset = torch.arange(int(lens_r.sum())) - torch.repeat_interleave(torch.cumsum(lens_r, 0) - lens_r, lens_r)
+        indices = c.indices[starts_r[owner] + offset]
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens_r, 0)])
+        return rk.CSR(indptr, indices, None, c.n_cols)
+
+    return Episode(episode.users.repeat_interleave(times), episode.rows.repeat_interleave(times, dim=0),
+                   rep_csr(episode.positives), rep_csr(episode.exclude))

@@ -37,13 +37,13 @@ from .data import InteractionData
 from .diffusion import Trajectory
 from .pretrain import SELECTION_METRIC, _Progress, evaluate_recommender, load_recommender, peak_memory_mb
 from .recommender import PRECISIONS, Recommender
-from .reward import TARGETS, collaborative_reward, make_episode
+from .reward import TARGETS, collaborative_reward, make_episode, repeat_episode
 from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .similarity import top_similar_users
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("mean", "mean-std", "ema")
+BASELINES = ("mean", "mean-std", "ema", "group")
 ANCHORS = ("none", "kl", "elbo")
 
 
@@ -65,6 +65,8 @@ class FinetuneConfig:
     target: str = "hidden"
     hide_fraction: float = 0.2
     # policy gradient
+    group_size: int = 1  # trajectories per user in a batch; the "group" baseline compares them
+    temperature: float = 1.0  # scale of the sampling noise (exploration)
     baseline: str = "mean-std"
     ema_decay: float = 0.9
     reduction: str = "mean"  # of the log-likelihood over items: "sum" (exact) or "mean"
@@ -101,6 +103,13 @@ class FinetuneConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(f"group_size must be a positive divisor of batch_size ({self.batch_size}), "
+                             f"got {self.group_size!r}")
+        if self.baseline == "group" and self.group_size < 2:
+            raise ValueError("the group baseline needs group_size >= 2")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.reduction not in ("sum", "mean"):
@@ -157,12 +166,17 @@ def _autocast(rec: Recommender):
 
 
 class Baseline:
-    """The reward baseline: batch mean (optionally / batch std) or an exponential moving average."""
+    """The reward baseline: batch mean (optionally / batch std), an exponential moving
+    average, or the mean of the user's own group of trajectories (divided by its std)."""
 
-    def __init__(self, kind: str, decay: float = 0.9):
-        self.kind, self.decay, self.ema = kind, decay, None
+    def __init__(self, kind: str, decay: float = 0.9, group_size: int = 1):
+        self.kind, self.decay, self.ema, self.group_size = kind, decay, None, group_size
 
     def advantage(self, reward: torch.Tensor) -> torch.Tensor:
+        if self.kind == "group":  # rows come as group_size consecutive samples per user
+            g = reward.view(-1, self.group_size)
+            adv = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-6)
+            return adv.reshape(-1)
         if self.kind == "ema":
             batch_mean = float(reward.mean())
             base = batch_mean if self.ema is None else self.ema
@@ -188,7 +202,7 @@ class ReFiT:
         self.train_csr = rk.as_csr(data.train, "train")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(rec.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.baseline = Baseline(config.baseline, config.ema_decay)
+        self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
         self.neighbors = top_similar_users(self.train_csr, m=config.similar_users)
         counts = self.train_csr.indptr.diff()
         min_items = 2 if config.target == "hidden" else 1
@@ -202,7 +216,9 @@ class ReFiT:
                 p.requires_grad_(False)
 
     def sample_users(self) -> torch.Tensor:
-        pick = torch.randint(0, self.candidates.numel(), (self.config.batch_size,), generator=self.generator)
+        """batch_size / group_size distinct users (with replacement across iterations)."""
+        n = self.config.batch_size // self.config.group_size
+        pick = torch.randperm(self.candidates.numel(), generator=self.generator)[:n]
         return self.candidates[pick]
 
     def step(self) -> Dict[str, float]:
@@ -211,11 +227,15 @@ class ReFiT:
         t0 = time.perf_counter()
         users = self.sample_users()
         episode = make_episode(self.train_csr, users, cfg.target, cfg.hide_fraction, self.generator)
+        if cfg.group_size > 1:  # the same episode for every member of a user's group
+            episode = repeat_episode(episode, cfg.group_size)
+            users = episode.users
         rows = episode.rows.to(rec.device)
         rec.model.eval()  # dropout off for sampling and for the log-probabilities alike
         denoise = rec.denoiser(users, rows)
         traj = diffusion.sample(denoise, rows, noise=True, return_trajectory=True,
-                                keep_graph=cfg.reuse_sampling_graph, generator=self.generator)
+                                keep_graph=cfg.reuse_sampling_graph, generator=self.generator,
+                                temperature=cfg.temperature)
         t_sample = time.perf_counter() - t0
         reward = collaborative_reward(traj.final, episode, self.neighbors[users], self.train_csr,
                                       k=cfg.k, alpha=cfg.alpha)

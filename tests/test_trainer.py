@@ -1,0 +1,202 @@
+"""ReFiT: episodes, reward, baselines, log-probabilities, the trainer and its runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import refit_kernels as rk
+from refit.data import load_dataset
+from refit.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.reward import collaborative_reward, make_episode, repeat_episode
+from refit.runs import load_checkpoint
+from refit.trainer import Baseline, FinetuneConfig, ReFiT, finetune, trajectory_logprob
+
+DATA = {"n_users": 200, "n_items": 150}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", **DATA)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    pretrain(PretrainConfig(data="synthetic", data_options=DATA, steps=8, epochs=4, eval_every=2, batch_size=100,
+                            dims=(32, 64), progress=False, out=str(out)), data)
+    return str(out / "best.pt")
+
+
+def _ft(pretrained, tmp_path, **kw):
+    base = dict(checkpoint=pretrained, iterations=4, batch_size=16, eval_every=2, checkpoint_every=2,
+                out=str(tmp_path / "ft"), progress=False, plot=False)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_hidden_episode_splits_each_row(data):
+    train = rk.as_csr(data.train, "train")
+    users = torch.tensor([3, 17, 17, 40])
+    ep = make_episode(train, users, "hidden", 0.3, torch.Generator().manual_seed(0))
+    for b, u in enumerate(users.tolist()):
+        row = set(data.train[u].indices.tolist())
+        hid = ep.positives.indices[ep.positives.indptr[b]:ep.positives.indptr[b + 1]].tolist()
+        vis = ep.exclude.indices[ep.exclude.indptr[b]:ep.exclude.indptr[b + 1]].tolist()
+        assert hid == sorted(hid) and vis == sorted(vis)
+        assert set(hid) | set(vis) == row and not set(hid) & set(vis)
+        assert len(hid) == max(1, min(len(row) - 1, round(0.3 * len(row))))
+        assert set(torch.nonzero(ep.rows[b]).flatten().tolist()) == set(vis)
+
+
+def test_observed_episode_is_the_whole_row(data):
+    train = rk.as_csr(data.train, "train")
+    ep = make_episode(train, torch.tensor([5, 6]), "observed")
+    assert ep.exclude is None
+    for b, u in enumerate([5, 6]):
+        assert ep.positives.indices[ep.positives.indptr[b]:ep.positives.indptr[b + 1]].tolist() == data.train[u].indices.tolist()
+        np.testing.assert_array_equal(ep.rows[b].numpy(), data.train[u].toarray().ravel())
+
+
+def test_repeat_episode_repeats_users_rows_and_targets(data):
+    train = rk.as_csr(data.train, "train")
+    ep = make_episode(train, torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(1))
+    rep = repeat_episode(ep, 3)
+    assert rep.users.tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for b in range(9):
+        src = b // 3
+        for a, c in ((rep.positives, ep.positives), (rep.exclude, ep.exclude)):
+            assert a.indices[a.indptr[b]:a.indptr[b + 1]].tolist() == c.indices[c.indptr[src]:c.indptr[src + 1]].tolist()
+        assert torch.equal(rep.rows[b], ep.rows[src])
+
+
+def test_reward_counts_hits_of_the_top_k(data):
+    train = rk.as_csr(data.train, "train")
+    users = torch.tensor([0, 1, 2, 3])
+    ep = make_episode(train, users, generator=torch.Generator().manual_seed(2))
+    scores = torch.randn(4, data.n_items, generator=torch.Generator().manual_seed(3))
+    neighbors = torch.tensor([[5, 6, -1], [7, -1, -1], [-1, -1, -1], [8, 9, 10]])
+    r = collaborative_reward(scores, ep, neighbors, train, k=10, alpha=0.3)
+    for b in range(4):
+        s = scores[b].clone()
+        s[ep.exclude.indices[ep.exclude.indptr[b]:ep.exclude.indptr[b + 1]]] = -float("inf")
+        top = set(torch.topk(s, 10).indices.tolist())
+        hid = set(ep.positives.indices[ep.positives.indptr[b]:ep.positives.indptr[b + 1]].tolist())
+        nb = [v for v in neighbors[b].tolist() if v >= 0]
+        n_sim = np.mean([len(top & set(data.train[v].indices.tolist())) for v in nb]) if nb else 0.0
+        assert r.n_k[b] == len(top & hid)
+        assert r.n_sim_k[b] == pytest.approx(n_sim)
+        assert r.reward[b] == pytest.approx(0.3 * len(top & hid) / 10 + 0.7 * n_sim / 10)
+
+
+def test_baselines():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    g = Baseline("group", group_size=3).advantage(r)
+    assert torch.allclose(g[:3], torch.tensor([-1.2247, 0.0, 1.2247]), atol=1e-4) and torch.equal(g[3:], torch.zeros(3))
+    ms = Baseline("mean-std").advantage(r)
+    assert abs(float(ms.mean())) < 1e-6 and float(ms.std(unbiased=False)) == pytest.approx(1.0, rel=1e-5)
+    ema = Baseline("ema", decay=0.5)
+    assert torch.equal(ema.advantage(torch.tensor([2.0, 4.0])), torch.tensor([-1.0, 1.0]))
+    assert torch.equal(ema.advantage(torch.tensor([5.0, 7.0])), torch.tensor([2.0, 4.0]))  # baseline 3 -> then 4.5
+
+
+def test_batched_logprob_equals_the_sampling_pass(pretrained, data):
+    """Both ways of taking log p(trajectory) give the same value and the same gradient."""
+    rec, data, _ = load_recommender(pretrained, data)
+    rec.model.eval()
+    train = rk.as_csr(data.train, "train")
+    users = torch.arange(6)
+    rows = rk.gather_rows(train, users)
+    traj = rec.diffusion.sample(rec.denoiser(users, rows), rows, noise=True, return_trajectory=True,
+                                keep_graph=True, generator=torch.Generator().manual_seed(0))
+    adv = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    a = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var, reduction="mean")
+    ga = torch.autograd.grad((adv * a).sum(), list(rec.model.parameters()))
+    b = trajectory_logprob(rec, users, rows, traj, reduction="mean")
+    gb = torch.autograd.grad((adv * b).sum(), list(rec.model.parameters()))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-3)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4)
+
+
+def test_finetune_writes_its_run(pretrained, tmp_path, data):
+    s = finetune(_ft(pretrained, tmp_path, plot=True), data)
+    run = tmp_path / "ft"
+    for name in ("config.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json", "plot.png"):
+        assert os.path.exists(run / name), name
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4]
+    for r in recs[1:]:
+        assert {"reward", "n_k", "n_sim_k", "loss", "step_s"} <= set(r)
+    assert "valid" in recs[0] and "valid" in recs[2] and "valid" in recs[4]
+    assert s["before"]["test"] == recs[0]["test"]
+    assert s["best_iteration"] in (0, 2, 4)
+    state = load_checkpoint(str(run / "best.pt"))
+    assert state["kind"] == "finetune" and state["iteration"] == s["best_iteration"]
+
+
+def test_options_run(pretrained, tmp_path, data):
+    for i, kw in enumerate([dict(baseline="group", group_size=4), dict(baseline="ema"), dict(target="observed"),
+                            dict(anchor="kl", anchor_weight=0.1), dict(anchor="elbo", anchor_weight=0.1),
+                            dict(ppo_epochs=2), dict(reuse_sampling_graph=True), dict(precision="bf16"),
+                            dict(reduction="sum", temperature=2.0)]):
+        s = finetune(_ft(pretrained, tmp_path, iterations=2, out=str(tmp_path / f"o{i}"), **kw), data)
+        assert s["iterations"] == 2, kw
+
+
+def test_kl_anchor_starts_at_zero(pretrained, data):
+    rec, data, _ = load_recommender(pretrained, data)
+    t = ReFiT(rec, data, FinetuneConfig(checkpoint=pretrained, batch_size=8, anchor="kl", anchor_weight=1.0))
+    assert t.step()["anchor"] == pytest.approx(0.0, abs=1e-6)  # the model still equals its pretrained copy
+    assert t.step()["anchor"] > 0
+
+
+def test_resume_after_a_kill_reaches_the_same_parameters(pretrained, tmp_path):
+    """A run killed mid-way and resumed ends with exactly the parameters of an uninterrupted run."""
+    args = ["--checkpoint", pretrained, "--iterations", "8", "--batch-size", "16", "--eval-every", "4",
+            "--checkpoint-every", "2", "--no-plot"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda out, extra=(): subprocess.run([sys.executable, "-m", "refit", "-q", "finetune", *args, "--out", out,  # noqa: E731
+                                                *extra], capture_output=True, text=True, env=env, timeout=600)
+    full = run(str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "refit", "-q", "finetune", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until iteration 5 is logged (last.pt holds iteration 4)
+        log = killed / "metrics.jsonl"
+        if log.exists() and any(json.loads(line).get("iteration") == 5 for line in open(log) if line.strip()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(str(killed / "last.pt"))["iteration"] in (4, 6)
+    resumed = run(str(killed), ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    b = load_checkpoint(str(killed / "last.pt"))
+    assert a["iteration"] == b["iteration"] == 8
+    for k, v in a["recommender"]["model"]["state_dict"].items():
+        assert torch.equal(v, b["recommender"]["model"]["state_dict"][k]), k
+    iters = [json.loads(line)["iteration"] for line in open(killed / "metrics.jsonl")]
+    assert iters == list(range(9))
+
+
+def test_bad_finetune_configs(pretrained):
+    with pytest.raises(ValueError, match="group_size"):
+        FinetuneConfig(checkpoint=pretrained, batch_size=10, group_size=3)
+    with pytest.raises(ValueError, match="target"):
+        FinetuneConfig(checkpoint=pretrained, target="clicks")
+    with pytest.raises(ValueError, match="anchor_weight"):
+        FinetuneConfig(checkpoint=pretrained, anchor="kl")
+    with pytest.raises(ValueError, match="reuse_sampling_graph"):
+        FinetuneConfig(checkpoint=pretrained, ppo_epochs=2, reuse_sampling_graph=True)
+    with pytest.raises(ValueError, match="hide_fraction"):
+        FinetuneConfig(checkpoint=pretrained, hide_fraction=1.0)
