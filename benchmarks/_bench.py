@@ -90,3 +90,11 @@ def shared_dataset(name: str = "ml-1m_clean"):
                                                         "shared", "data")
     path = os.path.join(root, name)
     return path if os.path.isdir(path) else None
+
+
+def shared_data(name: str = "ml-1m_clean"):
+    """Path of a data set in $REFIT_DATA or ../shared/data beside the repository, or None."""
+    root = os.environ.get("REFIT_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                        "shared", "data")
+    path = os.path.join(root, name)
+    return path if os.path.isdir(path) else None

@@ -1,8 +1,10 @@
-"""The ``refit`` command line: info, pretrain, evaluate.
+"""The ``refit`` command line: info, pretrain, finetune, evaluate, demo.
 
     refit info
     refit pretrain --data ../shared/data/ml-1m_clean --out runs/diffrec-ml1m
-    refit evaluate --checkpoint runs/diffrec-ml1m/best.pt --split test
+    refit finetune --checkpoint runs/diffrec-ml1m/best.pt --out runs/refit-ml1m
+    refit evaluate --checkpoint runs/refit-ml1m/best.pt --split test
+    refit demo
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["diffrec", "cfdiff"], default=d.model)
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights (continued pretraining)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     g = p.add_argument_group("DiffRec MLP")
     g.add_argument("--dims", type=_int_list, default=list(d.dims), help="encoder widths, e.g. 200,600")
     g.add_argument("--emb-size", type=_positive_int, default=d.emb_size)
@@ -126,7 +130,8 @@ def cmd_pretrain(args) -> int:
             sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise, reweight=args.reweight,
             lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
             eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
-            eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=not args.quiet)
+            eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=not args.quiet,
+            init=args.init, time_budget=args.time_budget)
     except ValueError as exc:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
@@ -156,6 +161,127 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from .trainer import ANCHORS, BASELINES, FinetuneConfig
+
+    d = FinetuneConfig()
+    p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
+    _add_data_args(p, required=False)
+    p.add_argument("--out", default=None, help="run folder (default: runs/finetune-<model>-<data name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    g = p.add_argument_group("training")
+    g.add_argument("--iterations", type=_positive_int, default=d.iterations)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="trajectories per iteration")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
+    g = p.add_argument_group("reward")
+    g.add_argument("--k", type=_positive_int, default=d.k, help="length of the rewarded top-K list")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of N_K against N_sim-K")
+    g.add_argument("--similar-users", type=_positive_int, default=d.similar_users)
+    g.add_argument("--target", choices=["hidden", "observed"], default=d.target)
+    g.add_argument("--hide-fraction", type=float, default=d.hide_fraction)
+    g = p.add_argument_group("policy gradient")
+    g.add_argument("--baseline", choices=list(BASELINES), default=d.baseline)
+    g.add_argument("--group-size", type=_positive_int, default=d.group_size, help="trajectories per user")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="scale of the sampling noise")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    g.add_argument("--reduction", choices=["sum", "mean"], default=d.reduction,
+                   help="log-likelihood summed or averaged over items")
+    g.add_argument("--reuse-sampling-graph", action=argparse.BooleanOptionalAction, default=d.reuse_sampling_graph,
+                   help="take the log-probabilities from the sampling pass instead of one batched re-forward")
+    g.add_argument("--anchor", choices=list(ANCHORS), default=d.anchor)
+    g.add_argument("--anchor-weight", type=float, default=d.anchor_weight)
+    g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
+    g.add_argument("--ppo-clip", type=float, default=d.ppo_clip)
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
+    g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
+    g.add_argument("--ks", type=_int_list, default=list(d.ks))
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=d.plot, help="write plot.png")
+
+
+def _finetune_config(args, out: str):
+    from .trainer import FinetuneConfig
+
+    return FinetuneConfig(
+        checkpoint=args.checkpoint, data=args.data, iterations=args.iterations, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
+        similar_users=args.similar_users, target=args.target, hide_fraction=args.hide_fraction,
+        group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
+        ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
+        anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        precision=args.precision, eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out,
+        progress=not args.quiet, plot=args.plot)
+
+
+def cmd_finetune(args) -> int:
+    from .trainer import finetune
+
+    out = args.out or os.path.join("runs", "finetune-" + os.path.basename(os.path.dirname(
+        os.path.abspath(args.checkpoint))))
+    try:
+        config = _finetune_config(args, out)
+    except ValueError as exc:
+        print(f"refit finetune: {exc}", file=sys.stderr)
+        return 2
+    summary = finetune(config, resume=args.resume)
+    print(f"run folder: {os.path.abspath(out)}")
+    print(f"best iteration {summary['best_iteration']} of {summary['iterations']} (validation {summary['selection']}), "
+          f"{summary['s_per_iteration']:.3f} s per iteration, {summary['seconds']:.1f} s in all, "
+          f"peak memory {summary['peak_memory_mb']:.0f} MiB")
+    print(format_table([("test, before", summary["before"]["test"]), ("test, after", summary["test"])],
+                       config.ks))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Pretrain DiffRec on the built-in data, fine-tune it with ReFiT, print before and after."""
+    import time
+
+    from .data import RECBOLE_HINT, load_dataset
+    from .pretrain import PretrainConfig, pretrain
+    from .trainer import FinetuneConfig, finetune
+
+    t0 = time.perf_counter()
+    source = args.data
+    if source is None:
+        try:
+            data = load_dataset("movielens-100k")
+            source = "movielens-100k"
+        except FileNotFoundError:
+            print("refit demo: MovieLens-100K is not available (" + RECBOLE_HINT.split(". ")[0] +
+                  "); using the synthetic data set instead.\n"
+                  "  To run the demo on MovieLens-100K: pip install --no-deps recbole==1.2.1", file=sys.stderr)
+            data = load_dataset("synthetic")
+            source = "synthetic"
+    else:
+        data = load_dataset(source)
+    print(f"refit demo: {source}: {data.n_users} users, {data.n_items} items, "
+          f"{data.train.nnz} / {data.valid.nnz} / {data.test.nnz} train / valid / test interactions")
+    out = args.out
+    pre = PretrainConfig(data=source, epochs=args.epochs, out=os.path.join(out, "pretrain"),
+                         progress=not args.quiet, seed=args.seed)
+    print(f"1/2 pretraining DiffRec (at most {args.epochs} epochs, early stopping on validation Recall@20) ...")
+    ps = pretrain(pre, data)
+    print(f"    best epoch {ps['best_epoch']}, {ps['seconds']:.0f} s")
+    ft = FinetuneConfig(checkpoint=os.path.join(out, "pretrain", "best.pt"), data=source,
+                        iterations=args.iterations, out=os.path.join(out, "finetune"), progress=not args.quiet,
+                        seed=args.seed)
+    print(f"2/2 fine-tuning with ReFiT ({args.iterations} iterations) ...")
+    fs = finetune(ft, data)
+    print(f"    best iteration {fs['best_iteration']}, {fs['seconds']:.0f} s")
+    print()
+    print(f"Test metrics on {source} (model selected on validation Recall@20):")
+    print(format_table([("DiffRec (pretrained)", fs["before"]["test"]), ("DiffRec + ReFiT", fs["test"])], (10, 20)))
+    print(f"\nrun folders: {os.path.abspath(out)} ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit", description="ReFiT: RL fine-tuning of diffusion recommenders.")
     parser.add_argument("--version", action="version", version=f"refit {__version__}")
@@ -167,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a diffusion recommender with the ELBO (DiffRec's recipe)")
     _add_pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model with ReFiT (policy gradient)")
+    _add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("demo", help="pretrain DiffRec on the built-in data, fine-tune with ReFiT, compare")
+    p.add_argument("--data", default=None, help="default: movielens-100k (from recbole), else synthetic")
+    p.add_argument("--out", default=os.path.join("runs", "demo"))
+    p.add_argument("--epochs", type=_positive_int, default=100, help="pretraining epochs at most")
+    p.add_argument("--iterations", type=_positive_int, default=200, help="ReFiT iterations")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("evaluate", help="full-ranking metrics of a saved model")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by refit")
     _add_data_args(p, required=False)

@@ -73,6 +73,8 @@ class PretrainConfig:
     out: str = "runs/pretrain"
     progress: bool = True
     data_options: Dict[str, Any] = field(default_factory=dict)
+    init: Optional[str] = None  # start from this checkpoint's weights (its model settings are used)
+    time_budget: Optional[float] = None  # stop after this many seconds (training and evaluation)
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -194,7 +196,16 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
-    model = build_model(config.model, config.model_config(data.n_items), train=data.train).to(device)
+    if config.init is not None:  # continue from a saved model, with its own architecture
+        init_state = load_checkpoint(config.init)["recommender"]
+        model = build_model(init_state["model"]["name"], dict(init_state["model"]["config"]), train=data.train)
+        model.load_state_dict(init_state["model"]["state_dict"])
+        if init_state["model"]["name"] != config.model or init_state["diffusion"] != config.diffusion_config().to_dict():
+            raise ValueError(f"init checkpoint {config.init!r} has another model or diffusion than the settings "
+                             "given: pass the settings it was trained with")
+        model = model.to(device)
+    else:
+        model = build_model(config.model, config.model_config(data.n_items), train=data.train).to(device)
     diffusion = GaussianDiffusion(config.diffusion_config(), device=device)
     rec = Recommender(config.model, model, diffusion, sampling_steps=config.sampling_steps,
                       sampling_noise=config.sampling_noise, precision=config.precision)
@@ -226,13 +237,23 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
                          "n_users": data.n_users, "n_items": data.n_items},
                 "epoch": epoch, "best": best}
 
+    if config.init is not None and start_epoch == 1:  # the starting point competes for "best" too
+        metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
+        best = {"epoch": 0, "value": metrics["valid"][SELECTION_METRIC], "valid": metrics["valid"],
+                "test": metrics["test"]}
+        run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
+        save_checkpoint(run.file("best.pt"), checkpoint_state(0))
     epochs_bar = _Progress(config.progress, total=config.epochs, initial=start_epoch - 1, desc="pretrain",
                            unit="epoch")
     epoch = start_epoch - 1
     stopped_early = False
     train_times, eval_times = [], []
     for epoch in range(start_epoch, config.epochs + 1):
-        if epoch - best["epoch"] >= config.patience and best["epoch"] > 0:
+        if epoch - best["epoch"] >= config.patience and (best["epoch"] > 0 or config.init is not None):
+            stopped_early = True
+            epoch -= 1
+            break
+        if config.time_budget is not None and time.perf_counter() - t_start >= config.time_budget:
             stopped_early = True
             epoch -= 1
             break
