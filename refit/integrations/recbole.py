@@ -345,6 +345,7 @@ def diffrec_from_recbole(state_dict: Dict[str, torch.Tensor], config: Any) -> Re
     binomial schedule, a non-mirrored layer layout).
     """
     cfg = _config_dict(config)
+    layers = _linear_layers(state_dict)
     model_name = cfg.get("model")
     if model_name not in (None, "DiffRec"):
         raise RecBoleMismatch(f"the checkpoint holds a RecBole {model_name!r} model; only DiffRec is supported")
@@ -359,7 +360,6 @@ def diffrec_from_recbole(state_dict: Dict[str, torch.Tensor], config: Any) -> Re
     if cfg.get("noise_schedule") not in ("linear", "linear-var", "cosine"):
         raise RecBoleMismatch(f"noise_schedule {cfg.get('noise_schedule')!r} is not one of refit's "
                               "linear, linear-var, cosine")
-    layers = _linear_layers(state_dict)
     emb_w = state_dict["mlp.emb_layer.weight"]
     emb_size = int(emb_w.shape[1])
     if cfg.get("embedding_size") not in (None, emb_size):
