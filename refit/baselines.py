@@ -24,7 +24,10 @@ users x items matrix is built (EASE's and kNN's item x item matrices are).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -35,6 +38,8 @@ import torch
 
 from .data import InteractionData
 from .evaluate import DEFAULT_KS, evaluate_many
+
+log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "recall@20"
 DEFAULT_KNN_GRID = (5, 10, 20, 50, 100, 200, 500, 1000)
@@ -403,16 +408,16 @@ def cached_baselines(data: InteractionData, folder: str, *, ks: Sequence[int] = 
     again and the file replaced.
 
     Returns:
-        (results, path, from_cache).
+        (results, path, from_cache); path is None when the folder is not writable.
     """
     from .runs import RunDir, data_fingerprint
 
-    run = RunDir(folder)
     key = {"fingerprint": data_fingerprint(data), "ks": sorted(set(int(k) for k in ks) | {20}),
            "knn_grid": sorted(set(int(k) for k in knn_grid)), "ease_grid": sorted(set(float(v) for v in ease_grid))}
-    path = run.file(BASELINES_FILE)
+    path = os.path.join(os.path.abspath(folder), BASELINES_FILE)
     try:
-        saved = run.read_json(BASELINES_FILE)
+        with open(path) as f:
+            saved = json.load(f)
     except (OSError, ValueError):
         saved = None
     if isinstance(saved, dict) and all(saved.get(k) == v for k, v in key.items()):
@@ -422,11 +427,27 @@ def cached_baselines(data: InteractionData, folder: str, *, ks: Sequence[int] = 
             pass  # a damaged file: fit again and overwrite it
     results = fit_baselines(data, ks=ks, knn_grid=knn_grid, ease_grid=ease_grid, batch_size=batch_size,
                             progress=progress)
-    run.write_json(BASELINES_FILE, {**key, "n_users": data.n_users, "n_items": data.n_items,
-                                    "best": best_baseline(results).label,
-                                    "results": [r.to_dict() for r in results]})
+    try:
+        RunDir(folder).write_json(BASELINES_FILE, {**key, "n_users": data.n_users, "n_items": data.n_items,
+                                                   "best": best_baseline(results).label,
+                                                   "results": [r.to_dict() for r in results]})
+    except OSError as exc:  # a read-only folder: the results are still good, only not cached
+        log.warning("could not cache the baselines in %s: %s", path, exc)
+        path = None
     return results, path, False
 
 
-__all__ = ["cached_baselines", "Baseline", "BaselineResult", "EASE", "ItemKNN", "MostPopular", "best_baseline", "evaluate_baseline",
+def best_baseline_rows(data: InteractionData, folder: str, splits: Sequence[str] = ("test",), *,
+                       ks: Sequence[int] = DEFAULT_KS, batch_size: int = 1024, progress: bool = False):
+    """Table rows of the best baseline (by validation Recall@20) for ``splits``, via :func:`cached_baselines`.
+
+    For the tables of ``refit evaluate`` (and the demo): returns ``(rows,
+    best, path, from_cache)`` with rows ``[("<label>: <split>", metrics), ...]``.
+    """
+    results, path, from_cache = cached_baselines(data, folder, ks=ks, batch_size=batch_size, progress=progress)
+    best = best_baseline(results)
+    return [(f"{best.label}: {s}", getattr(best, s)) for s in splits], best, path, from_cache
+
+
+__all__ = ["best_baseline_rows", "cached_baselines", "Baseline", "BaselineResult", "EASE", "ItemKNN", "MostPopular", "best_baseline", "evaluate_baseline",
            "fit_baselines", "DEFAULT_EASE_GRID", "DEFAULT_KNN_GRID"]

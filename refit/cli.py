@@ -152,12 +152,12 @@ def cmd_evaluate(args) -> int:
     base = None
     if args.baselines:
         # The best baseline on the same data and split, cached beside the checkpoint (fitted on first use).
-        from .baselines import best_baseline, cached_baselines
+        from .baselines import best_baseline_rows
 
-        found, cache, from_cache = cached_baselines(data, os.path.dirname(os.path.abspath(args.checkpoint)),
-                                                    ks=args.ks, batch_size=args.batch_size, progress=not args.quiet)
-        base = best_baseline(found)
-        rows += [(f"{base.label}: {s}", getattr(base, s)) for s in splits]
+        extra, base, cache, from_cache = best_baseline_rows(
+            data, os.path.dirname(os.path.abspath(args.checkpoint)), splits, ks=args.ks,
+            batch_size=args.batch_size, progress=not args.quiet)
+        rows += extra
         results["best_baseline"] = {"label": base.label, **{s: getattr(base, s) for s in splits},
                                     "fit_s": base.fit_s, "cache": cache}
     if args.json:
@@ -167,8 +167,8 @@ def cmd_evaluate(args) -> int:
               f"({data.n_users} users, {data.n_items} items)")
         print(format_table(rows, args.ks))
         if base is not None:
-            print(f"best baseline by valid recall@20: {base.label} (fit {base.fit_s:.2f} s; "
-                  f"{'read from' if from_cache else 'written to'} {cache})")
+            where = "not cached" if cache is None else f"{'read from' if from_cache else 'written to'} {cache}"
+            print(f"best baseline by valid recall@20: {base.label} (fit {base.fit_s:.2f} s; {where})")
     return 0
 
 

@@ -74,7 +74,7 @@ class Opaque:
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
-        obj.__dict__.update(_args=args, _called=False, _state=None, _listitems=[], _dictitems=[])
+        obj.__dict__["_args"] = args
         return obj
 
     def __init__(self, *args, **kwargs):
@@ -85,17 +85,17 @@ class Opaque:
         self.__dict__["_state"] = state
 
     def append(self, item):
-        self._listitems.append(item)
+        self.__dict__.setdefault("_listitems", []).append(item)
 
     def extend(self, items):
-        self._listitems.extend(items)
+        self.__dict__.setdefault("_listitems", []).extend(items)
 
     def __setitem__(self, key, value):
-        self._dictitems.append((key, value))
+        self.__dict__.setdefault("_dictitems", []).append((key, value))
 
     @property
     def state(self):
-        return self.__dict__["_state"]
+        return self.__dict__.get("_state")
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -108,12 +108,11 @@ class Opaque:
         raise AttributeError(f"{self._origin[0]}.{self._origin[1]} stand-in has no {name!r}")
 
     def __reduce_ex__(self, protocol):
-        cls = type(self)
-        args = self.__dict__["_args"]
-        state = self.__dict__["_state"]
-        items = iter(self._listitems) if self._listitems else None
-        ditems = iter(self._dictitems) if self._dictitems else None
-        if self.__dict__["_called"]:
+        cls, d = type(self), self.__dict__
+        args, state = d.get("_args", ()), d.get("_state")
+        items = iter(d["_listitems"]) if d.get("_listitems") else None
+        ditems = iter(d["_dictitems"]) if d.get("_dictitems") else None
+        if d.get("_called", False):
             return (cls, args, state, items, ditems)
         return (copyreg.__newobj__, (cls,) + tuple(args), state, items, ditems)
 
