@@ -1,9 +1,10 @@
-"""The ``refit`` command line: info, pretrain, finetune, evaluate, demo.
+"""The ``refit`` command line: info, pretrain, finetune, evaluate, baselines, demo.
 
     refit info
     refit pretrain --data ../shared/data/ml-1m_clean --out runs/diffrec-ml1m
     refit finetune --checkpoint runs/diffrec-ml1m/best.pt --out runs/refit-ml1m
     refit evaluate --checkpoint runs/refit-ml1m/best.pt --split test
+    refit baselines --data ../shared/data/ml-1m_clean --out runs/baselines-ml1m
     refit demo
 """
 
@@ -152,12 +153,70 @@ def cmd_evaluate(args) -> int:
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
                                    progress=not args.quiet)
+    rows = [(s, results[s]) for s in splits]
+    base = None
+    if args.baselines:
+        # The best baseline on the same data and split, cached beside the checkpoint (fitted on first use).
+        from .baselines import best_baseline_rows
+
+        extra, base, cache, from_cache = best_baseline_rows(
+            data, os.path.dirname(os.path.abspath(args.checkpoint)), splits, ks=args.ks,
+            batch_size=args.batch_size, progress=not args.quiet)
+        rows += extra
+        results["best_baseline"] = {"label": base.label, **{s: getattr(base, s) for s in splits},
+                                    "fit_s": base.fit_s, "cache": cache}
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:
         print(f"{args.checkpoint}: {rec.model_name} on {state.get('data', {}).get('source', '?')} "
               f"({data.n_users} users, {data.n_items} items)")
-        print(format_table([(s, results[s]) for s in splits], args.ks))
+        print(format_table(rows, args.ks))
+        if base is not None:
+            where = "not cached" if cache is None else f"{'read from' if from_cache else 'written to'} {cache}"
+            print(f"best baseline by valid recall@20: {base.label} (fit {base.fit_s:.2f} s; {where})")
+    return 0
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        value = [float(p) for p in text.replace(" ", "").strip("[]").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not value or not all(v > 0 for v in value):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return value
+
+
+def cmd_baselines(args) -> int:
+    from .baselines import best_baseline, fit_baselines
+    from .data import load_dataset
+    from .runs import RunDir, data_fingerprint
+
+    data = load_dataset(args.data)
+    include = [n.strip() for n in args.only.split(",") if n.strip()]
+    results = fit_baselines(data, ks=args.ks, knn_grid=args.knn_grid, ease_grid=args.ease_grid, include=include,
+                            batch_size=args.batch_size, progress=not args.quiet)
+    best = best_baseline(results)
+    payload = {"data": args.data, "fingerprint": data_fingerprint(data), "n_users": data.n_users,
+               "n_items": data.n_items, "best": best.label, "results": [r.to_dict() for r in results]}
+    if args.out:
+        run = RunDir(args.out)
+        run.write_json("baselines.json", payload)
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True))
+        return 0
+    print(f"baselines on {args.data} ({data.n_users} users, {data.n_items} items); "
+          f"hyper-parameters tuned on valid recall@20; {args.split} split:")
+    splits = ["valid", "test"] if args.split == "both" else [args.split]
+    print(format_table([(f"{r.label}: {s}" if len(splits) > 1 else r.label, getattr(r, s))
+                        for r in results for s in splits], args.ks))
+    print("fitting times (one fit at the chosen values; tuning: every fit and validation pass of the grid):")
+    for r in results:
+        tune = f", tuning over {len(r.grid)} values {r.tune_s:.2f} s" if r.grid else ""
+        print(f"  {r.label}: fit {r.fit_s:.2f} s{tune}")
+    print(f"best: {best.label}")
+    if args.out:
+        print(f"written to {os.path.abspath(os.path.join(args.out, 'baselines.json'))}")
     return 0
 
 
@@ -311,7 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also print the best tuned baseline's row (cached in the checkpoint's folder)")
     p.set_defaults(func=cmd_evaluate)
+    from .baselines import DEFAULT_EASE_GRID, DEFAULT_KNN_GRID
+
+    p = sub.add_parser("baselines", help="most-popular, ItemKNN and EASE, tuned on validation, same protocol")
+    _add_data_args(p, required=True)
+    p.add_argument("--out", default=None, help="run folder to write baselines.json into")
+    p.add_argument("--split", choices=["valid", "test", "both"], default="test")
+    p.add_argument("--ks", type=_int_list, default=[10, 20, 50, 100])
+    p.add_argument("--knn-grid", type=_int_list, default=list(DEFAULT_KNN_GRID),
+                   help="ItemKNN neighbourhood sizes to try")
+    p.add_argument("--ease-grid", type=_float_list, default=list(DEFAULT_EASE_GRID),
+                   help="EASE L2 strengths to try")
+    p.add_argument("--only", default="most-popular,itemknn,ease", help="comma-separated subset of the baselines")
+    p.add_argument("--batch-size", type=_positive_int, default=1024)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_baselines)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Bridges to other recommender libraries (``refit.integrations.recbole``: RecBole's DiffRec)."""
