@@ -334,9 +334,15 @@ def cmd_demo(args) -> int:
     print(f"2/2 fine-tuning with ReFiT ({args.iterations} iterations) ...")
     fs = finetune(ft, data)
     print(f"    best iteration {fs['best_iteration']}, {fs['seconds']:.0f} s")
+    print("baselines: most-popular, ItemKNN and EASE, tuned on validation Recall@20 ...")
+    from .baselines import best_baseline_rows
+
+    base_rows, best, _, _ = best_baseline_rows(data, out, ("test",), ks=(10, 20, 50, 100))
     print()
-    print(f"Test metrics on {source} (model selected on validation Recall@20):")
-    print(format_table([("DiffRec (pretrained)", fs["before"]["test"]), ("DiffRec + ReFiT", fs["test"])], (10, 20)))
+    print(f"Test metrics on {source} (each model selected on validation Recall@20):")
+    rows = [("DiffRec (pretrained)", fs["before"]["test"]), ("DiffRec + ReFiT", fs["test"]),
+            (f"best baseline: {best.label}", base_rows[0][1])]
+    print(format_table(rows, (10, 20)))
     print(f"\nrun folders: {os.path.abspath(out)} ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 

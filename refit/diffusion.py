@@ -331,7 +331,8 @@ def reverse_in_latent(diffusion: "GaussianDiffusion", model, x_start: torch.Tens
     the step-by-step pass by float32 rounding).
 
     Args:
-        model: a denoiser with ``latent_parts()`` and ``hidden_from_projection(v, t, cond)``.
+        model: a denoiser with ``latent_parts()`` and ``hidden_from_projection(v, t, cond)``
+            (and optionally ``project_condition(cond)``, applied once before the steps).
         x_start: (B, I) start rows (already noised if ``sampling_steps`` asks for it).
         cond: the batch's conditioning (``model.condition(...)``).
         autocast: a context factory for mixed precision (None: float32).
@@ -351,6 +352,9 @@ def reverse_in_latent(diffusion: "GaussianDiffusion", model, x_start: torch.Tens
         B = x_start.shape[0]
         with ctx():
             v = torch.nn.functional.linear(x_start.to(acc), W_x).to(acc)
+        if cond is not None and hasattr(model, "project_condition"):  # step-independent inputs: project once
+            with ctx():
+                cond = model.project_condition(cond)
         s = torch.zeros(B, W_out.shape[1], dtype=acc, device=x_start.device)
         a, beta = 1.0, 0.0
         for i in reversed(range(diffusion.steps)):

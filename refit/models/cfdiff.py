@@ -40,6 +40,13 @@ class HopInputs(NamedTuple):
     three_hop: torch.Tensor
 
 
+class ProjectedHops(NamedTuple):
+    """(B, n_tokens * d_model) hop signals through the row part of the shared encoder (no bias)."""
+
+    two_hop: torch.Tensor
+    three_hop: torch.Tensor
+
+
 class HopGraph:
     """What the hop signals need from the training interactions, computed once.
 
@@ -137,8 +144,14 @@ class CFDiff(nn.Module):
     def _hidden(self, user: torch.Tensor, emb: torch.Tensor, cond: HopInputs) -> torch.Tensor:
         """(B, n_tokens * d_model): the decoder's input, from the user's tokens and the hops."""
         dtype = user.dtype
-        hops = torch.cat([self._tokens(cond.two_hop.to(dtype), emb),
-                          self._tokens(cond.three_hop.to(dtype), emb)], dim=1)
+        if isinstance(cond, ProjectedHops):  # the item-wide product was taken once per pass
+            base = nn.functional.linear(emb, self.encoder.weight[:, self.n_items:], self.encoder.bias)
+            B = user.shape[0]
+            hops = torch.cat([(cond.two_hop.to(dtype) + base).view(B, self.n_tokens, self.d_model),
+                              (cond.three_hop.to(dtype) + base).view(B, self.n_tokens, self.d_model)], dim=1)
+        else:
+            hops = torch.cat([self._tokens(cond.two_hop.to(dtype), emb),
+                              self._tokens(cond.three_hop.to(dtype), emb)], dim=1)
         attended, _ = self.attention(hops, user, user, need_weights=False)
         T = self.n_tokens
         h = user + attended[:, :T] + attended[:, T:]  # each hop token updates its user token
@@ -156,8 +169,21 @@ class CFDiff(nn.Module):
         """(W_x, W_out, b_out): the row's part of the shared encoder, and the decoder (both linear in it)."""
         return self.encoder.weight[:, : self.n_items], self.decoder.weight, self.decoder.bias
 
-    def hidden_from_projection(self, v: torch.Tensor, t: torch.Tensor, cond: HopInputs) -> torch.Tensor:
-        """The decoder's input, given ``v = W_x @ x`` (B, width) instead of the row x (eval mode)."""
+    def project_condition(self, cond: HopInputs) -> ProjectedHops:
+        """The hops through the row part of the shared encoder, ``W_x @ hop`` ((B, width) each).
+
+        The hop signals do not change during a reverse pass, so the hidden-space
+        pass takes these item-wide products once instead of at every step.
+        """
+        W_x = self.encoder.weight[:, : self.n_items]
+        return ProjectedHops(nn.functional.linear(cond.two_hop.to(W_x.dtype), W_x),
+                             nn.functional.linear(cond.three_hop.to(W_x.dtype), W_x))
+
+    def hidden_from_projection(self, v: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The decoder's input, given ``v = W_x @ x`` (B, width) instead of the row x (eval mode).
+
+        ``cond`` is the batch's :class:`HopInputs` or, cheaper, their :meth:`project_condition`.
+        """
         emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(v.dtype))
         w_emb = self.encoder.weight[:, self.n_items:]
         user = (v + nn.functional.linear(emb, w_emb, self.encoder.bias)).view(v.shape[0], self.n_tokens, self.d_model)
