@@ -138,6 +138,12 @@ def _repeat_cond(cond, times: int):
     return type(cond)(*(c.repeat(times, 1) for c in cond))
 
 
+def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """REINFORCE's surrogate loss ``-mean_b(adv[b] * logp[b])``: (B,) advantages (no gradient) and
+    (B,) trajectory log-likelihoods (with gradient) -> scalar whose gradient estimates -grad E[reward]."""
+    return -(adv.detach() * logp).mean()
+
+
 def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor, traj: Trajectory, *,
                        reduction: str = "mean", per_step: bool = False) -> torch.Tensor:
     """Log-likelihood of sampled trajectories under the current weights, with gradient.
@@ -247,7 +253,7 @@ class ReFiT:
                                            reduction=cfg.reduction)
             else:
                 logp = trajectory_logprob(rec, users, rows, traj, reduction=cfg.reduction)
-            loss = -(adv * logp).mean()
+            loss = reinforce_loss(adv, logp)
             loss, anchor = self._add_anchor(loss, users, rows, traj)
             grad_norm = self._update(loss)
             clip_frac = 0.0

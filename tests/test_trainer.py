@@ -1,6 +1,7 @@
 """ReFiT: episodes, reward, baselines, log-probabilities, the trainer and its runs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.reward import collaborative_reward, make_episode, repeat_episode
 from refit.runs import load_checkpoint
-from refit.trainer import Baseline, FinetuneConfig, ReFiT, finetune, trajectory_logprob
+from refit.trainer import Baseline, FinetuneConfig, ReFiT, finetune, reinforce_loss, trajectory_logprob
 
 DATA = {"n_users": 200, "n_items": 150}
 
@@ -104,6 +105,30 @@ def test_baselines():
     ema = Baseline("ema", decay=0.5)
     assert torch.equal(ema.advantage(torch.tensor([2.0, 4.0])), torch.tensor([-1.0, 1.0]))
     assert torch.equal(ema.advantage(torch.tensor([5.0, 7.0])), torch.tensor([2.0, 4.0]))  # baseline 3 -> then 4.5
+
+
+def test_policy_gradient_estimates_the_gradient_of_the_expected_reward():
+    """On a two-step Gaussian chain with a known answer, gaussian_logprob + the mean-std baseline +
+    reinforce_loss point (on average over many trajectories) along grad E[reward]."""
+    g = torch.Generator().manual_seed(0)
+    B, I, sigma = 20000, 6, 0.3
+    theta = torch.randn(I, generator=g, dtype=torch.float64).requires_grad_(True)
+    x0 = torch.randn(I, generator=g, dtype=torch.float64)
+    target = torch.randn(I, generator=g, dtype=torch.float64)
+    cp = cx = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    log_var = torch.full((2,), 2 * math.log(sigma), dtype=torch.float64)
+    with torch.no_grad():  # x_{s+1} = cp * theta + cx * x_s + sigma * noise
+        x1 = 0.5 * theta + 0.5 * x0 + sigma * torch.randn(B, I, generator=g, dtype=torch.float64)
+        x2 = 0.5 * theta + 0.5 * x1 + sigma * torch.randn(B, I, generator=g, dtype=torch.float64)
+    states = torch.stack([x0.expand(B, I), x1, x2])
+    preds = theta.expand(2, B, I)
+    reward = -((x2 - target) ** 2).sum(1)
+    adv = Baseline("mean-std").advantage(reward)
+    logp = rk.gaussian_logprob(preds, states, cp, cx, log_var, reduction="sum", backend="cpu")
+    (estimate,) = torch.autograd.grad(-reinforce_loss(adv, logp), [theta])
+    # E[x2] = 0.75 theta + 0.25 x0, so grad E[reward] = -1.5 (E[x2] - target).
+    exact = -1.5 * (0.75 * theta.detach() + 0.25 * x0 - target)
+    assert float(torch.nn.functional.cosine_similarity(estimate, exact, dim=0)) > 0.95
 
 
 def test_batched_logprob_equals_the_sampling_pass(pretrained, data):
