@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -192,17 +191,28 @@ def test_resume_after_a_kill_reaches_the_same_parameters(pretrained, tmp_path):
     full = run(str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "refit", "-q", "finetune", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until iteration 5 is logged (last.pt holds iteration 4)
-        log = killed / "metrics.jsonl"
-        if log.exists() and any(json.loads(line).get("iteration") == 5 for line in open(log) if line.strip()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert load_checkpoint(str(killed / "last.pt"))["iteration"] in (4, 6)
+    # The process kills itself (SIGKILL: no handlers, no cleanup) when iteration 6 begins, i.e.
+    # after iteration 5 is logged and while last.pt holds iteration 4: a deterministic point,
+    # where polling from outside could miss a run that finishes first.
+    killer = (
+        "import os, signal, sys\n"
+        "from refit import trainer\n"
+        "step, calls = trainer.ReFiT.step, [0]\n"
+        "def dying_step(self):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 6:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(self)\n"
+        "trainer.ReFiT.step = dying_step\n"
+        "from refit.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", killer, "-q", "finetune", *args, "--out", str(killed)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    logged = [json.loads(line)["iteration"] for line in open(killed / "metrics.jsonl")]
+    assert logged == list(range(6)), logged  # the evaluation at 0, then iterations 1..5
+    assert load_checkpoint(str(killed / "last.pt"))["iteration"] == 4
     resumed = run(str(killed), ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     a = load_checkpoint(str(tmp_path / "full" / "last.pt"))
