@@ -7,7 +7,9 @@ launch with ``OMP_NUM_THREADS=T`` per process; rank 0 reports the medians.
 The model is DiffRec's MLP with the ML-1M defaults of ``refit pretrain``,
 freshly initialised (speed does not depend on the weights' values), saved as
 a checkpoint first. Times exclude start-up; the similar-user table
-(computed once per ReFiT run, sharded across the ranks) is timed separately.
+(computed once per ReFiT run, sharded across the ranks) is timed separately,
+as are one all-reduce of a gradient-sized float32 tensor and the global-batch
+noise every rank draws per ReFiT iteration.
 """
 
 import argparse
@@ -27,6 +29,27 @@ a = json.loads(sys.argv[1])
 dist.init()
 out = {}
 rec, data, _ = load_recommender(a["checkpoint"])
+# The similar-user table alone (sharded by user blocks, all-gathered).
+from refit.similarity import shared_similar_users
+shared_similar_users(data.train, m=10)
+dist.barrier(); t = time.perf_counter()
+shared_similar_users(data.train, m=10)
+dist.barrier(); out["similar_s"] = time.perf_counter() - t
+# One all-reduce of a gradient-sized float32 tensor (what DDP sends per step, in buckets).
+n_params = sum(p.numel() for p in rec.model.parameters())
+if dist.is_distributed():
+    import torch.distributed as td
+    x = torch.ones(n_params)
+    ts = []
+    for i in range(12):
+        dist.barrier(); t = time.perf_counter(); td.all_reduce(x); ts.append(time.perf_counter() - t)
+    out["allreduce_ms"] = 1e3 * statistics.median(ts[2:])
+# The global-batch noise every rank draws per ReFiT iteration (T steps of B x I normals).
+g = torch.Generator().manual_seed(0)
+t = time.perf_counter()
+for _ in range(rec.diffusion.steps):
+    torch.randn((a["batch_size"], data.n_items), generator=g)
+out["noise_ms"] = 1e3 * (time.perf_counter() - t)
 # ReFiT: set-up (similar-user table) and iterations.
 dist.barrier(); t = time.perf_counter()
 trainer = ReFiT(rec, data, FinetuneConfig(checkpoint=a["checkpoint"], batch_size=a["batch_size"], seed=0,
@@ -94,7 +117,8 @@ def main():
     ckpt = os.path.join(work, "init.pt")
     make_checkpoint(data, ckpt)
     rows = []
-    print(f"{'procs x threads':>15} {'ReFiT s/it':>11} {'it/s':>6} {'setup s':>8} {'eval s':>7} {'pretrain s/epoch':>17}")
+    print(f"{'procs x threads':>15} {'ReFiT s/it':>11} {'it/s':>6} {'setup s':>8} {'similar s':>10} {'eval s':>7} "
+          f"{'pretrain s/epoch':>17} {'allreduce ms':>13} {'noise ms':>9}")
     for setup in a.setups.split(","):
         procs, threads = (int(x) for x in setup.split("x"))
         args = {"checkpoint": ckpt, "data": data, "batch_size": a.batch_size, "iterations": a.iterations,
@@ -114,7 +138,9 @@ def main():
         r.update(procs=procs, threads=threads)
         rows.append(r)
         print(f"{setup:>15} {r['refit_s_per_it']:>11.3f} {1 / r['refit_s_per_it']:>6.2f} "
-              f"{r['refit_setup_s']:>8.2f} {r['evaluate_s']:>7.2f} {r['pretrain_s_per_epoch']:>17.2f}", flush=True)
+              f"{r['refit_setup_s']:>8.2f} {r['similar_s']:>10.2f} {r['evaluate_s']:>7.2f} "
+              f"{r['pretrain_s_per_epoch']:>17.2f} {r.get('allreduce_ms', float('nan')):>13.1f} "
+              f"{r['noise_ms']:>9.1f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -244,8 +244,8 @@ def wrap_ddp(model: torch.nn.Module) -> Optional[torch.nn.Module]:
 
     The plain module stays the one that is saved, evaluated and sampled from;
     the wrapper serves exactly one gradient-carrying forward per backward
-    (what DDP synchronises). Buffers are not broadcast: the denoisers keep none
-    that change during training.
+    (what DDP synchronises). The denoisers hold no buffers, so DDP's buffer
+    synchronisation has nothing to send.
     """
     if not is_distributed():
         return None
@@ -254,7 +254,7 @@ def wrap_ddp(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     device_ids = None
     if dist.get_backend() == "nccl":
         device_ids = [torch.cuda.current_device()]
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def describe() -> List[str]:
