@@ -239,6 +239,25 @@ def test_finetune_checkpoint_of_two_processes_resumes_in_one(pretrained, tmp_pat
     assert summary["world_size"] == 1 and summary["iterations"] == 6
 
 
+def test_pretraining_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+    """Without dropout a pretraining run is the same whatever the number of processes, across a resume."""
+    args = ["pretrain", "--data", "synthetic", "--steps", "5", "--epochs", "3", "--eval-every", "1",
+            "--batch-size", "250", "--dims", "16,32", "--dropout", "0"]
+    torchrun("-m", "refit", "-q", *args, "--epochs", "2", "--out", "run", cwd=str(tmp_path))
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 2
+    refit_cli(*args, "--out", "run", "--resume", cwd=str(tmp_path))
+    refit_cli(*args, "--out", "alone", cwd=str(tmp_path))
+    resumed = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    alone = load_checkpoint(str(tmp_path / "alone" / "last.pt"))
+    assert resumed["epoch"] == alone["epoch"] == 3
+    np.testing.assert_array_equal(resumed["loss_count"], alone["loss_count"])
+    assert torch.equal(resumed["rng"]["generator"], alone["rng"]["generator"])
+    for k, v in alone["recommender"]["model"]["state_dict"].items():
+        torch.testing.assert_close(resumed["recommender"]["model"]["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+
+
 def test_cli_info_and_evaluate_under_torchrun(pretrained, tmp_path):
     info = torchrun("-m", "refit", "info", cwd=str(tmp_path))
     assert "world       2 processes" in info.stdout and "backend     gloo" in info.stdout
