@@ -113,6 +113,17 @@ def init(backend: Optional[str] = None) -> WorldInfo:
     return world()
 
 
+def warn_if_not_joined(what: str) -> None:
+    """Logs a warning when launched by torchrun but no process group was joined: every
+    process would then run the whole job on its own (and write the same files)."""
+    if launched() and not is_distributed():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: WORLD_SIZE=%s but no process group was joined, so this process runs the whole job alone; "
+            "call refit.distributed.init() first (the refit command line does)", what, os.environ.get("WORLD_SIZE"))
+
+
 def shutdown() -> None:
     """Leaves the process group (if one was joined)."""
     if dist.is_available() and dist.is_initialized():
@@ -285,6 +296,6 @@ def describe() -> List[str]:
     return lines
 
 
-__all__ = ["WorldInfo", "launched", "default_backend", "init", "shutdown", "world", "is_distributed", "rank",
-           "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_max", "any_rank", "all_gather_rows",
-           "broadcast_object", "shard_range", "shard", "wrap_ddp", "describe"]
+__all__ = ["WorldInfo", "launched", "default_backend", "init", "warn_if_not_joined", "shutdown", "world",
+           "is_distributed", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_max",
+           "any_rank", "all_gather_rows", "broadcast_object", "shard_range", "shard", "wrap_ddp", "describe"]

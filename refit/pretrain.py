@@ -203,6 +203,7 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     processes.
     """
     t_start = time.perf_counter()
+    dist.warn_if_not_joined("pretrain")
     run = RunDir(config.out)
     main, world = dist.is_main(), dist.world_size()
     data = data if data is not None else load_dataset(config.data, **config.data_options)

@@ -442,6 +442,7 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
     state, which are the same on every rank.
     """
     t_start = time.perf_counter()
+    dist.warn_if_not_joined("finetune")
     run = RunDir(config.out)
     main = dist.is_main()
     from .data import load_dataset
