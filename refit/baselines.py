@@ -304,9 +304,11 @@ def evaluate_baseline(model: Baseline, data: InteractionData, splits: Sequence[s
 
     Validation masks the training items; the test masks training and
     validation items (DiffRec's protocol, as for the diffusion models).
+    Always in this process alone (under torchrun the commands fit and
+    evaluate the baselines on rank 0 only: they take seconds).
     """
     return evaluate_many(model.scores, _targets(data, splits), ks=ks, batch_size=batch_size, progress=progress,
-                         desc=model.name)
+                         desc=model.name, distributed=False)
 
 
 def _tune(name: str, data: InteractionData, grid: Sequence, param: str, fit_once: Callable[[], Baseline],

@@ -6,6 +6,11 @@
     refit evaluate --checkpoint runs/refit-ml1m/best.pt --split test
     refit baselines --data ../shared/data/ml-1m_clean --out runs/baselines-ml1m
     refit demo
+
+Every command also runs under ``torchrun`` (``torchrun --nproc_per_node N -m
+refit ...``): the process group is joined from the environment before the
+command runs, work is shared between the ranks (see :mod:`refit.distributed`)
+and rank 0 alone prints and writes the run folder.
 """
 
 from __future__ import annotations
@@ -113,9 +118,22 @@ def format_table(results, ks: Sequence[int], metrics=("recall", "ndcg", "precisi
 def cmd_info(args) -> int:
     from refit_kernels.info import report
 
-    print(f"refit {__version__}")
-    print(report())
+    from . import distributed as dist
+
+    lines = dist.describe()  # a collective under torchrun: every rank takes part
+    if dist.is_main():
+        print(f"refit {__version__}")
+        print(report())
+        print()
+        print("\n".join(lines))
     return 0
+
+
+def _device():
+    """The device a command trains and evaluates on: the rank's GPU under torchrun with nccl, else the CPU."""
+    from . import distributed as dist
+
+    return dist.world().device
 
 
 def cmd_pretrain(args) -> int:
@@ -136,7 +154,9 @@ def cmd_pretrain(args) -> int:
     except ValueError as exc:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
-    summary = pretrain(config, resume=args.resume)
+    summary = pretrain(config, resume=args.resume, device=_device())
+    if not _main():
+        return 0
     print(f"run folder: {os.path.abspath(out)}")
     print(f"best epoch {summary['best_epoch']} (of {summary['epochs_run']}), {summary['seconds']:.1f} s, "
           f"peak memory {summary['peak_memory_mb']:.0f} MiB")
@@ -149,10 +169,12 @@ def cmd_evaluate(args) -> int:
     from .pretrain import evaluate_recommender, load_recommender
 
     data = load_dataset(args.data) if args.data else None
-    rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision)
+    rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
                                    progress=not args.quiet)
+    if not _main():
+        return 0
     rows = [(s, results[s]) for s in splits]
     base = None
     if args.baselines:
@@ -288,7 +310,9 @@ def cmd_finetune(args) -> int:
     except ValueError as exc:
         print(f"refit finetune: {exc}", file=sys.stderr)
         return 2
-    summary = finetune(config, resume=args.resume)
+    summary = finetune(config, resume=args.resume, device=_device())
+    if not _main():
+        return 0
     print(f"run folder: {os.path.abspath(out)}")
     print(f"best iteration {summary['best_iteration']} of {summary['iterations']} (validation {summary['selection']}), "
           f"{summary['s_per_iteration']:.3f} s per iteration, {summary['seconds']:.1f} s in all, "
@@ -307,44 +331,53 @@ def cmd_demo(args) -> int:
     from .trainer import FinetuneConfig, finetune
 
     t0 = time.perf_counter()
+    say = print if _main() else (lambda *a, **k: None)  # under torchrun, rank 0 speaks
     source = args.data
     if source is None:
         try:
             data = load_dataset("movielens-100k")
             source = "movielens-100k"
         except FileNotFoundError:
-            print("refit demo: MovieLens-100K is not available (" + RECBOLE_HINT.split(". ")[0] +
-                  "); using the synthetic data set instead.\n"
-                  "  To run the demo on MovieLens-100K: pip install --no-deps recbole==1.2.1", file=sys.stderr)
+            say("refit demo: MovieLens-100K is not available (" + RECBOLE_HINT.split(". ")[0] +
+                "); using the synthetic data set instead.\n"
+                "  To run the demo on MovieLens-100K: pip install --no-deps recbole==1.2.1", file=sys.stderr)
             data = load_dataset("synthetic")
             source = "synthetic"
     else:
         data = load_dataset(source)
-    print(f"refit demo: {source}: {data.n_users} users, {data.n_items} items, "
-          f"{data.train.nnz} / {data.valid.nnz} / {data.test.nnz} train / valid / test interactions")
+    say(f"refit demo: {source}: {data.n_users} users, {data.n_items} items, "
+        f"{data.train.nnz} / {data.valid.nnz} / {data.test.nnz} train / valid / test interactions")
     out = args.out
     pre = PretrainConfig(data=source, epochs=args.epochs, out=os.path.join(out, "pretrain"),
                          progress=not args.quiet, seed=args.seed)
-    print(f"1/2 pretraining DiffRec (at most {args.epochs} epochs, early stopping on validation Recall@20) ...")
-    ps = pretrain(pre, data)
-    print(f"    best epoch {ps['best_epoch']}, {ps['seconds']:.0f} s")
+    say(f"1/2 pretraining DiffRec (at most {args.epochs} epochs, early stopping on validation Recall@20) ...")
+    ps = pretrain(pre, data, device=_device())
+    say(f"    best epoch {ps['best_epoch']}, {ps['seconds']:.0f} s")
     ft = FinetuneConfig(checkpoint=os.path.join(out, "pretrain", "best.pt"), data=source,
                         iterations=args.iterations, out=os.path.join(out, "finetune"), progress=not args.quiet,
                         seed=args.seed)
-    print(f"2/2 fine-tuning with ReFiT ({args.iterations} iterations) ...")
-    fs = finetune(ft, data)
-    print(f"    best iteration {fs['best_iteration']}, {fs['seconds']:.0f} s")
-    print("baselines: most-popular, ItemKNN and EASE, tuned on validation Recall@20 ...")
+    say(f"2/2 fine-tuning with ReFiT ({args.iterations} iterations) ...")
+    fs = finetune(ft, data, device=_device())
+    say(f"    best iteration {fs['best_iteration']}, {fs['seconds']:.0f} s")
+    if not _main():
+        return 0
+    say("baselines: most-popular, ItemKNN and EASE, tuned on validation Recall@20 ...")
     from .baselines import best_baseline_rows
 
     base_rows, best, _, _ = best_baseline_rows(data, out, ("test",), ks=(10, 20, 50, 100))
-    print()
-    print(f"Test metrics on {source} (each model selected on validation Recall@20):")
+    say()
+    say(f"Test metrics on {source} (each model selected on validation Recall@20):")
     rows = [("DiffRec (pretrained)", fs["before"]["test"]), ("DiffRec + ReFiT", fs["test"]),
             (f"best baseline: {best.label}", base_rows[0][1])]
-    print(format_table(rows, (10, 20)))
-    print(f"\nrun folders: {os.path.abspath(out)} ({time.perf_counter() - t0:.0f} s in all)")
+    say(format_table(rows, (10, 20)))
+    say(f"\nrun folders: {os.path.abspath(out)} ({time.perf_counter() - t0:.0f} s in all)")
     return 0
+
+
+def _main() -> bool:
+    from . import distributed as dist
+
+    return dist.is_main()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,10 +435,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from . import distributed as dist
+
     try:
-        return args.func(args)
+        if dist.launched():  # under torchrun: join the process group first
+            info = dist.init()
+            if info.rank != 0:
+                args.quiet = True  # one progress bar, rank 0's
+        try:
+            return args.func(args)
+        finally:
+            dist.shutdown()
     except (ValueError, FileNotFoundError, IndexError) as exc:
-        print(f"refit {args.command}: {exc}", file=sys.stderr)
+        prefix = f"[rank {dist.rank()}] " if dist.is_distributed() else ""
+        print(f"{prefix}refit {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -143,6 +143,11 @@ class UserBatches:
             the next batch: copy what must outlive it.
         device: where the rows are built (the matrix is moved there once).
         backend: forces a ``gather_rows`` backend.
+        shard: ``(rank, world_size)``: yield only this rank's contiguous share
+            of every batch (see :func:`refit.distributed.shard_range`); the
+            batches themselves, and their order, are those of a single
+            process. :attr:`current_slice` then holds ``(offset, size)`` of the
+            share last yielded within its global batch.
 
     Yields:
         user_ids: (b,) int64 tensor on ``device``; dense_rows: (b, n_items).
@@ -150,7 +155,8 @@ class UserBatches:
 
     def __init__(self, matrix: Any, batch_size: int, *, users: Any = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, dtype: torch.dtype = torch.float32, reuse_out: bool = False,
-                 device: Any = None, backend: Optional[str] = None, n_cols: Optional[int] = None):
+                 device: Any = None, backend: Optional[str] = None, n_cols: Optional[int] = None,
+                 shard: Optional[Tuple[int, int]] = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         csr = rk.as_csr(matrix, "matrix", n_cols=n_cols, values_dtype=torch.float32, index_dtype=None)
@@ -175,6 +181,13 @@ class UserBatches:
         self.dtype, self.device, self.backend = dtype, device, backend
         self._out = torch.empty((batch_size, self.n_cols), dtype=dtype, device=device) if reuse_out else None
         self.epoch = 0
+        if shard is not None:
+            r, w = (int(v) for v in shard)
+            if w < 1 or not 0 <= r < w:
+                raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+            shard = (r, w)
+        self.shard = shard
+        self.current_slice: Optional[Tuple[int, int]] = None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next iteration uses."""
@@ -194,7 +207,14 @@ class UserBatches:
         order = self.order(self.epoch)
         self.epoch += 1
         for b in range(len(self)):
-            ids = torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size]).to(self.device)
+            ids = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.shard is not None:
+                from .distributed import shard_range
+
+                lo, hi = shard_range(len(ids), *self.shard)
+                self.current_slice = (lo, len(ids))
+                ids = ids[lo:hi]
+            ids = torch.from_numpy(ids).to(self.device)
             out = None if self._out is None else self._out[: ids.shape[0]]
             rows = rk.gather_rows(self._matrix, ids, dtype=self.dtype, out=out, backend=self.backend,
                                   n_cols=self.n_cols)

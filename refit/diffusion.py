@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -108,6 +108,28 @@ class Trajectory(NamedTuple):
     final: torch.Tensor
 
 
+#: ``(offset, total)``: the rows a process holds of a global batch of ``total`` rows.
+#: Random draws are then made for all ``total`` rows and the slice
+#: ``[offset, offset + B)`` kept, so each row gets the numbers it would get in
+#: one process running the whole batch (see :mod:`refit.distributed`).
+BatchSlice = Tuple[int, int]
+
+
+def _normal(shape, dtype, device, generator: Optional[torch.Generator], rows: Optional[BatchSlice] = None):
+    """Standard normal draws of ``shape``; with ``rows``, the slice of a global batch's draws.
+
+    A generator on another device than ``device`` draws there and the result is moved.
+    """
+    gen_dev = generator.device if generator is not None else torch.device(device)
+    full = tuple(shape) if rows is None else (rows[1],) + tuple(shape[1:])
+    if rows is not None and not (0 <= rows[0] and rows[0] + shape[0] <= rows[1]):
+        raise ValueError(f"rows (offset, total) = {rows} does not hold a slice of {shape[0]} rows")
+    eps = torch.randn(full, dtype=dtype, device=gen_dev, generator=generator)
+    if rows is not None:
+        eps = eps[rows[0]:rows[0] + shape[0]]
+    return eps.to(device)
+
+
 class GaussianDiffusion:
     """Schedule constants, forward noising, ELBO loss and reverse sampling.
 
@@ -163,12 +185,12 @@ class GaussianDiffusion:
         return self._f32[name].to(t.device)[t].unsqueeze(1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """x_t ~ q(x_t | x0) for (B, I) x0 and (B,) int64 timesteps t."""
+                 generator: Optional[torch.Generator] = None, rows: Optional[BatchSlice] = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x0) for (B, I) x0 and (B,) int64 timesteps t (``rows``: see :data:`BatchSlice`)."""
         if self.betas is None:
             return x0
         if noise is None:
-            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+            noise = _normal(x0.shape, x0.dtype, x0.device, generator, rows)
         return self._at("sqrt_alphas_cumprod", t) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t) * noise
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
@@ -176,26 +198,33 @@ class GaussianDiffusion:
         ac = self.alphas_cumprod.to(t.device)[t]
         return ac / (1.0 - ac)
 
-    def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
+    def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None,
+                         rows: Optional[BatchSlice] = None):
         """Timesteps and their importance weights, (B,) int64 and (B,) float32.
 
         Uniform until every step has a full history of recent losses; then
         p(t) proportional to the root mean square of t's recent losses, mixed
-        with a small uniform floor, and weights 1 / (T p(t)).
+        with a small uniform floor, and weights 1 / (T p(t)). With ``rows``
+        (see :data:`BatchSlice`) the draw is made for the global batch and
+        this process's slice returned.
         """
         device = device or self.device
         T = self.steps
+        n = batch_size if rows is None else rows[1]
         if (self.loss_count < self.config.history_per_step).any():
-            t = torch.randint(0, T, (batch_size,), device="cpu", generator=generator).to(device)
-            return t, torch.ones(batch_size, device=device)
-        rms = np.sqrt(np.mean(self.loss_history ** 2, axis=1))
-        p = rms / rms.sum() * (1.0 - self.config.uniform_prob) + self.config.uniform_prob / T
-        p_t = torch.from_numpy(p)
-        t = torch.multinomial(p_t, batch_size, replacement=True, generator=generator)
-        weight = (p_t[t] * T).float()
+            t = torch.randint(0, T, (n,), device="cpu", generator=generator)
+            weight = torch.ones(n)
+        else:
+            rms = np.sqrt(np.mean(self.loss_history ** 2, axis=1))
+            p = rms / rms.sum() * (1.0 - self.config.uniform_prob) + self.config.uniform_prob / T
+            p_t = torch.from_numpy(p)
+            t = torch.multinomial(p_t, n, replacement=True, generator=generator)
+            weight = (p_t[t] * T).float()
+        if rows is not None:
+            t, weight = t[rows[0]:rows[0] + batch_size], weight[rows[0]:rows[0] + batch_size]
         return t.to(device), weight.to(device)
 
-    def _record_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+    def record_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Appends each sample's loss to its step's history (oldest dropped when full)."""
         H = self.config.history_per_step
         for step, loss in zip(t.tolist(), losses.detach().double().cpu().tolist()):
@@ -206,17 +235,27 @@ class GaussianDiffusion:
                 self.loss_history[step, self.loss_count[step]] = loss
                 self.loss_count[step] += 1
 
+    _record_losses = record_losses  # the former private name
+
     def training_loss(self, model: Denoiser, x0: torch.Tensor, reweight: bool = True,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None, *, rows: Optional[BatchSlice] = None,
+                      record: bool = True, return_parts: bool = False):
         """Per-user ELBO training loss, (B,), importance-weighted; take its mean.
 
         In x0 mode the mean squared error is weighted by SNR(t-1) - SNR(t)
         (1 at t = 0) when ``reweight``; in eps mode by the corresponding
         factor, with the x0 likelihood at t = 0.
+
+        ``rows`` (see :data:`BatchSlice`): x0 is a slice of a global batch; the
+        timesteps and noise are that slice of the global batch's draws.
+        ``record=False`` leaves the loss history alone (the caller records
+        the global batch's losses with :meth:`record_losses`), and
+        ``return_parts`` returns ``(loss, t, unweighted_loss)``, the last two
+        being what :meth:`record_losses` takes.
         """
         B = x0.shape[0]
-        t, importance = self.sample_timesteps(B, x0.device, generator)
-        noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        t, importance = self.sample_timesteps(B, x0.device, generator, rows=rows)
+        noise = _normal(x0.shape, x0.dtype, x0.device, generator, rows)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t)
         target = x0 if self.config.mean_type == "x0" else noise
@@ -233,7 +272,10 @@ class GaussianDiffusion:
                 loss = torch.where(t == 0, likelihood, mse)
             weight = torch.where(t == 0, torch.ones_like(weight), weight).to(loss.dtype)
             loss = weight * loss
-        self._record_losses(t, loss)
+        if record:
+            self.record_losses(t, loss)
+        if return_parts:
+            return loss / importance, t, loss.detach()
         return loss / importance
 
     # --- reverse process -----------------------------------------------------------------
@@ -245,7 +287,8 @@ class GaussianDiffusion:
 
     def sample(self, model: Denoiser, x_start: torch.Tensor, *, sampling_steps: int = 0, noise: bool = False,
                return_trajectory: bool = False, keep_graph: bool = False,
-               generator: Optional[torch.Generator] = None, temperature: float = 1.0):
+               generator: Optional[torch.Generator] = None, temperature: float = 1.0,
+               rows: Optional[BatchSlice] = None):
         """Runs the reverse process from a user's row; returns the final (B, I) scores.
 
         Args:
@@ -260,6 +303,10 @@ class GaussianDiffusion:
             temperature: scale of the added noise's standard deviation (an
                 exploration knob for fine-tuning; the trajectory's ``log_var``
                 is that of the noise actually added).
+            rows: ``(offset, total)``: x_start holds rows ``[offset, offset + B)``
+                of a global batch of ``total``; every noise draw is made for the
+                global batch and sliced, so a row's trajectory does not depend
+                on how the batch is split across processes.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -272,7 +319,7 @@ class GaussianDiffusion:
         x = x_start
         if sampling_steps > 0:
             x = self.q_sample(x_start, torch.full((B,), sampling_steps - 1, dtype=torch.long, device=dev),
-                              generator=generator)
+                              generator=generator, rows=rows)
         if self.betas is None:  # no noise at all: the model maps x_t to x_{t-1} directly
             for i in reversed(range(self.steps)):
                 x = model(x, torch.full((B,), i, dtype=torch.long, device=dev))
@@ -294,7 +341,7 @@ class GaussianDiffusion:
                 # States are sampled without gradient; only `preds` may keep it.
                 mean = cp[i] * out.detach() + cx[i] * x
                 if noise and i > 0:
-                    eps = torch.randn(x.shape, dtype=x.dtype, device=dev, generator=generator)
+                    eps = _normal(x.shape, x.dtype, dev, generator, rows)
                     x = mean + torch.exp(0.5 * lv[i]) * eps
                     if return_trajectory:
                         states[s + 1] = x

@@ -19,7 +19,6 @@ them unrounded.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -27,6 +26,8 @@ import torch
 
 import refit_kernels as rk
 from refit_kernels.sparse import CSR, as_csr
+
+from . import distributed as dist
 
 DEFAULT_KS = (10, 20, 50, 100)
 METRICS = ("recall", "ndcg", "precision", "mrr")
@@ -138,6 +139,7 @@ def evaluate(
     device: Optional[Union[str, torch.device]] = None,
     backend: Optional[str] = None,
     progress: bool = False,
+    distributed: Optional[bool] = None,
 ) -> Dict[str, float]:
     """Full-ranking evaluation over all items, history masked (DiffRec's protocol).
 
@@ -160,7 +162,15 @@ def evaluate(
         device: where the CSR arguments go (default: the device of the first
             scores).
         backend: forced ``topk_hits`` backend (default: the dispatcher's choice).
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0 only under torch.distributed).
+        distributed: shard the users across the ranks of the active process
+            group and sum the metrics over ranks (default: whenever a group of
+            more than one process is active). Every rank must then call this
+            function with the same arguments, and every rank gets the same
+            result, bit-identical to a single process's: ranks score whole
+            batches of ``batch_size`` consecutive users and the per-batch sums
+            are added in batch order. Communication: one all-reduce of
+            ``n_targets x n_batches x (4 len(ks) + 1)`` float64.
 
     Returns:
         {"recall@k", "ndcg@k", "precision@k", "mrr@k" for every k: float}
@@ -168,7 +178,7 @@ def evaluate(
     """
     return evaluate_many(score_fn, {"result": (positives, exclude)}, ks=ks, batch_size=batch_size, users=users,
                          exclude_users_without_positives=exclude_users_without_positives, device=device,
-                         backend=backend, progress=progress)["result"]
+                         backend=backend, progress=progress, distributed=distributed)["result"]
 
 
 def evaluate_many(
@@ -183,6 +193,7 @@ def evaluate_many(
     backend: Optional[str] = None,
     progress: bool = False,
     desc: str = "evaluate",
+    distributed: Optional[bool] = None,
 ) -> Dict[str, Dict[str, float]]:
     """:func:`evaluate` against several targets from one scoring of every user.
 
@@ -212,7 +223,6 @@ def evaluate_many(
         if user_ids.numel() and (int(user_ids.min()) < 0 or int(user_ids.max()) >= n_users):
             raise IndexError(f"users must be in [0, {n_users}), the rows of positives")
     n_pos_all = {name: pos[name].indptr.diff() for name in names}
-    outputs = {name: [] for name in names}
     n_eval = int(user_ids.numel())
 
     csr_cache = {}
@@ -235,12 +245,30 @@ def evaluate_many(
             csr_cache[key] = (p.to(dev), None if ex is None else ex.to(dev))
         return csr_cache[key]
 
-    batches = range(0, n_eval, batch_size)
-    if progress:
+    # Users are scored in batches of consecutive ids; under torch.distributed each rank
+    # takes a contiguous share of those batches, so every batch (and every user's
+    # scores) is the same whatever the number of processes.
+    starts = list(range(0, n_eval, batch_size))
+    if distributed is None:
+        distributed = dist.is_distributed()
+    first = 0
+    if distributed:
+        first, stop = dist.shard_range(len(starts))
+        mine = starts[first:stop]
+    else:
+        mine = starts
+    n_k = len(ks)
+    # Per batch: the sums of each metric over its users, and the number of users
+    # averaged over. The totals are sums of these per-batch rows in batch order; each
+    # row comes from exactly one rank (the others hold zeros), so the all-reduce adds
+    # only exact zeros and the result is bit-identical to a single process.
+    sums = torch.zeros(len(names), len(starts), len(METRICS) * n_k + 1, dtype=torch.float64)
+    batches = mine
+    if progress and dist.is_main():
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=math.ceil(n_eval / batch_size), desc=desc, unit="batch")
-    for start in batches:
+        batches = tqdm(mine, total=len(mine), desc=desc, unit="batch")
+    for j, start in enumerate(batches, start=first):
         batch = user_ids[start:start + batch_size]
         scores = score_fn(batch)
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != batch.numel():
@@ -249,25 +277,22 @@ def evaluate_many(
                              f"got {shape}")
         dev = scores.device if device is None else torch.device(device)
         scores = scores.to(dev)
-        for name in names:
+        for a, name in enumerate(names):
             p_csr, ex_csr = csr_args(name, scores.shape[1], dev)
             out = rk.topk_hits(scores, ks, users=batch.to(dev), exclude=ex_csr, positives=p_csr, backend=backend)
-            # The per-user metrics are computed once at the end, from these small outputs.
-            outputs[name].append((out.hits.cpu(), out.dcg.cpu(), out.first_hit.cpu(), n_pos_all[name][batch]))
-    results = {}
-    for name in names:
-        totals = torch.zeros(len(METRICS), len(ks), dtype=torch.float64)
-        count = n_eval
-        if outputs[name]:
-            hits, dcg, first, n_pos = (torch.cat(parts) for parts in zip(*outputs[name]))
-            out = rk.TopKHits(hits, dcg, torch.zeros_like(dcg), first, None)
-            per_user = _per_user(out, n_pos, ks)
+            n_pos = n_pos_all[name][batch]
+            per_user = _per_user(out, n_pos, ks)  # (4, b, n_k)
             if exclude_users_without_positives:
                 per_user = per_user[:, n_pos > 0]
-                count = int((n_pos > 0).sum())
-            totals = per_user.sum(1)
-        elif exclude_users_without_positives:
-            count = 0
+            sums[a, j, :-1] = per_user.sum(1).reshape(-1)
+            sums[a, j, -1] = per_user.shape[1]
+    if distributed:
+        sums = dist.all_reduce_sum(sums)
+    results = {}
+    for a, name in enumerate(names):
+        total = sums[a].sum(0)
+        count = int(total[-1])
+        totals = total[:-1].view(len(METRICS), n_k)
         means = (totals / count if count else totals).tolist()
         result = {f"{m}@{k}": means[i][j] for j, k in enumerate(ks) for i, m in enumerate(METRICS)}
         result["n_users"] = count

@@ -22,6 +22,7 @@ import torch
 
 import refit_kernels as rk
 
+from . import distributed as dist
 from .data import InteractionData, load_dataset
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .evaluate import evaluate_many
@@ -187,9 +188,24 @@ def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint:
 
 def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, resume: bool = False,
              device: Any = "cpu") -> Dict[str, Any]:
-    """Runs (or resumes) a pretraining run; returns the summary that is also written to summary.json."""
+    """Runs (or resumes) a pretraining run; returns the summary that is also written to summary.json.
+
+    Under torch.distributed (``torchrun``) every rank calls this: the model is
+    wrapped in DistributedDataParallel, each global batch of the epoch's
+    seeded permutation is split into contiguous shares (one per rank), the
+    timesteps and noise are drawn for the global batch on every rank from the
+    same generator and sliced, the losses that steer the importance sampling
+    of timesteps are those of the global batch, and each rank's loss is
+    scaled so that DDP's gradient average is the gradient of the global
+    batch's mean loss. Dropout masks come from a per-rank seed derived from
+    (seed, epoch, rank). Rank 0 alone writes the run folder; the checkpoint
+    (global epoch, generator state, loss history) resumes with any number of
+    processes.
+    """
     t_start = time.perf_counter()
+    dist.warn_if_not_joined("pretrain")
     run = RunDir(config.out)
+    main, world = dist.is_main(), dist.world_size()
     data = data if data is not None else load_dataset(config.data, **config.data_options)
     fingerprint = data_fingerprint(data)
     device = torch.device(device)
@@ -210,7 +226,9 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     rec = Recommender(config.model, model, diffusion, sampling_steps=config.sampling_steps,
                       sampling_noise=config.sampling_noise, precision=config.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    batches = data.batches(config.batch_size, "train", shuffle=True, seed=config.seed, device=device)
+    batches = data.batches(config.batch_size, "train", shuffle=True, seed=config.seed, device=device,
+                           shard=(dist.rank(), world) if world > 1 else None)
+    rec.ddp = dist.wrap_ddp(model)
 
     start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
     elapsed_before = 0.0
@@ -224,12 +242,14 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
         set_rng_state(state["rng"], generator)
         start_epoch, best = state["epoch"] + 1, state["best"]
         elapsed_before = state.get("elapsed", 0.0)
-        run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
+        if main:
+            run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
         log.info("resuming %s after epoch %d", run.path, state["epoch"])
     elif resume:
         log.info("no last.pt in %s: starting a new run", run.path)
-    run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
-                                   "n_users": data.n_users, "n_items": data.n_items})
+    if main:
+        run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
+                                       "n_users": data.n_users, "n_items": data.n_items})
 
     def checkpoint_state(epoch: int) -> Dict[str, Any]:
         return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
@@ -241,9 +261,10 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
         metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
         best = {"epoch": 0, "value": metrics["valid"][SELECTION_METRIC], "valid": metrics["valid"],
                 "test": metrics["test"]}
-        run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
-        save_checkpoint(run.file("best.pt"), checkpoint_state(0))
-    epochs_bar = _Progress(config.progress, total=config.epochs, initial=start_epoch - 1, desc="pretrain",
+        if main:
+            run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
+            save_checkpoint(run.file("best.pt"), checkpoint_state(0))
+    epochs_bar = _Progress(config.progress and main, total=config.epochs, initial=start_epoch - 1, desc="pretrain",
                            unit="epoch")
     epoch = start_epoch - 1
     stopped_early = False
@@ -253,7 +274,8 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
             stopped_early = True
             epoch -= 1
             break
-        if config.time_budget is not None and time.perf_counter() - t_start >= config.time_budget:
+        # Clocks differ between ranks: stop when any rank is out of time, all together.
+        if config.time_budget is not None and dist.any_rank(time.perf_counter() - t_start >= config.time_budget):
             stopped_early = True
             epoch -= 1
             break
@@ -261,13 +283,20 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
         batches.set_epoch(epoch)
         t0 = time.perf_counter()
         total, n_batches = 0.0, 0
+        if world > 1:  # dropout masks: per rank, re-derived from (seed, epoch, rank) on resume
+            torch.manual_seed(_rank_seed(config.seed, epoch, dist.rank()))
         for users, rows in batches:
-            loss = diffusion.training_loss(rec.denoiser(users, rows), rows, reweight=config.reweight,
-                                           generator=generator).mean()
+            if world == 1:
+                loss = diffusion.training_loss(rec.denoiser(users, rows), rows, reweight=config.reweight,
+                                               generator=generator).mean()
+                report = loss
+            else:
+                loss, report = _distributed_loss(rec, diffusion, users, rows, batches.current_slice,
+                                                 config.reweight, generator, world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach())
+            total += float(report.detach())
             n_batches += 1
         train_s = time.perf_counter() - t0
         train_times.append(train_s)
@@ -281,12 +310,14 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
             if metrics["valid"][SELECTION_METRIC] > best["value"]:
                 best = {"epoch": epoch, "value": metrics["valid"][SELECTION_METRIC],
                         "valid": metrics["valid"], "test": metrics["test"]}
-                save_checkpoint(run.file("best.pt"), checkpoint_state(epoch))
-        run.log(record)
-        save_checkpoint(run.file("last.pt"), {
-            **checkpoint_state(epoch), "optimizer": optimizer.state_dict(),
-            "loss_history": diffusion.loss_history.copy(), "loss_count": diffusion.loss_count.copy(),
-            "rng": rng_state(generator), "elapsed": elapsed_before + time.perf_counter() - t_start})
+                if main:
+                    save_checkpoint(run.file("best.pt"), checkpoint_state(epoch))
+        if main:
+            run.log(record)
+            save_checkpoint(run.file("last.pt"), {
+                **checkpoint_state(epoch), "optimizer": optimizer.state_dict(),
+                "loss_history": diffusion.loss_history.copy(), "loss_count": diffusion.loss_count.copy(),
+                "rng": rng_state(generator), "elapsed": elapsed_before + time.perf_counter() - t_start})
         epochs_bar.update(1, loss=f"{record['loss']:.4f}",
                           best=f"{best['value']:.4f}@{best['epoch']}" if best["epoch"] else "-")
     epochs_bar.close()
@@ -305,9 +336,41 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
         "checkpoint": run.file("best.pt") if best["epoch"] else None,
         "data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
                  "n_items": data.n_items},
+        "world_size": world,
     }
-    run.write_json("summary.json", summary)
+    if main:
+        run.write_json("summary.json", summary)
+    dist.barrier()  # the run folder is complete before any rank returns
     return summary
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """A 63-bit seed derived from (seed, epoch, rank), for the per-rank dropout RNG."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+def _distributed_loss(rec: Recommender, diffusion: GaussianDiffusion, users: torch.Tensor, rows: torch.Tensor,
+                      rows_slice: Tuple[int, int], reweight: bool, generator: torch.Generator, world: int):
+    """This rank's share of a global batch's ELBO loss, and the global batch's mean loss (to report).
+
+    ``rows_slice = (offset, total)``: the rank holds rows [offset, offset + b) of
+    a global batch of ``total``. The timesteps and noise are the global
+    batch's draws (identical on every rank), the loss history records every
+    row of the global batch in order (so the importance sampling stays
+    identical on every rank, and equal to a single process's), and the
+    returned loss ``world * sum(local) / total`` makes DDP's average of the
+    ranks' gradients the gradient of the global mean.
+    """
+    per_user, t, raw = diffusion.training_loss(rec.denoiser(users, rows, synced=True), rows, reweight=reweight,
+                                               generator=generator, rows=rows_slice, record=False,
+                                               return_parts=True)
+    seen = dist.all_gather_rows(torch.stack([t.double().cpu(), raw.double().cpu(),
+                                             per_user.detach().double().cpu()], 1))
+    diffusion.record_losses(seen[:, 0].long(), seen[:, 1])
+    return per_user.sum() * (world / rows_slice[1]), seen[:, 2].float().mean()
 
 
 def load_recommender(path: str, data: Optional[InteractionData] = None, *, device: Any = "cpu",

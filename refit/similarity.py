@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
 import refit_kernels as rk
+
+from . import distributed as dist
 
 #: Elements of one block's (block x n_users) similarity matrix: 4 MB in float64, so a
 #: block's working arrays stay in cache (larger blocks measured slower).
@@ -31,7 +33,8 @@ def _sparse_tensor(csr: rk.CSR, dtype: torch.dtype) -> torch.Tensor:
 
 
 def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = None,
-                      return_similarity: bool = False, measure: str = "cosine"):
+                      return_similarity: bool = False, measure: str = "cosine",
+                      user_range: Optional[Tuple[int, int]] = None):
     """The m most cosine-similar users of every user.
 
     Similarity of users u and v is ``<x_u, x_v> / (|x_u| |x_v|)`` over their
@@ -60,10 +63,14 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
         return_similarity: also return the (n_users, m) float64 similarities
             (0 where padded).
         measure: ``"cosine"`` (default) or ``"overlap"``.
+        user_range: ``(start, stop)``: compute the rows of these users only
+            (their neighbors are still searched among all users); each row
+            is the same as in the full table.
 
     Returns:
         (n_users, m) int64 tensor of user ids (-1 = padding), and with
-        ``return_similarity`` the similarities as well.
+        ``return_similarity`` the similarities as well; with ``user_range``,
+        (stop - start, m).
     """
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")
@@ -75,9 +82,12 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
     if csr.device.type != "cpu":
         csr = csr.to("cpu")
     n = csr.n_rows
-    ids = torch.full((n, m), -1, dtype=torch.int64)
-    sims = torch.zeros((n, m), dtype=torch.float64)
-    if n == 0:
+    lo, hi = (0, n) if user_range is None else (int(user_range[0]), int(user_range[1]))
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"user_range must satisfy 0 <= start <= stop <= n_users={n}, got {user_range}")
+    ids = torch.full((hi - lo, m), -1, dtype=torch.int64)
+    sims = torch.zeros((hi - lo, m), dtype=torch.float64)
+    if n == 0 or hi == lo:
         return (ids, sims) if return_similarity else ids
     binary = csr.values is None or bool((csr.values == 1).all())
     # 0/1 rows: dot products are counts, exact in float32 (below 2^24).
@@ -94,8 +104,8 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
     k = min(m, n)
     all_ids = torch.arange(n)
     gather_matrix = (csr.indptr, csr.indices) if binary else (csr.indptr, csr.indices, csr.values.float())
-    for u0 in range(0, n, block_size):
-        u1 = min(n, u0 + block_size)
+    for u0 in range(lo, hi, block_size):
+        u1 = min(hi, u0 + block_size)
         block = torch.arange(u0, u1)
         if binary:
             dense = rk.gather_rows(gather_matrix, block, n_cols=int(csr.n_cols))
@@ -110,13 +120,31 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
         key[torch.arange(u1 - u0), block] = -math.inf  # not one's own neighbor
         key[:, sq_norm == 0] = -math.inf
         chosen = _top_ids(key, k, all_ids)  # (b, k), -1 padded
-        ids[u0:u1, :k] = chosen
+        ids[u0 - lo:u1 - lo, :k] = chosen
         if return_similarity:
             safe = chosen.clamp(min=0)
             d = dot.gather(1, safe)
             s = d if measure == "overlap" else d / torch.sqrt(sq_norm[block][:, None] * sq_norm[safe])
-            sims[u0:u1, :k] = torch.where(chosen >= 0, s, torch.zeros_like(s))
+            sims[u0 - lo:u1 - lo, :k] = torch.where(chosen >= 0, s, torch.zeros_like(s))
     return (ids, sims) if return_similarity else ids
+
+
+def shared_similar_users(matrix: Any, m: int = 10, **options):
+    """:func:`top_similar_users` computed once by all the processes of a torch.distributed job.
+
+    Each rank computes a contiguous block of users (``user_range``) and the
+    blocks are all-gathered, so every rank ends up with the whole
+    (n_users, m) table, equal to the single-process one, for 1 / world_size of
+    the work each. In a single process it is :func:`top_similar_users`. Every
+    rank must call it (it is a collective).
+    """
+    if not dist.is_distributed():
+        return top_similar_users(matrix, m, **options)
+    n = rk.as_csr(matrix, "matrix").n_rows
+    part = top_similar_users(matrix, m, user_range=dist.shard_range(n), **options)
+    if isinstance(part, tuple):
+        return tuple(dist.all_gather_rows(p) for p in part)
+    return dist.all_gather_rows(part)
 
 
 def _dense_rows_float64(csr: rk.CSR, block: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,9 @@ from .diffusion import Trajectory
 from .pretrain import SELECTION_METRIC, _Progress, evaluate_recommender, load_recommender, peak_memory_mb
 from .recommender import PRECISIONS, Recommender
 from .reward import TARGETS, collaborative_reward, make_episode, repeat_episode
+from . import distributed as dist
 from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .similarity import top_similar_users
+from .similarity import shared_similar_users
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,13 @@ def _repeat_cond(cond, times: int):
     return type(cond)(*(c.repeat(times, 1) for c in cond))
 
 
-def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor, mean=torch.mean) -> torch.Tensor:
     """REINFORCE's surrogate loss ``-mean_b(adv[b] * logp[b])``: (B,) advantages (no gradient) and
-    (B,) trajectory log-likelihoods (with gradient) -> scalar whose gradient estimates -grad E[reward]."""
-    return -(adv.detach() * logp).mean()
+    (B,) trajectory log-likelihoods (with gradient) -> scalar whose gradient estimates -grad E[reward].
+
+    ``mean`` takes the mean over the batch (under torchrun: this rank's share of the global mean).
+    """
+    return -mean(adv.detach() * logp)
 
 
 def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor, traj: Trajectory, *,
@@ -151,6 +155,9 @@ def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor
     All stochastic steps are re-evaluated in one batched forward pass over
     (S * B) rows (larger matrix products than S passes of B rows), then
     scored by ``gaussian_logprob``: (B,) or, with ``per_step``, (S, B).
+    Under torch.distributed that forward goes through the model's
+    DistributedDataParallel wrapper (``rec.ddp``), so its gradients are
+    averaged over the processes.
     """
     S, B, I = traj.preds.shape
     if S == 0:
@@ -159,7 +166,7 @@ def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor
     t = traj.timesteps.repeat_interleave(B)
     with torch.enable_grad():
         with _autocast(rec):
-            out = rec.model(traj.states[:-1].reshape(S * B, I), t, cond)
+            out = (rec.ddp or rec.model)(traj.states[:-1].reshape(S * B, I), t, cond)
         preds = out.float().view(S, B, I)
         return rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
                                    reduction=reduction, per_step=per_step)
@@ -200,16 +207,54 @@ class Baseline:
         self.ema = state.get("ema")
 
 
+def slice_episode(episode, start: int, stop: int):
+    """Rows ``[start, stop)`` of an episode (its users, start rows and CSR targets)."""
+    from .reward import Episode
+
+    def cut(c: Optional[rk.CSR]) -> Optional[rk.CSR]:
+        if c is None:
+            return None
+        a, b = int(c.indptr[start]), int(c.indptr[stop])
+        return rk.CSR(c.indptr[start:stop + 1] - a, c.indices[a:b], None if c.values is None else c.values[a:b],
+                      c.n_cols)
+
+    return Episode(episode.users[start:stop], episode.rows[start:stop], cut(episode.positives), cut(episode.exclude))
+
+
 class ReFiT:
-    """One ReFiT run: the model, its frozen pretrained copy (for anchors), data, optimiser, RNG."""
+    """One ReFiT run: the model, its frozen pretrained copy (for anchors), data, optimiser, RNG.
+
+    Under torch.distributed (see :mod:`refit.distributed`) every rank draws the
+    same global batch of users, hidden items and sampling noise from the same
+    seeded generator and works on its contiguous share of the rows; rewards
+    are all-gathered so the baseline (mean, std, EMA) is that of the global
+    batch, and each rank's loss is scaled so that DDP's average of the ranks'
+    gradients is the gradient of ``-mean(adv * L)`` over the global batch. One
+    step with N processes then leaves the parameters of one step in a single
+    process with the same ``batch_size`` (up to float32 rounding), and the
+    generator's state, identical on every rank, does not depend on N.
+    """
 
     def __init__(self, rec: Recommender, data: InteractionData, config: FinetuneConfig):
         self.rec, self.data, self.config = rec, data, config
+        self.world = dist.world_size()
+        n_users = config.batch_size // config.group_size
+        if self.world > 1:
+            if config.reuse_sampling_graph:
+                raise ValueError("reuse_sampling_graph takes a gradient through every sampling step, i.e. several "
+                                 "forward passes per backward, which DistributedDataParallel does not synchronise: "
+                                 "use the batched re-forward (--no-reuse-sampling-graph, the default) under torchrun")
+            if n_users < self.world:
+                raise ValueError(f"batch_size // group_size = {n_users} users per iteration cannot be shared by "
+                                 f"{self.world} processes: raise batch_size to at least "
+                                 f"{self.world * config.group_size}")
         self.train_csr = rk.as_csr(data.train, "train")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(rec.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
-        self.neighbors = top_similar_users(self.train_csr, m=config.similar_users)
+        # Computed once, each rank a block of users, then shared (identical on every rank).
+        self.neighbors = shared_similar_users(self.train_csr, m=config.similar_users)
+        rec.ddp = dist.wrap_ddp(rec.model)
         counts = self.train_csr.indptr.diff()
         min_items = 2 if config.target == "hidden" else 1
         self.candidates = torch.nonzero(counts >= min_items).flatten()
@@ -227,25 +272,52 @@ class ReFiT:
         pick = torch.randperm(self.candidates.numel(), generator=self.generator)[:n]
         return self.candidates[pick]
 
+    def _mean(self, x: torch.Tensor, n_global: int) -> torch.Tensor:
+        """The mean of ``x`` over the global batch (``n_global`` elements on all ranks together), as
+        this rank's share: DDP averages the ranks' gradients, so each rank contributes
+        ``world * sum(local) / n_global``; in a single process, the plain mean."""
+        if self.world == 1:
+            return x.mean()
+        return x.sum() * (self.world / n_global)
+
+    def _global_value(self, local: torch.Tensor) -> float:
+        """The value of a loss term over the global batch from the ranks' scaled shares (for logging)."""
+        if self.world == 1:
+            return float(local.detach())
+        return float(dist.all_reduce_sum(local.detach().double().reshape(1))[0]) / self.world
+
     def step(self) -> Dict[str, float]:
         """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
         cfg, rec, diffusion = self.config, self.rec, self.rec.diffusion
         t0 = time.perf_counter()
         users = self.sample_users()
+        # The global batch's random draws (users, hidden items) are made on every rank alike.
         episode = make_episode(self.train_csr, users, cfg.target, cfg.hide_fraction, self.generator)
+        n_global = users.numel() * cfg.group_size  # trajectories in the global batch
+        lo = 0
+        if self.world > 1:  # this rank's contiguous share of the users
+            lo, hi = dist.shard_range(users.numel())
+            episode = slice_episode(episode, lo, hi)
+            users = episode.users
         if cfg.group_size > 1:  # the same episode for every member of a user's group
             episode = repeat_episode(episode, cfg.group_size)
             users = episode.users
+        lo *= cfg.group_size
+        n_local = users.numel()
         rows = episode.rows.to(rec.device)
         rec.model.eval()  # dropout off for sampling and for the log-probabilities alike
         denoise = rec.denoiser(users, rows)
+        # Noise for the whole global batch, this rank's rows kept: trajectories do not depend on the split.
         traj = diffusion.sample(denoise, rows, noise=True, return_trajectory=True,
                                 keep_graph=cfg.reuse_sampling_graph, generator=self.generator,
-                                temperature=cfg.temperature)
+                                temperature=cfg.temperature, rows=(lo, n_global) if self.world > 1 else None)
         t_sample = time.perf_counter() - t0
         reward = collaborative_reward(traj.final, episode, self.neighbors[users], self.train_csr,
                                       k=cfg.k, alpha=cfg.alpha)
-        adv = self.baseline.advantage(reward.reward).to(rec.device)
+        if self.world > 1:  # the global batch's rewards (B floats): the baseline is the global batch's
+            parts = dist.all_gather_rows(torch.stack([reward.reward, reward.n_k, reward.n_sim_k], 1))
+            reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
+        adv = self.baseline.advantage(reward.reward)[lo:lo + n_local].to(rec.device)
 
         if cfg.ppo_epochs == 0:
             if cfg.reuse_sampling_graph:
@@ -253,8 +325,8 @@ class ReFiT:
                                            reduction=cfg.reduction)
             else:
                 logp = trajectory_logprob(rec, users, rows, traj, reduction=cfg.reduction)
-            loss = reinforce_loss(adv, logp)
-            loss, anchor = self._add_anchor(loss, users, rows, traj)
+            loss = reinforce_loss(adv, logp, mean=lambda x: self._mean(x, n_global))
+            loss, anchor = self._add_anchor(loss, users, rows, traj, lo, n_global)
             grad_norm = self._update(loss)
             clip_frac = 0.0
         else:
@@ -265,24 +337,38 @@ class ReFiT:
                 new = trajectory_logprob(rec, users, rows, traj, reduction=cfg.reduction, per_step=True)
                 ratio = torch.exp(new - old)
                 clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
-                loss = -torch.minimum(ratio * adv, clipped * adv).mean()
-                loss, anchor = self._add_anchor(loss, users, rows, traj)
+                loss = -self._mean(torch.minimum(ratio * adv, clipped * adv), n_global * new.shape[0])
+                loss, anchor = self._add_anchor(loss, users, rows, traj, lo, n_global)
                 grad_norm = self._update(loss)
-            clip_frac = float(((ratio - 1).abs() > cfg.ppo_clip).float().mean())
+            clipped_count = ((ratio - 1).abs() > cfg.ppo_clip).float()
+            clip_frac = float(clipped_count.mean()) if self.world == 1 else float(
+                dist.all_reduce_sum(clipped_count.sum().double().reshape(1))[0]) / clipped_count.shape[0] / n_global
         return {
             "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
-            "n_sim_k": float(reward.n_sim_k.mean()), "loss": float(loss.detach()), "anchor": anchor,
+            "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
             "grad_norm": grad_norm, "ppo_clip_fraction": clip_frac,
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
         }
 
-    def _add_anchor(self, loss, users, rows, traj):
+    def _add_anchor(self, loss, users, rows, traj, lo: int = 0, n_global: Optional[int] = None):
+        """loss + anchor_weight * anchor; the anchor's forward uses the plain model (the one DDP
+        forward of the step is the log-probabilities'), its gradient is averaged all the same."""
         cfg = self.config
+        n_global = rows.shape[0] if n_global is None else n_global
         if cfg.anchor == "none":
             return loss, 0.0
         if cfg.anchor == "elbo":
             self.rec.model.eval()
-            anchor = self.rec.diffusion.training_loss(self.rec.denoiser(users, rows), rows, generator=self.generator).mean()
+            diffusion = self.rec.diffusion
+            if self.world == 1:
+                anchor = diffusion.training_loss(self.rec.denoiser(users, rows), rows, generator=self.generator).mean()
+            else:  # global draws, sliced; the global batch's losses feed the importance sampler
+                per_user, t, raw = diffusion.training_loss(self.rec.denoiser(users, rows), rows,
+                                                           generator=self.generator, rows=(lo, n_global),
+                                                           record=False, return_parts=True)
+                seen = dist.all_gather_rows(torch.stack([t.double().cpu(), raw.double().cpu()], 1))
+                diffusion.record_losses(seen[:, 0].long(), seen[:, 1])
+                anchor = self._mean(per_user, n_global)
         else:  # KL between the steps' Gaussians under the current and the pretrained model
             S, B, I = traj.preds.shape
             ref = Recommender(self.rec.model_name, self.reference_model, self.rec.diffusion,
@@ -296,10 +382,10 @@ class ReFiT:
             with _autocast(self.rec):
                 new = self.rec.model(traj.states[:-1].reshape(S * B, I), t, cond).float()
             scale = (traj.coef_pred ** 2 * torch.exp(-traj.log_var) / 2).repeat_interleave(B)[:, None]
-            anchor = (scale * (new - old) ** 2).sum(1).view(S, B).sum(0).mean()
+            anchor = self._mean((scale * (new - old) ** 2).sum(1).view(S, B).sum(0), n_global)
             if cfg.reduction == "mean":
                 anchor = anchor / I
-        return loss + cfg.anchor_weight * anchor, float(anchor.detach())
+        return loss + cfg.anchor_weight * anchor, self._global_value(anchor)
 
     def _update(self, loss) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -358,9 +444,16 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
     """Runs (or resumes) ReFiT from a pretrained checkpoint; returns the summary (also summary.json).
 
     ``max_iterations_this_run`` stops early without finishing (as a killed run would).
+
+    Under torch.distributed every rank calls this; rank 0 alone writes the run
+    folder. A run may be resumed with another number of processes: its
+    checkpoint holds the global iteration, the optimiser and the generator
+    state, which are the same on every rank.
     """
     t_start = time.perf_counter()
+    dist.warn_if_not_joined("finetune")
     run = RunDir(config.out)
+    main = dist.is_main()
     from .data import load_dataset
 
     if data is None and config.data is not None:
@@ -384,9 +477,11 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
         rec.model.load_state_dict(state["recommender"]["model"]["state_dict"])
         trainer.load(state["trainer"])
         start, best, elapsed_before = state["iteration"] + 1, state["best"], state.get("elapsed", 0.0)
-        run.truncate_log(lambda r: r.get("iteration", 0) <= state["iteration"])
-    run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
-                                   "pretrained": os.path.abspath(config.checkpoint)})
+        if main:
+            run.truncate_log(lambda r: r.get("iteration", 0) <= state["iteration"])
+    if main:
+        run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
+                                       "pretrained": os.path.abspath(config.checkpoint)})
 
     def ckpt(iteration: int) -> Dict[str, Any]:
         return {"kind": "finetune", "recommender": rec.state(), "config": config.to_dict(),
@@ -401,12 +496,13 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
 
     if best is None:  # iteration 0: the pretrained model itself
         record = evaluate(0)
-        run.log(record)
         best = {"iteration": 0, "value": record["valid"][SELECTION_METRIC], "valid": record["valid"],
                 "test": record["test"], "before": {"valid": record["valid"], "test": record["test"]}}
-        save_checkpoint(run.file("best.pt"), ckpt(0))
+        if main:
+            run.log(record)
+            save_checkpoint(run.file("best.pt"), ckpt(0))
 
-    bar = _Progress(config.progress, total=config.iterations, initial=start - 1, desc="refit", unit="it")
+    bar = _Progress(config.progress and main, total=config.iterations, initial=start - 1, desc="refit", unit="it")
     step_times = []
     iteration = start - 1
     for iteration in range(start, config.iterations + 1):
@@ -421,9 +517,11 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
             if record["valid"][SELECTION_METRIC] > best["value"]:
                 best.update(iteration=iteration, value=record["valid"][SELECTION_METRIC], valid=record["valid"],
                             test=record["test"])
-                save_checkpoint(run.file("best.pt"), ckpt(iteration))
-        run.log(record)
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+                if main:
+                    save_checkpoint(run.file("best.pt"), ckpt(iteration))
+        if main:
+            run.log(record)
+        if main and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
             save_checkpoint(run.file("last.pt"), {**ckpt(iteration), "trainer": trainer.state(),
                                                   "elapsed": elapsed_before + time.perf_counter() - t_start})
         bar.update(1, reward=f"{stats['reward']:.3f}", best=f"{best['value']:.4f}@{best['iteration']}")
@@ -439,8 +537,11 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
         "s_per_iteration": round(float(np.median(step_times)), 4) if step_times else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "checkpoint": run.file("best.pt"),
+        "world_size": dist.world_size(),
     }
-    if config.plot:
-        summary["plot"] = _plot(run)
-    run.write_json("summary.json", summary)
+    if main:
+        if config.plot:
+            summary["plot"] = _plot(run)
+        run.write_json("summary.json", summary)
+    dist.barrier()  # the run folder is complete before any rank returns
     return summary

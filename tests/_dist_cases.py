@@ -1,0 +1,88 @@
+"""Scenarios run once in a single process (by the test) and once by each of 2 ranks (by
+tests/_dist_worker.py under torchrun); the test compares the two results."""
+
+import numpy as np
+import torch
+
+from refit import distributed as dist
+from refit.data import UserBatches, load_dataset
+from refit.evaluate import evaluate
+from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
+from refit.runs import load_checkpoint
+from refit.similarity import shared_similar_users
+from refit.trainer import FinetuneConfig, ReFiT
+
+DATA = {"n_users": 200, "n_items": 150}
+
+#: ReFiT settings whose steps must not depend on the number of processes. A large
+#: lr makes the update visible and no clipping keeps a wrongly scaled gradient visible.
+FINETUNE_CASES = {
+    "mean-std": dict(batch_size=16),
+    "group-kl": dict(batch_size=16, group_size=2, baseline="group", anchor="kl", anchor_weight=0.5),
+    "ema-elbo-ppo": dict(batch_size=12, baseline="ema", anchor="elbo", anchor_weight=0.1, ppo_epochs=2,
+                         target="observed"),
+}
+
+
+def data():
+    return load_dataset("synthetic", **DATA)
+
+
+def pretrain_config(out: str, **kw) -> PretrainConfig:
+    base = dict(data="synthetic", data_options=DATA, steps=8, epochs=4, eval_every=2, batch_size=100,
+                dims=(32, 64), progress=False, out=out)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def evaluation(pretrained: str):
+    """Metrics of a model (odd batch size: uneven shares) and of a fixed score table."""
+    rec, d, _ = load_recommender(pretrained, data())
+    model = evaluate_recommender(rec, d, batch_size=37)
+    table = torch.from_numpy(np.random.default_rng(0).standard_normal((d.n_users, d.n_items)).astype(np.float32))
+    users = np.arange(3, d.n_users, 2)
+    subset = evaluate(lambda u: table[u], d.test, [d.train, d.valid], ks=(5, 20), batch_size=9, users=users,
+                      exclude_users_without_positives=True)
+    return {"model": model, "table": subset}
+
+
+def similar_users():
+    train = data().train
+    ids, sims = shared_similar_users(train, m=7, return_similarity=True)
+    return {"ids": ids, "sims": sims, "plain": shared_similar_users(train, m=10)}
+
+
+def sharded_batches(rank: int, world: int):
+    """The global batches of epoch 2, rebuilt from the ranks' shares (users and rows)."""
+    batches = UserBatches(data().train, 64, seed=3, shard=(rank, world) if world > 1 else None)
+    batches.set_epoch(2)
+    out = []
+    for users, rows in batches:
+        out.append((dist.all_gather_rows(users), dist.all_gather_rows(rows)))
+    return out
+
+
+def finetune_step(pretrained: str, name: str):
+    """Two ReFiT steps: gradients of the first, stats of both, parameters and generator after."""
+    cfg = FinetuneConfig(checkpoint=pretrained, lr=1e-3, grad_clip=1e9, seed=5, progress=False, plot=False,
+                         **FINETUNE_CASES[name])
+    rec, d, _ = load_recommender(pretrained, data())
+    torch.manual_seed(cfg.seed)
+    trainer = ReFiT(rec, d, cfg)
+    first = trainer.step()
+    grads = {n: p.grad.detach().clone() for n, p in rec.model.named_parameters()}
+    second = trainer.step()
+    return {"stats": [first, second], "grads": grads,
+            "params": {k: v.detach().clone() for k, v in rec.model.state_dict().items()},
+            "generator": trainer.generator.get_state(), "ema": trainer.baseline.ema}
+
+
+def pretrain_run(out: str):
+    """Two epochs of pretraining without dropout (the only per-rank randomness); uneven last batch."""
+    summary = pretrain(pretrain_config(out, epochs=2, eval_every=1, batch_size=60, dropout=0.0))
+    if not dist.is_main():
+        return None
+    state = load_checkpoint(out + "/last.pt")
+    return {"summary": summary, "params": state["recommender"]["model"]["state_dict"],
+            "loss_history": state["loss_history"], "loss_count": state["loss_count"],
+            "generator": state["rng"]["generator"]}

@@ -1,0 +1,42 @@
+"""Runs under ``torchrun --nproc_per_node 2`` for tests/test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py OUT PRETRAINED
+
+Every rank runs the same scenarios (the collectives need all of them); rank 0
+saves what the test compares with a single process into OUT/results.pt.
+The scenarios' settings come from tests/_dist_cases.py, which the test
+uses for its single-process side too.
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _dist_cases as cases  # noqa: E402
+
+from refit import distributed as dist  # noqa: E402
+
+
+def main() -> int:
+    out, pretrained = sys.argv[1], sys.argv[2]
+    info = dist.init()
+    assert info.distributed and info.world_size == 2 and info.backend == "gloo", info
+    results = {"world": (info.rank, info.world_size, info.backend)}
+    results["evaluate"] = cases.evaluation(pretrained)
+    results["similar"] = cases.similar_users()
+    results["batches"] = cases.sharded_batches(info.rank, info.world_size)
+    results["finetune"] = {name: cases.finetune_step(pretrained, name) for name in cases.FINETUNE_CASES}
+    results["pretrain"] = cases.pretrain_run(os.path.join(out, "pretrain"))
+    gathered = dist.all_gather_rows(torch.tensor([[info.rank, info.rank * 10]]))
+    results["gather"] = gathered
+    if dist.is_main():
+        torch.save(results, os.path.join(out, "results.pt"))
+    dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

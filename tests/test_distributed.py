@@ -1,0 +1,279 @@
+"""Scale-out on torch.distributed: 2 processes with gloo on tiny data against one process.
+
+The multi-process tests launch ``python -m torch.distributed.run --standalone
+--nproc_per_node 2`` (one CPU thread each); the scenarios are in
+tests/_dist_cases.py and run in both settings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import _dist_cases as cases
+import refit_kernels as rk
+from refit import distributed as dist
+from refit.data import UserBatches
+from refit.diffusion import DiffusionConfig, GaussianDiffusion
+from refit.pretrain import pretrain
+from refit.runs import load_checkpoint
+from refit.similarity import top_similar_users
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The processes import this checkout's refit, whatever is installed.
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def torchrun(*args, cwd, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+def refit_cli(*args, cwd):
+    out = subprocess.run([sys.executable, "-m", "refit", "-q", *args], capture_output=True, text=True, cwd=cwd,
+                         env=_env(), timeout=240)
+    assert out.returncode == 0, out.stderr[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    pretrain(cases.pretrain_config(str(out)))
+    return str(out / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, pretrained):
+    """The results of tests/_dist_worker.py run by 2 processes."""
+    out = tmp_path_factory.mktemp("dist")
+    torchrun(os.path.join(HERE, "_dist_worker.py"), str(out), pretrained, cwd=str(out))
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+# --- single-process helpers ------------------------------------------------------------------------
+
+def test_shard_ranges_cover_in_order():
+    for n in (0, 1, 5, 16, 17):
+        for w in (1, 2, 3, 8):
+            ranges = [dist.shard_range(n, r, w) for r in range(w)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert dist.shard(list(range(7)), 1, 3) == [3, 4]
+    with pytest.raises(ValueError, match="rank must be in"):
+        dist.shard_range(4, 2, 2)
+
+
+def test_single_process_helpers_are_identities():
+    assert not dist.is_distributed() and dist.is_main() and dist.world_size() == 1 and dist.rank() == 0
+    x = torch.arange(6.0).view(3, 2)
+    assert torch.equal(dist.all_reduce_sum(x), x) and torch.equal(dist.all_gather_rows(x), x)
+    assert dist.broadcast_object({"a": 1}) == {"a": 1} and dist.any_rank(True) and not dist.any_rank(False)
+    assert dist.wrap_ddp(torch.nn.Linear(2, 2)) is None
+    assert dist.init().initialized is False  # no WORLD_SIZE > 1 in the environment: nothing to join
+    assert any("single process" in line for line in dist.describe())
+
+
+def test_init_names_bad_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match="RANK must be in"):
+        dist.init()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK must be an integer"):
+        dist.init()
+
+
+def test_similar_users_of_a_user_range_are_rows_of_the_full_table():
+    train = cases.data().train
+    full, sims = top_similar_users(train, m=6, return_similarity=True, block_size=17)
+    for lo, hi in ((0, 0), (0, 55), (55, 200), (120, 121)):
+        part, part_sims = top_similar_users(train, m=6, return_similarity=True, block_size=17, user_range=(lo, hi))
+        assert torch.equal(part, full[lo:hi]) and torch.equal(part_sims, sims[lo:hi])
+    with pytest.raises(ValueError, match="user_range"):
+        top_similar_users(train, m=6, user_range=(10, 201))
+
+
+def test_sharded_batches_concatenate_to_the_global_batches():
+    train = cases.data().train
+    whole = UserBatches(train, 64, seed=3)
+    whole.set_epoch(2)
+    pieces = []
+    for r in range(3):
+        b = UserBatches(train, 64, seed=3, shard=(r, 3))
+        b.set_epoch(2)
+        pieces.append([(u.clone(), x.clone(), b.current_slice) for u, x in b])
+    for i, (users, rows) in enumerate(whole):
+        assert torch.equal(torch.cat([p[i][0] for p in pieces]), users)
+        assert torch.equal(torch.cat([p[i][1] for p in pieces]), rows)
+        assert [p[i][2][0] for p in pieces] == [dist.shard_range(len(users), r, 3)[0] for r in range(3)]
+    with pytest.raises(ValueError, match="shard"):
+        UserBatches(train, 64, shard=(3, 3))
+
+
+def test_noise_of_a_batch_slice_is_the_slice_of_the_global_noise():
+    """Sampling rows [lo, hi) of a batch with rows=(lo, total) draws exactly their share of the noise."""
+    diffusion = GaussianDiffusion(DiffusionConfig(steps=6))
+    x = torch.rand(10, 30, generator=torch.Generator().manual_seed(0))
+    model = lambda x_t, t: 0.5 * x_t  # noqa: E731 - row-wise, so rows do not interact
+    full = diffusion.sample(model, x, noise=True, return_trajectory=True, generator=torch.Generator().manual_seed(1))
+    for lo, hi in ((0, 4), (4, 10), (3, 3)):
+        part = diffusion.sample(model, x[lo:hi], noise=True, return_trajectory=True, rows=(lo, 10),
+                                generator=torch.Generator().manual_seed(1))
+        assert torch.equal(part.states, full.states[:, lo:hi]) and torch.equal(part.final, full.final[lo:hi])
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    t_full, w_full = diffusion.sample_timesteps(10, generator=g1)
+    t_part, w_part = diffusion.sample_timesteps(6, generator=g2, rows=(4, 10))
+    assert torch.equal(t_part, t_full[4:]) and torch.equal(w_part, w_full[4:])
+    assert torch.equal(g1.get_state(), g2.get_state())
+    with pytest.raises(ValueError, match="slice"):
+        diffusion.sample(model, x, noise=True, rows=(4, 10))
+
+
+# --- two processes against one -----------------------------------------------------------------------
+
+def test_two_ranks_ran_with_gloo(two_ranks):
+    assert two_ranks["world"] == (0, 2, "gloo")
+    assert two_ranks["gather"].tolist() == [[0, 0], [1, 10]]
+
+
+def test_distributed_evaluation_equals_one_process(two_ranks, pretrained):
+    single = cases.evaluation(pretrained)
+    # Bit-identical: every user is scored in the same batch, and the per-batch sums are added in batch order.
+    assert two_ranks["evaluate"] == single
+    assert single["model"]["test"]["n_users"] == cases.DATA["n_users"]
+    assert 0 < single["table"]["n_users"] < cases.DATA["n_users"] // 2
+
+
+def test_shared_similar_users_equal_the_single_process_table(two_ranks):
+    single = cases.similar_users()
+    for key in ("ids", "sims", "plain"):
+        assert torch.equal(two_ranks["similar"][key], single[key]), key
+    assert two_ranks["similar"]["plain"].shape == (cases.DATA["n_users"], 10)
+
+
+def test_distributed_batches_are_the_single_process_batches(two_ranks):
+    single = cases.sharded_batches(0, 1)
+    assert len(two_ranks["batches"]) == len(single) == 4
+    for (u2, r2), (u1, r1) in zip(two_ranks["batches"], single):
+        assert torch.equal(u2, u1) and torch.equal(r2, r1)
+
+
+@pytest.mark.parametrize("name", list(cases.FINETUNE_CASES))
+def test_distributed_finetune_steps_equal_one_process(two_ranks, pretrained, name):
+    """Same global batch and seed: the same gradients, statistics and parameters to float32 rounding."""
+    single = cases.finetune_step(pretrained, name)
+    multi = two_ranks["finetune"][name]
+    # The generator made the same draws on every rank as the single process did.
+    assert torch.equal(multi["generator"], single["generator"])
+    for a, b in zip(multi["stats"], single["stats"]):
+        for key in ("reward", "n_k", "n_sim_k"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+        # The loss and its gradient sum adv[b] * L[b] with sum_b adv[b] = 0 and |L| in the hundreds:
+        # float32 rounding of L (batches of 8 rows per rank against 16) is amplified by the cancellation.
+        for key in ("loss", "anchor", "grad_norm", "ppo_clip_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
+    assert multi["stats"][0]["grad_norm"] > 0
+    for n, g in single["grads"].items():
+        torch.testing.assert_close(multi["grads"][n], g, rtol=1e-3, atol=1e-3 * float(g.abs().max()), msg=n)
+    for k, v in single["params"].items():
+        torch.testing.assert_close(multi["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    pre = load_checkpoint(pretrained)["recommender"]["model"]["state_dict"]
+    moved = max(float((single["params"][k] - pre[k]).abs().max()) for k in pre)
+    assert moved > 1e-4  # the two steps did change the parameters (lr 1e-3)
+    if single["ema"] is not None:
+        assert multi["ema"] == pytest.approx(single["ema"], rel=1e-6)
+
+
+def test_distributed_pretraining_equals_one_process(two_ranks, tmp_path):
+    single = cases.pretrain_run(str(tmp_path / "pre"))
+    multi = two_ranks["pretrain"]
+    assert multi["summary"]["world_size"] == 2 and single["summary"]["world_size"] == 1
+    assert torch.equal(multi["generator"], single["generator"])
+    np.testing.assert_array_equal(multi["loss_count"], single["loss_count"])
+    np.testing.assert_allclose(multi["loss_history"], single["loss_history"], rtol=1e-4)
+    for k, v in single["params"].items():
+        torch.testing.assert_close(multi["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    for split in ("valid", "test"):
+        for key, value in single["summary"][split].items():
+            assert multi["summary"][split][key] == pytest.approx(value, rel=1e-3, abs=1e-4), (split, key)
+
+
+# --- the command line under torchrun -----------------------------------------------------------------
+
+def test_finetune_checkpoint_of_two_processes_resumes_in_one(pretrained, tmp_path):
+    args = ["finetune", "--checkpoint", pretrained, "--iterations", "6", "--batch-size", "16", "--eval-every", "3",
+            "--checkpoint-every", "2", "--lr", "1e-3", "--no-plot"]
+    torchrun("-m", "refit", "-q", *args, "--iterations", "4", "--out", "run", cwd=str(tmp_path))
+    state = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert state["iteration"] == 4
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3, 4]  # rank 0 alone wrote the log
+    refit_cli(*args, "--out", "run", "--resume", cwd=str(tmp_path))
+    refit_cli(*args, "--out", "alone", cwd=str(tmp_path))
+    resumed = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    alone = load_checkpoint(str(tmp_path / "alone" / "last.pt"))
+    assert resumed["iteration"] == alone["iteration"] == 6
+    for k, v in alone["recommender"]["model"]["state_dict"].items():
+        torch.testing.assert_close(resumed["recommender"]["model"]["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert torch.equal(resumed["trainer"]["rng"]["generator"], alone["trainer"]["rng"]["generator"])
+    iters = [json.loads(line)["iteration"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert iters == list(range(7))
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["world_size"] == 1 and summary["iterations"] == 6
+
+
+def test_pretraining_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+    """Without dropout a pretraining run is the same whatever the number of processes, across a resume."""
+    args = ["pretrain", "--data", "synthetic", "--steps", "5", "--epochs", "3", "--eval-every", "1",
+            "--batch-size", "250", "--dims", "16,32", "--dropout", "0"]
+    torchrun("-m", "refit", "-q", *args, "--epochs", "2", "--out", "run", cwd=str(tmp_path))
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 2
+    refit_cli(*args, "--out", "run", "--resume", cwd=str(tmp_path))
+    refit_cli(*args, "--out", "alone", cwd=str(tmp_path))
+    resumed = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    alone = load_checkpoint(str(tmp_path / "alone" / "last.pt"))
+    assert resumed["epoch"] == alone["epoch"] == 3
+    np.testing.assert_array_equal(resumed["loss_count"], alone["loss_count"])
+    assert torch.equal(resumed["rng"]["generator"], alone["rng"]["generator"])
+    for k, v in alone["recommender"]["model"]["state_dict"].items():
+        torch.testing.assert_close(resumed["recommender"]["model"]["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+
+
+def test_cli_info_and_evaluate_under_torchrun(pretrained, tmp_path):
+    info = torchrun("-m", "refit", "info", cwd=str(tmp_path))
+    assert "world       2 processes" in info.stdout and "backend     gloo" in info.stdout
+    assert "all_reduce  ok" in info.stdout
+    assert info.stdout.count("distributed:") == 1 and info.stdout.count("backends:") == 1  # rank 0 alone prints
+    multi = torchrun("-m", "refit", "-q", "evaluate", "--checkpoint", pretrained, "--split", "both", "--json",
+                     cwd=str(tmp_path))
+    single = refit_cli("evaluate", "--checkpoint", pretrained, "--split", "both", "--json", cwd=str(tmp_path))
+    assert json.loads(multi.stdout) == json.loads(single.stdout)
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "refit", "-q", "finetune", "--checkpoint", pretrained, "--batch-size", "1", "--out", "x"],
+                         capture_output=True, text=True, cwd=str(tmp_path), env=_env(), timeout=240)
+    assert bad.returncode != 0 and "cannot be shared by 2 processes" in bad.stderr
+
+
+def test_kernel_package_does_not_import_refit():
+    code = "import sys, refit_kernels; assert not any(m == 'refit' or m.startswith('refit.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+    assert rk.__name__ == "refit_kernels"
