@@ -515,7 +515,8 @@ def _split_positions(user: np.ndarray, key: np.ndarray, fractions, n_users: int)
     return np.where(rank < cut1, 0, np.where(rank < cut2, 1, 2))
 
 
-def _csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+def binary_csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """(n_users, n_items) float32 CSR with a 1 at every (user, item) pair; duplicates count once."""
     m = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
     m.sum_duplicates()
     m.sort_indices()
@@ -564,7 +565,7 @@ def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] =
     else:
         key = np.random.default_rng(seed).permutation(len(u))
         part = _split_positions(u, key, fractions, n_users)
-    mats = [_csr(u[part == p], i[part == p], n_users, n_items) for p in range(3)]
+    mats = [binary_csr(u[part == p], i[part == p], n_users, n_items) for p in range(3)]
     summary = {
         "read": n_read,
         "duplicates": n_dup,
@@ -655,7 +656,7 @@ def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Option
     ni = n_items if n_items is not None else 1 + max(int(a[:, 1].max()) for _, a in parts.values())
     mats, dups = {}, 0
     for split, (path, a) in parts.items():
-        mats[split] = _csr(a[:, 0], a[:, 1], nu, ni)
+        mats[split] = binary_csr(a[:, 0], a[:, 1], nu, ni)
         dups += a.shape[0] - mats[split].nnz
     overlap = int(mats["train"].multiply(mats["test"]).nnz + mats["train"].multiply(mats["valid"]).nnz)
     if overlap:

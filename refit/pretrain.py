@@ -214,12 +214,10 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
 
     if config.init is not None:  # continue from a saved model, with its own architecture
         init_state = load_checkpoint(config.init)["recommender"]
-        model = build_model(init_state["model"]["name"], dict(init_state["model"]["config"]), train=data.train)
-        model.load_state_dict(init_state["model"]["state_dict"])
         if init_state["model"]["name"] != config.model or init_state["diffusion"] != config.diffusion_config().to_dict():
             raise ValueError(f"init checkpoint {config.init!r} has another model or diffusion than the settings "
                              "given: pass the settings it was trained with")
-        model = model.to(device)
+        model = Recommender.from_state(init_state, train=data.train, device=device).model
     else:
         model = build_model(config.model, config.model_config(data.n_items), train=data.train).to(device)
     diffusion = GaussianDiffusion(config.diffusion_config(), device=device)

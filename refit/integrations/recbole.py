@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..data import InteractionData
+from ..data import InteractionData, binary_csr
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..evaluate import DEFAULT_KS, evaluate_many
 from ..models import DiffRecMLP
@@ -489,17 +489,9 @@ def _token_index(table: np.ndarray, tokens: Sequence[Any], what: str) -> np.ndar
     return np.asarray(out, dtype=np.int64)
 
 
-def _csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
-    m = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.sort_indices()
-    m.data[:] = 1.0
-    return m
-
-
 def _build(name: str, ids: RecBoleIds, parts: Sequence[Tuple[np.ndarray, np.ndarray]]) -> InteractionData:
     nu, ni = len(ids.user_tokens), len(ids.item_tokens)
-    mats = [_csr(u, i, nu, ni) for u, i in parts]
+    mats = [binary_csr(u, i, nu, ni) for u, i in parts]
     summary = {"read": sum(len(u) for u, _ in parts), "train": mats[0].nnz, "valid": mats[1].nnz,
                "test": mats[2].nnz}
     return InteractionData(name, nu, ni, *mats, np.arange(nu, dtype=np.int64), np.arange(ni, dtype=np.int64),

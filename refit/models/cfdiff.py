@@ -141,11 +141,14 @@ class CFDiff(nn.Module):
         h = self.encoder(torch.cat([row, emb], dim=-1))
         return h.view(h.shape[0], self.n_tokens, self.d_model)
 
-    def _hidden(self, user: torch.Tensor, emb: torch.Tensor, cond: HopInputs) -> torch.Tensor:
-        """(B, n_tokens * d_model): the decoder's input, from the user's tokens and the hops."""
+    def _hidden(self, user: torch.Tensor, emb: torch.Tensor, cond, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, n_tokens * d_model): the decoder's input, from the user's tokens and the hops.
+
+        With :class:`ProjectedHops`, ``base`` is the time embedding's part of the
+        shared encoder (bias included), which the caller has already computed.
+        """
         dtype = user.dtype
         if isinstance(cond, ProjectedHops):  # the item-wide product was taken once per pass
-            base = nn.functional.linear(emb, self.encoder.weight[:, self.n_items:], self.encoder.bias)
             B = user.shape[0]
             hops = torch.cat([(cond.two_hop.to(dtype) + base).view(B, self.n_tokens, self.d_model),
                               (cond.three_hop.to(dtype) + base).view(B, self.n_tokens, self.d_model)], dim=1)
@@ -185,6 +188,6 @@ class CFDiff(nn.Module):
         ``cond`` is the batch's :class:`HopInputs` or, cheaper, their :meth:`project_condition`.
         """
         emb = self.emb_layer(timestep_embedding(t, self.emb_size).to(v.dtype))
-        w_emb = self.encoder.weight[:, self.n_items:]
-        user = (v + nn.functional.linear(emb, w_emb, self.encoder.bias)).view(v.shape[0], self.n_tokens, self.d_model)
-        return self._hidden(user, emb, cond)
+        base = nn.functional.linear(emb, self.encoder.weight[:, self.n_items:], self.encoder.bias)
+        user = (v + base).view(v.shape[0], self.n_tokens, self.d_model)
+        return self._hidden(user, emb, cond, base)
