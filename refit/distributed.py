@@ -23,9 +23,10 @@ Conventions shared by the callers:
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -109,7 +110,15 @@ def init(backend: Optional[str] = None) -> WorldInfo:
             raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
                              "visible: start at most that many processes per node")
         torch.cuda.set_device(local_rank)
+    # torch imports torch._dynamo lazily (the first optimiser does); imported after the group
+    # exists, it keeps a reference to it that destroy_process_group() cannot drop, and the group's
+    # threads then outlive shutdown(). Imported before, it holds none.
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group(backend=backend)
+    # A script that forgets shutdown() still leaves the group (and joins its threads) while the
+    # interpreter is fully alive, not during its teardown.
+    atexit.register(shutdown)
     return world()
 
 
@@ -125,7 +134,11 @@ def warn_if_not_joined(what: str) -> None:
 
 
 def shutdown() -> None:
-    """Leaves the process group (if one was joined)."""
+    """Leaves the process group (if one was joined); safe to call more than once.
+
+    With gloo this joins the group's worker threads, so none of them is left
+    to run while the interpreter shuts down (see :func:`average_gradients`).
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -250,22 +263,79 @@ def shard(seq: Sequence, rank_: Optional[int] = None, world_size_: Optional[int]
     return seq[start:stop]
 
 
-def wrap_ddp(model: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """``model`` wrapped in DistributedDataParallel, or None in a single process.
+#: Gradients are all-reduced in buckets of at most this many bytes (bounds the extra memory).
+GRAD_BUCKET_BYTES = 64 * 1024 * 1024
 
-    The plain module stays the one that is saved, evaluated and sampled from;
-    the wrapper serves exactly one gradient-carrying forward per backward
-    (what DDP synchronises). The denoisers hold no buffers, so DDP's buffer
-    synchronisation has nothing to send.
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
+    """Replaces every parameter's ``.grad`` by its mean over all ranks; a no-op in one process.
+
+    Call it after ``loss.backward()`` and before clipping and the optimiser
+    step, on every rank with the same parameters in the same order. The
+    gradients are flattened into buckets (per dtype and device, at most
+    ``bucket_bytes`` each), summed with one all-reduce per bucket and divided
+    by the world size. A parameter whose gradient is ``None`` on every rank
+    stays ``None`` (as in one process, the optimiser then skips it); one that
+    has a gradient on some ranks only gets the mean with zeros for the others.
+
+    Why not DistributedDataParallel: DDP launches its all-reduces from
+    autograd hooks inside ``backward()``, where torch keeps a Python object in
+    the thread-local state that each gloo work item copies. The gloo worker
+    thread that drops the last reference to such a work item must take the
+    GIL; when that happens while the interpreter shuts down the thread is
+    killed inside a destructor and the process aborts ("terminate called
+    without an active exception"), about one run in ten here. DDP also keeps
+    the process group alive after ``destroy_process_group``, so its threads
+    are never joined. All-reducing after ``backward()`` returns, from the
+    calling thread, avoids both: :func:`shutdown` then joins the gloo threads
+    before the interpreter exits. It also allows any number of forward passes
+    per backward (DDP synchronises one).
     """
     if not is_distributed():
-        return None
-    from torch.nn.parallel import DistributedDataParallel
+        return
+    params = [p for p in parameters if p.requires_grad]
+    world = dist.get_world_size()
+    dev = _comm_device()
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    for (dtype, _), group in groups.items():
+        # Buckets of consecutive parameters; the last slot of each bucket counts, per parameter, the
+        # ranks that hold a gradient, so "None everywhere" can be told from "zero somewhere".
+        bucket: List[torch.nn.Parameter] = []
+        size = 0
+        limit = max(1, bucket_bytes // torch.empty((), dtype=dtype).element_size())
+        for p in group + [None]:
+            if p is not None and (not bucket or size + p.numel() <= limit):
+                bucket.append(p)
+                size += p.numel()
+                continue
+            if bucket:
+                _all_reduce_bucket(bucket, dtype, dev, world)
+            bucket, size = ([p], p.numel()) if p is not None else ([], 0)
 
-    device_ids = None
-    if dist.get_backend() == "nccl":
-        device_ids = [torch.cuda.current_device()]
-    return DistributedDataParallel(model, device_ids=device_ids)
+
+def _all_reduce_bucket(bucket: List[torch.nn.Parameter], dtype: torch.dtype, dev: torch.device, world: int) -> None:
+    n = sum(p.numel() for p in bucket)
+    flat = torch.zeros(n + len(bucket), dtype=dtype, device=dev)
+    offset = 0
+    for i, p in enumerate(bucket):
+        if p.grad is not None:
+            flat[offset:offset + p.numel()].copy_(p.grad.detach().reshape(-1))
+            flat[n + i] = 1
+        offset += p.numel()
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for i, p in enumerate(bucket):
+        part = flat[offset:offset + p.numel()]
+        offset += p.numel()
+        if float(flat[n + i]) == 0:
+            continue  # no rank has a gradient for it
+        mean = part.view_as(p).to(p.device).div_(world)
+        if p.grad is None:
+            p.grad = mean.clone()
+        else:
+            p.grad.copy_(mean)
 
 
 def describe() -> List[str]:
@@ -298,4 +368,4 @@ def describe() -> List[str]:
 
 __all__ = ["WorldInfo", "launched", "default_backend", "init", "warn_if_not_joined", "shutdown", "world",
            "is_distributed", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_max",
-           "any_rank", "all_gather_rows", "broadcast_object", "shard_range", "shard", "wrap_ddp", "describe"]
+           "any_rank", "all_gather_rows", "broadcast_object", "shard_range", "shard", "average_gradients", "describe"]

@@ -190,13 +190,13 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
              device: Any = "cpu") -> Dict[str, Any]:
     """Runs (or resumes) a pretraining run; returns the summary that is also written to summary.json.
 
-    Under torch.distributed (``torchrun``) every rank calls this: the model is
-    wrapped in DistributedDataParallel, each global batch of the epoch's
+    Under torch.distributed (``torchrun``) every rank calls this: each global batch of the epoch's
     seeded permutation is split into contiguous shares (one per rank), the
     timesteps and noise are drawn for the global batch on every rank from the
     same generator and sliced, the losses that steer the importance sampling
     of timesteps are those of the global batch, and each rank's loss is
-    scaled so that DDP's gradient average is the gradient of the global
+    scaled so that the average of the ranks' gradients
+    (:func:`refit.distributed.average_gradients`) is the gradient of the global
     batch's mean loss. Dropout masks come from a per-rank seed derived from
     (seed, epoch, rank). Rank 0 alone writes the run folder; the checkpoint
     (global epoch, generator state, loss history) resumes with any number of
@@ -226,7 +226,6 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batches = data.batches(config.batch_size, "train", shuffle=True, seed=config.seed, device=device,
                            shard=(dist.rank(), world) if world > 1 else None)
-    rec.ddp = dist.wrap_ddp(model)
 
     start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
     elapsed_before = 0.0
@@ -293,6 +292,7 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
                                                  config.reweight, generator, world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(model.parameters())
             optimizer.step()
             total += float(report.detach())
             n_batches += 1
@@ -359,10 +359,10 @@ def _distributed_loss(rec: Recommender, diffusion: GaussianDiffusion, users: tor
     batch's draws (identical on every rank), the loss history records every
     row of the global batch in order (so the importance sampling stays
     identical on every rank, and equal to a single process's), and the
-    returned loss ``world * sum(local) / total`` makes DDP's average of the
+    returned loss ``world * sum(local) / total`` makes the average of the
     ranks' gradients the gradient of the global mean.
     """
-    per_user, t, raw = diffusion.training_loss(rec.denoiser(users, rows, synced=True), rows, reweight=reweight,
+    per_user, t, raw = diffusion.training_loss(rec.denoiser(users, rows), rows, reweight=reweight,
                                                generator=generator, rows=rows_slice, record=False,
                                                return_parts=True)
     seen = dist.all_gather_rows(torch.stack([t.double().cpu(), raw.double().cpu(),

@@ -39,30 +39,20 @@ class Recommender:
             raise ValueError(f"sampling_steps must be in [0, {diffusion.steps}], got {sampling_steps}")
         self.model_name, self.model, self.diffusion = model_name, model, diffusion
         self.sampling_steps, self.sampling_noise, self.precision = sampling_steps, sampling_noise, precision
-        # The model wrapped in DistributedDataParallel when training under torch.distributed
-        # (see refit.distributed.wrap_ddp); None in a single process.
-        self.ddp: Optional[torch.nn.Module] = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def denoiser(self, users: torch.Tensor, rows: torch.Tensor, *, synced: bool = False) -> Callable:
+    def denoiser(self, users: torch.Tensor, rows: torch.Tensor) -> Callable:
         """``f(x_t, t)`` for a batch: the model with the batch's conditioning bound, under autocast.
 
         Its outputs are float32 whatever the precision, so the diffusion's
         arithmetic (means, noise, log-probabilities) stays in float32.
-
-        ``synced``: call the model through its DistributedDataParallel wrapper
-        (when there is one), so that the gradients of this forward are averaged
-        over the processes in the backward pass. DDP synchronises one such
-        forward per backward; other forwards of the same step must use the
-        plain model (their gradients reach the same parameters and are
-        averaged with the rest, as DDP reads each gradient once it is complete).
         """
         cond = self.model.condition(users, rows)
         ctx = self.precision
-        module = self.ddp if synced and self.ddp is not None else self.model
+        module = self.model
 
         def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast(ctx, x.device):

@@ -155,9 +155,6 @@ def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor
     All stochastic steps are re-evaluated in one batched forward pass over
     (S * B) rows (larger matrix products than S passes of B rows), then
     scored by ``gaussian_logprob``: (B,) or, with ``per_step``, (S, B).
-    Under torch.distributed that forward goes through the model's
-    DistributedDataParallel wrapper (``rec.ddp``), so its gradients are
-    averaged over the processes.
     """
     S, B, I = traj.preds.shape
     if S == 0:
@@ -166,7 +163,7 @@ def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor
     t = traj.timesteps.repeat_interleave(B)
     with torch.enable_grad():
         with _autocast(rec):
-            out = (rec.ddp or rec.model)(traj.states[:-1].reshape(S * B, I), t, cond)
+            out = rec.model(traj.states[:-1].reshape(S * B, I), t, cond)
         preds = out.float().view(S, B, I)
         return rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
                                    reduction=reduction, per_step=per_step)
@@ -228,8 +225,8 @@ class ReFiT:
     same global batch of users, hidden items and sampling noise from the same
     seeded generator and works on its contiguous share of the rows; rewards
     are all-gathered so the baseline (mean, std, EMA) is that of the global
-    batch, and each rank's loss is scaled so that DDP's average of the ranks'
-    gradients is the gradient of ``-mean(adv * L)`` over the global batch. One
+    batch, and each rank's loss is scaled so that the average of the ranks'
+    gradients (:func:`refit.distributed.average_gradients`) is the gradient of ``-mean(adv * L)`` over the global batch. One
     step with N processes then leaves the parameters of one step in a single
     process with the same ``batch_size`` (up to float32 rounding), and the
     generator's state, identical on every rank, does not depend on N.
@@ -239,22 +236,15 @@ class ReFiT:
         self.rec, self.data, self.config = rec, data, config
         self.world = dist.world_size()
         n_users = config.batch_size // config.group_size
-        if self.world > 1:
-            if config.reuse_sampling_graph:
-                raise ValueError("reuse_sampling_graph takes a gradient through every sampling step, i.e. several "
-                                 "forward passes per backward, which DistributedDataParallel does not synchronise: "
-                                 "use the batched re-forward (--no-reuse-sampling-graph, the default) under torchrun")
-            if n_users < self.world:
-                raise ValueError(f"batch_size // group_size = {n_users} users per iteration cannot be shared by "
-                                 f"{self.world} processes: raise batch_size to at least "
-                                 f"{self.world * config.group_size}")
+        if self.world > 1 and n_users < self.world:
+            raise ValueError(f"batch_size // group_size = {n_users} users per iteration cannot be shared by "
+                             f"{self.world} processes: raise batch_size to at least {self.world * config.group_size}")
         self.train_csr = rk.as_csr(data.train, "train")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(rec.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
         # Computed once, each rank a block of users, then shared (identical on every rank).
         self.neighbors = shared_similar_users(self.train_csr, m=config.similar_users)
-        rec.ddp = dist.wrap_ddp(rec.model)
         counts = self.train_csr.indptr.diff()
         min_items = 2 if config.target == "hidden" else 1
         self.candidates = torch.nonzero(counts >= min_items).flatten()
@@ -274,7 +264,7 @@ class ReFiT:
 
     def _mean(self, x: torch.Tensor, n_global: int) -> torch.Tensor:
         """The mean of ``x`` over the global batch (``n_global`` elements on all ranks together), as
-        this rank's share: DDP averages the ranks' gradients, so each rank contributes
+        this rank's share: the ranks' gradients are averaged, so each rank contributes
         ``world * sum(local) / n_global``; in a single process, the plain mean."""
         if self.world == 1:
             return x.mean()
@@ -351,8 +341,7 @@ class ReFiT:
         }
 
     def _add_anchor(self, loss, users, rows, traj, lo: int = 0, n_global: Optional[int] = None):
-        """loss + anchor_weight * anchor; the anchor's forward uses the plain model (the one DDP
-        forward of the step is the log-probabilities'), its gradient is averaged all the same."""
+        """loss + anchor_weight * anchor (its gradient is averaged over the ranks with the rest)."""
         cfg = self.config
         n_global = rows.shape[0] if n_global is None else n_global
         if cfg.anchor == "none":
@@ -390,6 +379,7 @@ class ReFiT:
     def _update(self, loss) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(self.rec.model.parameters())
         norm = torch.nn.utils.clip_grad_norm_(self.rec.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return float(norm)

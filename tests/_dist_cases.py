@@ -21,6 +21,8 @@ FINETUNE_CASES = {
     "group-kl": dict(batch_size=16, group_size=2, baseline="group", anchor="kl", anchor_weight=0.5),
     "ema-elbo-ppo": dict(batch_size=12, baseline="ema", anchor="elbo", anchor_weight=0.1, ppo_epochs=2,
                          target="observed"),
+    # A gradient through every sampling step: many forward passes per backward.
+    "reuse-graph": dict(batch_size=16, reuse_sampling_graph=True),
 }
 
 
@@ -63,18 +65,38 @@ def sharded_batches(rank: int, world: int):
 
 
 def finetune_step(pretrained: str, name: str):
-    """Two ReFiT steps: gradients of the first, stats of both, parameters and generator after."""
+    """Two ReFiT steps: the gradients each optimiser step consumed, stats of both, parameters and
+    generator after, and the optimiser's settings (to replay the steps from the recorded gradients)."""
     cfg = FinetuneConfig(checkpoint=pretrained, lr=1e-3, grad_clip=1e9, seed=5, progress=False, plot=False,
                          **FINETUNE_CASES[name])
     rec, d, _ = load_recommender(pretrained, data())
     torch.manual_seed(cfg.seed)
     trainer = ReFiT(rec, d, cfg)
+    grads = []  # one {name: gradient} per optimiser step, as the optimiser saw it
+    names = {id(p): n for n, p in rec.model.named_parameters()}
+
+    def record(optimizer, args, kwargs):
+        grads.append({names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups
+                      for p in group["params"] if p.grad is not None})
+
+    trainer.optimizer.register_step_pre_hook(record)
     first = trainer.step()
-    grads = {n: p.grad.detach().clone() for n, p in rec.model.named_parameters()}
     second = trainer.step()
     return {"stats": [first, second], "grads": grads,
             "params": {k: v.detach().clone() for k, v in rec.model.state_dict().items()},
-            "generator": trainer.generator.get_state(), "ema": trainer.baseline.ema}
+            "generator": trainer.generator.get_state(), "ema": trainer.baseline.ema,
+            "optimizer": {k: v for k, v in trainer.optimizer.defaults.items() if k in ("lr", "weight_decay")}}
+
+
+def replay_adamw(start: dict, grads: list, settings: dict) -> dict:
+    """The parameters AdamW reaches from ``start`` when fed the recorded gradients step by step."""
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    opt = torch.optim.AdamW(list(params.values()), **settings)
+    for step in grads:
+        for k, p in params.items():
+            p.grad = step[k].clone() if k in step else None
+        opt.step()
+    return {k: p.detach() for k, p in params.items()}
 
 
 def pretrain_run(out: str):
@@ -86,3 +108,16 @@ def pretrain_run(out: str):
     return {"summary": summary, "params": state["recommender"]["model"]["state_dict"],
             "loss_history": state["loss_history"], "loss_count": state["loss_count"],
             "generator": state["rng"]["generator"]}
+
+
+def average_gradients_case(rank: int):
+    """Gradients averaged over ranks: present everywhere, on one rank only, and on none."""
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)),
+              torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.full((3,), float(rank + 1))
+    if rank == 1:
+        params[1].grad = torch.full((2, 2), 4.0)
+    # Buckets of 5 floats: the parameters go in separate buckets.
+    dist.average_gradients(params, bucket_bytes=20)
+    return [None if p.grad is None else p.grad.clone() for p in params]
+

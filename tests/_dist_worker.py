@@ -20,8 +20,17 @@ import _dist_cases as cases  # noqa: E402
 from refit import distributed as dist  # noqa: E402
 
 
+def threads() -> int:
+    """OS threads of this process (Linux), -1 where /proc is not there."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
 def main() -> int:
     out, pretrained = sys.argv[1], sys.argv[2]
+    before = threads()
     info = dist.init()
     assert info.distributed and info.world_size == 2 and info.backend == "gloo", info
     results = {"world": (info.rank, info.world_size, info.backend)}
@@ -30,11 +39,15 @@ def main() -> int:
     results["batches"] = cases.sharded_batches(info.rank, info.world_size)
     results["finetune"] = {name: cases.finetune_step(pretrained, name) for name in cases.FINETUNE_CASES}
     results["pretrain"] = cases.pretrain_run(os.path.join(out, "pretrain"))
+    results["average"] = cases.average_gradients_case(info.rank)
     gathered = dist.all_gather_rows(torch.tensor([[info.rank, info.rank * 10]]))
     results["gather"] = gathered
-    if dist.is_main():
-        torch.save(results, os.path.join(out, "results.pt"))
+    during = threads()
     dist.shutdown()
+    # Leaving the group joined its worker threads: none is left to run during interpreter exit.
+    results["threads"] = {"before_init": before, "while_joined": during, "after_shutdown": threads()}
+    if info.rank == 0:
+        torch.save(results, os.path.join(out, "results.pt"))
     return 0
 
 
