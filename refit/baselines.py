@@ -258,7 +258,8 @@ class BaselineResult:
     ``fit_s`` is one fit at the chosen hyper-parameters; ``tune_s`` the whole
     search (every fit and validation pass of the grid), ``eval_s`` the final
     validation + test evaluation. ``grid`` lists each candidate with its
-    validation Recall@20.
+    validation Recall@20. ``notes`` flags what a reader should know, e.g. a
+    chosen value on the edge of its grid (the best may lie beyond it).
     """
 
     name: str
@@ -269,6 +270,7 @@ class BaselineResult:
     tune_s: float
     eval_s: float
     grid: List[Dict[str, Any]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -277,12 +279,13 @@ class BaselineResult:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "params": self.params, "valid": self.valid, "test": self.test,
-                "fit_s": self.fit_s, "tune_s": self.tune_s, "eval_s": self.eval_s, "grid": self.grid}
+                "fit_s": self.fit_s, "tune_s": self.tune_s, "eval_s": self.eval_s, "grid": self.grid,
+                "notes": self.notes}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "BaselineResult":
         return cls(d["name"], dict(d["params"]), d["valid"], d["test"], d["fit_s"], d["tune_s"], d["eval_s"],
-                   list(d.get("grid", [])))
+                   list(d.get("grid", [])), list(d.get("notes", [])))
 
 
 def _targets(data: InteractionData, splits: Sequence[str]):
@@ -313,12 +316,16 @@ def evaluate_baseline(model: Baseline, data: InteractionData, splits: Sequence[s
 
 def _tune(name: str, data: InteractionData, grid: Sequence, param: str, fit_once: Callable[[], Baseline],
           set_param: Callable[[Baseline, Any], Any], make: Callable[[Any], Baseline], ks: Sequence[int],
-          batch_size: int, progress: bool) -> BaselineResult:
+          batch_size: int, progress: bool, ceiling: Optional[float] = None) -> BaselineResult:
     """Tries every grid value on the validation split and keeps the best by Recall@20.
 
     ``fit_once()`` fits a model that ``set_param(model, value)`` switches
     between grid values cheaply (both timed as tuning); ``make(value)`` builds
     an unfitted model for the final, separately timed fit at the chosen value.
+    A choice at either end of a grid of several values gets a note (and a
+    logged warning): the optimum may lie outside the grid. ``ceiling`` is a
+    value no larger one could improve on (ItemKNN's k at "every item"), so a
+    choice there is no edge.
     """
     t0 = time.perf_counter()
     model = fit_once()
@@ -330,6 +337,13 @@ def _tune(name: str, data: InteractionData, grid: Sequence, param: str, fit_once
         if valid[SELECTION_METRIC] > best_value:  # ties keep the earlier (smaller) value
             best_value, best_param = valid[SELECTION_METRIC], value
     tune_s = time.perf_counter() - t0
+    notes = []
+    values = sorted(grid)
+    if len(values) > 1 and best_param in (values[0], values[-1]) and best_param != ceiling:
+        side = "smallest" if best_param == values[0] else "largest"
+        notes.append(f"{name} chose {param}={_fmt(best_param)}, the {side} value of its grid "
+                     f"({', '.join(_fmt(v) for v in values)}): the best value may lie beyond it; extend the grid")
+        log.warning("baselines: %s", notes[-1])
     t1 = time.perf_counter()
     final = make(best_param).fit(data.train)
     fit_s = time.perf_counter() - t1
@@ -337,7 +351,7 @@ def _tune(name: str, data: InteractionData, grid: Sequence, param: str, fit_once
     metrics = evaluate_baseline(final, data, ("valid", "test"), ks=ks, batch_size=batch_size, progress=progress)
     eval_s = time.perf_counter() - t2
     return BaselineResult(name, final.params(), metrics["valid"], metrics["test"], round(fit_s, 4),
-                          round(tune_s, 4), round(eval_s, 4), tried)
+                          round(tune_s, 4), round(eval_s, 4), tried, notes)
 
 
 def fit_baselines(data: InteractionData, *, ks: Sequence[int] = DEFAULT_KS,
@@ -383,7 +397,8 @@ def fit_baselines(data: InteractionData, *, ks: Sequence[int] = DEFAULT_KS,
                                           round(time.perf_counter() - t1, 4)))
         elif name == "itemknn":
             results.append(_tune(name, data, knn_grid, "k", lambda: ItemKNN(k=knn_grid[-1]).fit(data.train),
-                                 lambda m, k: m.set_k(k), lambda k: ItemKNN(k=k), ks, batch_size, progress))
+                                 lambda m, k: m.set_k(k), lambda k: ItemKNN(k=k), ks, batch_size, progress,
+                                 ceiling=cap))
         else:
             results.append(_tune(name, data, ease_grid, "l2", lambda: EASE(l2=ease_grid[0]).fit(data.train),
                                  lambda m, v: m.set_l2(v), lambda v: EASE(l2=v), ks, batch_size, progress))

@@ -149,19 +149,50 @@ def cmd_pretrain(args) -> int:
             sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise, reweight=args.reweight,
             lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
             eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
-            eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=not args.quiet,
+            eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=_progress(args),
             init=args.init, time_budget=args.time_budget)
     except ValueError as exc:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
     summary = pretrain(config, resume=args.resume, device=_device())
     if not _main():
-        return 0
+        return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
-    print(f"best epoch {summary['best_epoch']} (of {summary['epochs_run']}), {summary['seconds']:.1f} s, "
-          f"peak memory {summary['peak_memory_mb']:.0f} MiB")
+    reason = {"epochs": f"all {config.epochs} epochs run",
+              "patience": f"no better validation {summary['selection'].split()[-1]} for {config.patience} epochs",
+              "time_budget": f"the time budget of {config.time_budget:g} s" if config.time_budget else ""}.get(
+        summary["stop_reason"], f"{summary['stop_reason']} (stopped by a signal)")
+    print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']} run; stopped by: {reason}; "
+          f"{summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MiB")
     print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks))
-    return 0
+    _print_resume(summary, out)
+    return _stop_code(summary)
+
+
+def _stop_code(summary) -> int:
+    """0 for a run that finished; 128 + the signal's number for one stopped by SIGTERM / SIGINT."""
+    if summary.get("status") != "stopped":
+        return 0
+    import signal
+
+    name = str(summary.get("stop_reason"))
+    return 128 + int(getattr(signal, name, signal.SIGTERM)) if name.startswith("SIG") else 128 + int(signal.SIGTERM)
+
+
+def _print_resume(summary, out: str) -> None:
+    """For a run stopped by a signal: where it stands and the command that continues it."""
+    if summary.get("status") != "stopped":
+        return
+    import shlex
+
+    from . import distributed as dist
+
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    if "--out" not in argv:
+        argv += ["--out", out]
+    launcher = " (under torchrun: the same torchrun command with --resume)" if dist.launched() else ""
+    print(f"stopped by {summary['stop_reason']}: the run folder holds last.pt and summary.json (status "
+          f"'stopped'); continue it with{launcher}\n  {shlex.join(['refit', *argv, '--resume'])}", file=sys.stderr)
 
 
 def cmd_evaluate(args) -> int:
@@ -172,7 +203,7 @@ def cmd_evaluate(args) -> int:
     rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
-                                   progress=not args.quiet)
+                                   progress=_progress(args))
     if not _main():
         return 0
     rows = [(s, results[s]) for s in splits]
@@ -183,7 +214,7 @@ def cmd_evaluate(args) -> int:
 
         extra, base, cache, from_cache = best_baseline_rows(
             data, os.path.dirname(os.path.abspath(args.checkpoint)), splits, ks=args.ks,
-            batch_size=args.batch_size, progress=not args.quiet)
+            batch_size=args.batch_size, progress=_progress(args))
         rows += extra
         results["best_baseline"] = {"label": base.label, **{s: getattr(base, s) for s in splits},
                                     "fit_s": base.fit_s, "cache": cache}
@@ -217,13 +248,12 @@ def cmd_baselines(args) -> int:
     data = load_dataset(args.data)
     include = [n.strip() for n in args.only.split(",") if n.strip()]
     results = fit_baselines(data, ks=args.ks, knn_grid=args.knn_grid, ease_grid=args.ease_grid, include=include,
-                            batch_size=args.batch_size, progress=not args.quiet)
+                            batch_size=args.batch_size, progress=_progress(args))
     best = best_baseline(results)
     payload = {"data": args.data, "fingerprint": data_fingerprint(data), "n_users": data.n_users,
                "n_items": data.n_items, "best": best.label, "results": [r.to_dict() for r in results]}
-    if args.out:
-        run = RunDir(args.out)
-        run.write_json("baselines.json", payload)
+    out = args.out or os.path.join("runs", "baselines-" + (os.path.basename(os.path.normpath(args.data)) or "data"))
+    RunDir(out).write_json("baselines.json", payload)
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
         return 0
@@ -236,9 +266,11 @@ def cmd_baselines(args) -> int:
     for r in results:
         tune = f", tuning over {len(r.grid)} values {r.tune_s:.2f} s" if r.grid else ""
         print(f"  {r.label}: fit {r.fit_s:.2f} s{tune}")
+    for r in results:
+        for note in r.notes:
+            print(f"note: {note}")
     print(f"best: {best.label}")
-    if args.out:
-        print(f"written to {os.path.abspath(os.path.join(args.out, 'baselines.json'))}")
+    print(f"written to {os.path.abspath(os.path.join(out, 'baselines.json'))}")
     return 0
 
 
@@ -297,7 +329,7 @@ def _finetune_config(args, out: str):
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
         precision=args.precision, eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out,
-        progress=not args.quiet, plot=args.plot)
+        progress=_progress(args), plot=args.plot)
 
 
 def cmd_finetune(args) -> int:
@@ -312,14 +344,15 @@ def cmd_finetune(args) -> int:
         return 2
     summary = finetune(config, resume=args.resume, device=_device())
     if not _main():
-        return 0
+        return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
     print(f"best iteration {summary['best_iteration']} of {summary['iterations']} (validation {summary['selection']}), "
           f"{summary['s_per_iteration']:.3f} s per iteration, {summary['seconds']:.1f} s in all, "
           f"peak memory {summary['peak_memory_mb']:.0f} MiB")
     print(format_table([("test, before", summary["before"]["test"]), ("test, after", summary["test"])],
                        config.ks))
-    return 0
+    _print_resume(summary, out)
+    return _stop_code(summary)
 
 
 def cmd_demo(args) -> int:
@@ -349,12 +382,12 @@ def cmd_demo(args) -> int:
         f"{data.train.nnz} / {data.valid.nnz} / {data.test.nnz} train / valid / test interactions")
     out = args.out
     pre = PretrainConfig(data=source, epochs=args.epochs, out=os.path.join(out, "pretrain"),
-                         progress=not args.quiet, seed=args.seed)
+                         progress=_progress(args), seed=args.seed)
     say(f"1/2 pretraining DiffRec (at most {args.epochs} epochs, early stopping on validation Recall@20) ...")
     ps = pretrain(pre, data, device=_device())
     say(f"    best epoch {ps['best_epoch']}, {ps['seconds']:.0f} s")
     ft = FinetuneConfig(checkpoint=os.path.join(out, "pretrain", "best.pt"), data=source,
-                        iterations=args.iterations, out=os.path.join(out, "finetune"), progress=not args.quiet,
+                        iterations=args.iterations, out=os.path.join(out, "finetune"), progress=_progress(args),
                         seed=args.seed)
     say(f"2/2 fine-tuning with ReFiT ({args.iterations} iterations) ...")
     fs = finetune(ft, data, device=_device())
@@ -380,10 +413,20 @@ def _main() -> bool:
     return dist.is_main()
 
 
+def _progress(args) -> Optional[bool]:
+    """The progress-bar setting of a command: False with -q, True with --progress, else None (on a terminal)."""
+    if args.quiet:
+        return False
+    return True if args.progress else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit", description="ReFiT: RL fine-tuning of diffusion recommenders.")
     parser.add_argument("--version", action="version", version=f"refit {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", action="store_true",
+                        help="progress bars even when stderr is not a terminal (by default they are shown only "
+                             "on a terminal, so logs and pipes are not flooded)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the data loaders filter")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="versions, what was built, which kernel backends are usable")
@@ -416,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("baselines", help="most-popular, ItemKNN and EASE, tuned on validation, same protocol")
     _add_data_args(p, required=True)
-    p.add_argument("--out", default=None, help="run folder to write baselines.json into")
+    p.add_argument("--out", default=None,
+                   help="folder to write baselines.json into (default: runs/baselines-<data name>)")
     p.add_argument("--split", choices=["valid", "test", "both"], default="test")
     p.add_argument("--ks", type=_int_list, default=[10, 20, 50, 100])
     p.add_argument("--knn-grid", type=_int_list, default=list(DEFAULT_KNN_GRID),

@@ -28,6 +28,7 @@ import refit_kernels as rk
 from refit_kernels.sparse import CSR, as_csr
 
 from . import distributed as dist
+from .control import progress_enabled
 
 DEFAULT_KS = (10, 20, 50, 100)
 METRICS = ("recall", "ndcg", "precision", "mrr")
@@ -138,7 +139,7 @@ def evaluate(
     exclude_users_without_positives: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     backend: Optional[str] = None,
-    progress: bool = False,
+    progress: Optional[bool] = False,
     distributed: Optional[bool] = None,
 ) -> Dict[str, float]:
     """Full-ranking evaluation over all items, history masked (DiffRec's protocol).
@@ -162,7 +163,8 @@ def evaluate(
         device: where the CSR arguments go (default: the device of the first
             scores).
         backend: forced ``topk_hits`` backend (default: the dispatcher's choice).
-        progress: show a progress bar (on rank 0 only under torch.distributed).
+        progress: show a progress bar (on rank 0 only under torch.distributed): True always, None when
+            stderr is a terminal, False never.
         distributed: shard the users across the ranks of the active process
             group and sum the metrics over ranks (default: whenever a group of
             more than one process is active). Every rank must then call this
@@ -191,7 +193,7 @@ def evaluate_many(
     exclude_users_without_positives: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     backend: Optional[str] = None,
-    progress: bool = False,
+    progress: Optional[bool] = False,
     desc: str = "evaluate",
     distributed: Optional[bool] = None,
 ) -> Dict[str, Dict[str, float]]:
@@ -264,7 +266,7 @@ def evaluate_many(
     # only exact zeros and the result is bit-identical to a single process.
     sums = torch.zeros(len(names), len(starts), len(METRICS) * n_k + 1, dtype=torch.float64)
     batches = mine
-    if progress and dist.is_main():
+    if dist.is_main() and progress_enabled(progress):
         from tqdm.auto import tqdm
 
         batches = tqdm(mine, total=len(mine), desc=desc, unit="batch")

@@ -28,6 +28,7 @@ from .diffusion import DiffusionConfig, GaussianDiffusion
 from .evaluate import evaluate_many
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
+from .control import Progress, StopRequests, TimeBudget
 from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class PretrainConfig:
     eval_batch_size: int = 1024
     ks: Tuple[int, ...] = (10, 20, 50, 100)
     out: str = "runs/pretrain"
-    progress: bool = True
+    progress: Optional[bool] = None  # progress bar: None when stderr is a terminal, True always, False never
     data_options: Dict[str, Any] = field(default_factory=dict)
     init: Optional[str] = None  # start from this checkpoint's weights (its model settings are used)
     time_budget: Optional[float] = None  # stop after this many seconds (training and evaluation)
@@ -147,30 +148,6 @@ def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequen
                          progress=progress, desc="evaluate")
 
 
-class _Progress:
-    """tqdm when asked for and installed, else a silent stand-in."""
-
-    def __init__(self, enabled: bool, **kwargs):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(**kwargs)
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                self.bar = None
-
-    def update(self, n=1, **postfix):
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint: str, path: str) -> None:
     saved = dict(state.get("config", {}))
     mine = config.to_dict()
@@ -201,14 +178,27 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     (seed, epoch, rank). Rank 0 alone writes the run folder; the checkpoint
     (global epoch, generator state, loss history) resumes with any number of
     processes.
+
+    The run always ends with an evaluated model in ``best.pt``: the last
+    epoch is evaluated whatever ``eval_every`` says. It stops at ``epochs``,
+    after ``patience`` epochs without a better validation score, before an
+    epoch that would not fit in ``time_budget`` seconds (with its
+    evaluation), or at the end of the epoch during which SIGTERM or SIGINT
+    arrived; ``summary.json`` (rewritten at every evaluation) says which in
+    ``stop_reason`` and ``status``.
     """
+    with StopRequests() as stops:
+        return _pretrain(config, data, resume, torch.device(device), stops)
+
+
+def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: bool, device: torch.device,
+              stops: StopRequests) -> Dict[str, Any]:
     t_start = time.perf_counter()
     dist.warn_if_not_joined("pretrain")
     run = RunDir(config.out)
     main, world = dist.is_main(), dist.world_size()
     data = data if data is not None else load_dataset(config.data, **config.data_options)
     fingerprint = data_fingerprint(data)
-    device = torch.device(device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -261,19 +251,38 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
         if main:
             run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
             save_checkpoint(run.file("best.pt"), checkpoint_state(0))
-    epochs_bar = _Progress(config.progress and main, total=config.epochs, initial=start_epoch - 1, desc="pretrain",
-                           unit="epoch")
+    epochs_bar = Progress(config.progress if main else False, total=config.epochs, initial=start_epoch - 1,
+                          desc="pretrain", unit="epoch")
+    budget = TimeBudget(config.time_budget, t_start, elapsed_before)
     epoch = start_epoch - 1
-    stopped_early = False
+    stop_reason = "epochs"
     train_times, eval_times = [], []
+    warnings_: list = []
+
+    def summary_now(status: str) -> Dict[str, Any]:
+        return {
+            "status": status,
+            "best_epoch": best["epoch"],
+            "selection": f"valid {SELECTION_METRIC}",
+            "valid": best["valid"],
+            "test": best["test"],
+            "epochs_run": epoch,
+            "stop_reason": stop_reason if status != "running" else None,
+            "stopped_early": status != "running" and stop_reason != "epochs",
+            "warnings": list(warnings_),
+            "seconds": round(budget.elapsed(), 2),
+            "train_s_per_epoch": round(sum(train_times) / len(train_times), 4) if train_times else None,
+            "eval_s_per_pass": round(sum(eval_times) / len(eval_times), 4) if eval_times else None,
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "checkpoint": run.file("best.pt") if best["valid"] is not None else None,
+            "data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
+                     "n_items": data.n_items},
+            "world_size": world,
+        }
+
     for epoch in range(start_epoch, config.epochs + 1):
         if epoch - best["epoch"] >= config.patience and (best["epoch"] > 0 or config.init is not None):
-            stopped_early = True
-            epoch -= 1
-            break
-        # Clocks differ between ranks: stop when any rank is out of time, all together.
-        if config.time_budget is not None and dist.any_rank(time.perf_counter() - t_start >= config.time_budget):
-            stopped_early = True
+            stop_reason = "patience"
             epoch -= 1
             break
         model.train()
@@ -298,8 +307,20 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
             n_batches += 1
         train_s = time.perf_counter() - t0
         train_times.append(train_s)
+        budget.record(train_s)
+        # Is this the last epoch? Then it is evaluated whatever eval_every says, so a run always
+        # ends with its model selected and saved.
+        last = epoch == config.epochs
+        if not last and stops.requested():
+            stop_reason, last = stops.signal_name, True
+        if not last:
+            next_evaluates = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            eval_cost = [sorted(eval_times)[len(eval_times) // 2]] if eval_times else []
+            # The next epoch must fit with its evaluation, or with the final one it would force.
+            if not budget.next_fits(eval_cost if (next_evaluates or eval_times) else []):
+                stop_reason, last = "time_budget", True
         record = {"epoch": epoch, "loss": total / max(1, n_batches), "train_s": round(train_s, 4)}
-        if epoch % config.eval_every == 0:
+        if epoch % config.eval_every == 0 or last:
             t1 = time.perf_counter()
             metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
             eval_s = time.perf_counter() - t1
@@ -315,27 +336,23 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
             save_checkpoint(run.file("last.pt"), {
                 **checkpoint_state(epoch), "optimizer": optimizer.state_dict(),
                 "loss_history": diffusion.loss_history.copy(), "loss_count": diffusion.loss_count.copy(),
-                "rng": rng_state(generator), "elapsed": elapsed_before + time.perf_counter() - t_start})
+                "rng": rng_state(generator), "elapsed": budget.elapsed()})
+            if "valid" in record:  # summary.json stays current while the run goes on
+                run.write_json("summary.json", summary_now("running"))
         epochs_bar.update(1, loss=f"{record['loss']:.4f}",
                           best=f"{best['value']:.4f}@{best['epoch']}" if best["epoch"] else "-")
+        if last:
+            break
     epochs_bar.close()
 
-    summary = {
-        "best_epoch": best["epoch"],
-        "selection": f"valid {SELECTION_METRIC}",
-        "valid": best["valid"],
-        "test": best["test"],
-        "epochs_run": epoch,
-        "stopped_early": stopped_early,
-        "seconds": round(elapsed_before + time.perf_counter() - t_start, 2),
-        "train_s_per_epoch": round(sum(train_times) / len(train_times), 4) if train_times else None,
-        "eval_s_per_pass": round(sum(eval_times) / len(eval_times), 4) if eval_times else None,
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "checkpoint": run.file("best.pt") if best["epoch"] else None,
-        "data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
-                 "n_items": data.n_items},
-        "world_size": world,
-    }
+    if stop_reason == "time_budget" and epoch < config.patience:
+        warnings_.append(f"the time budget stopped the run after {epoch} epoch(s), before the first patience "
+                         f"window ({config.patience} epochs) could tell whether it had converged")
+    if stop_reason not in ("epochs", "patience", "time_budget") and main:
+        warnings_.append(f"stopped by {stop_reason} after epoch {epoch}: continue with --resume")
+    for w in warnings_:
+        log.warning("pretrain: %s", w)
+    summary = summary_now("stopped" if stop_reason not in ("epochs", "patience", "time_budget") else "finished")
     if main:
         run.write_json("summary.json", summary)
     dist.barrier()  # the run folder is complete before any rank returns

@@ -35,7 +35,8 @@ import refit_kernels as rk
 
 from .data import InteractionData
 from .diffusion import Trajectory
-from .pretrain import SELECTION_METRIC, _Progress, evaluate_recommender, load_recommender, peak_memory_mb
+from .control import Progress, StopRequests
+from .pretrain import SELECTION_METRIC, evaluate_recommender, load_recommender, peak_memory_mb
 from .recommender import PRECISIONS, Recommender
 from .reward import TARGETS, collaborative_reward, make_episode, repeat_episode
 from . import distributed as dist
@@ -84,7 +85,7 @@ class FinetuneConfig:
     eval_batch_size: int = 1024
     ks: Tuple[int, ...] = (10, 20, 50, 100)
     out: str = "runs/finetune"
-    progress: bool = True
+    progress: Optional[bool] = None  # progress bar: None when stderr is a terminal, True always, False never
     plot: bool = True
     data_options: Dict[str, Any] = field(default_factory=dict)
 
@@ -435,11 +436,22 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
 
     ``max_iterations_this_run`` stops early without finishing (as a killed run would).
 
+    SIGTERM or SIGINT stops the run at the end of the current iteration: it
+    writes ``last.pt`` and a ``summary.json`` with ``status: "stopped"`` and
+    the signal in ``stop_reason`` (``--resume`` continues it). The summary is
+    also rewritten at every evaluation (``status: "running"``).
+
     Under torch.distributed every rank calls this; rank 0 alone writes the run
     folder. A run may be resumed with another number of processes: its
     checkpoint holds the global iteration, the optimiser and the generator
     state, which are the same on every rank.
     """
+    with StopRequests() as stops:
+        return _finetune(config, data, resume, device, max_iterations_this_run, stops)
+
+
+def _finetune(config: FinetuneConfig, data: Optional[InteractionData], resume: bool, device: Any,
+              max_iterations_this_run: Optional[int], stops: StopRequests) -> Dict[str, Any]:
     t_start = time.perf_counter()
     dist.warn_if_not_joined("finetune")
     run = RunDir(config.out)
@@ -492,17 +504,42 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
             run.log(record)
             save_checkpoint(run.file("best.pt"), ckpt(0))
 
-    bar = _Progress(config.progress and main, total=config.iterations, initial=start - 1, desc="refit", unit="it")
+    bar = Progress(config.progress if main else False, total=config.iterations, initial=start - 1, desc="refit",
+                   unit="it")
     step_times = []
     iteration = start - 1
+    stop_reason = "iterations"
+
+    def summary_now(status: str) -> Dict[str, Any]:
+        return {
+            "status": status,
+            "stop_reason": None if status == "running" else stop_reason,
+            "best_iteration": best["iteration"],
+            "selection": f"valid {SELECTION_METRIC}",
+            "before": best["before"],
+            "valid": best["valid"],
+            "test": best["test"],
+            "iterations": iteration,
+            "iterations_planned": config.iterations,
+            "seconds": round(elapsed_before + time.perf_counter() - t_start, 2),
+            "s_per_iteration": round(float(np.median(step_times)), 4) if step_times else None,
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "checkpoint": run.file("best.pt"),
+            "world_size": dist.world_size(),
+        }
+
     for iteration in range(start, config.iterations + 1):
         if max_iterations_this_run is not None and iteration - start >= max_iterations_this_run:
             bar.close()
             return {"stopped_at": iteration - 1}
         stats = trainer.step()
         step_times.append(stats["step_s"])
+        last = iteration == config.iterations
+        if not last and stops.requested():
+            stop_reason, last = stops.signal_name, True
         record = {"iteration": iteration, **stats}
-        if iteration % config.eval_every == 0 or iteration == config.iterations:
+        evaluated = iteration % config.eval_every == 0 or iteration == config.iterations
+        if evaluated:
             record.update({k: v for k, v in evaluate(iteration).items() if k != "iteration"})
             if record["valid"][SELECTION_METRIC] > best["value"]:
                 best.update(iteration=iteration, value=record["valid"][SELECTION_METRIC], valid=record["valid"],
@@ -511,24 +548,20 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
                     save_checkpoint(run.file("best.pt"), ckpt(iteration))
         if main:
             run.log(record)
-        if main and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
+        if main and (iteration % config.checkpoint_every == 0 or last):
             save_checkpoint(run.file("last.pt"), {**ckpt(iteration), "trainer": trainer.state(),
                                                   "elapsed": elapsed_before + time.perf_counter() - t_start})
+        if main and evaluated and not last:
+            run.write_json("summary.json", summary_now("running"))
         bar.update(1, reward=f"{stats['reward']:.3f}", best=f"{best['value']:.4f}@{best['iteration']}")
+        if last:
+            break
     bar.close()
-    summary = {
-        "best_iteration": best["iteration"],
-        "selection": f"valid {SELECTION_METRIC}",
-        "before": best["before"],
-        "valid": best["valid"],
-        "test": best["test"],
-        "iterations": iteration,
-        "seconds": round(elapsed_before + time.perf_counter() - t_start, 2),
-        "s_per_iteration": round(float(np.median(step_times)), 4) if step_times else None,
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "checkpoint": run.file("best.pt"),
-        "world_size": dist.world_size(),
-    }
+    stopped = stop_reason != "iterations"
+    if stopped:
+        log.warning("finetune: stopped by %s after iteration %d of %d; last.pt holds it: continue with --resume",
+                    stop_reason, iteration, config.iterations)
+    summary = summary_now("stopped" if stopped else "finished")
     if main:
         if config.plot:
             summary["plot"] = _plot(run)
