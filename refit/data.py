@@ -4,7 +4,10 @@
 
 * a folder of DiffRec splits: ``train_list.npy``, ``valid_list.npy``,
   ``test_list.npy``, each an (n, 2) integer array of (user, item) pairs
-  whose ids are already dense indices (kept as they are);
+  whose ids are already dense indices (kept as they are; without declared
+  sizes an id space more than twice the number of distinct ids, and above
+  2**20, is refused as a broken file: see ``DENSE_ID_FACTOR``). The arrays
+  are read with ``allow_pickle=False``: nothing is ever unpickled;
 * a RecBole atomic ``.inter`` file (tab-separated, a ``name:type`` header with
   ``user_id`` and ``item_id``, optionally ``rating`` and ``timestamp``);
 * raw MovieLens ratings: ``ratings.dat`` (``user::item::rating::timestamp``,
@@ -21,7 +24,9 @@ seeded random split). Users and items are re-indexed densely; the original ids
 are kept in ``user_ids`` / ``item_ids``. What was filtered is logged (logger
 ``refit.data``) and kept in ``InteractionData.summary``.
 
-Malformed files raise :class:`DataFormatError` naming the file and line.
+Text files are UTF-8 (a leading byte order mark is accepted); blank and
+whitespace-only lines are skipped. Malformed files raise
+:class:`DataFormatError` naming the file and line (the row, for ``.npy``).
 """
 
 from __future__ import annotations
@@ -234,8 +239,9 @@ def load_dataset(name_or_path: Any, **options) -> InteractionData:
             in file order; default) or ``"random"`` (a seeded shuffle per user).
         seed: seed of the random split and of the synthetic generator.
         n_users, n_items: for a DiffRec folder, the declared sizes (ids must
-            be below them; default: the largest id + 1). For ``"synthetic"``,
-            the sizes to generate.
+            be below them; default: the largest id + 1, which may be at most
+            max(2 x the distinct ids, 2**20)). For ``"synthetic"``, the sizes
+            to generate.
         Other ``"synthetic"`` options: see :func:`synthetic_interactions`.
 
     Raises:
@@ -316,66 +322,125 @@ class _Records:
     lines: np.ndarray  # 1-based line of each record in its file
 
 
-_INT_FIELD = re.compile(r"^[+-]?\d+$")
+# ASCII digits only: ``\d`` would also accept digits of other scripts, which NumPy does not parse.
+_INT_FIELD = re.compile(r"^[+-]?[0-9]+$")
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
-def _scan_for_error(path: str, text: str, sep: str, fields: Sequence[Tuple[str, str]], first_line: int) -> None:
-    """Finds the first malformed line and raises DataFormatError for it (the slow path)."""
+def _decode(path: str, raw: bytes) -> str:
+    """The file's text (UTF-8; a leading byte order mark, as some editors write, is dropped)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataFormatError(path, line, f"not UTF-8 text ({exc.reason})") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _check_int(path: str, no: int, name: str, tok: str) -> int:
+    if not _INT_FIELD.match(tok):
+        raise DataFormatError(path, no, f"{name} must be an integer, got {tok[:40]!r}")
+    value = int(tok)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise DataFormatError(path, no, f"{name} {tok[:40]} is out of range (ids must fit in a 64-bit integer)")
+    return value
+
+
+def _check_float(path: str, no: int, name: str, tok: str) -> float:
+    try:
+        if not tok.isascii() or "_" in tok:  # float() takes "1_0" and other scripts' digits, NumPy does not
+            raise ValueError(tok)
+        value = float(tok)
+    except ValueError:
+        raise DataFormatError(path, no, f"{name} must be a number, got {tok[:40]!r}") from None
+    if not math.isfinite(value):
+        raise DataFormatError(path, no, f"{name} must be finite, got {tok[:40]!r}")
+    return value
+
+
+def _scan_for_error(path: str, rows: Sequence[str], line_no: np.ndarray, sep: str,
+                    fields: Sequence[Tuple[str, str]]) -> None:
+    """Finds the first malformed row and raises DataFormatError for it (the slow path)."""
     shown = "tab" if sep == "\t" else repr(sep)
-    for no, line in enumerate(text.split("\n")[first_line - 1:], start=first_line):
+    for no, line in zip(line_no.tolist(), rows):
         line = line.rstrip("\r")
-        if not line.strip():
-            continue
         parts = line.split(sep)
         if len(parts) != len(fields):
             raise DataFormatError(path, no, f"expected {len(fields)} fields ({', '.join(n for n, _ in fields)}) "
                                             f"separated by {shown}, got {len(parts)}: {line[:80]!r}")
         for (name, kind), tok in zip(fields, parts):
             tok = tok.strip()
-            if kind == "int" and not _INT_FIELD.match(tok):
-                raise DataFormatError(path, no, f"{name} must be an integer, got {tok[:40]!r}")
-            if kind == "float":
-                try:
-                    v = float(tok)
-                except ValueError:
-                    raise DataFormatError(path, no, f"{name} must be a number, got {tok[:40]!r}") from None
-                if not math.isfinite(v):
-                    raise DataFormatError(path, no, f"{name} must be finite, got {tok[:40]!r}")
+            if kind == "int":
+                _check_int(path, no, name, tok)
+            else:
+                _check_float(path, no, name, tok)
+
+
+def _loadtxt(rows: Sequence[str], sep: str, dtype: np.dtype) -> np.ndarray:
+    data = "\n".join(rows)
+    if len(sep) > 1:  # loadtxt takes one-character separators
+        data = data.replace(sep, "\x1f")
+        sep = "\x1f"
+    return np.loadtxt(io.StringIO(data), delimiter=sep, dtype=dtype, comments=None, ndmin=1)
+
+
+def _first_rejected(rows: Sequence[str], sep: str, dtype: np.dtype) -> Optional[Tuple[int, str]]:
+    """(index, NumPy's message) of the first row that NumPy cannot parse, found by bisection.
+
+    Reached only when the per-field checks accept every row yet NumPy refuses
+    the table: NumPy's own verdict then names the line.
+    """
+    def refused(a: int, b: int) -> Optional[str]:
+        try:
+            _loadtxt(rows[a:b], sep, dtype)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    lo, hi = 0, len(rows)
+    if refused(lo, hi) is None:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if refused(lo, mid) is not None:
+            hi = mid
+        else:
+            lo = mid
+    message = refused(lo, hi)
+    return None if message is None else (lo, message)
 
 
 def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_lines: int = 0):
     """Reads a delimited text table into a structured array, plus each row's line number.
 
-    fields: (name, "int" | "float") per column. Blank lines are skipped. Any
-    malformed line raises DataFormatError with its line number.
+    fields: (name, "int" | "float") per column. Blank (or whitespace-only)
+    lines are skipped. Any malformed line raises DataFormatError with its
+    line number.
     """
     with open(path, "rb") as f:
         raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataFormatError(path, line, f"not UTF-8 text ({exc.reason})") from None
-    lines = text.split("\n")
+    lines = _decode(path, raw).split("\n")
     body = lines[header_lines:]
-    line_no = np.flatnonzero([bool(s.strip()) for s in body]) + header_lines + 1
-    if len(line_no) == 0:
+    kept = [i for i, s in enumerate(body) if s.strip()]
+    if not kept:
         raise DataFormatError(path, None, "the file has no data rows" + (" (only a header)" if header_lines else
                                                                           " (it is empty)"))
+    rows = [body[i] for i in kept]
+    line_no = np.asarray(kept, dtype=np.int64) + header_lines + 1
     dtype = np.dtype([(name, np.int64 if kind == "int" else np.float64) for name, kind in fields])
-    data = "\n".join(body)
-    if len(sep) > 1:  # loadtxt takes one-character separators
-        data = data.replace(sep, "\x1f")
     try:
-        table = np.loadtxt(io.StringIO(data), delimiter="\x1f" if len(sep) > 1 else sep, dtype=dtype,
-                           comments=None, ndmin=1)
-        if table.shape[0] != len(line_no):
+        table = _loadtxt(rows, sep, dtype)
+        if table.shape[0] != len(rows):
             raise ValueError("row count")
         for name, kind in fields:
             if kind == "float" and not np.isfinite(table[name]).all():
                 raise ValueError("not finite")
     except ValueError:
-        _scan_for_error(path, text, sep, fields, header_lines + 1)
+        _scan_for_error(path, rows, line_no, sep, fields)
+        found = _first_rejected(rows, sep, dtype)
+        if found is not None:
+            msg = re.sub(r"\s*at row \d+, column (\d+)\.?$", r" (field \1)", found[1])
+            raise DataFormatError(path, int(line_no[found[0]]), f"could not be parsed: {msg}") from None
         raise DataFormatError(path, None, "could not be parsed (no single malformed line was found)") from None
     return table, line_no
 
@@ -385,16 +450,21 @@ _RECBOLE_KINDS = {"user_id": "int", "item_id": "int", "rating": "float", "timest
 
 def _read_recbole(path: str) -> _Records:
     with open(path, "rb") as f:
-        header = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        first = f.readline()
+    header = _decode(path, first).rstrip("\r\n")
     if not header.strip():
         raise DataFormatError(path, 1, "the file is empty" if os.path.getsize(path) == 0 else
                               "expected a header of name:type fields")
     cols = header.split("\t")
-    names = []
-    for c in cols:
+    names: list = []
+    for j, c in enumerate(cols, start=1):
         if ":" not in c:
             raise DataFormatError(path, 1, f"header field {c!r} is not name:type (RecBole atomic file)")
-        names.append(c.split(":", 1)[0].strip())
+        name = c.split(":", 1)[0].strip()
+        if name in names:
+            raise DataFormatError(path, 1, f"the header names the column {name!r} twice (fields "
+                                           f"{names.index(name) + 1} and {j})")
+        names.append(name)
     for need in ("user_id", "item_id"):
         if need not in names:
             raise DataFormatError(path, 1, f"the header has no {need} field (got {', '.join(names)})")
@@ -411,34 +481,27 @@ def _read_recbole_general(path: str, names: Sequence[str], extra: Sequence[str])
     """A .inter file with columns beyond user, item, rating and time: those are checked for count only."""
     kinds = _RECBOLE_KINDS
     users, items, ratings, times, lines = [], [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        f.readline()
-        for no, line in enumerate(f, start=2):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != len(names):
-                raise DataFormatError(path, no, f"expected {len(names)} tab-separated fields, got {len(parts)}")
-            rec = {}
-            for name, tok in zip(names, parts):
-                kind = kinds.get(name)
-                if kind == "int":
-                    if not _INT_FIELD.match(tok.strip()):
-                        raise DataFormatError(path, no, f"{name} must be an integer, got {tok[:40]!r}")
-                    rec[name] = int(tok)
-                elif kind == "float":
-                    try:
-                        rec[name] = float(tok)
-                    except ValueError:
-                        raise DataFormatError(path, no, f"{name} must be a number, got {tok[:40]!r}") from None
-                    if not math.isfinite(rec[name]):
-                        raise DataFormatError(path, no, f"{name} must be finite, got {tok[:40]!r}")
-            users.append(rec["user_id"])
-            items.append(rec["item_id"])
-            ratings.append(rec.get("rating", np.nan))
-            times.append(rec.get("timestamp", np.nan))
-            lines.append(no)
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
+    for no, line in enumerate(text.split("\n")[1:], start=2):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != len(names):
+            raise DataFormatError(path, no, f"expected {len(names)} tab-separated fields, got {len(parts)}")
+        rec = {}
+        for name, tok in zip(names, parts):
+            kind = kinds.get(name)
+            if kind == "int":
+                rec[name] = _check_int(path, no, name, tok.strip())
+            elif kind == "float":
+                rec[name] = _check_float(path, no, name, tok)
+        users.append(rec["user_id"])
+        items.append(rec["item_id"])
+        ratings.append(rec.get("rating", np.nan))
+        times.append(rec.get("timestamp", np.nan))
+        lines.append(no)
     if not users:
         raise DataFormatError(path, None, "the file has no data rows (only a header)")
     log.info("%s: ignoring the columns %s", path, ", ".join(extra))
@@ -462,14 +525,15 @@ def _read_u_info(path: str) -> Optional[Dict[str, int]]:
     if not os.path.exists(path):
         return None
     declared = {}
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2 or not parts[0].isdigit():
-                raise DataFormatError(path, no, f"expected '<count> users|items|ratings', got {line.strip()[:80]!r}")
-            declared[parts[1]] = int(parts[0])
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
+    for no, line in enumerate(text.split("\n"), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[0]):
+            raise DataFormatError(path, no, f"expected '<count> users|items|ratings', got {line.strip()[:80]!r}")
+        declared[parts[1]] = int(parts[0])
     return declared
 
 
@@ -617,22 +681,104 @@ def _load_file(path: str, kind: str, options: Dict[str, Any], name: Optional[str
 
 # --- DiffRec splits ----------------------------------------------------------------------------
 
+# DiffRec's ids are dense indices 0..n-1. Without declared sizes the id space (the largest id + 1) may be
+# at most DENSE_ID_FACTOR times the number of distinct ids, or DENSE_ID_FLOOR, whichever is larger: a
+# corrupt id then gets a message naming it instead of a matrix of absurd size.
+DENSE_ID_FACTOR = 2
+DENSE_ID_FLOOR = 1 << 20
+
+_NPY_MAGIC = b"\x93NUMPY"
+_COLUMNS = ("user", "item")
+
+
+def _not_npy(head: bytes) -> str:
+    if head.startswith(b"PK\x03\x04"):
+        return ("not a NumPy .npy array: it is a zip archive, as np.savez writes (.npz); save each split "
+                "with np.save")
+    if head[:1] == b"\x80":
+        return "not a NumPy .npy array: it is a Python pickle, which is never unpickled (that could run code)"
+    return f"not a NumPy .npy array (it starts with {head!r})"
+
+
+def _read_npy_header(f, version) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+    fmt = np.lib.format
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(f)
+    if version == (2, 0):
+        return fmt.read_array_header_2_0(f)
+    return fmt._read_array_header(f, version)  # 3.0 (a UTF-8 header) has no public reader
+
+
 def _read_pairs(path: str) -> np.ndarray:
+    """An (n, 2) int64 array of non-negative (user, item) ids.
+
+    The .npy header is checked first (shape, dtype, and that the file holds
+    the data it announces), so that nothing is allocated for a damaged file
+    and nothing is ever unpickled.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataFormatError(path, None, "the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+        if head != _NPY_MAGIC:
+            raise DataFormatError(path, None, _not_npy(head))
+        f.seek(0)
+        try:
+            shape, _, dtype = _read_npy_header(f, np.lib.format.read_magic(f))
+        except (ValueError, OSError, EOFError, SyntaxError, UnicodeError) as exc:
+            raise DataFormatError(path, None, f"not a NumPy .npy array: its header is truncated or damaged "
+                                              f"({exc})") from None
+        data_start = f.tell()
+    if dtype.hasobject:
+        raise DataFormatError(path, None, f"holds Python objects (dtype {dtype}), not integer ids; it is not "
+                                          "unpickled (that could run code)")
+    if len(shape) != 2 or shape[1] != 2:
+        raise DataFormatError(path, None, f"expected an (n, 2) array of (user, item) pairs, got shape {shape}")
+    if dtype.kind not in "iu":
+        raise DataFormatError(path, None, f"expected integer ids, got dtype {dtype}")
+    if shape[0] == 0:
+        raise DataFormatError(path, None, "the array has no pairs")
+    need = shape[0] * 2 * dtype.itemsize
+    if size - data_start < need:
+        raise DataFormatError(path, None, f"the file is truncated: its header announces {shape[0]} pairs of "
+                                          f"{dtype} ({need} bytes), it holds {size - data_start} bytes of data")
     try:
         a = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataFormatError(path, None, f"not a NumPy .npy array ({exc})") from None
-    if a.ndim != 2 or a.shape[1] != 2:
-        raise DataFormatError(path, None, f"expected an (n, 2) array of (user, item) pairs, got shape {a.shape}")
-    if a.dtype.kind not in "iu":
-        raise DataFormatError(path, None, f"expected integer ids, got dtype {a.dtype}")
-    if a.shape[0] == 0:
-        raise DataFormatError(path, None, "the array has no pairs")
-    a = a.astype(np.int64)
-    neg = np.flatnonzero((a < 0).any(axis=1))
-    if len(neg):
-        raise DataFormatError(path, int(neg[0]), f"negative id in pair {a[neg[0]].tolist()}", what="row")
-    return a
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataFormatError(path, None, f"not a readable NumPy .npy array ({exc})") from None
+    if a.dtype.kind == "i":
+        neg = np.flatnonzero((a < 0).any(axis=1))
+        if len(neg):
+            raise DataFormatError(path, int(neg[0]), f"negative id in pair {a[neg[0]].tolist()}", what="row")
+    big = np.flatnonzero((a > np.iinfo(np.int64).max).any(axis=1)) if a.dtype == np.uint64 else []
+    if len(big):
+        row = a[big[0]]
+        col = int(np.argmax(row > np.iinfo(np.int64).max))
+        raise DataFormatError(path, int(big[0]), f"{_COLUMNS[col]} id {int(row[col])} is out of range (ids must "
+                                                 "fit in a 64-bit signed integer)", what="row")
+    return a.astype(np.int64, copy=False)
+
+
+def _check_id_space(parts: Dict[str, Tuple[str, np.ndarray]], col: int) -> int:
+    """The id space of one column (largest id + 1), refused when it is far larger than the ids in use."""
+    what = _COLUMNS[col]
+    largest = max(int(a[:, col].max()) for _, a in parts.values())
+    if largest + 1 <= DENSE_ID_FLOOR:
+        return largest + 1
+    distinct = len(np.unique(np.concatenate([a[:, col] for _, a in parts.values()])))
+    limit = max(DENSE_ID_FACTOR * distinct, DENSE_ID_FLOOR)
+    if largest + 1 <= limit:
+        return largest + 1
+    for path, a in parts.values():
+        bad = np.flatnonzero(a[:, col] >= limit)
+        if len(bad):
+            raise DataFormatError(
+                path, int(bad[0]), f"{what} id {int(a[bad[0], col])} is far above the {distinct} distinct {what} "
+                f"ids of the three files: DiffRec's ids are dense indices 0..n-1, so without a declared size "
+                f"ids below max({DENSE_ID_FACTOR} x distinct ids, {DENSE_ID_FLOOR}) = {limit} are accepted. "
+                f"Pass n_{what}s= to declare a larger id space", what="row")
+    raise AssertionError("unreachable: the largest id lies in one of the files")
 
 
 def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Optional[int] = None,
@@ -652,8 +798,8 @@ def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Option
             if len(bad):
                 raise DataFormatError(path, int(bad[0]), f"{what} id {int(a[bad[0], col])} is outside the declared "
                                                          f"range 0..{declared - 1}", what="row")
-    nu = n_users if n_users is not None else 1 + max(int(a[:, 0].max()) for _, a in parts.values())
-    ni = n_items if n_items is not None else 1 + max(int(a[:, 1].max()) for _, a in parts.values())
+    nu = n_users if n_users is not None else _check_id_space(parts, 0)
+    ni = n_items if n_items is not None else _check_id_space(parts, 1)
     mats, dups = {}, 0
     for split, (path, a) in parts.items():
         mats[split] = binary_csr(a[:, 0], a[:, 1], nu, ni)

@@ -4,7 +4,8 @@ A run folder holds ``config.json`` (what was asked for), ``metrics.jsonl``
 (one JSON object per line: per epoch or iteration, per evaluation),
 checkpoints (``last.pt`` to resume, ``best.pt`` the selected model) and
 ``summary.json``. Files are written atomically: a crash never leaves a
-half-written checkpoint behind.
+half-written checkpoint behind. Checkpoints are read without running code:
+only tensors, NumPy arrays of numbers and plain containers are unpickled.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import time
+import zipfile
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -46,14 +49,101 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+# What a checkpoint may hold besides tensors and plain containers: NumPy arrays and scalars of numbers
+# (NumPy's random state, pretraining's loss history). Nothing else is unpickled, so a checkpoint cannot
+# run code. NumPy 2 moved these functions from numpy.core to numpy._core: files of both are read.
+_np_reconstruct = np.zeros(1).__reduce__()[0]
+_np_scalar = np.float64(0).__reduce__()[0]
+# A dtype is rebuilt through its class (BUILD), so these classes decide which arrays load: numbers and
+# booleans, never object, string or structured arrays.
+_NUMPY_DTYPES = [type(np.dtype(t)) for t in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64, np.longdouble, np.complex64, np.complex128)]
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, *_NUMPY_DTYPES,
+                  (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+                  (_np_reconstruct, "numpy._core.multiarray._reconstruct"),
+                  (_np_scalar, "numpy.core.multiarray.scalar"),
+                  (_np_scalar, "numpy._core.multiarray.scalar")]
+_NUMPY_NAMES = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
+                "numpy._core.multiarray._reconstruct", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _check_archive(path: str) -> bool:
+    """Refuses an empty, truncated or corrupt checkpoint before torch reads it; True for a zip archive.
+
+    torch.save writes a zip archive with a CRC-32 per member: a cut-off file
+    has no central directory, a damaged one fails a checksum. Files in
+    torch's older format (a bare pickle stream) are left to torch.load.
+    """
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!r} is empty (0 bytes): the file is truncated")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC:
+        if head[:1] == b"\x80":  # a pickle stream (protocol 2 or later): torch's older format
+            return False
+        raise ValueError(f"checkpoint {path!r} could not be read: it is not a file written by torch.save (neither "
+                         f"a zip archive nor a pickle; it starts with {head!r}), or it is truncated or corrupt")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:
+                    continue  # written without checksums: nothing to compare against
+                with archive.open(info) as member:  # raises BadZipFile on a wrong CRC-32 at its end
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path!r} is truncated or corrupt ({type(exc).__name__}: {exc}); it cannot "
+                         "be loaded (was it copied or written completely?)") from None
+    return True
+
+
+def _unsafe_globals(path: str) -> list:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - only used to make the message more precise
+        return []
+    return sorted(set(found) - _NUMPY_NAMES)
+
+
+def _refusal(message: str) -> str:
+    """The line of torch's weights-only error that says what was refused."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[-1] if lines else "refused by torch.load(weights_only=True)"
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Loads a checkpoint written by :func:`save_checkpoint`, with clear errors for anything else."""
+    """Loads a checkpoint written by :func:`save_checkpoint`, with clear errors for anything else.
+
+    Only tensors, plain containers (dict, list, tuple, str, numbers...) and
+    NumPy arrays and scalars of numbers are unpickled
+    (``torch.load(weights_only=True)`` with exactly NumPy's array globals
+    and numeric dtypes allowed), so a checkpoint cannot run code when read.
+    Raises ValueError naming the file for an empty, truncated or corrupt
+    file, one that holds other objects, or one that is not a refit checkpoint.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    is_zip = _check_archive(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _unsafe_globals(path) if is_zip else []
+        what = f": {', '.join(found)}" if found else f" ({_refusal(str(exc))})"
+        if not is_zip:  # a bare pickle stream: refused content, or not torch's format at all
+            what += ", or it is not a file written by torch.save"
+        raise ValueError(f"checkpoint {path!r} holds something other than tensors, NumPy arrays of numbers and "
+                         f"plain containers{what}. It is not loaded, since unpickling it could run code; refit "
+                         "reads the checkpoints that refit writes") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same sentence
-        raise ValueError(f"checkpoint {path!r} could not be read ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"checkpoint {path!r} could not be read: not a file written by torch.save, or a "
+                         f"truncated or corrupt one ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path!r} is not a refit checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
     if state.get("version") != CHECKPOINT_VERSION:

@@ -3,6 +3,7 @@
 import importlib.util
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -352,3 +353,144 @@ def test_batches_of_a_valued_matrix():
     m = sp.csr_matrix(np.array([[0, 2.5, 0], [1, 0, 0], [0, 0, 0]], dtype=np.float32))
     rows = [r for _, r in UserBatches(m, 2, shuffle=False)]
     assert torch.equal(torch.cat(rows), torch.from_numpy(m.toarray()))
+
+
+# --- broken files: every message names the file and the line (or row) ----------------------------------
+
+class _Payload:
+    """Unpickling this creates the marker file: a reader that unpickles would run it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _write_train(folder, write_train):
+    """A DiffRec folder with good valid/test splits and a train_list.npy written by write_train(path)."""
+    folder = write_diffrec(folder, [[0, 0]], [[0, 1]], [[1, 2]])
+    write_train(os.path.join(folder, "train_list.npy"))
+    return folder
+
+
+def _npz(path):
+    with open(path, "wb") as f:  # np.savez on a file object keeps the name: an .npz under .npy's name
+        np.savez(f, pairs=np.array([[0, 1]]))
+
+
+def _truncated(path):
+    np.save(path, np.arange(2000).reshape(1000, 2))
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])
+
+
+@pytest.mark.parametrize("case,write_train,msg", [
+    ("zero-bytes", lambda p: open(p, "wb").close(), r"train_list\.npy: the file is empty \(0 bytes\)"),
+    ("npz", _npz, r"train_list\.npy: not a NumPy \.npy array: it is a zip archive, as np\.savez writes"),
+    ("truncated", _truncated, r"train_list\.npy: the file is truncated: its header announces 1000 pairs"),
+    ("header-only", lambda p: open(p, "wb").write(b"\x93NUMPY\x01\x00"), r"train_list\.npy: .*header"),
+    ("huge-user-id", lambda p: np.save(p, np.array([[0, 1], [2 ** 40, 3]])),
+     r"train_list\.npy, row 1: user id 1099511627776 is far above the 3 distinct user ids.*n_users="),
+    ("huge-item-id", lambda p: np.save(p, np.array([[0, 1], [1, 5], [1, 2 ** 40]])),
+     r"train_list\.npy, row 2: item id 1099511627776 is far above the 4 distinct item ids.*n_items="),
+    ("uint64-above-int64", lambda p: np.save(p, np.array([[0, 1], [2 ** 63 + 5, 3]], dtype=np.uint64)),
+     r"train_list\.npy, row 1: user id 9223372036854775813 is out of range"),
+])
+def test_broken_npy_files_name_file_and_row(tmp_path, case, write_train, msg):
+    folder = _write_train(tmp_path / case, write_train)
+    with pytest.raises(DataFormatError, match=msg) as info:
+        load_dataset(folder)
+    assert info.value.path == os.path.join(folder, "train_list.npy")
+
+
+def test_ids_far_above_the_distinct_ids_load_when_declared(tmp_path):
+    # Sparse ids below the floor are kept as they are; above it a declared size accepts them.
+    d = load_dataset(write_diffrec(tmp_path / "small", [[0, 0], [1000, 1]], [[0, 1]], [[1, 2]]))
+    assert d.n_users == 1001
+    big = 1_100_000
+    folder = write_diffrec(tmp_path / "big", [[0, 0], [big, 1]], [[0, 1]], [[1, 2]])
+    with pytest.raises(DataFormatError, match=rf"row 1: user id {big}"):
+        load_dataset(folder)
+    assert load_dataset(folder, n_users=big + 1).n_users == big + 1
+
+
+@pytest.mark.parametrize("case", ["object-array", "plain-pickle"])
+def test_npy_pickles_are_never_unpickled(tmp_path, case):
+    marker = tmp_path / "ran"
+    if case == "object-array":
+        write_train = lambda p: np.save(p, np.array([[0, _Payload(marker)]], dtype=object),  # noqa: E731
+                                        allow_pickle=True)
+        msg = r"train_list\.npy: holds Python objects \(dtype object\).*not unpickled"
+    else:
+        write_train = lambda p: open(p, "wb").write(pickle.dumps(_Payload(marker)))  # noqa: E731
+        msg = r"train_list\.npy: not a NumPy \.npy array: it is a Python pickle, which is never unpickled"
+    folder = _write_train(tmp_path / case, write_train)
+    with pytest.raises(DataFormatError, match=msg):
+        load_dataset(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name,text,line,msg", [
+    ("20-digit-user", "1::2::5::10\n12345678901234567890::3::5::11\n", 2,
+     "user id 12345678901234567890 is out of range"),
+    ("20-digit-item-after-blank", "1::2::5::10\n\n \n2::-12345678901234567890::5::11\n", 4,
+     "item id -12345678901234567890 is out of range"),
+    ("underscore-number", "1::2::5::10\n2::3::5::1_1\n", 2, "timestamp must be a number"),
+    ("other-script-digit", "1::2::5::10\n2::\uff13::5::11\n", 2, "item id must be an integer"),
+])
+def test_ids_numpy_refuses_are_named_by_line(tmp_path, name, text, line, msg):
+    path = write(tmp_path / "ratings.dat", text)
+    with pytest.raises(DataFormatError, match=msg) as info:
+        load_dataset(path)
+    assert info.value.path == path and info.value.line == line
+    assert f"ratings.dat, line {line}:" in str(info.value)
+
+
+def test_whitespace_only_lines_and_a_byte_order_mark_are_accepted(tmp_path):
+    rows = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ML_ROWS)
+    clean = load_dataset(write(tmp_path / "ratings.dat", rows))
+    lines = rows.splitlines(keepends=True)
+    spaced = "\ufeff" + lines[0] + "   \n\t\n" + "".join(lines[1:5]) + " \r\n" + "".join(lines[5:])
+    (tmp_path / "spaced").mkdir()
+    d = load_dataset(write(tmp_path / "spaced" / "ratings.dat", spaced))
+    assert d.summary == clean.summary
+    for split in ("train", "valid", "test"):
+        assert pairs(getattr(d, split), d) == pairs(getattr(clean, split), clean)
+    # The same in u.data (tab-separated), and a line after the blank ones keeps its own number.
+    path = write(tmp_path / "u.data", "1\t1\t5\t100\n  \n\n2\tx\t4\t101\n")
+    with pytest.raises(DataFormatError, match=r"u\.data, line 4: item id must be an integer"):
+        load_dataset(path)
+
+
+def test_inter_with_a_byte_order_mark(tmp_path):
+    a = load_dataset(write(tmp_path / "d.inter", INTER))
+    b = load_dataset(write(tmp_path / "bom.inter", "\ufeff" + INTER))
+    assert b.summary == a.summary and pairs(b.test, b) == pairs(a.test, a)
+    text = "\ufeffuser_id:token\titem_id:token\treview:token_seq\n1\t2\tgood\n1\t3\tok\n"
+    assert load_dataset(write(tmp_path / "general.inter", text), split=(1, 0, 1)).n_items == 2
+
+
+@pytest.mark.parametrize("text,line,msg", [
+    ("user_id:token\titem_id:token\tuser_id:token\n1\t2\t3\n", 1,
+     r"the header names the column 'user_id' twice \(fields 1 and 3\)"),
+    ("user_id:token\titem_id:token\treview:token_seq\treview:token\n1\t2\tx\ty\n", 1,
+     r"the header names the column 'review' twice \(fields 3 and 4\)"),
+    ("user_id:token\titem_id:token\treview:token_seq\n1\t2\tx\n1\t12345678901234567890\ty\n", 3,
+     "item_id 12345678901234567890 is out of range"),
+    ("user_id:token\titem_id:token\n1\t2\n99999999999999999999\t3\n", 3,
+     "user_id 99999999999999999999 is out of range"),
+])
+def test_malformed_inter_names_the_file(tmp_path, text, line, msg):
+    path = write(tmp_path / "bad.inter", text)
+    with pytest.raises(DataFormatError, match=msg) as info:
+        load_dataset(path)
+    assert info.value.line == line and info.value.path == path
+    assert str(info.value).startswith(f"{path}, line {line}:")
+
+
+def test_non_utf8_lines_are_named(tmp_path):
+    path = tmp_path / "d.inter"
+    path.write_bytes(b"user_id:token\titem_id:token\treview:token_seq\n1\t2\tok\n1\t3\t\xff\n")
+    with pytest.raises(DataFormatError, match=r"d\.inter, line 3: not UTF-8 text"):
+        load_dataset(str(path))

@@ -434,6 +434,85 @@ def test_unpickling_never_imports_unknown_modules(tmp_path):
     assert isinstance(loaded["x"], type) and issubclass(loaded["x"], Opaque)
 
 
+_PAYLOAD_FLAG = "REFIT_TEST_RECBOLE_PAYLOAD_RAN"
+
+
+class _Payload:
+    """Unpickling this with plain pickle creates a marker file and sets an environment variable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        code = f"import os; open({self.marker!r}, 'w').close(); os.environ[{_PAYLOAD_FLAG!r}] = '1'"
+        return (exec, (code,))
+
+
+def _text(s):
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b  # SHORT_BINUNICODE
+
+
+def _arg(a):
+    if a is None:
+        return b"N"
+    if a is True:
+        return b"\x88"
+    if isinstance(a, str):
+        return _text(a)
+    return b"B" + len(a).to_bytes(4, "little") + a  # BINBYTES
+
+
+def _call(module, name, *args):
+    """A protocol 4 pickle calling module.name(*args) (str, bytes, None, True arguments); names may be dotted."""
+    return b"\x80\x04" + _text(module) + _text(name) + b"\x93(" + b"".join(map(_arg, args)) + b"tR."
+
+
+def _malicious(case, tmp_path, marker):
+    evil = pickle.dumps(_Payload(marker), protocol=2)
+    if case == "reduce":  # the class's __reduce__: builtins.exec
+        return evil
+    if case == "dotted-global":  # os.system reached through an attribute path from torch
+        return _call("torch", "serialization.os.system", f"touch {marker}")
+    if case == "numpy-load":  # numpy.load(path, None, allow_pickle=True) of a second, plain pickle
+        (tmp_path / "second.npy").write_bytes(evil)
+        return _call("numpy", "load", str(tmp_path / "second.npy"), None, True)
+    if case == "nested-torch-bytes":  # torch.storage._load_from_bytes unpickles its bytes with plain pickle
+        return _call("torch.storage", "_load_from_bytes", evil)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["reduce", "dotted-global", "numpy-load", "nested-torch-bytes"])
+def test_malicious_pickles_never_run(tmp_path, case):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(_malicious(case, tmp_path, marker))
+    try:
+        read_pickle(str(path))
+    except ValueError as exc:
+        assert "evil.pth" in str(exc)
+    assert not marker.exists() and _PAYLOAD_FLAG not in os.environ
+    # The same inside a torch.save checkpoint, as RecBole writes them.
+    sd, config = _recbole_like()
+    torch.save({"config": {**config, "evil": _Payload(marker)}, "state_dict": sd, "other_parameter": _Payload(marker)},
+               tmp_path / "c.pth")
+    ck = load_recbole_checkpoint(str(tmp_path / "c.pth"), data=False)
+    assert isinstance(ck.state["other_parameter"], Opaque)
+    assert not marker.exists() and _PAYLOAD_FLAG not in os.environ
+
+
+def test_a_pickle_cannot_set_attributes_of_classes_or_functions(tmp_path):
+    """BUILD on a global (not an instance) would change it for the whole process."""
+    for module, name in (("torch", "Tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")):
+        state = b"N}" + _text("refit_was_here") + b"K\x01s\x86"  # (None, {"refit_was_here": 1}): slot state
+        payload = b"\x80\x04" + _text(module) + _text(name) + b"\x93" + state + b"b."
+        (tmp_path / "p.pkl").write_bytes(payload)
+        with pytest.raises(ValueError, match="sets attributes of"):
+            read_pickle(str(tmp_path / "p.pkl"))
+    assert not hasattr(torch.Tensor, "refit_was_here")
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "refit_was_here")
+
+
 def _write_inter(path, rows, header="user_id:token\titem_id:token\ttimestamp:float"):
     path.write_text(header + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
 

@@ -3,10 +3,11 @@
 RecBole (1.2.x) saves a model as ``torch.save({"config": Config, "state_dict":
 ..., ...})``. Reading that file normally imports RecBole, whose pinned
 dependencies clash with current NumPy and setuptools. This module never
-imports RecBole: it unpickles the file with every class outside torch, numpy
-and a few standard modules replaced by an inert stand-in that keeps the
-object's data (:class:`Opaque`), so the config can be read and the whole
-checkpoint written back, with the original classes, for RecBole to load.
+imports RecBole: it unpickles the file with every class but those tensors,
+NumPy arrays and plain containers need (an exact list, never whole modules)
+replaced by an inert stand-in that keeps the object's data (:class:`Opaque`),
+so the config can be read and the whole checkpoint written back, with the
+original classes, for RecBole to load. Nothing in the file runs code.
 
 * :func:`load_recbole_checkpoint` builds a :class:`refit.recommender.Recommender`
   with the same denoiser (RecBole's ``DNN``: time embedding, layer sizes,
@@ -28,7 +29,11 @@ checkpoint written back, with the original classes, for RecBole to load.
 
 from __future__ import annotations
 
+import builtins
+import codecs
+import collections
 import copyreg
+import datetime
 import io
 import math
 import os
@@ -55,10 +60,60 @@ class RecBoleMismatch(ValueError):
 
 # --- reading and writing RecBole's pickles without RecBole -----------------------------------
 
-# Modules whose classes are rebuilt for real: what tensors, arrays and plain containers need.
-_REAL_MODULES = ("torch", "numpy", "collections", "copyreg", "_codecs", "datetime")
 _SAFE_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "object", "tuple",
                   "list", "dict", "int", "float", "bool", "str"}
+
+
+def _load_storage_bytes(b: bytes) -> Any:
+    """Stands in for ``torch.storage._load_from_bytes``, which unpickles its bytes with plain pickle.
+
+    RecBole's saved dataloaders are plain pickles whose tensors keep their
+    storage as nested ``torch.save`` bytes; those hold storages only, which
+    the weights-only loader reads.
+    """
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+def _real_globals() -> Dict[Tuple[str, str], Any]:
+    """The globals rebuilt for real, by exact module and name; every other one becomes an Opaque stand-in.
+
+    Whole modules are never admitted: ``torch`` or ``numpy`` also hold
+    functions that run code or read other pickles (``torch.load``,
+    ``numpy.load``, ``os`` reached as ``torch.serialization.os``).
+    """
+    real: Dict[Tuple[str, str], Any] = {}
+    try:  # torch's own list of what tensors, storages and dtypes need (what torch.load(weights_only=True) admits)
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        table = dict(_get_allowed_globals())
+    except (ImportError, AttributeError):  # a torch without it: the tensor rebuilders RecBole's files use
+        table = {f"torch._utils.{n}": getattr(torch._utils, n)
+                 for n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
+                           "_rebuild_parameter_with_state") if hasattr(torch._utils, n)}
+        table.update({"torch.device": torch.device, "torch.Size": torch.Size,
+                      "collections.OrderedDict": collections.OrderedDict, "_codecs.encode": codecs.encode})
+    for full, obj in table.items():
+        module, _, name = full.rpartition(".")
+        real[(module, name)] = obj
+    real[("torch.storage", "_load_from_bytes")] = _load_storage_bytes
+    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5's form of an array (refuses object dtypes)
+    for core in ("numpy.core", "numpy._core"):  # NumPy 2 renamed numpy.core to numpy._core
+        real[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        real[(f"{core}.multiarray", "scalar")] = scalar
+        real[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    real[("numpy", "ndarray")] = np.ndarray
+    real[("numpy", "dtype")] = np.dtype
+    for name in ("OrderedDict", "defaultdict", "Counter", "deque"):
+        real[("collections", name)] = getattr(collections, name)
+    for name in ("_reconstructor", "__newobj__", "__newobj_ex__"):
+        real[("copyreg", name)] = getattr(copyreg, name)
+    for name in ("date", "datetime", "time", "timedelta", "timezone"):
+        real[("datetime", name)] = getattr(datetime, name)
+    for name in _SAFE_BUILTINS:
+        real[("builtins", name)] = getattr(builtins, name)
+    real[("__builtin__", "set")] = set  # protocol 2 pickles written by Python 2
+    return real
 
 
 class Opaque:
@@ -130,14 +185,32 @@ def _opaque_class(module: str, name: str) -> type:
     return _OPAQUE_CLASSES[key]
 
 
-class _Unpickler(pickle.Unpickler):
-    """Builds tensors, arrays and containers; everything else becomes an :class:`Opaque` (never imported)."""
+_REAL_GLOBALS = _real_globals()
+
+
+class _Unpickler(pickle._Unpickler):  # the Python implementation: its BUILD can be checked
+    """Builds tensors, arrays and containers; everything else becomes an :class:`Opaque` (never imported).
+
+    Nothing is imported and no global is looked up by name: :data:`_REAL_GLOBALS`
+    maps exact (module, name) pairs to objects. A pickle may not set
+    attributes on a class, function or module (BUILD on such an object),
+    which would change them for the whole process.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
-        root = module.split(".")[0]
-        if root in _REAL_MODULES or (module == "builtins" and name in _SAFE_BUILTINS):
-            return super().find_class(module, name)
-        return _opaque_class(module, name)
+        real = _REAL_GLOBALS.get((module, name))
+        return real if real is not None else _opaque_class(module, name)
+
+    def load_build(self):
+        target = self.stack[-2]
+        if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                               types.ModuleType)):
+            raise pickle.UnpicklingError(f"the pickle sets attributes of {target!r}, which refit does not allow")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 class _Pickler(pickle._Pickler):  # the Python implementation: its save_global can be extended
@@ -167,18 +240,25 @@ _pickle_module.__version__ = pickle.format_version
 
 
 def read_pickle(path: str) -> Any:
-    """Reads a RecBole file (``torch.save`` or plain pickle) without importing RecBole."""
+    """Reads a RecBole file (``torch.save`` or plain pickle) without importing RecBole.
+
+    Either way the pickle goes through :class:`_Unpickler`: RecBole's classes
+    become :class:`Opaque` stand-ins and nothing in the file runs code.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
-    except Exception as exc:  # noqa: BLE001 - not torch.save's format: RecBole pickles dataloaders plainly
-        try:
+        if not is_zip:  # RecBole pickles its dataloaders plainly; torch's older format opens with a magic number
             with open(path, "rb") as f:
-                return _Unpickler(f).load()
-        except Exception as exc2:  # noqa: BLE001 - any unreadable file gets the same sentence
-            raise ValueError(f"{path!r} could not be read as a RecBole file (torch.load: {type(exc).__name__}: "
-                             f"{exc}; pickle: {type(exc2).__name__}: {exc2})") from exc2
+                first = _Unpickler(f).load()
+            if not (type(first) is int and first == torch.serialization.MAGIC_NUMBER):
+                return first
+        # weights_only=False only lets torch use this module's restricted unpickler (pickle_module).
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same sentence
+        raise ValueError(f"{path!r} could not be read as a RecBole file ({type(exc).__name__}: {exc})") from exc
 
 
 def _config_dict(config: Any) -> Dict[str, Any]:
