@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -28,7 +27,8 @@ from .diffusion import DiffusionConfig, GaussianDiffusion
 from .evaluate import evaluate_many
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
-from .control import Progress, StopRequests, TimeBudget
+from .control import StopRequests
+from .loop import EpochTask, run_epochs
 from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,6 @@ class PretrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test")):
@@ -251,43 +246,9 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
         if main:
             run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
             save_checkpoint(run.file("best.pt"), checkpoint_state(0))
-    epochs_bar = Progress(config.progress if main else False, total=config.epochs, initial=start_epoch - 1,
-                          desc="pretrain", unit="epoch")
-    budget = TimeBudget(config.time_budget, t_start, elapsed_before)
-    epoch = start_epoch - 1
-    stop_reason = "epochs"
-    train_times, eval_times = [], []
-    warnings_: list = []
-
-    def summary_now(status: str) -> Dict[str, Any]:
-        return {
-            "status": status,
-            "best_epoch": best["epoch"],
-            "selection": f"valid {SELECTION_METRIC}",
-            "valid": best["valid"],
-            "test": best["test"],
-            "epochs_run": epoch,
-            "stop_reason": stop_reason if status != "running" else None,
-            "stopped_early": status != "running" and stop_reason != "epochs",
-            "warnings": list(warnings_),
-            "seconds": round(budget.elapsed(), 2),
-            "train_s_per_epoch": round(sum(train_times) / len(train_times), 4) if train_times else None,
-            "eval_s_per_pass": round(sum(eval_times) / len(eval_times), 4) if eval_times else None,
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-            "checkpoint": run.file("best.pt") if best["valid"] is not None else None,
-            "data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
-                     "n_items": data.n_items},
-            "world_size": world,
-        }
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        if epoch - best["epoch"] >= config.patience and (best["epoch"] > 0 or config.init is not None):
-            stop_reason = "patience"
-            epoch -= 1
-            break
+    def train_epoch(epoch: int) -> float:
         model.train()
         batches.set_epoch(epoch)
-        t0 = time.perf_counter()
         total, n_batches = 0.0, 0
         if world > 1:  # dropout masks: per rank, re-derived from (seed, epoch, rank) on resume
             torch.manual_seed(_rank_seed(config.seed, epoch, dist.rank()))
@@ -305,58 +266,21 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
             optimizer.step()
             total += float(report.detach())
             n_batches += 1
-        train_s = time.perf_counter() - t0
-        train_times.append(train_s)
-        budget.record(train_s)
-        # Is this the last epoch? Then it is evaluated whatever eval_every says, so a run always
-        # ends with its model selected and saved.
-        last = epoch == config.epochs
-        if not last and stops.requested():
-            stop_reason, last = stops.signal_name, True
-        if not last:
-            next_evaluates = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-            eval_cost = [sorted(eval_times)[len(eval_times) // 2]] if eval_times else []
-            # The next epoch must fit with its evaluation, or with the final one it would force.
-            if not budget.next_fits(eval_cost if (next_evaluates or eval_times) else []):
-                stop_reason, last = "time_budget", True
-        record = {"epoch": epoch, "loss": total / max(1, n_batches), "train_s": round(train_s, 4)}
-        if epoch % config.eval_every == 0 or last:
-            t1 = time.perf_counter()
-            metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
-            eval_s = time.perf_counter() - t1
-            eval_times.append(eval_s)
-            record.update({"valid": metrics["valid"], "test": metrics["test"], "eval_s": round(eval_s, 4)})
-            if metrics["valid"][SELECTION_METRIC] > best["value"]:
-                best = {"epoch": epoch, "value": metrics["valid"][SELECTION_METRIC],
-                        "valid": metrics["valid"], "test": metrics["test"]}
-                if main:
-                    save_checkpoint(run.file("best.pt"), checkpoint_state(epoch))
-        if main:
-            run.log(record)
-            save_checkpoint(run.file("last.pt"), {
-                **checkpoint_state(epoch), "optimizer": optimizer.state_dict(),
-                "loss_history": diffusion.loss_history.copy(), "loss_count": diffusion.loss_count.copy(),
-                "rng": rng_state(generator), "elapsed": budget.elapsed()})
-            if "valid" in record:  # summary.json stays current while the run goes on
-                run.write_json("summary.json", summary_now("running"))
-        epochs_bar.update(1, loss=f"{record['loss']:.4f}",
-                          best=f"{best['value']:.4f}@{best['epoch']}" if best["epoch"] else "-")
-        if last:
-            break
-    epochs_bar.close()
+        return total / max(1, n_batches)
 
-    if stop_reason == "time_budget" and epoch < config.patience:
-        warnings_.append(f"the time budget stopped the run after {epoch} epoch(s), before the first patience "
-                         f"window ({config.patience} epochs) could tell whether it had converged")
-    if stop_reason not in ("epochs", "patience", "time_budget") and main:
-        warnings_.append(f"stopped by {stop_reason} after epoch {epoch}: continue with --resume")
-    for w in warnings_:
-        log.warning("pretrain: %s", w)
-    summary = summary_now("stopped" if stop_reason not in ("epochs", "patience", "time_budget") else "finished")
-    if main:
-        run.write_json("summary.json", summary)
-    dist.barrier()  # the run folder is complete before any rank returns
-    return summary
+    task = EpochTask(
+        train_epoch=train_epoch,
+        evaluate=lambda: evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size),
+        checkpoint=lambda epoch, best_: checkpoint_state(epoch),
+        resume_state=lambda: {"optimizer": optimizer.state_dict(), "loss_history": diffusion.loss_history.copy(),
+                              "loss_count": diffusion.loss_count.copy(), "rng": rng_state(generator)})
+    return run_epochs(
+        run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
+        time_budget=config.time_budget, progress=config.progress, selection=SELECTION_METRIC,
+        start_epoch=start_epoch, best=best, t_start=t_start, elapsed_before=elapsed_before, stops=stops,
+        init_competes=config.init is not None,
+        summary_extra={"data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
+                                "n_items": data.n_items}, "world_size": world})
 
 
 def _rank_seed(seed: int, epoch: int, rank: int) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ import refit_kernels as rk
 from .data import InteractionData
 from .diffusion import Trajectory
 from .control import Progress, StopRequests
-from .pretrain import SELECTION_METRIC, evaluate_recommender, load_recommender, peak_memory_mb
+from .loop import peak_memory_mb
+from .pretrain import SELECTION_METRIC, evaluate_recommender, load_recommender
 from .recommender import PRECISIONS, Recommender
 from .reward import TARGETS, collaborative_reward, make_episode, repeat_episode
 from . import distributed as dist

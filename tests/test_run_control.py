@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from refit import control, pretrain as pretrain_module
+from refit import control
 from refit.baselines import fit_baselines
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, pretrain
@@ -84,7 +84,7 @@ def test_time_budget_predicts_the_next_unit(monkeypatch):
 
 def test_sigterm_stops_pretraining_at_the_end_of_the_epoch(tmp_path, data, monkeypatch):
     calls = [0]
-    real = pretrain_module.Progress.update
+    real = control.Progress.update
 
     def update(self, n=1, **postfix):  # after epoch 1, as if `kill -TERM` came from outside
         calls[0] += 1
@@ -92,7 +92,7 @@ def test_sigterm_stops_pretraining_at_the_end_of_the_epoch(tmp_path, data, monke
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, n, **postfix)
 
-    monkeypatch.setattr(pretrain_module.Progress, "update", update)
+    monkeypatch.setattr(control.Progress, "update", update)
     before = signal.getsignal(signal.SIGTERM)
     s = pretrain(PretrainConfig(**SMALL, epochs=30, eval_every=5, out=str(tmp_path / "run")), data)
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
