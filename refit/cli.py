@@ -56,12 +56,24 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
                         "'movielens-100k' or 'synthetic'")
 
 
-def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    from .pretrain import PretrainConfig
+#: Flags whose default depends on the model family: (DiffRec / CF-Diff default, DreamRec default).
+_FAMILY_DEFAULTS = {"dropout", "steps", "noise_schedule", "batch_size", "epochs", "eval_every", "patience",
+                    "eval_batch_size", "ks", "lr"}
 
-    d = PretrainConfig()
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from .diffusion import SCHEDULES
+    from .pretrain import PretrainConfig
+    from .sequential import DreamRecConfig
+
+    d, q = PretrainConfig(), DreamRecConfig()
+
+    def both(name):
+        return f"default: {getattr(d, name)} (diffrec, cfdiff), {getattr(q, name)} (dreamrec)"
+
     _add_data_args(p, required=True)
-    p.add_argument("--model", choices=["diffrec", "cfdiff"], default=d.model)
+    p.add_argument("--model", choices=["diffrec", "cfdiff", "dreamrec"], default=d.model,
+                   help="dreamrec needs sequence data (ml-1m_seq's dataset.pkl, DreamRec's .df files)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (continued pretraining)")
@@ -69,16 +81,27 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DiffRec MLP")
     g.add_argument("--dims", type=_int_list, default=list(d.dims), help="encoder widths, e.g. 200,600")
     g.add_argument("--emb-size", type=_positive_int, default=d.emb_size)
-    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--dropout", type=float, default=None, help=both("dropout"))
     g = p.add_argument_group("CF-Diff")
     g.add_argument("--n-tokens", type=_positive_int, default=d.n_tokens)
     g.add_argument("--d-model", type=_positive_int, default=d.d_model)
     g.add_argument("--n-heads", type=_positive_int, default=d.n_heads)
     g.add_argument("--top-n", type=_positive_int, default=d.top_n, help="co-users of the 3-hop signal")
+    g = p.add_argument_group("DreamRec")
+    g.add_argument("--hidden", type=_positive_int, default=q.hidden, help="embedding width")
+    g.add_argument("--max-len", type=_positive_int, default=q.max_len, help="history window (items)")
+    g.add_argument("--heads", type=_positive_int, default=q.heads)
+    g.add_argument("--diffuser", choices=["mlp1", "mlp2"], default=q.diffuser)
+    g.add_argument("--p-uncond", type=float, default=q.p_uncond, help="guidance dropout while training")
+    g.add_argument("--w", type=float, default=q.w, help="classifier-free guidance weight")
+    g.add_argument("--beta-start", type=float, default=q.beta_start, help="ddpm-linear schedule")
+    g.add_argument("--beta-end", type=float, default=q.beta_end, help="ddpm-linear schedule")
+    g.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
+                   help="never rank the history's items (default: when items do not repeat in the data)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--mean-type", choices=["x0", "eps"], default=d.mean_type)
-    g.add_argument("--steps", type=_positive_int, default=d.steps)
-    g.add_argument("--noise-schedule", choices=["linear", "linear-var", "cosine"], default=d.noise_schedule)
+    g.add_argument("--steps", type=_positive_int, default=None, help=both("steps"))
+    g.add_argument("--noise-schedule", choices=list(SCHEDULES), default=None, help=both("noise_schedule"))
     g.add_argument("--noise-scale", type=float, default=d.noise_scale)
     g.add_argument("--noise-min", type=float, default=d.noise_min)
     g.add_argument("--noise-max", type=float, default=d.noise_max)
@@ -86,16 +109,28 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling-noise", action=argparse.BooleanOptionalAction, default=d.sampling_noise)
     g.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=d.reweight)
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr", type=float, default=None, help=both("lr"))
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
-    g.add_argument("--patience", type=_positive_int, default=d.patience, help="epochs without improvement")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help=both("batch_size"))
+    g.add_argument("--epochs", type=_positive_int, default=None, help=both("epochs"))
+    g.add_argument("--eval-every", type=_positive_int, default=None, help=both("eval_every"))
+    g.add_argument("--patience", type=_positive_int, default=None, help="epochs without improvement; " + both("patience"))
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
-    g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
-    g.add_argument("--ks", type=_int_list, default=list(d.ks), help="cut-offs, e.g. 10,20,50,100")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None, help=both("eval_batch_size"))
+    g.add_argument("--ks", type=_int_list, default=None, help="cut-offs, e.g. 10,20,50,100; " + both("ks"))
+
+
+def _fill_family_defaults(args) -> None:
+    """Sets the flags left out to the chosen model family's defaults."""
+    from .pretrain import PretrainConfig
+    from .sequential import DreamRecConfig
+
+    defaults = DreamRecConfig() if args.model == "dreamrec" else PretrainConfig()
+    for name in _FAMILY_DEFAULTS:
+        if getattr(args, name, None) is None:
+            value = getattr(defaults, name)
+            setattr(args, name, list(value) if isinstance(value, tuple) else value)
 
 
 def _default_out(kind: str, model: str, data: str) -> str:
@@ -138,23 +173,35 @@ def _device():
 
 def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
+    from .sequential import DreamRecConfig, pretrain_dreamrec
 
+    _fill_family_defaults(args)
     out = args.out or _default_out("pretrain", args.model, args.data)
     try:
-        config = PretrainConfig(
-            data=args.data, model=args.model, dims=tuple(args.dims), emb_size=args.emb_size, dropout=args.dropout,
-            n_tokens=args.n_tokens, d_model=args.d_model, n_heads=args.n_heads, top_n=args.top_n,
-            mean_type=args.mean_type, steps=args.steps, noise_schedule=args.noise_schedule,
-            noise_scale=args.noise_scale, noise_min=args.noise_min, noise_max=args.noise_max,
-            sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise, reweight=args.reweight,
-            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
-            eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
-            eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=_progress(args),
-            init=args.init, time_budget=args.time_budget)
+        common = dict(data=args.data, model=args.model, dropout=args.dropout, steps=args.steps,
+                      noise_schedule=args.noise_schedule, lr=args.lr, weight_decay=args.weight_decay,
+                      batch_size=args.batch_size, epochs=args.epochs, eval_every=args.eval_every,
+                      patience=args.patience, seed=args.seed, precision=args.precision,
+                      eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=_progress(args),
+                      init=args.init, time_budget=args.time_budget)
+        if args.model == "dreamrec":
+            config = DreamRecConfig(**common, hidden=args.hidden, max_len=args.max_len, heads=args.heads,
+                                    diffuser=args.diffuser, p_uncond=args.p_uncond, w=args.w,
+                                    beta_start=args.beta_start, beta_end=args.beta_end,
+                                    exclude_history=args.exclude_history)
+        else:
+            config = PretrainConfig(
+                **common, dims=tuple(args.dims), emb_size=args.emb_size, n_tokens=args.n_tokens,
+                d_model=args.d_model, n_heads=args.n_heads, top_n=args.top_n, mean_type=args.mean_type,
+                noise_scale=args.noise_scale, noise_min=args.noise_min, noise_max=args.noise_max,
+                sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise, reweight=args.reweight)
     except ValueError as exc:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
-    summary = pretrain(config, resume=args.resume, device=_device())
+    if args.model == "dreamrec":
+        summary = pretrain_dreamrec(config, resume=args.resume, device=_device())
+    else:
+        summary = pretrain(config, resume=args.resume, device=_device())
     if not _main():
         return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
@@ -164,7 +211,8 @@ def cmd_pretrain(args) -> int:
         summary["stop_reason"], f"{summary['stop_reason']} (stopped by a signal)")
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']} run; stopped by: {reason}; "
           f"{summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MiB")
-    print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks))
+    metrics = ("hr", "ndcg", "mrr") if args.model == "dreamrec" else ("recall", "ndcg", "precision", "mrr")
+    print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks, metrics))
     _print_resume(summary, out)
     return _stop_code(summary)
 
@@ -195,10 +243,41 @@ def _print_resume(summary, out: str) -> None:
           f"'stopped'); continue it with{launcher}\n  {shlex.join(['refit', *argv, '--resume'])}", file=sys.stderr)
 
 
+def _checkpoint_model(path: str) -> str:
+    from .runs import load_checkpoint
+
+    return load_checkpoint(path).get("recommender", {}).get("model", {}).get("name", "")
+
+
+def cmd_evaluate_sequential(args) -> int:
+    from .data import load_dataset
+    from .sequential import SEQ_KS, evaluate_dreamrec, load_seq_recommender
+
+    data = load_dataset(args.data) if args.data else None
+    rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device())
+    splits = ["valid", "test"] if args.split == "both" else [args.split]
+    ks = args.ks if args.ks is not None else list(SEQ_KS)
+    results = evaluate_dreamrec(rec, data, splits, ks=ks, batch_size=args.batch_size,
+                                exclude_history=args.exclude_history, seed=args.seed, progress=_progress(args))
+    if not _main():
+        return 0
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        return 0
+    print(f"{args.checkpoint}: dreamrec on {state.get('data', {}).get('source', '?')} "
+          f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {rec.diffusion.steps} steps)")
+    print(format_table([(s, results[s]) for s in splits], ks, ("hr", "ndcg", "mrr")))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .pretrain import evaluate_recommender, load_recommender
 
+    if _checkpoint_model(args.checkpoint) == "dreamrec":
+        return cmd_evaluate_sequential(args)
+    if args.ks is None:
+        args.ks = [10, 20, 50, 100]
     data = load_dataset(args.data) if args.data else None
     rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
@@ -448,10 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by refit")
     _add_data_args(p, required=False)
     p.add_argument("--split", choices=["valid", "test", "both"], default="test")
-    p.add_argument("--ks", type=_int_list, default=[10, 20, 50, 100])
+    p.add_argument("--ks", type=_int_list, default=None, help="default: 10,20,50,100 (10,20,50 for dreamrec)")
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--seed", type=int, default=0, help="dreamrec: seed of the sampled embeddings")
+    p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
+                   help="dreamrec: never rank the history's items (default: when items do not repeat)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also print the best tuned baseline's row (cached in the checkpoint's folder)")
     p.set_defaults(func=cmd_evaluate)

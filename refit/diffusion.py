@@ -9,7 +9,13 @@ per-step constants that :func:`refit_kernels.gaussian_logprob` scores it with).
 
 Schedules follow DiffRec (Wang et al., SIGIR 2023): ``linear`` and
 ``linear-var`` betas from ``noise_scale * [noise_min, noise_max]``, ``cosine``
-from the squared-cosine alpha-bar, the first beta fixed at 1e-5.
+from the squared-cosine alpha-bar, the first beta fixed at 1e-5. The schedules
+of diffusion over embeddings from pure noise (DreamRec, Yang et al., NeurIPS
+2023) are ``ddpm-linear`` (betas evenly from ``beta_start`` to ``beta_end``,
+Ho et al.), ``ddpm-cosine`` (Nichol & Dhariwal's cosine alpha-bar, betas
+clipped to [1e-4, 0.9999]) and ``exp`` (betas ``1 - exp(-b_min / T - x (b_max
+- b_min) / (2 T^2))`` on an odd grid x = 1, 3, .., 2T - 1 with b_min 0.1, b_max
+10); their first beta is kept as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import numpy as np
 import torch
 
 MEAN_TYPES = ("x0", "eps")
-SCHEDULES = ("linear", "linear-var", "cosine")
+SCHEDULES = ("linear", "linear-var", "cosine", "ddpm-linear", "ddpm-cosine", "exp")
+#: Schedules of the whole noise range (diffusion from pure noise): no noise_scale, no fixed first beta.
+FULL_SCHEDULES = ("ddpm-linear", "ddpm-cosine", "exp")
+TIMESTEP_SAMPLING = ("importance", "uniform")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,6 +48,9 @@ class DiffusionConfig:
     noise_max: float = 0.01
     history_per_step: int = 10  # losses kept per step for importance sampling
     uniform_prob: float = 0.001  # uniform floor of the importance distribution
+    beta_start: float = 1e-4  # ddpm-linear only
+    beta_end: float = 0.02  # ddpm-linear only
+    timestep_sampling: str = "importance"  # "uniform": t ~ U{0..T-1} always (DreamRec)
 
     def __post_init__(self):
         if self.mean_type not in MEAN_TYPES:
@@ -49,20 +61,40 @@ class DiffusionConfig:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.noise_scale < 0:
             raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
-        if self.noise_scale > 0 and not (0 < self.noise_min <= self.noise_max < 1):
+        if (self.noise_schedule not in FULL_SCHEDULES and self.noise_scale > 0
+                and not (0 < self.noise_min <= self.noise_max < 1)):
             raise ValueError(f"need 0 < noise_min <= noise_max < 1, got {self.noise_min}, {self.noise_max}")
         if self.history_per_step < 1:
             raise ValueError(f"history_per_step must be >= 1, got {self.history_per_step}")
         if not 0 <= self.uniform_prob <= 1:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
+        if self.noise_schedule == "ddpm-linear" and not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def betas_for(config: DiffusionConfig) -> np.ndarray:
-    """(T,) float64 betas of the schedule, the first fixed at 1e-5."""
+    """(T,) float64 betas of the schedule (DiffRec's schedules: the first fixed at 1e-5)."""
     T = config.steps
+    if config.noise_schedule in FULL_SCHEDULES:
+        if config.noise_schedule == "ddpm-linear":
+            betas = np.linspace(config.beta_start, config.beta_end, T, dtype=np.float64)
+        elif config.noise_schedule == "ddpm-cosine":
+            x = np.linspace(0, T, T + 1, dtype=np.float64)
+            ac = np.cos(((x / T) + 0.008) / 1.008 * math.pi * 0.5) ** 2
+            ac = ac / ac[0]
+            betas = np.clip(1.0 - ac[1:] / ac[:-1], 1e-4, 0.9999)
+        else:  # exp
+            b_min, b_max = 0.1, 10.0
+            x = np.linspace(1, 2 * T + 1, T, dtype=np.float64)
+            betas = 1.0 - np.exp(-b_min / T - x * 0.5 * (b_max - b_min) / (T * T))
+        if not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"the schedule gives betas outside (0, 1): {betas}")
+        return betas
     if config.noise_schedule in ("linear", "linear-var"):
         start, end = config.noise_scale * config.noise_min, config.noise_scale * config.noise_max
         ramp = np.linspace(start, end, T, dtype=np.float64)
@@ -145,10 +177,45 @@ class GaussianDiffusion:
         f64 = dict(dtype=torch.float64, device=self.device)
         self.loss_history = np.zeros((T, config.history_per_step), dtype=np.float64)
         self.loss_count = np.zeros(T, dtype=np.int64)
-        if config.noise_scale == 0:
+        #: The model's timestep of each step (None: step i is timestep i); set by :meth:`respaced`.
+        self.timestep_map: Optional[torch.Tensor] = None
+        if config.noise_scale == 0 and config.noise_schedule not in FULL_SCHEDULES:
             self.betas = None
             return
-        betas = torch.tensor(betas_for(config), **f64)
+        self._setup(torch.tensor(betas_for(config), **f64))
+
+    def respaced(self, steps: int) -> "GaussianDiffusion":
+        """The same diffusion sampled in ``steps`` evenly spaced steps (Nichol & Dhariwal's respacing).
+
+        The kept timesteps tau_1 < .. < tau_K keep their cumulative alphas; the
+        new betas are ``1 - alpha_bar[tau_k] / alpha_bar[tau_{k-1}]``, so each
+        coarse step is the exact posterior of the skipped span, and the model
+        is called with the original timestep ``tau_k`` (``timestep_map``). For
+        sampling only: training uses the full schedule.
+        """
+        if self.betas is None:
+            raise ValueError("only a diffusion with a noise schedule can be respaced")
+        if not isinstance(steps, int) or not 1 <= steps <= self.steps:
+            raise ValueError(f"steps must be an integer in [1, {self.steps}], got {steps!r}")
+        use = np.unique(np.round(np.linspace(0, self.steps - 1, steps)).astype(np.int64))
+        ac = self.alphas_cumprod[torch.from_numpy(use).to(self.device)]
+        prev = torch.cat([torch.ones(1, dtype=ac.dtype, device=ac.device), ac[:-1]])
+        out = GaussianDiffusion.__new__(GaussianDiffusion)
+        out.config, out.device, out.steps = self.config, self.device, len(use)
+        out.loss_history = np.zeros((len(use), self.config.history_per_step), dtype=np.float64)
+        out.loss_count = np.zeros(len(use), dtype=np.int64)
+        base = self.timestep_map if self.timestep_map is not None else torch.arange(self.steps, device=self.device)
+        out.timestep_map = base[torch.from_numpy(use).to(self.device)]
+        out._setup(1.0 - ac / prev)
+        return out
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's timesteps of steps ``t`` (the identity unless respaced)."""
+        return t if self.timestep_map is None else self.timestep_map.to(t.device)[t]
+
+    def _setup(self, betas: torch.Tensor) -> None:
+        """Every constant derived from the (T,) float64 betas."""
+        f64 = dict(dtype=torch.float64, device=self.device)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
         ac_prev = torch.cat([torch.ones(1, **f64), ac[:-1]])
@@ -168,7 +235,7 @@ class GaussianDiffusion:
 
         # The reverse step's mean in terms of the model output:
         # mean = step_coef_pred[t] * output + step_coef_x[t] * x_t.
-        if config.mean_type == "x0":
+        if self.config.mean_type == "x0":
             self.step_coef_pred = self.posterior_mean_coef1
             self.step_coef_x = self.posterior_mean_coef2
         else:  # x0 = sqrt(1/ac) x_t - sqrt(1/ac - 1) eps
@@ -211,7 +278,7 @@ class GaussianDiffusion:
         device = device or self.device
         T = self.steps
         n = batch_size if rows is None else rows[1]
-        if (self.loss_count < self.config.history_per_step).any():
+        if self.config.timestep_sampling == "uniform" or (self.loss_count < self.config.history_per_step).any():
             t = torch.randint(0, T, (n,), device="cpu", generator=generator)
             weight = torch.ones(n)
         else:
@@ -335,8 +402,9 @@ class GaussianDiffusion:
             states[0] = x
             preds = [] if keep_graph else torch.empty((S,) + tuple(x.shape), dtype=x.dtype, device=dev)
         with torch.enable_grad() if keep_graph else torch.no_grad():
+            step_t = self.model_timesteps(torch.arange(T, device=dev))
             for s, i in enumerate(reversed(range(T))):
-                t = torch.full((B,), i, dtype=torch.long, device=dev)
+                t = step_t[i].expand(B)
                 out = model(x, t)
                 # States are sampled without gradient; only `preds` may keep it.
                 mean = cp[i] * out.detach() + cx[i] * x
@@ -356,7 +424,7 @@ class GaussianDiffusion:
         if keep_graph:
             preds = torch.stack(preds) if preds else x.new_empty((0,) + tuple(x.shape))
         ts = torch.arange(T - 1, 0, -1, device=dev)
-        return Trajectory(states, preds, cp[ts], cx[ts], lv[ts], ts, x)
+        return Trajectory(states, preds, cp[ts], cx[ts], lv[ts], self.model_timesteps(ts), x)
 
 
 def reverse_in_latent(diffusion: "GaussianDiffusion", model, x_start: torch.Tensor, cond=None, *,

@@ -1,0 +1,482 @@
+"""Sequential recommendation with DreamRec: the recommender, its sampler, pretraining, evaluation.
+
+A :class:`SeqRecommender` is a :class:`~refit.models.dreamrec.DreamRec`
+network, a Gaussian diffusion over D-dimensional item embeddings (x0
+prediction, uniform timesteps, one of the full-range schedules of
+:mod:`refit.diffusion`) and the guidance weight ``w``. Recommending for a
+history means: encode it into the guidance h, start from x_T ~ N(0, I), take
+the T reverse steps with the guided x0 prediction as the step's mean input
+(posterior noise at every step but the last), and rank items by the inner
+product of the result with every item embedding.
+
+``pretrain_dreamrec(config)`` trains it on the training targets of a
+:class:`~refit.seqdata.SequenceData` (each target predicted from the window of
+``max_len`` items before it) with the loop every pretraining run shares
+(:mod:`refit.loop`): run folder, checkpoints, ``--resume``, early stopping on
+validation HR@20, time budget, signals, bf16 and torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from . import distributed as dist
+from .control import StopRequests
+from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal
+from .loop import EpochTask, run_epochs
+from .models.dreamrec import DIFFUSERS, DreamRec
+from .recommender import PRECISIONS, autocast
+from .runs import RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+SEQ_SELECTION = "hr@20"
+SEQ_KS = (10, 20, 50)
+
+
+class SeqRecommender:
+    """DreamRec + its diffusion + guidance weight, saved and restored as one.
+
+    Shapes: histories (B, L) int64 right-padded with ``n_items``, lengths
+    (B,) int64; embeddings (B, D) float32; scores (B, n_items) float32.
+    """
+
+    model_name = "dreamrec"
+
+    def __init__(self, model: DreamRec, diffusion: GaussianDiffusion, *, w: float = 2.0, precision: str = "fp32",
+                 eval_steps: Optional[int] = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if diffusion.betas is None or diffusion.config.mean_type != "x0":
+            raise ValueError("DreamRec needs an x0-predicting diffusion with a noise schedule")
+        if not w >= 0:
+            raise ValueError(f"the guidance weight w must be >= 0, got {w}")
+        self.model, self.diffusion, self.w, self.precision = model, diffusion, float(w), precision
+        self.eval_steps = None
+        self.set_eval_steps(eval_steps)
+
+    def set_eval_steps(self, steps: Optional[int]) -> None:
+        """Recommend (:meth:`generate`, :meth:`scores`) with ``steps`` respaced reverse steps instead of all T
+        (``None``: all; see :meth:`refit.diffusion.GaussianDiffusion.respaced`). Training, and the
+        trajectories of :meth:`sample`, always use the full schedule."""
+        if steps is not None and steps != self.diffusion.steps:
+            self._eval_diffusion = self.diffusion.respaced(int(steps))
+            self.eval_steps = int(steps)
+        else:
+            self._eval_diffusion, self.eval_steps = self.diffusion, None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.none_embedding.device
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items
+
+    def guidance(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, D) float32 guidance h of history windows (in the model's current train/eval mode)."""
+        with autocast(self.precision, self.device):
+            h = self.model.encode(history.to(self.device), lengths.to(self.device))
+        return h.float()
+
+    def denoiser(self, h: torch.Tensor):
+        """``f(x_t, t)``: the guided x0 prediction for guidance h, float32 (the policy's mean input)."""
+        model, w, ctx = self.model, self.w, self.precision
+
+        def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with autocast(ctx, x.device):
+                out = model.guided(x, h, t, w)
+            return out.float()
+
+        return f
+
+    def start_noise(self, batch: int, generator: Optional[torch.Generator] = None,
+                    rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x_T ~ N(0, I), (B, D) float32 (``rows``: a slice of a global batch's draw)."""
+        return _normal((batch, self.model.hidden), torch.float32, self.device, generator, rows)
+
+    def sample(self, h: torch.Tensor, *, generator: Optional[torch.Generator] = None, return_trajectory: bool = False,
+               keep_graph: bool = False, temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None):
+        """Ancestral sampling from pure noise: the final (B, D) embeddings, or a
+        :class:`~refit.diffusion.Trajectory` of the T - 1 stochastic steps (whose ``preds`` are the guided
+        x0 predictions and whose ``final`` is the generated embedding)."""
+        x_T = self.start_noise(h.shape[0], generator, rows)
+        return self.diffusion.sample(self.denoiser(h), x_T, noise=True, return_trajectory=return_trajectory,
+                                     keep_graph=keep_graph, generator=generator, temperature=temperature,
+                                     rows=rows)
+
+    @torch.no_grad()
+    def generate(self, history: torch.Tensor, lengths: torch.Tensor,
+                 generator: Optional[torch.Generator] = None, fast: Optional[bool] = None) -> torch.Tensor:
+        """(B, D) generated embeddings for history windows, in eval mode.
+
+        ``fast`` (default: when the denoiser is ``mlp1``): the same reverse
+        process with its linear algebra folded: since the denoiser is linear
+        in x, h and the step features, one step is
+        ``x' = x A_t + cp_t (G + c_t) + sigma_t eps`` with
+        ``A_t = cp_t W_x^T + cx_t I``, ``G = (1 + w) h W_h^T - w null W_h^T``
+        and ``c_t`` the step's constant, all computed once per pass; the noise
+        is drawn in the same order as :meth:`sample`, so both give the same
+        embeddings up to float32 rounding. No tensor is allocated per step.
+        """
+        was = self.model.training
+        self.model.eval()
+        try:
+            h = self.guidance(history, lengths)
+            parts = self.model.linear_parts()
+            if fast is False or parts is None or self.precision != "fp32":
+                x_T = self.start_noise(h.shape[0], generator)
+                return self._eval_diffusion.sample(self.denoiser(h), x_T, noise=True, generator=generator)
+            return self._generate_linear(h, parts, generator)
+        finally:
+            self.model.train(was)
+
+    def _generate_linear(self, h, parts, generator):
+        W_x, W_h, W_t, b = (p.detach().float() for p in parts)
+        d = self._eval_diffusion
+        T, D, B = d.steps, self.model.hidden, h.shape[0]
+        dev = h.device
+        cp, cx, lv = d.step_constants(dev)
+        steps = d.model_timesteps(torch.arange(T, device=dev))
+        c = self.model.step_features(steps).float() @ W_t.t() + b  # (T, D)
+        null = self.model.none_embedding.detach().float()
+        G = (1.0 + self.w) * (h @ W_h.t()) - self.w * (null @ W_h.t())  # (B, D)
+        eye = torch.eye(D, device=dev)
+        A = cp[:, None, None] * W_x.t()[None] + cx[:, None, None] * eye[None]  # (T, D, D)
+        cp_c = c * cp[:, None]  # (T, D): cp_t c_t
+        cps, sigmas = cp.tolist(), torch.exp(0.5 * lv).tolist()
+        x = self.start_noise(B, generator)
+        nxt = torch.empty_like(x)
+        eps = torch.empty_like(x)
+        gen_dev = generator.device if generator is not None else dev
+        for i in range(T - 1, -1, -1):
+            torch.mm(x, A[i], out=nxt)
+            nxt.add_(G, alpha=cps[i])
+            nxt.add_(cp_c[i])
+            if i > 0:
+                if gen_dev == dev:
+                    torch.randn((B, D), generator=generator, out=eps)
+                else:
+                    eps.copy_(torch.randn((B, D), generator=generator, device=gen_dev))
+                nxt.add_(eps, alpha=sigmas[i])
+            x, nxt = nxt, x
+        return x
+
+    @torch.no_grad()
+    def scores(self, history: torch.Tensor, lengths: torch.Tensor, generator: Optional[torch.Generator] = None,
+               include_padding: bool = False) -> torch.Tensor:
+        """(B, n_items) float32 scores: inner products of generated embeddings with the item embeddings."""
+        x = self.generate(history, lengths, generator)
+        return self.model.item_scores(x, include_padding=include_padding).float()
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "model": {"name": self.model_name, "config": self.model.config(),
+                      "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
+            "diffusion": self.diffusion.config.to_dict(),
+            "inference": {"w": self.w, "precision": self.precision, "eval_steps": self.eval_steps},
+        }
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any], device="cpu", precision: Optional[str] = None) -> "SeqRecommender":
+        try:
+            m = state["model"]
+            if m["name"] != cls.model_name:
+                raise ValueError(f"checkpoint holds a {m['name']!r} model, not {cls.model_name!r}")
+            model = DreamRec(**dict(m["config"]))
+            model.load_state_dict(m["state_dict"], strict=True)
+            diffusion = GaussianDiffusion(DiffusionConfig(**state["diffusion"]), device=device)
+            inf = dict(state["inference"])
+        except KeyError as exc:
+            raise ValueError(f"checkpoint is missing its {exc.args[0]!r} entry") from exc
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint weights do not fit its model config: {exc}") from exc
+        if precision is not None:
+            inf["precision"] = precision
+        return cls(model.to(device), diffusion, **inf)
+
+
+def _batch_seed(seed: int, seq: torch.Tensor) -> int:
+    """A generator seed for one evaluation batch, fixed by its first target's sequence and its size,
+    so the sampled embeddings do not depend on how batches are shared between processes."""
+    first = int(seq[0]) if seq.numel() else 0
+    return (seed * 1_000_003 + 7919 * first + seq.numel()) % (2 ** 63)
+
+
+def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid", "test"), *,
+                      ks: Sequence[int] = SEQ_KS, batch_size: int = 2048, exclude_history: Optional[bool] = None,
+                      seed: int = 0, progress: Optional[bool] = False,
+                      fast: Optional[bool] = None) -> Dict[str, Dict[str, float]]:
+    """HR@k / NDCG@k of ``rec`` on each split (full ranking; see :func:`refit.seqdata.evaluate_sequences`).
+
+    Sampling is seeded per batch of targets (``seed`` and the batch's first
+    target), so a call is repeatable; ``seed`` draws another set of samples.
+    """
+    from .seqdata import evaluate_sequences
+
+    def score_fn(history, lengths, seq):
+        g = torch.Generator(device="cpu").manual_seed(_batch_seed(seed, seq))
+        return rec.scores(history, lengths, generator=g) if fast is None else \
+            rec.model.item_scores(rec.generate(history, lengths, g, fast=fast)).float()
+
+    return evaluate_sequences(score_fn, data, splits, ks=ks, batch_size=batch_size, exclude_history=exclude_history,
+                              max_len=rec.model.max_len, progress=progress)
+
+
+# --- pretraining ---------------------------------------------------------------------------------
+
+@dataclass
+class DreamRecConfig:
+    """Everything a DreamRec pretraining run depends on. Defaults: DreamRec's published code
+    (width 64, one block and head, dropout 0.1, p_uncond 0.1, mlp1 denoiser, batch 256, AdamW),
+    with the steps, schedule, guidance and learning rate of ``refit pretrain --model dreamrec``'s
+    documented ml-1m_seq choice."""
+
+    data: str = "synthetic-seq"
+    data_options: Dict[str, Any] = field(default_factory=dict)
+    model: str = "dreamrec"
+    hidden: int = 64
+    max_len: int = 10
+    dropout: float = 0.1
+    heads: int = 1
+    diffuser: str = "mlp1"
+    p_uncond: float = 0.1
+    steps: int = 500
+    noise_schedule: str = "ddpm-linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    w: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 100
+    eval_every: int = 5
+    patience: int = 20
+    seed: int = 1
+    precision: str = "fp32"
+    eval_batch_size: int = 2048
+    ks: Tuple[int, ...] = SEQ_KS
+    exclude_history: Optional[bool] = None
+    out: str = "runs/pretrain-dreamrec"
+    progress: Optional[bool] = None
+    init: Optional[str] = None
+    time_budget: Optional[float] = None
+
+    def __post_init__(self):
+        if self.model != "dreamrec":
+            raise ValueError(f"model must be 'dreamrec', got {self.model!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "epochs", "eval_every", "patience", "eval_batch_size", "hidden", "max_len",
+                     "heads", "steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.diffuser not in DIFFUSERS:
+            raise ValueError(f"diffuser must be one of {DIFFUSERS}, got {self.diffuser!r}")
+        if self.noise_schedule not in FULL_SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {FULL_SCHEDULES} for DreamRec, got {self.noise_schedule!r}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.w < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0 and w >= 0, got {self.lr}, {self.weight_decay}, {self.w}")
+        self.ks = tuple(sorted(int(k) for k in self.ks))
+        if 20 not in self.ks:
+            raise ValueError(f"ks must include 20 (model selection uses {SEQ_SELECTION}), got {self.ks}")
+        self.diffusion_config()
+        DreamRec(2, **self._net())  # validates the network settings
+
+    def _net(self) -> Dict[str, Any]:
+        return {"hidden": self.hidden, "max_len": self.max_len, "dropout": self.dropout, "heads": self.heads,
+                "diffuser": self.diffuser, "p_uncond": self.p_uncond}
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(mean_type="x0", steps=self.steps, noise_schedule=self.noise_schedule,
+                               beta_start=self.beta_start, beta_end=self.beta_end, timestep_sampling="uniform")
+
+    def model_config(self, n_items: int) -> Dict[str, Any]:
+        return {"n_items": n_items, **self._net()}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sequence_fingerprint(data) -> str:
+    """A short hash of a sequence data set (items, boundaries, targets)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{data.n_items}".encode())
+    for t in (data.items, data.offsets, *(x for name in ("train", "valid", "test")
+                                           for x in (data.targets[name].seq, data.targets[name].pos))):
+        h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+                  generator: Optional[torch.Generator] = None, rows: Optional[Tuple[int, int]] = None,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DreamRec's training loss for a batch, (B,): the squared error of the x0 prediction from
+    a uniformly drawn step, averaged over the embedding dimension, with the guidance dropped to the
+    null embedding with probability ``p_uncond``. ``rows``: a slice of a global batch (every random
+    draw is the global batch's, sliced). ``weights``: (B,) per-example factors (None: 1)."""
+    model, d = rec.model, rec.diffusion
+    with autocast(rec.precision, rec.device):
+        h = model.encode(history, lengths)
+    n = history.shape[0] if rows is None else rows[1]
+    keep = torch.rand((n, 1), generator=generator)
+    if rows is not None:
+        keep = keep[rows[0]:rows[0] + history.shape[0]]
+    keep = (keep >= model.p_uncond).to(rec.device)
+    h = torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
+    x0 = model.item_embeddings(targets).float()
+
+    def f(x_t, t):
+        with autocast(rec.precision, x_t.device):
+            return model.denoise(x_t, h, t).float()
+
+    per_row = d.training_loss(f, x0, reweight=False, generator=generator, rows=rows, record=False)
+    return per_row if weights is None else per_row * weights
+
+
+def pretrain_dreamrec(config: DreamRecConfig, data=None, *, resume: bool = False, device: Any = "cpu") -> Dict[str, Any]:
+    """Runs (or resumes) a DreamRec pretraining run; returns the summary (also ``summary.json``).
+
+    Each epoch visits every training target once in a seeded order
+    (DreamRec's code draws its batches with replacement instead). Under
+    torchrun each global batch is split into contiguous shares; the
+    timesteps, noise and guidance drops are the global batch's draws, and the
+    ranks' gradients are averaged.
+    """
+    with StopRequests() as stops:
+        return _pretrain_dreamrec(config, data, resume, torch.device(device), stops)
+
+
+def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch.device,
+                       stops: StopRequests) -> Dict[str, Any]:
+    from .data import load_dataset
+
+    t_start = time.perf_counter()
+    dist.warn_if_not_joined("pretrain")
+    run = RunDir(config.out)
+    main, world = dist.is_main(), dist.world_size()
+    data = data if data is not None else load_dataset(config.data, **config.data_options)
+    if not hasattr(data, "targets"):
+        raise ValueError(f"DreamRec needs sequence data (leave-one-out sequences or DreamRec's .df files); "
+                         f"{config.data!r} holds interactions without order")
+    fingerprint = sequence_fingerprint(data)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.init is not None:
+        init = load_checkpoint(config.init)["recommender"]
+        model = SeqRecommender.from_state(init, device=device).model
+        if model.config() != config.model_config(data.n_items):
+            raise ValueError(f"init checkpoint {config.init!r} has other model settings than those given")
+    else:
+        model = DreamRec(**config.model_config(data.n_items)).to(device)
+    rec = SeqRecommender(model, GaussianDiffusion(config.diffusion_config(), device=device), w=config.w,
+                         precision=config.precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    batches = data.batches("train", config.batch_size, shuffle=True, seed=config.seed, max_len=config.max_len)
+
+    start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
+    elapsed_before = 0.0
+    if resume and os.path.exists(run.file("last.pt")):
+        state = load_checkpoint(run.file("last.pt"))
+        saved = {k: v for k, v in state.get("config", {}).items()
+                 if k not in ("epochs", "progress", "out", "patience", "eval_batch_size", "time_budget")}
+        mine = {k: v for k, v in config.to_dict().items() if k in saved}
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            raise ValueError(f"cannot resume {run.path}: started with other settings ({', '.join(diff)})")
+        if state.get("data", {}).get("fingerprint") != fingerprint:
+            raise ValueError(f"cannot resume {run.path}: it was trained on other data than {config.data!r}")
+        model.load_state_dict(state["recommender"]["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state.get("elapsed", 0.0)
+        if main:
+            run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
+    if main:
+        run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
+                                       "n_sequences": data.n_sequences, "n_items": data.n_items})
+
+    def checkpoint_state(epoch: int) -> Dict[str, Any]:
+        return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
+                "data": {"source": config.data, "options": config.data_options, "fingerprint": fingerprint,
+                         "n_users": data.n_sequences, "n_items": data.n_items, "sequential": True},
+                "epoch": epoch, "best": best}
+
+    def evaluate():
+        return evaluate_dreamrec(rec, data, ks=config.ks, batch_size=config.eval_batch_size,
+                                 exclude_history=config.exclude_history, seed=config.seed)
+
+    if config.init is not None and start_epoch == 1:
+        metrics = evaluate()
+        best = {"epoch": 0, "value": metrics["valid"][SEQ_SELECTION], "valid": metrics["valid"],
+                "test": metrics["test"]}
+        if main:
+            run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
+            save_checkpoint(run.file("best.pt"), checkpoint_state(0))
+
+    def train_epoch(epoch: int) -> float:
+        model.train()
+        batches.set_epoch(epoch)
+        if world > 1:  # dropout masks: per rank, from (seed, epoch, rank)
+            from .pretrain import _rank_seed
+
+            torch.manual_seed(_rank_seed(config.seed, epoch, dist.rank()))
+        total, n = 0.0, 0
+        for history, lengths, targets, _ in batches:
+            B = targets.numel()
+            rows = None
+            if world > 1:
+                lo, hi = dist.shard_range(B)
+                history, lengths, targets, rows = history[lo:hi], lengths[lo:hi], targets[lo:hi], (lo, B)
+            per_row = dreamrec_loss(rec, history.to(device), lengths.to(device), targets.to(device),
+                                    generator, rows)
+            loss = per_row.sum() * (world / B) if world > 1 else per_row.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.average_gradients(model.parameters())
+            optimizer.step()
+            total += float(dist.all_reduce_sum(per_row.detach().sum().double().reshape(1))[0]) / B \
+                if world > 1 else float(loss.detach())
+            n += 1
+        return total / max(1, n)
+
+    task = EpochTask(train_epoch=train_epoch, evaluate=evaluate, checkpoint=lambda e, b: checkpoint_state(e),
+                     resume_state=lambda: {"optimizer": optimizer.state_dict(), "rng": rng_state(generator)})
+    return run_epochs(run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
+                      time_budget=config.time_budget, progress=config.progress, selection=SEQ_SELECTION,
+                      start_epoch=start_epoch, best=best, t_start=t_start, elapsed_before=elapsed_before,
+                      stops=stops, init_competes=config.init is not None,
+                      summary_extra={"data": {"source": config.data, "fingerprint": fingerprint,
+                                              "n_sequences": data.n_sequences, "n_items": data.n_items},
+                                     "world_size": world})
+
+
+def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None):
+    """A saved DreamRec with its sequence data (loaded from the checkpoint's source unless given)."""
+    from .data import load_dataset
+
+    state = load_checkpoint(path)
+    meta = state.get("data", {})
+    if data is None:
+        data = load_dataset(meta.get("source", "synthetic-seq"), **meta.get("options", {}))
+    fp = sequence_fingerprint(data)
+    if meta.get("fingerprint") not in (None, fp):
+        raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "
+                         f"these data {fp}): pass the data it was trained on")
+    rec = SeqRecommender.from_state(state["recommender"], device=device, precision=precision)
+    if rec.n_items != data.n_items:
+        raise ValueError(f"checkpoint {path!r} scores {rec.n_items} items, the data has {data.n_items}")
+    return rec, data, state
+
+
+__all__ = ["SeqRecommender", "DreamRecConfig", "pretrain_dreamrec", "evaluate_dreamrec", "dreamrec_loss",
+           "load_seq_recommender", "sequence_fingerprint", "SEQ_SELECTION", "SEQ_KS"]
