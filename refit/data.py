@@ -228,8 +228,14 @@ class UserBatches:
 
 # --- loading --------------------------------------------------------------------------------
 
-def load_dataset(name_or_path: Any, **options) -> InteractionData:
+def load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceData":
     """Loads interactions and splits them (see the module docstring for the sources).
+
+    Sequence data -- ml-1m_seq's ``dataset.pkl`` (the file, any ``.pkl`` file,
+    or a folder holding ``dataset.pkl``), a DreamRec folder of ``.df`` splits
+    (or one of its ``.df`` files) and the name ``"synthetic-seq"`` -- is read
+    by :func:`refit.seqdata.load_sequences` and comes back as a
+    :class:`refit.seqdata.SequenceData` (options as there).
 
     Options (each source takes those that apply to it; others raise TypeError):
         min_rating: keep ratings >= this (default 4; None keeps all). Sources
@@ -248,6 +254,10 @@ def load_dataset(name_or_path: Any, **options) -> InteractionData:
         DataFormatError (a ValueError) naming the file and line of malformed
         input; FileNotFoundError for an unknown name or a missing path.
     """
+    from .seqdata import is_sequence_source, load_sequences  # seqdata imports this module
+
+    if is_sequence_source(name_or_path):
+        return load_sequences(name_or_path, **options)
     if isinstance(name_or_path, str) and name_or_path.lower() in ("synthetic",):
         return _load_synthetic(**options)
     if isinstance(name_or_path, str) and name_or_path.lower() in ("movielens-100k", "ml-100k"):
@@ -255,7 +265,7 @@ def load_dataset(name_or_path: Any, **options) -> InteractionData:
     path = os.fspath(name_or_path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no data set {path!r}: not a path, and not one of the built-in names "
-                                f"{', '.join(BUILTIN)}")
+                                f"{', '.join(BUILTIN + ('synthetic-seq',))}")
     if os.path.isdir(path):
         kind, file = _detect_folder(path)
         if kind == "diffrec":

@@ -1,0 +1,50 @@
+"""Non-learned baselines for sequential recommendation on :class:`refit.seqdata.SequenceData`."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .seqdata import SequenceData, evaluate_sequences
+
+
+class MostPopular:
+    """Scores every item by how often it is a training target: the same ranking for every history.
+
+    A score function for :func:`refit.seqdata.evaluate_sequences`. Equal
+    counts rank by lower item id (``topk_hits``'s rule).
+
+    Args:
+        data: the sequences; only the targets of ``data.targets["train"]`` are counted.
+        pad_column: also score the padding id ``n_items`` (count 0), as
+            DreamRec's protocol ranks it (``protocol="dreamrec"``).
+
+    Attributes:
+        counts: (n_items,) or (n_items + 1,) float32 training-target count of each item.
+    """
+
+    def __init__(self, data: SequenceData, *, pad_column: bool = False):
+        items = data.target_items(data.targets["train"])
+        n = data.n_items + (1 if pad_column else 0)
+        self.counts = torch.bincount(items, minlength=n).to(torch.float32)
+
+    def __call__(self, history: torch.Tensor, lengths: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """(B, L) windows, (B,) lengths, (B,) sequence ids -> (B, n_items[+1]) float32 scores."""
+        return self.counts.to(history.device).expand(history.shape[0], -1)
+
+
+def most_popular_metrics(data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
+                         protocol: str = "full", exclude_history: Optional[bool] = None,
+                         batch_size: int = 1024, backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """:func:`refit.seqdata.evaluate_sequences` of :class:`MostPopular` (arguments as there).
+
+    Returns:
+        {split: {"hr@k", "ndcg@k", "mrr@k" for every k, "n"}}.
+    """
+    model = MostPopular(data, pad_column=protocol == "dreamrec")
+    return evaluate_sequences(model, data, splits, ks=ks, batch_size=batch_size, exclude_history=exclude_history,
+                              backend=backend, protocol=protocol)
+
+
+__all__ = ["MostPopular", "most_popular_metrics"]

@@ -1,0 +1,1414 @@
+"""Sequential recommendation data: time-ordered item sequences and leave-one-out targets.
+
+INTERFACE (implemented by this module; other modules program against it):
+
+Every data set becomes a set of *sequences* (a user's history, or a session),
+each a list of item ids in time order, concatenated into one flat array, and
+a split saying which positions of which sequences are prediction targets of
+the training, validation and test splits. A target at position p of
+sequence s is predicted from the items at positions < p of s (its history);
+models see the last ``max_len`` of them (a window).
+
+* ``ml-1m_seq/dataset.pkl`` (DiffuRec / ICLRec / DuoRec format): sequence u is
+  ``train[u] + val[u] + test[u]``; training targets are positions
+  1 .. len(train[u]) - 1, the validation target position len(train[u]), the
+  test target the last position. One sequence per user.
+* DreamRec ``.df`` folders (``train_data.df``, ``val_data.df``,
+  ``test_data.df``, ``data_statis.df``): every row is one prediction (a
+  window ``seq`` of the last ``seq_size`` items right-padded with the id
+  ``item_num``, its length ``seq_len`` / ``len_seq``, the target ``tgt`` /
+  ``next``); the rows of one session are consecutive, a session starting at
+  a row whose window is all padding. Sessions are rebuilt from the rows;
+  every target of a training-file session is a training target, and so on.
+  A row whose window does not continue the previous row starts a new
+  sequence, so any file loads.
+
+Item ids are re-indexed to 0 .. n_items - 1 (``item_ids`` maps back);
+``n_items`` is the padding id of history windows.
+
+Details of the loaders (:func:`load_sequences`):
+
+* ``dataset.pkl``: the items are those of ``smap`` (when present) and of the
+  sequences, re-indexed in increasing id order; ``sequence_ids`` holds each
+  sequence's user id. ``val[u]`` and ``test[u]`` must hold one item each and
+  ``train[u]`` at least one.
+* DreamRec folders keep DreamRec's ids: ``n_items`` is ``item_num`` of
+  ``data_statis.df`` (items that never occur stay, as DreamRec ranks them)
+  and ``item_ids`` is ``arange(item_num)``. The sequences of the training
+  file come first, then those of the validation and the test file; the
+  targets of each split are in the order of the file's rows (target i of
+  ``"valid"`` is row i of ``val_data.df``). DreamRec stores ``seq_len`` 1 for
+  an all-padding window; :meth:`SequenceData.windows` says 0 there. Two
+  training sessions of DreamRec's Zhihu repeat an item, so its ``repeats`` is
+  True and evaluation keeps the history in the ranking by default.
+* ``"synthetic-seq"``: :func:`synthetic_sequences` with a leave-one-out split.
+
+Pickles are never read with plain ``pickle``: ``dataset.pkl`` goes through
+an unpickler that admits no class or function but ``builtins`` ``dict``,
+``list`` and ``int``, and ``.df`` files through one that admits an exact
+list of pandas and NumPy (module, name) pairs, checks the arguments of every
+call and the state of every object it builds, and accepts Python objects
+inside arrays only as strings (column names) and lists of numbers (the
+``seq`` cells). Anything else raises :class:`refit.data.DataFormatError`
+naming the file, before any of it runs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import copyreg
+import inspect
+import io
+import itertools
+import logging
+import math
+import os
+import pickle
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+import refit_kernels as rk
+from refit_kernels.sparse import CSR
+
+from .data import DataFormatError, binary_csr
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SYNTHETIC = "synthetic-seq"
+PKL_NAME = "dataset.pkl"
+DREAMREC_FILES = {"train": "train_data.df", "valid": "val_data.df", "test": "test_data.df"}
+DREAMREC_STATS = "data_statis.df"
+DEFAULT_MAX_LEN = 10
+#: DreamRec ranks the top 100 items of every row (``prediction.topk(100)``) and scores batches of 100 rows.
+DREAMREC_TOPK = 100
+DREAMREC_BATCH = 100
+
+PANDAS_HINT = "reading DreamRec .df files needs pandas, which is not installed: pip install pandas"
+
+
+@dataclass
+class Targets:
+    """The prediction targets of one split: for each, its sequence and position.
+
+    Attributes:
+        seq: (n,) int64 sequence id of each target.
+        pos: (n,) int64 position of the target item in its sequence (>= 0;
+            position 0 has an empty history).
+    """
+
+    seq: torch.Tensor
+    pos: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.seq.numel())
+
+    def __getitem__(self, index) -> "Targets":
+        """The targets at ``index`` (a slice, or an index tensor / array), as a :class:`Targets`."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.int64)
+        return Targets(self.seq[index], self.pos[index])
+
+
+@dataclass
+class SequenceData:
+    """Sequences of items in time order and the train / valid / test targets.
+
+    Attributes:
+        n_items: number of items; ids 0 .. n_items - 1; ``n_items`` pads windows.
+        items: (N,) int64 every sequence's items, concatenated in sequence order.
+        offsets: (n_sequences + 1,) int64; sequence s is ``items[offsets[s]:offsets[s + 1]]``.
+        targets: {"train", "valid", "test"} -> :class:`Targets`.
+        max_len: default window length (DreamRec: 10).
+        train: (n_sequences, n_items) scipy CSR float32, binary, sorted unique
+            indices: the items of each sequence that precede its first
+            validation or test target and are training targets or their
+            history (what a model may train on): the input of similar users
+            and of the CF baselines.
+        item_ids: (n_items,) original item id of each item (as in the file).
+        name: a short name of the source (folder or file name).
+        repeats: whether an item can occur twice in one sequence (it does not
+            in ml-1m_seq); evaluation excludes the history by default only when
+            it cannot.
+        summary: counts of what was read (sequences, targets per split, items,
+            sequence lengths, ...).
+        sequence_ids: (n_sequences,) int64 where each sequence came from: the
+            user id of ``dataset.pkl``, the row of its first prediction in its
+            ``.df`` file, the sequence number of synthetic data.
+    """
+
+    n_items: int
+    items: torch.Tensor
+    offsets: torch.Tensor
+    targets: Dict[str, Targets]
+    max_len: int = 10
+    train: Optional[sp.csr_matrix] = None
+    item_ids: Optional[np.ndarray] = None
+    name: str = ""
+    repeats: bool = False
+    summary: Dict[str, object] = field(default_factory=dict)
+    sequence_ids: Optional[np.ndarray] = None
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    # n_users: the rows of ``train`` (sequences), for code written for InteractionData.
+    @property
+    def n_users(self) -> int:
+        return self.n_sequences
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(n_sequences,) int64 the length of each sequence."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s} {len(self.targets[s])}" for s in SPLITS if s in self.targets)
+        return (f"SequenceData({self.name!r}: {self.n_sequences} sequences, {self.n_items} items, "
+                f"{int(self.items.numel())} interactions; targets {counts}; repeats={self.repeats})")
+
+    # --- indexing -------------------------------------------------------------------------------------
+
+    def _targets_args(self, seq, pos, *, allow_end: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """seq, pos as (B,) int64 tensors on the items' device, checked against the sequences."""
+        dev = self.items.device
+        seq = torch.as_tensor(seq).to(device=dev, dtype=torch.int64).reshape(-1)
+        pos = torch.as_tensor(pos).to(device=dev, dtype=torch.int64).reshape(-1)
+        if seq.shape != pos.shape:
+            raise ValueError(f"seq and pos must have the same length, got {seq.numel()} and {pos.numel()}")
+        if seq.numel() == 0:
+            return seq, pos
+        S = self.n_sequences
+        if int(seq.min()) < 0 or int(seq.max()) >= S:
+            bad = int(torch.nonzero((seq < 0) | (seq >= S))[0])
+            raise IndexError(f"seq[{bad}] = {int(seq[bad])} is out of range for {S} sequences")
+        length = self.offsets[seq + 1] - self.offsets[seq]
+        too_far = (pos < 0) | ((pos > length) if allow_end else (pos >= length))
+        if bool(too_far.any()):
+            bad = int(torch.nonzero(too_far)[0])
+            limit = "0 .. length" if allow_end else "0 .. length - 1"
+            raise IndexError(f"pos[{bad}] = {int(pos[bad])} is out of range for sequence {int(seq[bad])} of length "
+                             f"{int(length[bad])} (positions {limit})")
+        return seq, pos
+
+    def windows(self, seq: torch.Tensor, pos: torch.Tensor, max_len: Optional[int] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """History windows of targets, without a Python loop over rows.
+
+        Args:
+            seq, pos: (B,) int64 targets (sequence id, position). ``pos`` may
+                also be the length of the sequence (the window after its last item).
+            max_len: window length L (default ``self.max_len``).
+
+        Returns:
+            (history (B, L) int64, lengths (B,) int64): the last
+            ``min(pos, L)`` items before each target, oldest first, left-aligned
+            and right-padded with ``n_items`` (DreamRec's layout).
+        """
+        L = self.max_len if max_len is None else int(max_len)
+        if L < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        seq, pos = self._targets_args(seq, pos, allow_end=True)
+        n = pos.clamp(max=L)
+        first = self.offsets[seq] + pos - n  # flat index of the oldest item in the window
+        slots = torch.arange(L, device=seq.device)
+        real = slots[None, :] < n[:, None]
+        flat = (first[:, None] + slots[None, :]).clamp(max=max(int(self.items.numel()) - 1, 0))
+        history = torch.where(real, self.items[flat], torch.full_like(flat, self.n_items))
+        return history, n
+
+    def target_items(self, t: Targets) -> torch.Tensor:
+        """(n,) int64 the item at each target."""
+        seq, pos = self._targets_args(t.seq, t.pos, allow_end=False)
+        return self.items[self.offsets[seq] + pos]
+
+    def history_csr(self, t: Targets):
+        """Every item before each target in its sequence (not only the window), as a
+        ``refit_kernels.CSR`` with one row per target: what evaluation excludes.
+
+        Returns:
+            a :class:`refit_kernels.CSR` with ``len(t)`` rows and ``n_items``
+            columns: int64 ``indptr`` / ``indices``, column ids sorted and
+            unique within a row (an item repeated in the history counts once),
+            no values (all ones). Its size is the sum of the targets'
+            positions: build it per batch for long sequences.
+        """
+        seq, pos = self._targets_args(t.seq, t.pos, allow_end=True)
+        B = int(seq.numel())
+        dev = seq.device
+        total = int(pos.sum()) if B else 0
+        row = torch.repeat_interleave(torch.arange(B, device=dev), pos)
+        row_start = torch.cumsum(pos, 0) - pos
+        within = torch.arange(total, device=dev) - torch.repeat_interleave(row_start, pos)
+        cols = self.items[torch.repeat_interleave(self.offsets[seq], pos) + within]
+        key = torch.unique(row * self.n_items + cols)  # sorted: by row, then item
+        counts = torch.bincount(key // self.n_items, minlength=B) if B else torch.zeros(0, dtype=torch.int64)
+        indptr = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(counts, 0, out=indptr[1:])
+        return CSR(indptr, key % self.n_items, None, self.n_items)
+
+    def batches(self, split: str = "train", batch_size: int = 256, *, shuffle: bool = True, seed: int = 0,
+                max_len: Optional[int] = None, drop_last: bool = False) -> "SequenceBatches":
+        """Iterates over (history (B, L), lengths (B,), targets (B,), seq (B,)) batches of a split's
+        targets; with ``shuffle``, each iteration (epoch) in its own order drawn from (seed, epoch);
+        ``set_epoch(e)`` on the returned object sets the epoch.
+
+        See :class:`SequenceBatches`. ``drop_last`` skips a last, smaller batch (kept by default).
+        """
+        return SequenceBatches(self, split, batch_size, shuffle=shuffle, seed=seed, max_len=max_len,
+                               drop_last=drop_last)
+
+
+class SequenceBatches:
+    """Batches of one split's targets with their history windows.
+
+    Each iteration is one epoch; with ``shuffle`` the targets come in an order
+    drawn from ``(seed, epoch)`` (NumPy's ``default_rng([seed, epoch])``), so
+    every epoch differs and every run repeats. The epoch counter starts at 0
+    and advances at each ``iter()``; :meth:`set_epoch` sets it. Without
+    ``shuffle`` the targets come in split order. Every target appears once
+    per epoch; the last batch may be smaller unless ``drop_last``.
+
+    Yields:
+        history: (B, L) int64 windows (:meth:`SequenceData.windows`);
+        lengths: (B,) int64 items in each window;
+        targets: (B,) int64 the item to predict;
+        seq: (B,) int64 the sequence of each target.
+    """
+
+    def __init__(self, data: SequenceData, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 max_len: Optional[int] = None, drop_last: bool = False):
+        if split not in data.targets:
+            raise ValueError(f"split must be one of {', '.join(data.targets)}, got {split!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.data, self.split, self.batch_size = data, split, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.max_len = data.max_len if max_len is None else int(max_len)
+        self.targets = data.targets[split]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.targets)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """(n,) int64 indices into the split's targets, in the order of ``epoch``."""
+        n = len(self.targets)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = torch.from_numpy(self.order(self.epoch))
+        self.epoch += 1
+        d, t = self.data, self.targets
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            seq, pos = t.seq[idx], t.pos[idx]
+            history, lengths = d.windows(seq, pos, self.max_len)
+            yield history, lengths, d.items[d.offsets[seq] + pos], seq
+
+
+# --- building a SequenceData ------------------------------------------------------------------------------
+
+def _within(offsets: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(sequence of each flat position, position within its sequence), both (N,) int64."""
+    lengths = np.diff(offsets)
+    seq_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    return seq_of, np.arange(offsets[-1], dtype=np.int64) - offsets[:-1][seq_of]
+
+
+def _assemble(name: str, items: np.ndarray, offsets: np.ndarray, targets: Dict[str, Tuple[np.ndarray, np.ndarray]],
+              n_items: int, item_ids: np.ndarray, max_len: int, sequence_ids: np.ndarray,
+              extra: Optional[Dict[str, object]] = None) -> SequenceData:
+    """A SequenceData from dense item ids (N,), offsets (S + 1,) and per-split (seq, pos) targets."""
+    S = len(offsets) - 1
+    lengths = np.diff(offsets)
+    seq_of, within = _within(offsets)
+    # The training part of a sequence: up to its last training target, and before its first
+    # validation or test target.
+    cut = np.zeros(S, dtype=np.int64)
+    np.maximum.at(cut, targets["train"][0], targets["train"][1] + 1)
+    for split in ("valid", "test"):
+        seq, pos = targets[split]
+        np.minimum.at(cut, seq, pos)
+    keep = within < cut[seq_of]
+    train = binary_csr(seq_of[keep], items[keep], S, n_items)
+    key = np.sort(seq_of * n_items + items)
+    dup = key[1:] == key[:-1]
+    with_repeats = len(np.unique(key[1:][dup] // n_items)) if dup.any() else 0
+    summary: Dict[str, object] = {
+        "sequences": S,
+        "items": n_items,
+        "items_occurring": int(len(np.unique(items))),
+        "interactions": int(offsets[-1]),
+        "train_interactions": int(train.nnz),
+        "targets_train": int(len(targets["train"][0])),
+        "targets_valid": int(len(targets["valid"][0])),
+        "targets_test": int(len(targets["test"][0])),
+        "length_min": int(lengths.min()) if S else 0,
+        "length_median": float(np.median(lengths)) if S else 0.0,
+        "length_mean": float(lengths.mean()) if S else 0.0,
+        "length_max": int(lengths.max()) if S else 0,
+        "repeats": bool(with_repeats),
+        "sequences_with_repeats": int(with_repeats),
+    }
+    summary.update(extra or {})
+    data = SequenceData(
+        n_items=int(n_items),
+        items=torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)),
+        offsets=torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64)),
+        targets={s: Targets(torch.from_numpy(np.ascontiguousarray(targets[s][0], dtype=np.int64)),
+                            torch.from_numpy(np.ascontiguousarray(targets[s][1], dtype=np.int64))) for s in SPLITS},
+        max_len=int(max_len), train=train, item_ids=np.asarray(item_ids, dtype=np.int64), name=name,
+        repeats=bool(with_repeats), summary=summary, sequence_ids=np.asarray(sequence_ids, dtype=np.int64))
+    log.info("%s: %d sequences (lengths %d..%d, median %g), %d items; targets train %d, valid %d, test %d; "
+             "%d training interactions; %s", name, S, summary["length_min"], summary["length_max"],
+             summary["length_median"], n_items, summary["targets_train"], summary["targets_valid"],
+             summary["targets_test"], train.nnz,
+             f"{with_repeats} sequences repeat an item" if with_repeats else "no item repeats within a sequence")
+    return data
+
+
+def _leave_one_out(offsets: np.ndarray, n_train: np.ndarray) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Targets of sequences whose first n_train[s] items are training items, then one validation
+    and one test item: training targets at positions 1 .. n_train - 1."""
+    S = len(n_train)
+    k = np.maximum(n_train - 1, 0)
+    seq = np.repeat(np.arange(S, dtype=np.int64), k)
+    pos = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k) + 1
+    ids = np.arange(S, dtype=np.int64)
+    return {"train": (seq, pos), "valid": (ids, n_train.astype(np.int64)),
+            "test": (ids, n_train.astype(np.int64) + 1)}
+
+
+# --- restricted unpickling ------------------------------------------------------------------------------------
+
+class _Refused(pickle.UnpicklingError):
+    """What the restricted unpicklers raise: the pickle asks for something outside the allow-list."""
+
+
+def _kind(x: Any) -> str:
+    """What x is, in words, read from its type only (the attributes of a half-built object may fail)."""
+    if isinstance(x, type):
+        return f"the class {x.__module__}.{x.__qualname__}"
+    if isinstance(x, (types.FunctionType, types.BuiltinFunctionType)):
+        return f"{x.__module__}.{x.__qualname__}"
+    return f"a {type(x).__module__}.{type(x).__qualname__} object"
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """dataset.pkl: dicts, lists and ints. No global but builtins dict / list / int can be named, so
+    no code can be reached (protocol opcodes build the containers themselves)."""
+
+    def find_class(self, module, name):
+        obj = _PLAIN_GLOBALS.get((module, name))
+        if obj is None:
+            raise _Refused(f"the pickle asks for {module}.{name}; this format holds only dicts, lists and ints")
+        return obj
+
+    def persistent_load(self, pid):
+        raise _Refused("the pickle refers to a persistent object; this format holds only dicts, lists and ints")
+
+
+_PLAIN_GLOBALS = {(m, n): t for m in ("builtins", "__builtin__") for n, t in (("dict", dict), ("list", list),
+                                                                               ("int", int))}
+
+
+def _refuse_extension(self):
+    raise _Refused("the pickle uses an extension code (copyreg), which could name any object")
+
+
+class _PlainPyUnpickler(pickle._Unpickler):
+    """:class:`_PlainUnpickler` in Python, for when extension codes are registered in this process: their
+    cached objects would reach the C unpickler's stack without passing through find_class."""
+
+    find_class = _PlainUnpickler.find_class
+    persistent_load = _PlainUnpickler.persistent_load
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _refuse_extension
+
+# Exact types accepted as ids inside the ``seq`` lists of a .df file (DreamRec's own files mix Python ints
+# with NumPy int64 and, in YooChoose and KuaiRec, float64 scalars).
+_ID_TYPES = frozenset({int, float, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                       np.uint64, np.float32, np.float64})
+_DTYPE_CODES = frozenset({"O8", "O4", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f4", "f8"})
+_INDEX_DTYPES = frozenset({"object", "int64", "float64"})
+_SCALARS = (type(None), bool, int, float, str)
+_OBJECT = np.dtype(object)
+
+
+def _plain_dtype(dt: Any, objects: bool = False) -> bool:
+    """A NumPy integer or float dtype (or, with ``objects``, the object dtype) exactly as NumPy makes it.
+
+    A pickle can give a dtype any state, e.g. the flags that make NumPy treat
+    int64 data as object pointers; only the flags, sizes and fields NumPy
+    itself gives these dtypes are accepted.
+    """
+    if not isinstance(dt, np.dtype) or dt.names is not None or dt.subdtype is not None or dt.metadata is not None:
+        return False
+    if dt.kind == "O":
+        return objects and dt.flags == _OBJECT.flags and dt.itemsize == _OBJECT.itemsize
+    return dt.kind in "iuf" and dt.flags == 0 and not dt.hasobject and dt.itemsize in (1, 2, 4, 8)
+
+
+class _DataFrameRules:
+    """The exact pandas / NumPy globals a DataFrame of ids needs, and a check of every call made with them.
+
+    Each global is admitted as a (module, name) pair, never a whole module.
+    Those that a pickle calls (REDUCE) map to a check of the arguments;
+    classes are instantiated only empty (NEWOBJ, ``copyreg._reconstructor``)
+    and filled by BUILD, whose target and state are checked; the rest
+    (``Index``, ``ndarray``, ``object``) are admitted only as arguments.
+    """
+
+    def __init__(self):
+        import pandas  # noqa: F401  (ImportError handled by the caller)
+        from pandas._libs.internals import _unpickle_block
+        from pandas.core.frame import DataFrame
+        from pandas.core.indexes.base import Index, _new_Index
+        from pandas.core.indexes.range import RangeIndex
+        from pandas.core.internals.blocks import Block
+        from pandas.core.internals.managers import BlockManager
+
+        self.DataFrame, self.BlockManager, self.Block = DataFrame, BlockManager, Block
+        self.Index, self.RangeIndex = Index, RangeIndex
+        self._new_Index, self._unpickle_block = _new_Index, _unpickle_block
+        reconstruct = np.zeros(1).__reduce__()[0]
+        scalar = np.float64(0).__reduce__()[0]
+        frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+        self._reconstruct, self._scalar, self._frombuffer = reconstruct, scalar, frombuffer
+        g: Dict[Tuple[str, str], Any] = {
+            ("pandas.core.frame", "DataFrame"): DataFrame,
+            ("pandas.core.internals.managers", "BlockManager"): BlockManager,
+            ("pandas.core.internals", "BlockManager"): BlockManager,  # the name pandas < 0.24 wrote
+            ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
+            ("pandas.core.indexes.base", "_new_Index"): _new_Index,
+            ("pandas.core.indexes.base", "Index"): Index,
+            ("pandas.core.indexes.range", "RangeIndex"): RangeIndex,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+        }
+        for core in ("numpy.core", "numpy._core"):  # NumPy 2 renamed numpy.core to numpy._core
+            g[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+            g[(f"{core}.multiarray", "scalar")] = scalar
+            g[(f"{core}.numeric", "_frombuffer")] = frombuffer
+        for b in ("builtins", "__builtin__"):  # __builtin__, copy_reg: protocols 0-2 name them so
+            g[(b, "slice")] = slice
+            g[(b, "object")] = object
+        g[("_codecs", "encode")] = codecs.encode  # protocols 0-2 write bytes as _codecs.encode(str, "latin1")
+        for m in ("copyreg", "copy_reg"):
+            g[(m, "_reconstructor")] = copyreg._reconstructor
+        self.globals = g
+        self.calls: Dict[int, Tuple[Any, Callable[[tuple], Any]]] = {
+            id(reconstruct): (reconstruct, self._call_reconstruct),
+            id(scalar): (scalar, self._call_scalar),
+            id(frombuffer): (frombuffer, self._call_frombuffer),
+            id(np.dtype): (np.dtype, self._call_dtype),
+            id(slice): (slice, self._call_slice),
+            id(codecs.encode): (codecs.encode, self._call_encode),
+            id(copyreg._reconstructor): (copyreg._reconstructor, self._call_reconstructor),
+            id(_new_Index): (_new_Index, self._call_new_index),
+            id(_unpickle_block): (_unpickle_block, self._call_unpickle_block),
+            id(BlockManager): (BlockManager, self._call_block_manager),
+        }
+
+    # -- calls (REDUCE) --
+
+    @staticmethod
+    def _args(args: tuple, n: Sequence[int], what: str) -> tuple:
+        if type(args) is not tuple or len(args) not in n:
+            raise _Refused(f"{what} called with unexpected arguments")
+        return args
+
+    def _call_reconstruct(self, args):
+        a = self._args(args, (3,), "numpy _reconstruct")
+        if not (a[0] is np.ndarray and type(a[1]) is tuple and a[1] == (0,) and type(a[2]) is bytes
+                and a[2] == b"b"):
+            raise _Refused("numpy _reconstruct called with unexpected arguments (only an empty ndarray is built)")
+        return self._reconstruct(np.ndarray, (0,), b"b")
+
+    def _call_dtype(self, args):
+        a = self._args(args, (3,), "numpy.dtype")
+        if type(a[0]) is not str or a[0] not in _DTYPE_CODES:
+            raise _Refused(f"numpy.dtype({a[0]!r}) is not an integer, float or object dtype")
+        if type(a[1]) not in (bool, int) or type(a[2]) not in (bool, int) or a[1] != 0 or a[2] != 1:
+            # copy=True: the pickle then fills a fresh dtype, never NumPy's shared one
+            raise _Refused("numpy.dtype called without copy=True")
+        return np.dtype(a[0], False, True)
+
+    def _call_frombuffer(self, args):
+        a = self._args(args, (4,), "numpy _frombuffer")
+        buf, dtype, shape, order = a
+        if type(buf) not in (bytes, bytearray) or not _plain_dtype(dtype) or type(shape) is not tuple or \
+                not all(type(s) is int and s >= 0 for s in shape) or order not in ("C", "F"):
+            raise _Refused("numpy _frombuffer called with unexpected arguments (only number arrays are read)")
+        return self._frombuffer(buf, dtype, shape, order)
+
+    def _call_scalar(self, args):
+        a = self._args(args, (2,), "numpy scalar")
+        if not _plain_dtype(a[0]) or type(a[1]) is not bytes:
+            raise _Refused("numpy scalar called with unexpected arguments (only integer and float scalars)")
+        return self._scalar(a[0], a[1])
+
+    def _call_slice(self, args):
+        a = self._args(args, (1, 2, 3), "slice")
+        if not all(v is None or type(v) is int for v in a):
+            raise _Refused("slice called with arguments that are not ints")
+        return slice(*a)
+
+    def _call_encode(self, args):
+        a = self._args(args, (2,), "_codecs.encode")
+        if type(a[0]) is not str or a[1] != "latin1":
+            raise _Refused("_codecs.encode called with unexpected arguments")
+        return a[0].encode("latin1")
+
+    def _call_reconstructor(self, args):
+        a = self._args(args, (3,), "copyreg._reconstructor")
+        if a[0] not in (self.DataFrame, self.BlockManager) or a[1] is not object or a[2] is not None:
+            raise _Refused("copyreg._reconstructor called with unexpected arguments")
+        return object.__new__(a[0])
+
+    def _index_arg(self, d):
+        if type(d) is not dict or not set(d) <= {"data", "name", "dtype", "start", "stop", "step"}:
+            raise _Refused("an index is described by unexpected fields")
+        for k, v in d.items():
+            ok = (type(v) is np.ndarray if k == "data" else
+                  ((type(v) is str and v in _INDEX_DTYPES) or _plain_dtype(v, objects=True)) if k == "dtype" else
+                  (v is None or type(v) in (str, int)) if k == "name" else type(v) is int)
+            if not ok:
+                raise _Refused(f"an index field {k!r} holds {_kind(v)}")
+        return d
+
+    def _call_new_index(self, args):
+        a = self._args(args, (2,), "pandas _new_Index")
+        if a[0] is not self.Index and a[0] is not self.RangeIndex:
+            raise _Refused(f"pandas _new_Index asked to build {_kind(a[0])} (only Index and RangeIndex)")
+        d = self._index_arg(a[1])
+        if a[0] is self.Index and "data" not in d:
+            raise _Refused("pandas _new_Index called without index data")
+        return self._new_Index(a[0], dict(d))
+
+    def _placement(self, p) -> bool:
+        return type(p) is slice or (type(p) is np.ndarray and p.dtype.kind in "iu" and p.ndim == 1)
+
+    def _call_unpickle_block(self, args):
+        a = self._args(args, (3,), "pandas _unpickle_block")
+        if type(a[0]) is not np.ndarray or not self._placement(a[1]) or type(a[2]) is not int or a[2] not in (1, 2):
+            raise _Refused("pandas _unpickle_block called with unexpected arguments (only NumPy blocks)")
+        return self._unpickle_block(*a)
+
+    def _is_index(self, x) -> bool:
+        return type(x) is self.Index or type(x) is self.RangeIndex
+
+    def _call_block_manager(self, args):
+        a = self._args(args, (2, 3), "pandas BlockManager")
+        blocks, axes = a[0], a[1]
+        if type(blocks) not in (tuple, list) or not all(isinstance(b, self.Block) for b in blocks) or \
+                type(axes) is not list or not all(self._is_index(x) for x in axes) or \
+                (len(a) == 3 and type(a[2]) is not bool):
+            raise _Refused("pandas BlockManager called with unexpected arguments")
+        return self.BlockManager(tuple(blocks), axes)  # verify_integrity: the shapes are checked
+
+    # -- instances --
+
+    def new(self, cls, args):
+        if (cls is not self.DataFrame and cls is not self.BlockManager) or type(args) is not tuple or args:
+            raise _Refused(f"the pickle creates {_kind(cls)} (only an empty DataFrame or BlockManager)")
+        return cls.__new__(cls)
+
+    @staticmethod
+    def check_object_items(items: list) -> None:
+        """Python objects inside an object array: column names (str) and lists of ids only."""
+        types = set(map(type, items))
+        if not types <= {str, list}:
+            bad = next(x for x in items if type(x) not in (str, list))
+            raise _Refused(f"an object array holds {_kind(bad)} (only strings and lists of ids are accepted)")
+        if list in types:
+            inner = set(map(type, itertools.chain.from_iterable(x for x in items if type(x) is list)))
+            if not inner <= _ID_TYPES:
+                bad = next(t for t in inner if t not in _ID_TYPES)
+                raise _Refused(f"a list in an object array holds a {bad.__module__}.{bad.__qualname__} (only numbers "
+                               "are accepted as ids)")
+
+    def check_build(self, inst, state) -> None:
+        t = type(inst)
+        if t is np.ndarray:
+            if type(state) is not tuple or len(state) != 5 or type(state[1]) is not tuple or \
+                    not isinstance(state[2], np.dtype):
+                raise _Refused("an ndarray is given an unexpected state")
+            dtype, data = state[2], state[4]
+            if not _plain_dtype(dtype, objects=True):
+                raise _Refused(f"an ndarray of dtype {dtype} (only plain number and object dtypes)")
+            if dtype.kind == "O":
+                if type(data) is not list:
+                    raise _Refused(f"an object array is given {_kind(data)}")
+                self.check_object_items(data)
+            elif type(data) not in (bytes, bytearray):
+                raise _Refused(f"an ndarray of dtype {dtype} is given {_kind(data)}")
+            return
+        if isinstance(inst, np.dtype):
+            # Only the state NumPy itself gives this dtype, up to its byte order.
+            own = inst.__reduce__()[2]
+            if not _plain_dtype(inst, objects=True) or type(state) is not tuple or len(state) != len(own) or \
+                    any(type(a) is not type(b) or a != b for i, (a, b) in enumerate(zip(state, own)) if i != 1) or \
+                    state[1] not in (("|",) if inst.kind == "O" or inst.itemsize == 1 else ("<", ">", "=")):
+                raise _Refused("a dtype is given a state other than its own (only plain number and object dtypes)")
+            return
+        if t is self.DataFrame:
+            if type(state) is self.BlockManager:
+                return
+            allowed = {"_mgr", "_data", "_typ", "_metadata", "attrs", "_attrs", "_flags"}
+            if type(state) is not dict or not set(state) <= allowed:
+                extra = sorted(map(str, set(state) - allowed)) if type(state) is dict else [_kind(state)]
+                raise _Refused(f"a DataFrame is given an unexpected state ({', '.join(extra)})")
+            mgr = state.get("_mgr", state.get("_data"))
+            if type(mgr) is not self.BlockManager or state.get("_typ") != "dataframe":
+                raise _Refused("a DataFrame is given a state without its BlockManager")
+            meta = state.get("_metadata", [])
+            if type(meta) is not list or not all(type(m) is str for m in meta):
+                raise _Refused("a DataFrame is given unexpected _metadata")
+            for k in ("attrs", "_attrs", "_flags"):
+                v = state.get(k, {})
+                if v is not None and (type(v) is not dict or not all(type(x) in _SCALARS for x in v.values())):
+                    raise _Refused(f"a DataFrame is given unexpected {k}")
+            if set(state.get("_flags") or {}) - {"allows_duplicate_labels"}:
+                raise _Refused("a DataFrame is given unexpected flags")
+            return
+        if t is self.BlockManager:  # pandas < 1.x layout: (axes, values, items, {"0.14.1": {...}})
+            ok = type(state) is tuple and len(state) == 4 and type(state[3]) is dict and set(state[3]) == {"0.14.1"}
+            inner = state[3]["0.14.1"] if ok else None
+            ok = ok and type(inner) is dict and set(inner) == {"axes", "blocks"} and type(inner["axes"]) is list \
+                and all(self._is_index(x) for x in inner["axes"]) and type(inner["blocks"]) is list
+            ok = ok and all(type(b) is dict and set(b) == {"values", "mgr_locs"} and type(b["values"]) is np.ndarray
+                            and self._placement(b["mgr_locs"]) for b in inner["blocks"])
+            if not ok:
+                raise _Refused("a BlockManager is given an unexpected state")
+            return
+        raise _Refused(f"the pickle sets the state of {_kind(inst)}")
+
+
+class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: every opcode that calls code is checked
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, rules: _DataFrameRules):
+        super().__init__(file)
+        self._rules = rules
+
+    def find_class(self, module, name):
+        obj = self._rules.globals.get((module, name))
+        if obj is None:
+            raise _Refused(f"the pickle asks for {module}.{name}, which is not among the pandas and NumPy "
+                           "classes a DataFrame of item ids needs")
+        return obj
+
+    def persistent_load(self, pid):
+        raise _Refused("the pickle refers to a persistent object")
+
+    def load_reduce(self):
+        stack = self.stack
+        args = stack.pop()
+        func = stack[-1]
+        entry = self._rules.calls.get(id(func))
+        if entry is None or entry[0] is not func:
+            raise _Refused(f"the pickle calls {_kind(func)}")
+        stack[-1] = entry[1](args)
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._rules.new(cls, args))
+
+    def load_refused(self):
+        raise _Refused("the pickle instantiates a class with arguments (INST / OBJ / NEWOBJ_EX)")
+
+    def load_build(self):
+        self._rules.check_build(self.stack[-2], self.stack[-1])
+        super().load_build()
+
+    def _target(self, index: int, kind: type, what: str):
+        target = self.stack[index]
+        if type(target) is not kind:
+            raise _Refused(f"the pickle {what} {_kind(target)}")
+        return target
+
+    def load_setitem(self):
+        self._target(-3, dict, "sets items of")
+        super().load_setitem()
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        d = self._target(-1, dict, "sets items of")
+        for i in range(0, len(items), 2):
+            d[items[i]] = items[i + 1]
+
+    def load_append(self):
+        self._target(-2, list, "appends to")
+        super().load_append()
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._target(-1, list, "appends to").extend(items)
+
+    def load_additems(self):
+        items = self.pop_mark()
+        self._target(-1, set, "adds items to").update(items)
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_refused
+    dispatch[pickle.INST[0]] = load_refused
+    dispatch[pickle.OBJ[0]] = load_refused
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _refuse_extension
+
+
+def _read_bytes(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise DataFormatError(path, None, "the file is empty (0 bytes)")
+    return raw
+
+
+def read_plain_pickle(path: str) -> Any:
+    """Unpickles a file that may hold only dicts, lists and ints (and the strings, floats, tuples that
+    pickle's own opcodes make); any class or function raises DataFormatError and nothing runs."""
+    raw = _read_bytes(path)
+    reader = _PlainPyUnpickler if copyreg._extension_registry else _PlainUnpickler
+    try:
+        return reader(io.BytesIO(raw)).load()
+    except _Refused as exc:
+        raise DataFormatError(path, None, f"refused to unpickle: {exc}; nothing in the file was run") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways, each gets the same sentence
+        raise DataFormatError(path, None, f"not a readable pickle ({type(exc).__name__}: {exc})") from None
+
+
+_RULES: Optional[_DataFrameRules] = None
+
+
+def read_dataframe(path: str):
+    """Unpickles a pandas DataFrame of numbers and lists of ids (a DreamRec ``.df`` file) with the
+    restricted unpickler described in the module docstring.
+
+    Raises:
+        ImportError saying to install pandas when it is missing;
+        DataFormatError naming the file for anything else than such a DataFrame.
+    """
+    global _RULES
+    raw = _read_bytes(path)
+    if _RULES is None:
+        try:
+            _RULES = _DataFrameRules()
+        except ImportError as exc:
+            raise ImportError(f"{path}: {PANDAS_HINT} ({exc})") from None
+    try:
+        obj = _DataFrameUnpickler(io.BytesIO(raw), _RULES).load()
+    except _Refused as exc:
+        raise DataFormatError(path, None, f"refused to unpickle: {exc}; nothing in the file was run") from None
+    except Exception as exc:  # noqa: BLE001
+        raise DataFormatError(path, None, f"not a readable pandas DataFrame pickle ({type(exc).__name__}: "
+                                          f"{exc})") from None
+    if type(obj) is not _RULES.DataFrame:
+        raise DataFormatError(path, None, f"expected a pandas DataFrame, got {_kind(obj)}")
+    return obj
+
+
+# --- dataset.pkl --------------------------------------------------------------------------------------------
+
+_PKL_KEYS = ("train", "val", "test")
+
+
+def _int_list_error(path: str, where: str, values: list) -> DataFormatError:
+    for v in values:
+        if type(v) is not int:
+            return DataFormatError(path, None, f"{where}: item {v!r} is not an integer id ({type(v).__name__})")
+    return DataFormatError(path, None, f"{where}: an item id does not fit in 64 bits")
+
+
+def _load_pkl(path: str, *, max_len: int = DEFAULT_MAX_LEN) -> SequenceData:
+    obj = read_plain_pickle(path)
+    if type(obj) is not dict:
+        raise DataFormatError(path, None, f"expected a dict with the keys train, val, test (and umap, smap), got "
+                                          f"a {type(obj).__name__}")
+    for key in _PKL_KEYS:
+        if key not in obj:
+            raise DataFormatError(path, None, f"the dict has no {key!r} key (keys: "
+                                              f"{', '.join(repr(k) for k in list(obj)[:10])}); expected train, val, "
+                                              "test (and umap, smap)")
+    extra = [k for k in obj if k not in _PKL_KEYS + ("umap", "smap")]
+    if extra:
+        log.info("%s: ignoring the keys %s", path, ", ".join(map(repr, extra)))
+    parts = {}
+    for key in _PKL_KEYS:
+        part = obj[key]
+        if type(part) is not dict:
+            raise DataFormatError(path, None, f"{key!r} must be a dict of user id -> list of item ids, got a "
+                                              f"{type(part).__name__}")
+        bad = [u for u in part if type(u) is not int]
+        if bad:
+            raise DataFormatError(path, None, f"{key}: user id {bad[0]!r} is not an integer")
+        if not part:
+            raise DataFormatError(path, None, f"{key!r} holds no user")
+        parts[key] = part
+    users = sorted(parts["train"])
+    for key in ("val", "test"):
+        if set(parts[key]) != set(users):
+            missing = sorted(set(users) - set(parts[key]))
+            unknown = sorted(set(parts[key]) - set(users))
+            what = (f"user {missing[0]} of 'train' has no {key!r} entry" if missing else
+                    f"user {unknown[0]} of {key!r} has no 'train' entry")
+            raise DataFormatError(path, None, f"{what} (every user needs train, val and test items)")
+    lists = {}
+    for key in _PKL_KEYS:
+        ls = [parts[key][u] for u in users]
+        if set(map(type, ls)) != {list}:
+            u = next(u for u, v in zip(users, ls) if type(v) is not list)
+            raise DataFormatError(path, None, f"{key}[{u}] must be a list of item ids, got a "
+                                              f"{type(parts[key][u]).__name__}")
+        lists[key] = ls
+    n_train = np.fromiter(map(len, lists["train"]), dtype=np.int64, count=len(users))
+    if (n_train == 0).any():
+        u = users[int(np.flatnonzero(n_train == 0)[0])]
+        raise DataFormatError(path, None, f"train[{u}] is an empty sequence (every user needs at least one "
+                                          "training item)")
+    for key in ("val", "test"):
+        n = np.fromiter(map(len, lists[key]), dtype=np.int64, count=len(users))
+        if (n != 1).any():
+            i = int(np.flatnonzero(n != 1)[0])
+            raise DataFormatError(path, None, f"{key}[{users[i]}] holds {int(n[i])} items; leave-one-out data has "
+                                              f"exactly one {key} item per user")
+    flat_list = list(itertools.chain.from_iterable(
+        itertools.chain.from_iterable(zip(lists["train"], lists["val"], lists["test"]))))
+    if set(map(type, flat_list)) != {int}:
+        for key in _PKL_KEYS:
+            for u, v in zip(users, lists[key]):
+                if set(map(type, v)) - {int}:
+                    raise _int_list_error(path, f"{key}[{u}]", v)
+    try:
+        flat = np.array(flat_list, dtype=np.int64)
+    except OverflowError:
+        raise DataFormatError(path, None, "an item id does not fit in a 64-bit integer") from None
+    lengths = n_train + 2
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if (flat < 0).any():
+        i = int(np.flatnonzero(flat < 0)[0])
+        s = int(np.searchsorted(offsets, i, side="right") - 1)
+        raise DataFormatError(path, None, f"user {users[s]}: negative item id {int(flat[i])}")
+    universe = np.unique(flat)
+    for key in ("umap", "smap"):
+        if key in obj:
+            m = obj[key]
+            if type(m) is not dict or not all(type(v) is int for v in m.values()):
+                raise DataFormatError(path, None, f"{key!r} must be a dict of original id -> integer id")
+    if "smap" in obj:
+        ids = np.fromiter(obj["smap"].values(), dtype=np.int64, count=len(obj["smap"]))
+        if len(np.unique(ids)) != len(ids):
+            raise DataFormatError(path, None, "'smap' maps two original items to the same item id")
+        unknown = np.setdiff1d(universe, ids)
+        if len(unknown):
+            raise DataFormatError(path, None, f"item id {int(unknown[0])} occurs in a sequence but not in 'smap' "
+                                              f"({len(unknown)} such ids)")
+        universe = np.unique(ids)
+    items = np.searchsorted(universe, flat).astype(np.int64)
+    extra_summary = {"source": "dataset.pkl"}
+    name = (os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.basename(path) == PKL_NAME
+            else os.path.splitext(os.path.basename(path))[0])
+    return _assemble(name, items, offsets, _leave_one_out(offsets, n_train), len(universe), universe, max_len,
+                     np.asarray(users, dtype=np.int64), extra_summary)
+
+
+# --- DreamRec .df folders -----------------------------------------------------------------------------------
+
+def _column(df, names: Sequence[str], path: str):
+    for n in names:
+        if n in df.columns:
+            return n
+    cols = ", ".join(repr(c) for c in list(df.columns)[:10])
+    raise DataFormatError(path, None, f"no column {' or '.join(repr(n) for n in names)} (columns: {cols})")
+
+
+def _as_ids(path: str, values, what: str, per_row: int = 1) -> np.ndarray:
+    """(n,) int64 from a column or flat list of numbers; integral floats are accepted (DreamRec's own
+    files store some ids as float64); the row of the first bad value is named."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        if values.dtype == np.uint64 and (values > np.iinfo(np.int64).max).any():
+            row = int(np.flatnonzero(values > np.iinfo(np.int64).max)[0]) // per_row
+            raise DataFormatError(path, row, f"{what} does not fit in a 64-bit integer", what="row")
+        return values.astype(np.int64, copy=False)
+    if isinstance(values, np.ndarray) and values.dtype.kind != "f":
+        values = values.tolist()
+    if not isinstance(values, np.ndarray):
+        types = set(map(type, values))
+        if not types <= _ID_TYPES:
+            i = next(i for i, v in enumerate(values) if type(v) not in _ID_TYPES)
+            raise DataFormatError(path, i // per_row, f"{what} {_show(values[i])} is not a number", what="row")
+        if types <= _ID_TYPES - {float, np.float32, np.float64}:
+            try:
+                return np.array(values, dtype=np.int64)
+            except OverflowError:
+                pass
+        values = np.array(values, dtype=np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2.0 ** 53)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(path, i // per_row, f"{what} {_show(values[i])} is not an integer id", what="row")
+    return values.astype(np.int64)
+
+
+def _show(v: Any) -> str:
+    return repr(v.item() if isinstance(v, np.generic) else v)[:40]
+
+
+def _read_statis(path: str) -> Tuple[int, int]:
+    df = read_dataframe(path)
+    out = []
+    for col in ("seq_size", "item_num"):
+        if col not in df.columns:
+            raise DataFormatError(path, None, f"no column {col!r} (columns: {', '.join(map(repr, df.columns))})")
+        if len(df) < 1:
+            raise DataFormatError(path, None, "the table has no row")
+        v = _as_ids(path, df[col].to_numpy()[:1], col)[0]
+        if v < 1:
+            raise DataFormatError(path, 0, f"{col} must be >= 1, got {int(v)}", what="row")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+@dataclass
+class _Split:
+    items: np.ndarray    # (N,) the items of the split's sequences, concatenated
+    offsets: np.ndarray  # (S + 1,)
+    seq: np.ndarray      # (R,) sequence of each row (0 .. S - 1)
+    pos: np.ndarray      # (R,) position of each row's target
+    first_rows: np.ndarray  # (S,) the first row of each sequence
+
+
+def _read_split(path: str, seq_size: int, item_num: int) -> _Split:
+    """Reads one DreamRec split and rebuilds its sessions from the rows (see the module docstring)."""
+    df = read_dataframe(path)
+    wcol = _column(df, ("seq",), path)
+    lcol = _column(df, ("seq_len", "len_seq"), path)
+    tcol = _column(df, ("tgt", "next"), path)
+    R = len(df)
+    if R == 0:
+        raise DataFormatError(path, None, "the table has no rows")
+    cells = df[wcol].tolist()
+    if set(map(type, cells)) != {list}:
+        r = next(r for r, c in enumerate(cells) if type(c) is not list)
+        raise DataFormatError(path, r, f"{wcol!r} must hold a list of item ids, got {_kind(cells[r])}", what="row")
+    n_cell = np.fromiter(map(len, cells), dtype=np.int64, count=R)
+    if (n_cell != seq_size).any():
+        r = int(np.flatnonzero(n_cell != seq_size)[0])
+        longer = "longer than" if n_cell[r] > seq_size else "shorter than"
+        raise DataFormatError(path, r, f"the window holds {int(n_cell[r])} items, {longer} seq_size = {seq_size} "
+                                       f"({DREAMREC_STATS})", what="row")
+    W = _as_ids(path, list(itertools.chain.from_iterable(cells)), "window item", per_row=seq_size).reshape(R, seq_size)
+    lens = _as_ids(path, df[lcol].to_numpy(), lcol)
+    tgt = _as_ids(path, df[tcol].to_numpy(), "target")
+    pad = item_num
+    bad = (W < 0) | (W > pad)
+    if bad.any():
+        r, j = (int(v) for v in np.argwhere(bad)[0])
+        raise DataFormatError(path, r, f"window item {int(W[r, j])} is out of range (items are 0..{item_num - 1}, "
+                                       f"{item_num} pads)", what="row")
+    bad = (tgt < 0) | (tgt >= item_num)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(path, r, f"target {int(tgt[r])} is out of range 0..{item_num - 1} (item_num = "
+                                       f"{item_num})", what="row")
+    real = W != pad
+    n_real = real.sum(1)
+    slots = np.arange(seq_size)
+    bad = (real != (slots[None, :] < n_real[:, None])).any(1)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(path, r, f"the window {W[r].tolist()} is not right-padded with {pad} (padding "
+                                       "between items)", what="row")
+    # DreamRec stores 1 for an all-padding window (its model reads slot len - 1).
+    bad = (lens != n_real) & ~((n_real == 0) & (lens == 1))
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(path, r, f"{lcol} = {int(lens[r])} but the window holds {int(n_real[r])} items",
+                              what="row")
+    # Row r continues row r - 1 when its window is that row's window with its target appended
+    # (the oldest item dropped once the window is full).
+    expect = W[:-1].copy()
+    prev_n, prev_t = n_real[:-1], tgt[:-1]
+    full = prev_n == seq_size
+    part = np.flatnonzero(~full)
+    expect[part, prev_n[part]] = prev_t[part]
+    if full.any():
+        expect[full] = np.concatenate([W[:-1][full, 1:], prev_t[full, None]], axis=1)
+    cont = np.zeros(R, dtype=bool)
+    cont[1:] = (W[1:] == expect).all(1)
+    start = ~cont
+    # Each row contributes its target; a row that starts a sequence first contributes its window.
+    V = np.concatenate([W, tgt[:, None]], axis=1)
+    take = np.concatenate([start[:, None] & (slots[None, :] < n_real[:, None]), np.ones((R, 1), bool)], axis=1)
+    items = V[take]
+    chunk = take.sum(1)
+    end = np.cumsum(chunk)
+    seq = np.cumsum(start) - 1
+    first_rows = np.flatnonzero(start)
+    offsets = np.concatenate([end[first_rows] - chunk[first_rows], [end[-1]]]).astype(np.int64)
+    pos = end - 1 - offsets[seq]
+    return _Split(items.astype(np.int64), offsets, seq.astype(np.int64), pos.astype(np.int64), first_rows)
+
+
+def _load_dreamrec(folder: str, *, max_len: Optional[int] = None) -> SequenceData:
+    stats = os.path.join(folder, DREAMREC_STATS)
+    if not os.path.exists(stats):
+        raise FileNotFoundError(f"{folder}: a DreamRec folder needs {DREAMREC_STATS} (seq_size and item_num)")
+    seq_size, item_num = _read_statis(stats)
+    items, offsets, targets, seq_ids, extra = [], [0], {}, [], {"source": "dreamrec", "seq_size": seq_size}
+    n_seq = 0
+    for split, fname in DREAMREC_FILES.items():
+        path = os.path.join(folder, fname)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder}: a DreamRec folder needs {fname}")
+        s = _read_split(path, seq_size, item_num)
+        items.append(s.items)
+        offsets.extend((s.offsets[1:] + offsets[-1]).tolist())
+        targets[split] = (s.seq + n_seq, s.pos)
+        seq_ids.append(s.first_rows)
+        n_seq += len(s.offsets) - 1
+        extra[f"rows_{split}"] = int(len(s.seq))
+        extra[f"sequences_{split}"] = int(len(s.offsets) - 1)
+    name = os.path.basename(os.path.normpath(folder))
+    return _assemble(name, np.concatenate(items), np.asarray(offsets, dtype=np.int64), targets, item_num,
+                     np.arange(item_num, dtype=np.int64), seq_size if max_len is None else max_len,
+                     np.concatenate(seq_ids), extra)
+
+
+# --- synthetic sequences --------------------------------------------------------------------------------------
+
+def synthetic_sequences(n_users: int = 500, n_items: int = 300, *, mean_length: float = 20.0, n_clusters: int = 10,
+                        stay: float = 0.7, follow: float = 0.5, popularity_exponent: float = 0.6,
+                        seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Item sequences with sequential structure and no repeated item within a sequence.
+
+    Items belong to ``n_clusters`` clusters and have Zipf-like popularity
+    (``rank ** -popularity_exponent``). A user moves along a Markov chain over
+    clusters: after an item of cluster c the next item is of cluster c with
+    probability ``stay``, else of a fixed successor cluster of c. Every item
+    also has a fixed successor item in its cluster: with probability
+    ``follow`` (when not yet seen) that successor comes next, otherwise an
+    unseen item of the current cluster drawn by popularity (any unseen item
+    once the cluster is exhausted). The next item thus depends on the last
+    one, which a sequential model can learn and most-popular cannot. Lengths
+    are log-normal around ``mean_length``, at least 4 (one training target,
+    one validation and one test item), at most ``n_items // 2``.
+
+    Returns:
+        (items (N,) int64 ids 0 .. n_items - 1, offsets (n_users + 1,) int64).
+    """
+    if n_users < 1 or n_items < 8 or n_clusters < 1 or n_clusters > n_items:
+        raise ValueError(f"synthetic-seq: need n_users >= 1, n_items >= 8 and 1 <= n_clusters <= n_items, got "
+                         f"{n_users}, {n_items}, {n_clusters}")
+    if not (mean_length >= 4 and 0 <= stay <= 1 and 0 <= follow <= 1):
+        raise ValueError(f"synthetic-seq: need mean_length >= 4 and stay, follow in [0, 1], got {mean_length}, "
+                         f"{stay}, {follow}")
+    rng = np.random.default_rng(seed)
+    popularity = rng.permutation(np.arange(1, n_items + 1, dtype=np.float64) ** -popularity_exponent)
+    cluster = rng.permutation(np.arange(n_items) % n_clusters)
+    next_cluster = rng.permutation(n_clusters)
+    successor = np.empty(n_items, dtype=np.int64)
+    for c in range(n_clusters):  # a random cycle through each cluster's items
+        members = rng.permutation(np.flatnonzero(cluster == c))
+        successor[members] = np.roll(members, -1)
+    lengths = np.clip(np.round(rng.lognormal(math.log(mean_length), 0.4, size=n_users)), 4,
+                      max(4, n_items // 2)).astype(np.int64)
+    T = int(lengths.max())
+    out = np.zeros((n_users, T), dtype=np.int64)
+    seen = np.zeros((n_users, n_items), dtype=bool)
+    rows = np.arange(n_users)
+    current = rng.integers(0, n_clusters, size=n_users)
+    last = np.zeros(n_users, dtype=np.int64)
+    for t in range(T):
+        weight = popularity[None, :] * ~seen
+        in_cluster = weight * (cluster[None, :] == current[:, None])
+        has = in_cluster.sum(1) > 0
+        weight = np.where(has[:, None], in_cluster, weight)
+        cum = np.cumsum(weight, axis=1)
+        r = rng.random(n_users) * cum[:, -1]
+        drawn = np.minimum((cum <= r[:, None]).sum(1), n_items - 1)  # the first item whose cumulative weight exceeds r
+        nxt = successor[last]
+        follows = (t > 0) & (rng.random(n_users) < follow) & ~seen[rows, nxt]
+        item = np.where(follows, nxt, drawn)
+        out[:, t] = item
+        seen[rows, item] = True
+        last = item
+        c = cluster[item]
+        current = np.where(rng.random(n_users) < stay, c, next_cluster[c])
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return out[mask], offsets
+
+
+def _load_synthetic(*, max_len: int = DEFAULT_MAX_LEN, **generator) -> SequenceData:
+    items, offsets = synthetic_sequences(**generator)
+    n_items = int(generator.get("n_items", inspect.signature(synthetic_sequences).parameters["n_items"].default))
+    n_train = np.diff(offsets) - 2
+    return _assemble(SYNTHETIC, items, offsets, _leave_one_out(offsets, n_train), n_items,
+                     np.arange(n_items, dtype=np.int64), max_len, np.arange(len(n_train), dtype=np.int64),
+                     {"source": "synthetic", **{k: v for k, v in generator.items()}})
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+def _is_dreamrec_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, DREAMREC_FILES["train"]))
+
+
+def is_sequence_source(name_or_path: Any) -> bool:
+    """Whether :func:`load_sequences` (rather than an interaction loader) reads this name or path:
+    ``"synthetic-seq"``, a ``.pkl`` or ``.df`` file, a folder holding ``dataset.pkl`` or a DreamRec split."""
+    if isinstance(name_or_path, str) and name_or_path.lower() == SYNTHETIC:
+        return True
+    try:
+        path = os.fspath(name_or_path)
+    except TypeError:
+        return False
+    if os.path.isdir(path):
+        return os.path.exists(os.path.join(path, PKL_NAME)) or _is_dreamrec_folder(path)
+    return os.path.isfile(path) and path.endswith((".pkl", ".df"))
+
+
+def load_sequences(path: str, **options) -> SequenceData:
+    """Reads ml-1m_seq's ``dataset.pkl`` (a file or its folder) or a DreamRec ``.df`` folder.
+
+    Pickles are read with an unpickler that admits only what these formats
+    need; anything else raises ``refit.data.DataFormatError`` and nothing in
+    the file runs.
+
+    Args:
+        path: a ``dataset.pkl``-format file (any name) or a folder holding
+            ``dataset.pkl``; a DreamRec folder (or one of its ``.df`` files);
+            or ``"synthetic-seq"``.
+        max_len: the default window length (``SequenceData.max_len``): 10, or
+            the ``seq_size`` of a DreamRec folder.
+        Options of ``"synthetic-seq"``: ``n_users``, ``n_items``,
+            ``mean_length``, ``seed`` and the others of :func:`synthetic_sequences`.
+
+    Raises:
+        DataFormatError (a ValueError) naming the file (and row, for ``.df``
+        files) of malformed or refused input; FileNotFoundError for a missing
+        path; ImportError for a ``.df`` file without pandas installed;
+        TypeError for an option the source does not take.
+    """
+    if isinstance(path, str) and path.lower() == SYNTHETIC:
+        return _load_synthetic(**options)
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no sequence data set {p!r}: not a path, and not {SYNTHETIC!r}")
+    if os.path.isdir(p):
+        if os.path.exists(os.path.join(p, PKL_NAME)):
+            kind, p = "pkl", os.path.join(p, PKL_NAME)
+        elif _is_dreamrec_folder(p):
+            kind = "dreamrec"
+        else:
+            raise FileNotFoundError(f"{p}: no sequence data found (expected {PKL_NAME}, or DreamRec's "
+                                    f"{', '.join(DREAMREC_FILES.values())} and {DREAMREC_STATS})")
+    elif p.endswith(".df"):
+        kind, p = "dreamrec", os.path.dirname(os.path.abspath(p))
+    else:
+        kind = "pkl"
+    allowed = {"max_len"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(f"{p}: unknown options for {'a DreamRec folder' if kind == 'dreamrec' else 'dataset.pkl'}: "
+                        f"{', '.join(sorted(unknown))} (accepted: {', '.join(sorted(allowed))})")
+    max_len = options.get("max_len")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer))
+                                or max_len < 1):
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if kind == "dreamrec":
+        return _load_dreamrec(p, max_len=None if max_len is None else int(max_len))
+    return _load_pkl(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len))
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------
+
+def _check_ks(ks, limit: Optional[int] = None) -> Tuple[int, ...]:
+    ks = tuple(int(k) for k in ([ks] if isinstance(ks, int) else ks))
+    if not ks or any(k < 1 for k in ks) or any(b <= a for a, b in zip(ks, ks[1:])):
+        raise ValueError(f"ks must be positive and strictly ascending, got {ks}")
+    if limit is not None and ks[-1] > limit:
+        raise ValueError(f"DreamRec's protocol ranks the top {limit} items only: every k must be <= {limit}, "
+                         f"got {ks}")
+    return ks
+
+
+def _rank(score_fn, data: SequenceData, t: Targets, ks: Tuple[int, ...], batch_size: int, *, exclude: bool,
+          max_len: Optional[int], n_cols: int, backend: Optional[str], progress: Optional[bool],
+          desc: str) -> Dict[str, float]:
+    """Scores the targets t in order, batch by batch, and averages HR / NDCG / MRR at each k."""
+    from .control import progress_enabled
+
+    n = len(t)
+    n_k = len(ks)
+    ks_t = torch.tensor(ks, dtype=torch.int64)
+    sums = torch.zeros(3, n_k, dtype=torch.float64)
+    starts = range(0, n, batch_size)
+    if progress_enabled(progress):
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for start in starts:
+        b = t[start:start + batch_size]
+        B = len(b)
+        history, lengths = data.windows(b.seq, b.pos, max_len)
+        scores = score_fn(history, lengths, b.seq)
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or tuple(scores.shape) != (B, n_cols):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"score_fn must return ({B}, {n_cols}) scores for a batch of {B} targets, got {shape}")
+        dev = scores.device
+        target = data.target_items(b).to(dev)
+        positives = CSR(torch.arange(B + 1, dtype=torch.int64, device=dev), target, None, n_cols)
+        ex = data.history_csr(b).to(dev) if exclude else None
+        out = rk.topk_hits(scores, ks, exclude=ex, positives=positives, backend=backend)
+        first = out.first_hit.cpu()
+        within = (first[:, None] >= 0) & (first[:, None] < ks_t[None, :])
+        rr = torch.where(within, 1.0 / (first.to(torch.float64)[:, None] + 1.0), 0.0)
+        sums[0] += out.hits.cpu().to(torch.float64).sum(0)
+        sums[1] += out.dcg.cpu().to(torch.float64).sum(0)  # one positive: IDCG = 1
+        sums[2] += rr.sum(0)
+    means = (sums / n if n else sums).tolist()
+    result: Dict[str, float] = {}
+    for j, k in enumerate(ks):
+        result[f"hr@{k}"] = means[0][j]
+        result[f"ndcg@{k}"] = means[1][j]
+        result[f"mrr@{k}"] = means[2][j]
+    result["n"] = n
+    return result
+
+
+def evaluate_sequences(score_fn, data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
+                       batch_size: int = 1024, exclude_history: Optional[bool] = None, max_len: Optional[int] = None,
+                       progress: Optional[bool] = False, backend: Optional[str] = None,
+                       protocol: str = "full") -> Dict[str, Dict[str, float]]:
+    """Full-ranking HR@k (= Recall@k with one positive) and NDCG@k of each split, via ``topk_hits``.
+
+    Two protocols:
+
+    * ``"full"`` (default): every target of the split, in batches of
+      ``batch_size``, is ranked against all ``n_items`` items with
+      ``refit_kernels.topk_hits`` (higher score first, equal scores by lower
+      item id, ``-inf`` allowed, NaN an error); the positive of a row is its
+      target item and, when excluding, the row's history
+      (:meth:`SequenceData.history_csr`) is never ranked. HR@k = 1 when the
+      target is in the top k; NDCG@k = 1 / log2(rank + 2) (0-based rank < k);
+      MRR@k = 1 / (rank + 1) (rank < k).
+    * ``"dreamrec"``: DreamRec's own evaluation (``evaluate`` and
+      ``calculate_hit`` of its ``DreamRec.py`` / ``utility.py``), for
+      comparison with its published numbers; see :func:`evaluate_like_dreamrec`.
+      The history is never excluded, ``score_fn`` returns ``n_items + 1``
+      columns (the padding id is ranked like an item), targets are scored in
+      batches of 100 in split order and a last partial batch is dropped;
+      ``batch_size`` is ignored, every k must be <= 100.
+
+    Args:
+        score_fn: ``score_fn(history (B, L), lengths (B,), seq (B,)) -> (B, n_items)`` float scores of
+            every item for a batch of targets (history windows as :meth:`SequenceData.windows` gives them).
+        exclude_history: never rank the items before the target in its sequence (all of them, not
+            only the window). Default: exclude exactly when ``data.repeats`` is False.
+        max_len: window length handed to ``score_fn`` (default ``data.max_len``).
+        protocol: ``"full"`` or ``"dreamrec"`` (see above).
+
+    Returns:
+        {split: {"hr@k": ..., "ndcg@k": ..., "mrr@k": ..., "n": number of targets}} averaged over
+        every target of the split (each target counts once; a target excluded as history counts as
+        a miss).
+    """
+    if protocol == "dreamrec":
+        if exclude_history:
+            raise ValueError("DreamRec's protocol never excludes the history; pass exclude_history=None or False")
+        return evaluate_like_dreamrec(score_fn, data, splits, ks=ks, max_len=max_len, progress=progress,
+                                      backend=backend)
+    if protocol != "full":
+        raise ValueError(f"protocol must be 'full' or 'dreamrec', got {protocol!r}")
+    ks = _check_ks(ks)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    exclude = (not data.repeats) if exclude_history is None else bool(exclude_history)
+    results = {}
+    for split in ([splits] if isinstance(splits, str) else splits):
+        if split not in data.targets:
+            raise ValueError(f"unknown split {split!r} (splits: {', '.join(data.targets)})")
+        results[split] = _rank(score_fn, data, data.targets[split], ks, batch_size, exclude=exclude,
+                               max_len=max_len, n_cols=data.n_items, backend=backend, progress=progress,
+                               desc=f"evaluate {split}")
+    return results
+
+
+def evaluate_like_dreamrec(score_fn, data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
+                           batch_size: int = DREAMREC_BATCH, max_len: Optional[int] = None,
+                           progress: Optional[bool] = False, backend: Optional[str] = None
+                           ) -> Dict[str, Dict[str, float]]:
+    """HR@k and NDCG@k exactly as DreamRec's ``evaluate`` computes them, for comparison with its numbers.
+
+    DreamRec (``DreamRec.py``, ``evaluate``; ``utility.py``, ``calculate_hit``):
+
+    * walks the split's rows in file order in batches of 100 and scores only
+      ``len // 100`` full batches: the last ``len % 100`` targets are dropped,
+      and HR and NDCG are averaged over the scored ones (``"n"``);
+    * scores the ``item_num + 1`` rows of its item embedding table, so the
+      padding id (``n_items`` here) is ranked like any item and can take a
+      place in the top k: ``score_fn`` must return (B, n_items + 1) scores;
+    * never excludes the history (items seen earlier in the session can be
+      recommended and hit);
+    * takes ``prediction.topk(100)``, flips it to ascending order and, for
+      each k, looks for the target among the last k columns: rank =
+      k - column (1-based), HR counts a hit, NDCG adds 1 / log2(rank + 1).
+      With one target per row this is the 0-based rank r < k with
+      1 / log2(r + 2), as here; ks above 100 are refused (DreamRec's rank
+      formula is wrong there). Ties: ``torch.topk`` orders equal scores as its
+      kernel happens to, ``topk_hits`` by lower item id; with float scores
+      from a model ties are rare.
+
+    MRR@k (which DreamRec does not report) is given on the same ranks.
+    ``score_fn`` gets the windows of ``max_len`` (default ``data.max_len``,
+    DreamRec's ``seq_size`` for its folders: the ``seq`` column itself);
+    its ``lengths`` are 0 where DreamRec's ``len_seq`` says 1.
+
+    Returns:
+        {split: {"hr@k", "ndcg@k", "mrr@k" for every k, "n"}}.
+    """
+    ks = _check_ks(ks, DREAMREC_TOPK)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    results = {}
+    for split in ([splits] if isinstance(splits, str) else splits):
+        if split not in data.targets:
+            raise ValueError(f"unknown split {split!r} (splits: {', '.join(data.targets)})")
+        t = data.targets[split]
+        kept = t[:(len(t) // batch_size) * batch_size]
+        results[split] = _rank(score_fn, data, kept, ks, batch_size, exclude=False, max_len=max_len,
+                               n_cols=data.n_items + 1, backend=backend, progress=progress,
+                               desc=f"evaluate {split} (DreamRec)")
+    return results
+
+
+__all__ = ["SequenceBatches", "SequenceData", "Targets", "evaluate_like_dreamrec", "evaluate_sequences",
+           "is_sequence_source", "load_sequences", "read_dataframe", "read_plain_pickle", "synthetic_sequences"]
