@@ -257,15 +257,20 @@ def cmd_evaluate_sequential(args) -> int:
     rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     ks = args.ks if args.ks is not None else list(SEQ_KS)
+    if args.eval_steps is not None:
+        rec.set_eval_steps(args.eval_steps)
     results = evaluate_dreamrec(rec, data, splits, ks=ks, batch_size=args.batch_size,
-                                exclude_history=args.exclude_history, seed=args.seed, progress=_progress(args))
+                                exclude_history=args.exclude_history, seed=args.seed, progress=_progress(args),
+                                protocol=args.protocol)
     if not _main():
         return 0
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
+    steps = rec.eval_steps or rec.diffusion.steps
     print(f"{args.checkpoint}: dreamrec on {state.get('data', {}).get('source', '?')} "
-          f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {rec.diffusion.steps} steps)")
+          f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {steps} sampling steps, "
+          f"{args.protocol} protocol)")
     print(format_table([(s, results[s]) for s in splits], ks, ("hr", "ndcg", "mrr")))
     return 0
 
@@ -534,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dreamrec: seed of the sampled embeddings")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="dreamrec: never rank the history's items (default: when items do not repeat)")
+    p.add_argument("--protocol", choices=["full", "dreamrec"], default="full",
+                   help="dreamrec: evaluate as DreamRec's own code does (dropout on, padding ranked, no "
+                        "exclusion, batches of 100 with the last partial one dropped), for comparison")
+    p.add_argument("--eval-steps", type=_positive_int, default=None,
+                   help="dreamrec: sample with this many respaced reverse steps instead of all of them")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also print the best tuned baseline's row (cached in the checkpoint's folder)")
     p.set_defaults(func=cmd_evaluate)

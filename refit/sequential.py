@@ -212,22 +212,38 @@ def _batch_seed(seed: int, seq: torch.Tensor) -> int:
 
 def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid", "test"), *,
                       ks: Sequence[int] = SEQ_KS, batch_size: int = 2048, exclude_history: Optional[bool] = None,
-                      seed: int = 0, progress: Optional[bool] = False,
-                      fast: Optional[bool] = None) -> Dict[str, Dict[str, float]]:
+                      seed: int = 0, progress: Optional[bool] = False, fast: Optional[bool] = None,
+                      protocol: str = "full") -> Dict[str, Dict[str, float]]:
     """HR@k / NDCG@k of ``rec`` on each split (full ranking; see :func:`refit.seqdata.evaluate_sequences`).
 
     Sampling is seeded per batch of targets (``seed`` and the batch's first
     target), so a call is repeatable; ``seed`` draws another set of samples.
+    ``protocol="dreamrec"`` evaluates as DreamRec's own code does, for
+    comparison with its published numbers: dropout left on while sampling,
+    the padding id ranked as an item, no history excluded, batches of 100
+    with the last partial one dropped, samples from the global RNG.
     """
     from .seqdata import evaluate_sequences
 
-    def score_fn(history, lengths, seq):
-        g = torch.Generator(device="cpu").manual_seed(_batch_seed(seed, seq))
-        return rec.scores(history, lengths, generator=g) if fast is None else \
-            rec.model.item_scores(rec.generate(history, lengths, g, fast=fast)).float()
+    if protocol == "dreamrec":
+        def score_fn(history, lengths, seq):
+            was = rec.model.training
+            rec.model.train()  # DreamRec's evaluation never calls eval(): dropout stays on
+            try:
+                with torch.no_grad():
+                    h = rec.guidance(history, lengths)
+                    x = rec.sample(h) if rec.eval_steps is None else rec._eval_diffusion.sample(
+                        rec.denoiser(h), rec.start_noise(h.shape[0]), noise=True)
+                    return rec.model.item_scores(x, include_padding=True).float()
+            finally:
+                rec.model.train(was)
+    else:
+        def score_fn(history, lengths, seq):
+            g = torch.Generator(device="cpu").manual_seed(_batch_seed(seed, seq))
+            return rec.model.item_scores(rec.generate(history, lengths, g, fast=fast)).float()
 
     return evaluate_sequences(score_fn, data, splits, ks=ks, batch_size=batch_size, exclude_history=exclude_history,
-                              max_len=rec.model.max_len, progress=progress)
+                              max_len=rec.model.max_len, progress=progress, protocol=protocol)
 
 
 # --- pretraining ---------------------------------------------------------------------------------
