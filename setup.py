@@ -9,6 +9,21 @@ Environment switches:
                      (needs a CUDA build of torch and nvcc).
   REFIT_SKIP_CUDA=1  never build the CUDA kernels.
   MAX_JOBS=N         parallel compile jobs (honoured by torch's ninja build).
+  REFIT_SANITIZE=1   build the CPU kernels with AddressSanitizer and UBSan
+                     (-fsanitize=address,undefined -fno-sanitize-recover=all
+                     -fno-omit-frame-pointer -g, compile and link; -O1
+                     -fno-wrapv, compile); the
+                     module then reports `sanitized = 1`. Build it away from
+                     the normal one, e.g.
+                       REFIT_SANITIZE=1 python setup.py build_ext \\
+                           --build-lib <dir> --build-temp <dir>/tmp
+                     next to a copy of refit_kernels/ in <dir>, and load it
+                     into a plain python with
+                       LD_PRELOAD="$(gcc -print-file-name=libasan.so) \\
+                                   $(gcc -print-file-name=libubsan.so)"
+                       ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=<dir>
+                     (.ci/run does this for the kernel tests). Without the
+                     CUDA kernels: nvcc does not take these flags.
 """
 
 import glob
@@ -73,8 +88,18 @@ def _write_build_info(build_cuda: bool) -> str:
     return out_dir
 
 
+#: Compile and link flags of a REFIT_SANITIZE=1 build. -O1 keeps the reports
+#: exact and the build short; no recovery, so the first finding ends the
+#: process with an error (UBSan alone would print and carry on).
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+#: Python's own CFLAGS carry -fwrapv, which defines signed overflow and so
+#: hides it from UBSan; an overflowing index is a bug all the same.
+SANITIZE_COMPILE_ONLY = ["-fno-wrapv"]
+
+
 def _extensions():
-    build_cuda, why_not = _cuda_plan()
+    sanitize = _flag("REFIT_SANITIZE")
+    build_cuda, why_not = (False, "REFIT_SANITIZE is set") if sanitize else _cuda_plan()
     if not build_cuda:
         warnings.warn(f"refit-kernels: building without the CUDA kernels: {why_not}.")
 
@@ -88,6 +113,10 @@ def _extensions():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     macros = []
+    if sanitize:
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + SANITIZE_FLAGS + SANITIZE_COMPILE_ONLY
+        link += SANITIZE_FLAGS
+        macros.append(("REFIT_SANITIZE", None))
     if build_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*_host.cpp")))

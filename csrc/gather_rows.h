@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace refit {
 
@@ -110,6 +111,44 @@ inline void check_gather_rows_out(const at::Tensor& out, int64_t B, int64_t n_co
   TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
                     "gather_rows: out has elements that share memory (an expanded tensor?); "
                     "pass a tensor whose elements are distinct");
+}
+
+// The addresses [first, last) of the bytes a tensor's elements span (first ==
+// last when it has none). Strides are never negative in torch.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>(extent) * t.element_size()};
+}
+
+// `out` must not overlap an input: it is zeroed and written while the inputs
+// are still being read. Address ranges, not storages, are compared, so views
+// of one buffer through different storages count too (the same test as
+// refit_kernels/_checks.py, with the same message).
+inline void check_gather_rows_no_alias(const at::Tensor& out, const at::Tensor& indptr,
+                                       const at::Tensor& indices,
+                                       const std::optional<at::Tensor>& values,
+                                       const at::Tensor& rows,
+                                       const std::optional<at::Tensor>& segments,
+                                       const std::optional<at::Tensor>& weights) {
+  const auto o = byte_span(out);
+  if (o.first == o.second) return;
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"matrix indptr", &indptr},
+      {"matrix indices", &indices},
+      {"matrix values", values.has_value() ? &*values : nullptr},
+      {"rows", &rows},
+      {"segments", segments.has_value() ? &*segments : nullptr},
+      {"weights", weights.has_value() ? &*weights : nullptr},
+  };
+  for (const auto& [name, t] : inputs) {
+    if (t == nullptr || !t->defined()) continue;
+    const auto s = byte_span(*t);
+    TORCH_CHECK_VALUE(!(s.first < o.second && o.first < s.second), "gather_rows: out shares memory with ",
+                      name, "; pass an out that overlaps no input");
+  }
 }
 
 }  // namespace refit

@@ -58,10 +58,16 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_openmp = 0;
 #endif
+#ifdef REFIT_SANITIZE
+  const long sanitized = 1;  // built with AddressSanitizer and UBSan (setup.py, REFIT_SANITIZE=1)
+#else
+  const long sanitized = 0;
+#endif
   if (PyModule_AddStringConstant(m, "torch_version", REFIT_TORCH_VERSION) < 0 ||
       PyModule_AddStringConstant(m, "cuda_version", REFIT_CUDA_VERSION) < 0 ||
       PyModule_AddIntConstant(m, "with_cuda", with_cuda) < 0 ||
-      PyModule_AddIntConstant(m, "with_openmp", with_openmp) < 0) {
+      PyModule_AddIntConstant(m, "with_openmp", with_openmp) < 0 ||
+      PyModule_AddIntConstant(m, "sanitized", sanitized) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -62,5 +62,6 @@ def build_facts() -> dict:
         "cuda_version": getattr(MODULE, "cuda_version", "") or None,
         "with_cuda": bool(getattr(MODULE, "with_cuda", 0)),
         "with_openmp": bool(getattr(MODULE, "with_openmp", 0)),
+        "sanitized": bool(getattr(MODULE, "sanitized", 0)),
         "path": getattr(MODULE, "__file__", None),
     }

@@ -45,6 +45,8 @@ def report() -> str:
             f"  CUDA        {'yes (CUDA ' + str(facts['cuda_version']) + ')' if facts['with_cuda'] else 'no'}",
             f"  OpenMP      {'yes' if facts['with_openmp'] else 'no'}",
         ]
+        if facts["sanitized"]:
+            lines.append("  sanitizers  AddressSanitizer, UBSan (a REFIT_SANITIZE=1 build, for tests)")
     if _extension.LOAD_ERROR:
         lines.append(f"  problem     {_extension.LOAD_ERROR}")
     lines += ["", "backends:"]

@@ -154,6 +154,8 @@ def _csr_row_problems(indptr, indices, rows, valid, n_items):
     nnz = indices.shape[0]
     code = torch.zeros(rows.shape, dtype=torch.int64, device=rows.device)
     detail = torch.zeros_like(code)
+    if indptr.shape[0] < 2:  # no rows: nothing is valid, and indptr[r + 1] below would not exist
+        return code, detail
     r = torch.where(valid, rows, 0)
     lo, hi = indptr[r], indptr[r + 1]
     bad_ptr = valid & ~((lo >= 0) & (lo <= hi) & (hi <= nnz))
@@ -315,8 +317,13 @@ def topk_hits(
     neighbor_hits = torch.zeros(B, len(ks), dtype=torch.float64, device=dev)
     if neighbors is not None and neighbors.shape[1] > 0:
         valid = neighbors >= 0
-        needed, where = torch.unique(neighbors.clamp(min=0), return_inverse=True)
-        sets_dense = _dense_rows(*sets, needed, I)
+        # Only the rows that valid neighbors name are read (padding points at
+        # an extra empty row), as in the kernels: other rows may be malformed.
+        needed, inverse = torch.unique(neighbors[valid], return_inverse=True)
+        where = torch.full_like(neighbors, needed.numel())
+        where[valid] = inverse
+        sets_dense = torch.cat([_dense_rows(*sets, needed, I),
+                                torch.zeros(1, I, dtype=torch.bool, device=dev)])
         member = sets_dense[where[:, :, None], top.clamp(min=0)[:, None, :]]  # (B, M, Kmax)
         member &= valid[:, :, None] & ranked[:, None, :]
         counts = member.sum(1).cumsum(1)[:, k_at].to(torch.float64)

@@ -6,10 +6,17 @@ array), or an ``(indptr, indices[, values])`` tuple of tensors or NumPy
 arrays, and passes plain ``indptr`` / ``indices`` / ``values`` tensors to the
 kernels. :func:`as_csr` does that conversion and the cheap structural checks.
 
+What is validated, and where (the same for every op and every backend):
+
+* the structure of ``indptr``, for the whole matrix, here: ``indptr[0] == 0``,
+  non-decreasing, ``indptr[-1] == nnz`` (O(n_rows), before any kernel runs);
+* the column ids of the rows an op reads, by the op (every backend makes the
+  same checks with the same messages): in ``[0, n_cols)`` and, where the op
+  needs it (``topk_hits``), sorted and unique. Rows an op does not read are
+  not looked at, so a batch over a large matrix costs what the batch reads.
+
 Column indices inside a row are expected sorted and unique (the loaders of
-``refit`` guarantee it); ops rely on that only where they check it cheaply or
-say so in their docstring. Column indices out of range are the kernels' to
-reject (they see every index anyway).
+``refit`` guarantee it); ops rely on that only where they check it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ._checks import dense_tensor, has_data, is_int
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -69,8 +78,34 @@ def _tensor(x: Any, name: str, part: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc":
+            raise TypeError(f"{name}: {part} must hold numbers, got a numpy array of {x.dtype}")
         return torch.from_numpy(np.ascontiguousarray(x))
     raise TypeError(f"{name}: {part} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _first_bad_row(indptr: torch.Tensor, nnz: int) -> int:
+    """The first row r whose entries indptr[r] .. indptr[r+1] are not a range inside [0, nnz], or -1."""
+    lo, hi = indptr[:-1], indptr[1:]
+    bad = torch.nonzero((lo < 0) | (lo > hi) | (hi > nnz))
+    return int(bad[0]) if bad.numel() else -1
+
+
+def check_indptr(indptr: torch.Tensor, nnz: int, name: str) -> None:
+    """ValueError naming ``name`` unless indptr[0] == 0, indptr is non-decreasing and indptr[-1] == nnz.
+
+    ``indptr`` is a 1-D integer tensor with at least one entry. The first
+    row whose range is broken is named; only then the two ends. O(n_rows),
+    and one pass when the structure is fine.
+    """
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first == 0 and last == nnz and (indptr.shape[0] < 2 or not bool((indptr[1:] < indptr[:-1]).any())):
+        return
+    r = _first_bad_row(indptr, nnz)
+    if r >= 0:
+        raise ValueError(f"{name}: indptr must be non-decreasing from 0 to nnz = {nnz}; {name} indptr of row "
+                         f"{r} gives the entries {int(indptr[r])} .. {int(indptr[r + 1])}")
+    raise ValueError(f"{name}: indptr must start at 0 and end at nnz = {nnz}, got {first} .. {last}")
 
 
 def _is_scipy_sparse(x: Any) -> bool:
@@ -96,14 +131,17 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
             (int64 by default). None keeps int32 when both are int32 (as
             scipy stores them), which saves converting the whole matrix on
             every call; anything else becomes int64.
-        check: run the O(n_rows) checks of ``indptr``'s values (start, end,
-            order). A kernel that checks every ``indptr`` entry it reads may
-            skip them; so must code being traced by ``torch.compile``, where
-            reading tensor values is not possible.
+        check: run the O(n_rows) checks of ``indptr``'s values (start at 0,
+            non-decreasing, end at nnz; see :func:`check_indptr`). Every op
+            runs them on its CSR arguments; only code being traced by
+            ``torch.compile``, where reading tensor values is not possible,
+            skips them (the kernels still check every ``indptr`` entry they
+            read).
 
     Raises:
-        TypeError for the wrong kinds of objects or dtypes; ValueError for an
-        inconsistent structure, naming ``name``.
+        TypeError for the wrong kinds of objects, dtypes or layouts (a part
+        that is itself sparse, a float ``n_cols``); ValueError for an
+        inconsistent structure or a meta tensor; each naming ``name``.
     """
     own_cols: Optional[int] = None
     if isinstance(x, CSR):  # already converted: re-check, re-type, move as asked
@@ -131,10 +169,16 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
         raise TypeError(f"{name}: expected a CSR matrix (torch.sparse_csr_tensor, scipy.sparse CSR "
                         f"or an (indptr, indices[, values]) tuple), got {type(x).__name__}")
 
+    if n_cols is not None and not is_int(n_cols):
+        raise TypeError(f"{name}: n_cols must be an int, got {n_cols!r} ({type(n_cols).__name__})")
     if n_cols is not None and own_cols is not None and own_cols != n_cols:
         raise ValueError(f"{name}: expected {n_cols} columns, got a matrix with {own_cols}")
     cols = own_cols if own_cols is not None else n_cols
 
+    for part, t in (("indptr", indptr), ("indices", indices), ("values", values)):
+        if t is not None:
+            dense_tensor(t, part, name)
+            has_data(t, part, name)
     for part, t in (("indptr", indptr), ("indices", indices)):
         if t.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name}: {part} must be int32 or int64, got {t.dtype}")
@@ -167,11 +211,7 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
     nnz = indices.shape[0]
     if check:
         # O(n_rows): cheap next to anything that reads the rows.
-        if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
-            raise ValueError(f"{name}: indptr must start at 0 and end at nnz = {nnz}, "
-                             f"got {int(indptr[0])} .. {int(indptr[-1])}")
-        if indptr.shape[0] > 1 and bool((indptr[1:] < indptr[:-1]).any()):
-            raise ValueError(f"{name}: indptr must be non-decreasing")
+        check_indptr(indptr, nnz, name)
     if values is not None:
         if values_dtype is not None and values.dtype != values_dtype:
             values = values.to(values_dtype)

@@ -392,6 +392,104 @@ def test_public_api_rejects_a_bad_indptr_too():
         rk.gather_rows((torch.tensor([0, 2, 9, 9]), indices), [1], n_cols=5)
 
 
+def _aliased(part: str):
+    """A matrix, rows, weights and an out whose memory overlaps ``part`` (the issue's repro for values)."""
+    buf = torch.arange(16, dtype=torch.float32)
+    values = buf[:8]
+    indptr, indices = torch.tensor([0, 4, 8]), torch.tensor([0, 1, 2, 3] * 2)
+    rows, weights = torch.tensor([1, 0]), torch.tensor([1.0, 2.0])
+    out = values.view(2, 4)
+    if part == "matrix values, partly":
+        out = buf[6:14].view(2, 4)
+    elif part == "matrix indices":
+        out = indices.view(torch.float32)[:8].view(2, 4)
+    elif part == "matrix indptr":
+        big = torch.zeros(8, dtype=torch.int64)
+        big[:3] = indptr
+        indptr = big[:3]
+        out = big.view(torch.float32)[:8].view(2, 4)
+    elif part == "rows":
+        big = torch.zeros(4, dtype=torch.int64)
+        big[:2] = rows
+        rows = big[:2]
+        out = big.view(torch.float32).view(2, 4)
+    elif part == "weights":
+        wbuf = torch.zeros(8)
+        wbuf[:2] = weights
+        weights = wbuf[:2]
+        out = wbuf.view(2, 4)
+    elif part == "values through another storage":  # two torch.from_numpy of one array: two storages
+        arr = np.arange(8, dtype=np.float32)
+        values = torch.from_numpy(arr)
+        out = torch.from_numpy(arr.reshape(2, 4))
+    return (indptr, indices, values), rows, weights, out
+
+
+ALIASED = ["matrix values", "matrix values, partly", "matrix indices", "matrix indptr", "rows", "weights",
+           "values through another storage"]
+
+
+@pytest.mark.parametrize("backend", list(rk.BACKENDS))
+@pytest.mark.parametrize("part", ALIASED)
+def test_out_overlapping_an_input_is_refused(backend, part):
+    """An out that shares memory with an input is refused alike by every backend, before anything runs.
+
+    Before, the cpu kernel returned wrong rows and the triton kernel zeros
+    when out was a view of the matrix's values (only the reference was right).
+    """
+    matrix, rows, weights, out = _aliased(part)
+    before = out.clone()
+    with pytest.raises(ValueError, match="gather_rows: out shares memory with "):
+        rk.gather_rows(matrix, rows, weights=weights, out=out, backend=backend)
+    assert torch.equal(out, before), "out was written"
+
+
+def test_out_overlap_check_names_the_input():
+    for part, name in (("matrix values", "matrix values"), ("matrix indices", "matrix indices"),
+                       ("matrix indptr", "matrix indptr"), ("rows", "rows"), ("weights", "weights")):
+        matrix, rows, weights, out = _aliased(part)
+        with pytest.raises(ValueError, match=f"out shares memory with {name};"):
+            rk.gather_rows(matrix, rows, weights=weights, out=out)
+
+
+@pytest.mark.parametrize("op_name", ["gather_rows_out", "gather_rows_out_triton"])
+def test_registered_out_ops_refuse_aliasing_too(op_name):
+    backend = "cpu" if op_name == "gather_rows_out" else "triton"
+    if rk.available_backends()[backend] is not None:
+        pytest.skip(rk.available_backends()[backend])
+    for part in ALIASED:
+        (indptr, indices, values), rows, weights, out = _aliased(part)
+        before = out.clone()
+        with pytest.raises(ValueError, match="out shares memory with "):
+            getattr(torch.ops.refit, op_name)(indptr, indices, values, rows, None, weights, 4, out)
+        assert torch.equal(out, before), part
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_out_next_to_an_input_is_fine(bd):
+    """Adjacent, non-overlapping slices of one buffer are no aliasing."""
+    backend, device = bd
+    buf = torch.zeros(16, device=device)
+    values = buf[8:]
+    values.copy_(torch.arange(8.0))
+    matrix = (torch.tensor([0, 4, 8], device=device), torch.tensor([0, 1, 2, 3] * 2, device=device), values)
+    got = rk.gather_rows(matrix, torch.tensor([1, 0], device=device), out=buf[:8].view(2, 4), backend=backend)
+    assert torch.equal(got.cpu(), torch.tensor([[4.0, 5, 6, 7], [0, 1, 2, 3]]))
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_zero_row_matrix(bd):
+    """A matrix without rows: an empty gather works, any row id is an IndexError, alike on every backend."""
+    backend, device = bd
+    empty = (torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
+    assert rk.gather_rows(empty, torch.zeros(0, dtype=torch.int64, device=device), n_cols=3,
+                          backend=backend).shape == (0, 3)
+    for rows in ([0], [-1], [3, 0]):
+        with pytest.raises(IndexError, match=rf"gather_rows: rows\[0\] = {rows[0]} is out of range for a matrix "
+                                             "with 0 rows"):
+            rk.gather_rows(empty, torch.tensor(rows, device=device), n_cols=3, backend=backend)
+
+
 def _bad_arg_cases():
     indptr, indices, values = random_csr(6, 5, seed=16)
     m = (indptr, indices, values)
@@ -420,6 +518,50 @@ def _bad_arg_cases():
         ("matrix-int-values", dict(matrix=(indptr, indices, torch.ones(indices.shape[0], dtype=torch.int64)), rows=rows,
                                    n_cols=5), TypeError, "matrix"),
         ("rows-other-device", dict(matrix=m, rows=rows.to("meta"), n_cols=5), ValueError, "rows"),
+        # Floats and bools are never truncated into ids or sizes.
+        ("float-rows-list", dict(matrix=m, rows=[0.9, 2.7], n_cols=5), TypeError, "rows must hold ints, got 0.9"),
+        ("float-rows-mixed", dict(matrix=m, rows=[0, 2.0], n_cols=5), TypeError, "rows must hold ints"),
+        ("bool-rows-list", dict(matrix=m, rows=[True, False], n_cols=5), TypeError, "rows must hold ints"),
+        ("bool-rows-tensor", dict(matrix=m, rows=torch.tensor([True, False]), n_cols=5), TypeError, "rows"),
+        ("float-rows-numpy", dict(matrix=m, rows=np.array([0.0, 1.0]), n_cols=5), TypeError, "rows"),
+        ("bool-rows-numpy", dict(matrix=m, rows=np.array([True, False]), n_cols=5), TypeError, "rows"),
+        ("object-rows-numpy", dict(matrix=m, rows=np.array([0, None]), n_cols=5), TypeError, "rows"),
+        ("float-segments-list", dict(matrix=m, rows=rows, segments=[0, 1.5, 3], n_cols=5), TypeError, "segments"),
+        ("float-n_cols", dict(matrix=m, rows=rows, n_cols=3.9), TypeError, "n_cols must be an int"),
+        ("integral-float-n_cols", dict(matrix=m, rows=rows, n_cols=5.0), TypeError, "n_cols must be an int"),
+        ("bool-n_cols", dict(matrix=m, rows=rows, n_cols=True), TypeError, "n_cols must be an int"),
+        ("float-indptr", dict(matrix=(indptr.double(), indices), rows=rows, n_cols=5), TypeError, "matrix: indptr"),
+        ("float-indices-numpy", dict(matrix=(indptr.numpy(), indices.numpy().astype(np.float64)), rows=rows, n_cols=5),
+         TypeError, "matrix: indices"),
+        ("list-indptr", dict(matrix=(indptr.tolist(), indices.tolist()), rows=rows, n_cols=5), TypeError,
+         "matrix: indptr"),
+        # Layouts and devices the kernels cannot read.
+        ("matrix-meta", dict(matrix=torch.sparse_csr_tensor(indptr, indices, values, (6, 5)).to("meta"), rows=rows),
+         ValueError, "matrix: indptr is a meta tensor"),
+        ("matrix-meta-tuple", dict(matrix=tuple(t.to("meta") for t in m), rows=rows.to("meta"), n_cols=5),
+         ValueError, "matrix: indptr is a meta tensor"),
+        ("matrix-sparse-parts", dict(matrix=(indptr.to_sparse(), indices, values), rows=rows, n_cols=5), TypeError,
+         "matrix: indptr must be a dense"),
+        ("rows-sparse", dict(matrix=m, rows=rows.to_sparse(), n_cols=5), TypeError, "rows must be a dense"),
+        ("segments-sparse", dict(matrix=m, rows=rows, segments=torch.tensor([0, 3]).to_sparse(), n_cols=5),
+         TypeError, "segments must be a dense"),
+        ("weights-sparse", dict(matrix=m, rows=rows, weights=torch.ones(3).to_sparse(), n_cols=5), TypeError,
+         "weights must be a dense"),
+        ("weights-complex", dict(matrix=m, rows=rows, weights=torch.ones(3, dtype=torch.complex64), n_cols=5),
+         TypeError, "weights"),
+        ("values-complex", dict(matrix=(indptr, indices, values.to(torch.complex64)), rows=rows, n_cols=5),
+         TypeError, "matrix: values must be floating"),
+        ("out-sparse", dict(matrix=m, rows=rows, out=torch.zeros(3, 5).to_sparse_csr(), n_cols=5), TypeError,
+         "out must be a dense"),
+        ("out-meta", dict(matrix=m, rows=rows, out=torch.empty(3, 5, device="meta"), n_cols=5), ValueError, "out"),
+        # A broken indptr anywhere in the matrix, whichever rows are read (the message of topk_hits too).
+        ("indptr-ends-before-nnz", dict(matrix=(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 2, 0, 2])), rows=[0, 1],
+                                        n_cols=5), ValueError, r"matrix: indptr must start at 0 and end at nnz = 5"),
+        ("indptr-decreasing-unread-row", dict(matrix=(torch.tensor([0, 2, 1, 3, 3]), torch.tensor([0, 1, 2])),
+                                              rows=[0], n_cols=5), ValueError,
+         r"matrix: indptr must be non-decreasing .*row 1 gives the entries 2 .. 1"),
+        ("indptr-starts-above-0", dict(matrix=(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])), rows=[1],
+                                       n_cols=5), ValueError, "matrix: indptr must start at 0"),
     ]
 
 

@@ -11,6 +11,7 @@ precision, plus a few units of rounding of the result.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -197,6 +198,60 @@ def test_gradcheck_float64(backend, reduction, per_step):
     assert torch.autograd.gradcheck(fn, (pred,))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("reduction,per_step", MODES, ids=str)
+def test_gradgradcheck_float64(backend, reduction, per_step):
+    """Double backward is implemented on every backend (it used to return None on cpu, with a warning)."""
+    if rk.available_backends()[backend] is not None:
+        pytest.skip(rk.available_backends()[backend])
+    shape = (2, 2, 3) if backend == "triton" else (3, 4, 6)  # the Triton interpreter is slow
+    pred, traj, cp, cx, lv = make_trajectory(*shape, dtype=torch.float64, seed=4, var_range=(1e-3, 1e-2))
+    pred.requires_grad_(True)
+    fn = lambda p: rk.gaussian_logprob(p, traj, cp, cx, lv, reduction=reduction, per_step=per_step, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (pred,))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction,per_step", MODES, ids=str)
+def test_double_backward_matches_the_reference(backend, dtype, reduction, per_step):
+    """The gradient of a function of the gradient, as autograd gives it through the reference; no warning."""
+    if rk.available_backends()[backend] is not None:
+        pytest.skip(rk.available_backends()[backend])
+    pred, traj, cp, cx, lv = make_trajectory(2, 3, 5, dtype=dtype, seed=6, var_range=(1e-3, 1e-2))
+    g = torch.Generator().manual_seed(7)
+    results = []
+    for b in (backend, "reference"):
+        p = pred.detach().clone().requires_grad_(True)
+        val = rk.gaussian_logprob(p, traj, cp, cx, lv, reduction=reduction, per_step=per_step, backend=b)
+        w = torch.randn(val.shape, generator=torch.Generator().manual_seed(1), dtype=val.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "autograd kernel was not registered"
+            (grad,) = torch.autograd.grad((val * w).sum(), p, create_graph=True)
+            assert grad.requires_grad, f"{b}: the gradient is not differentiable"
+            v = torch.randn(grad.shape, generator=g.manual_seed(2), dtype=torch.float64).to(dtype)
+            (gg,) = torch.autograd.grad((grad * grad * v).sum(), p)
+        assert gg is not None and gg.dtype == dtype
+        results.append(gg.double())
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(results[0], results[1], rtol=tol, atol=tol * results[1].abs().max().item())
+
+
+def test_double_backward_through_the_gradient_weights():
+    """d/dg of the backward op, i.e. of <grad_pred, v> with respect to the output's weights."""
+    if rk.available_backends()["cpu"] is not None:
+        pytest.skip(rk.available_backends()["cpu"])
+    pred, traj, cp, cx, lv = make_trajectory(2, 3, 4, dtype=torch.float64, seed=8, var_range=(1e-3, 1e-2))
+    for per_step in (False, True):
+        grad = torch.randn((2, 3) if per_step else (3,), dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        bwd = lambda gr, p: torch.ops.refit.gaussian_logprob_backward(gr, p, traj, cp, cx, lv, True, per_step)  # noqa: E731
+        assert torch.autograd.gradcheck(bwd, (grad, pred.clone().requires_grad_(True)))
+        assert torch.autograd.gradgradcheck(bwd, (grad, pred.clone().requires_grad_(True)))
+        torch.library.opcheck(torch.ops.refit.gaussian_logprob_backward.default,
+                              (grad, pred.clone().requires_grad_(True), traj, cp, cx, lv, True, per_step))
+
+
 def test_cpu_threads_give_identical_results():
     if rk.available_backends()["cpu"] is not None:
         pytest.skip(rk.available_backends()["cpu"])
@@ -281,6 +336,33 @@ def test_ops_check_their_arguments(op_name, case):
     op = getattr(torch.ops.refit, op_name)
     with pytest.raises(exc, match=name):
         op(*args, False, False)
+
+
+def _api_only_bad_cases():
+    """Bad input the public function refuses before any backend runs (the registered ops take meta tensors)."""
+    pred, traj, cp, cx, lv = make_trajectory(2, 3, 4)
+    meta = torch.device("meta")
+    return [
+        ("meta-pred", (pred.to(meta), traj.to(meta), cp.to(meta), cx.to(meta), lv.to(meta)), ValueError,
+         "pred is a meta tensor"),
+        ("meta-traj", (pred, traj.to(meta), cp, cx, lv), ValueError, "traj is a meta tensor"),
+        ("sparse-pred", (pred.to_sparse(), traj, cp, cx, lv), TypeError, "pred must be a dense"),
+        ("sparse-csr-traj", (pred, traj.to_sparse_csr(dense_dim=1), cp, cx, lv), TypeError, "traj must be a dense"),
+        ("sparse-coef", (pred, traj, cp.to_sparse(), cx, lv), TypeError, "coef_pred must be a dense"),
+        ("complex-pred", (pred.to(torch.complex64), traj.to(torch.complex64), cp, cx, lv), TypeError, "pred"),
+        ("complex-log-var", (pred, traj, cp, cx, lv.to(torch.complex128)), TypeError, "log_var"),
+    ]
+
+
+API_BAD = _api_only_bad_cases()
+
+
+@pytest.mark.parametrize("backend", list(rk.BACKENDS))
+@pytest.mark.parametrize("case", API_BAD, ids=[c[0] for c in API_BAD])
+def test_bad_layouts_and_meta_tensors_name_the_argument(backend, case):
+    _, args, exc, name = case
+    with pytest.raises(exc, match=name):
+        rk.gaussian_logprob(*args, backend=backend)
 
 
 def test_bad_options():

@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import refit_kernels as rk
 from refit_kernels.sparse import CSR, as_csr
 
 DENSE = np.array([[0, 1, 0, 2], [0, 0, 0, 0], [3, 0, 0, 4]], dtype=np.float32)
@@ -56,11 +57,63 @@ def test_values_dtype_and_device():
     ((np.array([0, 1]), np.array([0]), np.array([1])), TypeError, "values must be floating"),
     ((np.array([0, 1]), np.array([0]), np.array([1.0, 2.0])), ValueError, "shape of indices"),
     ((np.zeros((2, 2), dtype=np.int64), np.array([0])), ValueError, "indptr must be 1-D"),
+    ((np.array([0, 2, 3]), np.array([0, 1, 2, 3, 4])), ValueError, "end at nnz = 5, got 0 .. 3"),
+    ((np.array([0, 3, 1, 3]), np.array([0, 1, 2])), ValueError,
+     r"non-decreasing from 0 to nnz = 3; positives indptr of row 1 gives the entries 3 .. 1"),
+    ((np.array([0, -1, 2]), np.array([0, 1])), ValueError, "row 0 gives the entries 0 .. -1"),
+    ((np.array([0, 5, 2]), np.array([0, 1])), ValueError, "row 0 gives the entries 0 .. 5"),
+    ((np.array([False, True]), np.array([0])), TypeError, "indptr must be int32 or int64, got torch.bool"),
+    ((np.array([0, 1], dtype=object), np.array([0])), TypeError, "indptr must hold numbers"),
+    (([0, 1], [0]), TypeError, "indptr must be a torch.Tensor or numpy array"),
+    ((torch.tensor([0, 1]).to_sparse(), torch.tensor([0])), TypeError, "indptr must be a dense"),
+    ((torch.tensor([0, 1], device="meta"), torch.tensor([0], device="meta")), ValueError, "indptr is a meta tensor"),
+    ((np.array([0, 1]), np.array([0]), np.array([1j])), TypeError, "values must be floating"),
 ])
 def test_bad_inputs_name_the_argument(bad, exc, msg):
     with pytest.raises(exc, match=msg) as info:
         as_csr(bad, "positives")
     assert "positives" in str(info.value)
+
+
+@pytest.mark.parametrize("n_cols", [4.0, 3.9, True, "4", np.float64(4)])
+def test_column_count_must_be_an_int(n_cols):
+    with pytest.raises(TypeError, match="exclude: n_cols must be an int"):
+        as_csr((np.array([0, 1]), np.array([0])), "exclude", n_cols=n_cols)
+
+
+def test_column_count_accepts_numpy_ints():
+    assert as_csr((np.array([0, 1]), np.array([0])), "m", n_cols=np.int32(4)).n_cols == 4
+
+
+def _backends():
+    return [b for b, reason in rk.available_backends().items() if reason is None and b != "cuda"]
+
+
+@pytest.mark.parametrize("indptr,message", [
+    ([0, 2, 3], r"indptr must start at 0 and end at nnz = 5, got 0 \.\. 3"),
+    ([0, 2, 5, 9], r"indptr must be non-decreasing from 0 to nnz = 5; \w+ indptr of row 2 gives the entries 5 \.\. 9"),
+    ([0, 3, 2, 5], r"indptr must be non-decreasing from 0 to nnz = 5; \w+ indptr of row 1 gives the entries 3 \.\. 2"),
+    ([1, 3, 5], r"indptr must start at 0 and end at nnz = 5, got 1 \.\. 5"),
+], ids=["ends-before-nnz", "past-nnz", "decreasing", "starts-above-0"])
+def test_every_op_refuses_a_broken_indptr_alike(indptr, message):
+    """One validation of the CSR structure (as_csr) for every op and every backend: same type, same message.
+
+    gather_rows used to accept indptr[-1] < nnz (and drop the entries past
+    it) where topk_hits refused it.
+    """
+    csr = (torch.tensor(indptr), torch.tensor([0, 1, 2, 0, 2]))
+    n_rows = len(indptr) - 1
+    errors = []
+    for backend in _backends():
+        with pytest.raises(ValueError, match="matrix: " + message) as info:
+            rk.gather_rows(csr, [0], n_cols=3, backend=backend)
+        errors.append(str(info.value).replace("matrix", "X"))
+        for arg, kwargs in (("positives", dict(positives=csr)), ("exclude", dict(exclude=csr)),
+                            ("neighbor_sets", dict(neighbors=torch.full((n_rows, 1), -1), neighbor_sets=csr))):
+            with pytest.raises(ValueError, match=f"{arg}: " + message) as info:
+                rk.topk_hits(torch.zeros(n_rows, 3), 1, backend=backend, **kwargs)
+            errors.append(str(info.value).replace(arg, "X"))
+    assert len(set(errors)) == 1, errors
 
 
 def test_column_count_mismatch():

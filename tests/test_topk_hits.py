@@ -352,6 +352,48 @@ def test_dispatcher_prefers_the_cpu_kernel(monkeypatch):
         "cpu" if rk.available_backends()["cpu"] is None else "reference")
 
 
+@pytest.mark.parametrize("bd", backend_params())
+def test_bad_rows_that_are_not_read_are_no_error(bd):
+    """Rows no call reads are not looked at, on every backend alike (the contract, see rk.topk_hits).
+
+    Before, the reference read neighbor_sets row 0 for padding (-1) and
+    raised a raw IndexError for its bad column id, where the kernels
+    (rightly) did not read it.
+    """
+    backend, device = bd
+    s = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]], device=device)
+    sets = (torch.tensor([0, 2, 3, 5], device=device), torch.tensor([9, 1, 2, 0, 3], device=device))  # row 0 broken
+    nb = torch.tensor([[1, -1], [2, 2]], device=device)
+    pos = (torch.tensor([0, 2, 2, 3], device=device), torch.tensor([5, 2, 0], device=device))  # row 0 broken
+    got = rk.topk_hits(s, (1, 2), users=torch.tensor([2, 1], device=device), positives=pos, neighbors=nb,
+                       neighbor_sets=sets, backend=backend)
+    assert got.hits.cpu().tolist() == [[1, 1], [0, 0]]
+    assert got.neighbor_hits.cpu().tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    # The same rows, read, are errors.
+    with pytest.raises(IndexError, match=r"neighbor_sets row 0 \(scores row 0\) has column index 9"):
+        rk.topk_hits(s, 1, neighbors=torch.tensor([[1, 0], [2, 2]], device=device), neighbor_sets=sets,
+                     backend=backend)
+    with pytest.raises(IndexError, match=r"positives row 0 \(scores row 1\) has column index 5"):
+        rk.topk_hits(s, 1, users=torch.tensor([2, 0], device=device), positives=pos, backend=backend)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_zero_row_csr_arguments(bd):
+    """CSR arguments without rows: nothing is read when no row is named; any row named is an IndexError."""
+    backend, device = bd
+    s = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 2.0]], device=device)
+    empty = (torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
+    got = rk.topk_hits(s, 2, neighbors=torch.full((2, 3), -1, device=device), neighbor_sets=empty,
+                       return_indices=True, backend=backend)
+    assert got.indices.cpu().tolist() == [[0, 2], [2, 1]] and got.neighbor_hits.abs().sum().item() == 0
+    users = torch.tensor([0, 0], device=device)
+    for arg in ("exclude", "positives"):
+        with pytest.raises(IndexError, match=rf"users\[0\] = 0 is out of range for {arg} with 0 rows"):
+            rk.topk_hits(s, 1, users=users, backend=backend, **{arg: empty})
+    with pytest.raises(IndexError, match=r"neighbors\[0, 0\] = 0 is out of range for neighbor_sets with 0 rows"):
+        rk.topk_hits(s, 1, neighbors=torch.tensor([[0], [-1]], device=device), neighbor_sets=empty, backend=backend)
+
+
 def test_scores_requiring_grad_are_detached():
     s = torch.rand(3, 8, requires_grad=True)
     out = rk.topk_hits(s, (2,), positives=(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2])))
@@ -441,6 +483,44 @@ def _bad_cases():
         ("return-indices-type", dict(scores=s, ks=1, return_indices="yes"), TypeError, "return_indices"),
         ("checked-CSR-columns", dict(scores=s, ks=1, exclude=as_csr(sp.csr_matrix(np.eye(3, 5)), "exclude")),
          ValueError, "exclude: expected 4 columns"),
+        # Layouts and devices the kernels cannot read.
+        ("sparse-csr-scores", dict(scores=s.to_sparse_csr(), ks=1), TypeError, "scores must be a dense"),
+        ("sparse-coo-scores", dict(scores=s.to_sparse(), ks=1), TypeError, "scores must be a dense"),
+        ("meta-scores", dict(scores=s.to("meta"), ks=1), ValueError, "scores is a meta tensor"),
+        ("meta-everything", dict(scores=s.to(meta), ks=1, positives=(good[0].to(meta), good[1].to(meta)),
+                                 users=torch.tensor([0, 1, 2], device=meta)), ValueError, "scores is a meta tensor"),
+        ("complex-scores", dict(scores=s.to(torch.complex64), ks=1), TypeError, "scores"),
+        ("users-sparse", dict(scores=s, ks=1, positives=good, users=torch.tensor([0, 1, 2]).to_sparse()), TypeError,
+         "users must be a dense"),
+        ("neighbors-sparse", dict(scores=s, ks=1, neighbors=nb.to_sparse(), neighbor_sets=sets), TypeError,
+         "neighbors must be a dense"),
+        ("positives-sparse-part", dict(scores=s, ks=1, positives=(good[0].to_sparse(), good[1])), TypeError,
+         "positives: indptr must be a dense"),
+        # Floats and bools are never truncated into ids.
+        ("users-float-numpy", dict(scores=s, ks=1, positives=good, users=np.array([0.0, 1.0, 2.0])), TypeError,
+         "users"),
+        ("users-bool", dict(scores=s, ks=1, positives=good, users=torch.tensor([False, True, True])), TypeError,
+         "users"),
+        ("neighbors-float", dict(scores=s, ks=1, neighbors=nb.double(), neighbor_sets=sets), TypeError, "neighbors"),
+        ("neighbors-bool-numpy", dict(scores=s, ks=1, neighbors=nb.numpy() > 0, neighbor_sets=sets), TypeError,
+         "neighbors"),
+        ("ks-bool", dict(scores=s, ks=True), TypeError, "ks"),
+        ("ks-meta", dict(scores=s, ks=torch.tensor([1, 2], device=meta)), ValueError, "ks is a meta tensor"),
+        ("ks-sparse", dict(scores=s, ks=torch.tensor([1, 2]).to_sparse()), TypeError, "ks must be a dense"),
+        ("ks-float-numpy", dict(scores=s, ks=np.array([1.0, 2.0])), TypeError, "ks"),
+        ("ks-float-tensor", dict(scores=s, ks=torch.tensor([1.0, 2.0])), TypeError, "ks"),
+        ("positives-float-indices", dict(scores=s, ks=1, positives=(good[0], good[1].double())), TypeError,
+         "positives: indices"),
+        ("exclude-float-indptr-numpy", dict(scores=s, ks=1, exclude=(good[0].numpy().astype(np.float32),
+                                                                      good[1].numpy())), TypeError, "exclude: indptr"),
+        ("neighbor-sets-list-indptr", dict(scores=s, ks=1, neighbors=nb, neighbor_sets=([0, 2, 3], [0, 3, 1])),
+         TypeError, "neighbor_sets: indptr"),
+        # A broken indptr anywhere in the matrix, whichever rows are read (the message of gather_rows too).
+        ("indptr-ends-before-nnz", dict(scores=s, ks=1, positives=(good[0], torch.tensor([0, 1, 2, 3]))), ValueError,
+         "positives: indptr must start at 0 and end at nnz = 4"),
+        ("indptr-decreasing-unread-row", dict(scores=s, ks=1, neighbors=torch.full((3, 2), -1),
+                                              neighbor_sets=(torch.tensor([0, 2, 1, 3]), torch.tensor([0, 1, 2]))),
+         ValueError, r"neighbor_sets: indptr must be non-decreasing .*row 1 gives the entries 2 .. 1"),
     ]
 
 
@@ -466,8 +546,9 @@ def test_bad_input_raises_a_clear_error_cuda(case):
     _, kwargs, exc, pattern = case
     moved = {k: (v.cuda() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v) for k, v in kwargs.items()}
     for k in ("exclude", "positives", "neighbor_sets"):
-        if isinstance(moved.get(k), tuple):
-            moved[k] = tuple(t.cuda() for t in moved[k])
+        if isinstance(moved.get(k), tuple):  # (lists and numpy arrays stay: they are what the case is about)
+            moved[k] = tuple(t.cuda() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+                             for t in moved[k])
     if not isinstance(moved.get("scores"), torch.Tensor) or moved["scores"].dtype not in DTYPES:
         moved["scores"] = kwargs["scores"]  # the type errors come before any device question
     with pytest.raises(exc, match=pattern):

@@ -336,6 +336,7 @@ void gather_rows_out_cpu(const at::Tensor& indptr_in, const at::Tensor& indices_
   const int64_t B = check_gather_rows_args(indptr_in, indices_in, values_in, rows_in, segments_in,
                                            weights_in, n_cols);
   check_gather_rows_out(out, B, n_cols, indptr_in.device());
+  check_gather_rows_no_alias(out, indptr_in, indices_in, values_in, rows_in, segments_in, weights_in);
   TORCH_CHECK_VALUE(indptr_in.device().is_cpu(),
                     "gather_rows (cpu): the matrix must be on the CPU, got ", indptr_in.device());
   const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();

@@ -46,6 +46,7 @@ void gather_rows_out_cuda(const at::Tensor& indptr_in, const at::Tensor& indices
   const int64_t B = check_gather_rows_args(indptr_in, indices_in, values_in, rows_in, segments_in,
                                            weights_in, n_cols);
   check_gather_rows_out(out, B, n_cols, indptr_in.device());
+  check_gather_rows_no_alias(out, indptr_in, indices_in, values_in, rows_in, segments_in, weights_in);
   TORCH_CHECK_VALUE(indptr_in.is_cuda(), "gather_rows (cuda): the matrix must be on a CUDA device, got ",
                     indptr_in.device());
   const c10::cuda::CUDAGuard guard(indptr_in.device());

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import _extension, dispatch, reference
+from .._checks import check_no_overlap, dense_tensor, has_data, int_arg, int_sequence
 from ..sparse import CSR, as_csr
 
 _OP = "gather_rows"
@@ -82,7 +83,17 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"{_OP}: dtype must be float32, float16 or bfloat16, got {dtype}")
 
 
-def _check_out(out, B: int, n_cols: int, device, overlap: bool = True) -> None:
+def _inputs(indptr, indices, values, rows, segments, weights):
+    """The tensors a kernel reads, by name, for the aliasing check of ``out``."""
+    return (("matrix indptr", indptr), ("matrix indices", indices), ("matrix values", values), ("rows", rows),
+            ("segments", segments), ("weights", weights))
+
+
+def _check_out(out, B: int, n_cols: int, device, overlap: bool = True, inputs=()) -> None:
+    """Checks ``out``; with ``overlap`` (never while torch.compile traces) also its memory.
+
+    ``inputs``: (name, tensor or None) pairs that ``out`` must not overlap.
+    """
     if out.dtype not in _OUT_DTYPES:
         raise TypeError(f"{_OP}: out must be float32, float16 or bfloat16, got {out.dtype}")
     if out.dim() != 2 or tuple(out.shape) != (B, n_cols):
@@ -93,6 +104,8 @@ def _check_out(out, B: int, n_cols: int, device, overlap: bool = True) -> None:
     if overlap and torch._debug_has_internal_overlap(out) == 1:
         raise ValueError(f"{_OP}: out has elements that share memory (an expanded tensor?); "
                          "pass a tensor whose elements are distinct")
+    if overlap and inputs:  # (fake tensors, which have no addresses, pass none)
+        check_no_overlap(out, inputs, _OP)
 
 
 def check_data(indptr, indices, rows, segments, n_cols: int) -> None:
@@ -117,6 +130,8 @@ def check_data(indptr, indices, rows, segments, n_cols: int) -> None:
     if n == 0:
         return
     n_rows, nnz = indptr.shape[0] - 1, indices.shape[0]
+    if n_rows == 0:  # no row id is valid (and indptr[1], read below, does not exist)
+        raise IndexError(f"{_OP}: rows[0] = {int(rows[0])} is out of range for a matrix with 0 rows")
     bad_row = (rows < 0) | (rows >= n_rows)
     safe = torch.where(bad_row, torch.zeros_like(rows), rows)
     p0 = indptr[safe].to(torch.int64)
@@ -171,7 +186,7 @@ def _gather_rows_out_triton(indptr: torch.Tensor, indices: torch.Tensor, values:
                             rows: torch.Tensor, segments: Optional[torch.Tensor],
                             weights: Optional[torch.Tensor], n_cols: int, out: torch.Tensor) -> None:
     B = check_args(indptr, indices, values, rows, segments, weights, n_cols)
-    _check_out(out, B, n_cols, indptr.device)
+    _check_out(out, B, n_cols, indptr.device, inputs=_inputs(indptr, indices, values, rows, segments, weights))
     check_data(indptr, indices, rows, segments, n_cols)
     from ..triton import gather_rows as kernels
 
@@ -202,19 +217,25 @@ def _reference_out(indptr, indices, values, rows, segments, weights, n_cols, out
 # --- the public function ----------------------------------------------------------
 
 def _index_tensor(x: Any, name: str, device: torch.device) -> torch.Tensor:
-    """rows / segments as a 1-D int64 tensor on ``device`` (tensors, arrays and sequences)."""
+    """rows / segments as a 1-D int64 tensor on ``device`` (tensors, arrays and sequences of ints).
+
+    Floats and bools are refused (TypeError), never truncated to ids.
+    """
     if isinstance(x, torch.Tensor):
+        dense_tensor(x, name, _OP)
         t = x
     elif isinstance(x, np.ndarray):
+        if x.size == 0 and x.dtype.kind == "f":  # np.array([]) is float64
+            x = x.astype(np.int64)
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{_OP}: {name} must hold integers, got a numpy array of {x.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, (list, tuple, range)):
-        t = torch.as_tensor(list(x), dtype=torch.int64)
+        t = int_sequence(x, name, _OP)
     else:
         raise TypeError(f"{_OP}: {name} must be a tensor, a numpy array or a sequence of ints, got {type(x).__name__}")
     if not isinstance(x, torch.Tensor):
         t = t.to(device)
-        if t.numel() == 0 and t.is_floating_point():  # np.array([]) is float64
-            t = t.to(torch.int64)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{_OP}: {name} must be int32 or int64, got {t.dtype}")
     if t.dim() != 1:
@@ -250,9 +271,10 @@ def gather_rows(
             tuple (then give ``n_cols`` or ``out``). Without values (a tuple
             of two) every stored entry is 1. Values are used as float32.
             int32 indices (scipy's) are used as they are, without a copy.
-        rows: (n,) row ids, int32 or int64 (tensor, numpy array or sequence),
-            each in [0, n_rows); repeats are allowed.
-        segments: optional (B + 1,) non-decreasing offsets into ``rows`` with
+        rows: (n,) row ids, int32 or int64 (tensor, numpy array or sequence
+            of ints; floats and bools are refused, never truncated), each in
+            [0, n_rows); repeats are allowed.
+        segments: optional (B + 1,) non-decreasing int32/int64 offsets into ``rows`` with
             ``segments[0] == 0`` and ``segments[B] == n``; output row b sums
             the gathered rows ``segments[b]:segments[b+1]`` (an empty segment
             gives a zero row). Default: one gathered row per output row, B = n.
@@ -261,37 +283,52 @@ def gather_rows(
         dtype: output dtype, torch.float32, torch.float16 or torch.bfloat16.
             Sums run in float32 and are rounded once.
         out: optional (B, n_cols) tensor of dtype ``dtype`` on the matrix's
-            device, any strides: overwritten in full (zeroed, then filled) and
-            returned; no new output is allocated.
+            device, any strides, sharing no memory with any input (the
+            matrix, ``rows``, ``segments``, ``weights``): overwritten in full
+            (zeroed, then filled) and returned; no new output is allocated.
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
             None lets the dispatcher choose (``REFIT_BACKEND`` overrides).
-        n_cols: the number of columns, needed only for a tuple ``matrix``
-            without ``out``; checked against the matrix's own otherwise.
+        n_cols: the number of columns (an int), needed only for a tuple
+            ``matrix`` without ``out``; checked against the matrix's own otherwise.
 
     Returns:
         (B, n_cols) tensor of ``dtype`` (``out`` itself when given). Entries
         add up in the order of a segment's rows, then of each row's entries;
         duplicate column ids inside one row add up too.
 
+    Validation, identical on every backend: the structure of the matrix's
+    ``indptr`` (starts at 0, non-decreasing, ends at nnz) is checked for the
+    whole matrix before anything runs; row ids, and the column ids of the
+    rows that are gathered, are checked before anything is written. Rows
+    that are not gathered are not read, so a bad column id there is no error.
+
     Raises:
         IndexError naming ``rows`` (a row id out of range) or ``matrix`` (a
-        column id out of range), raised before anything is written;
-        TypeError / ValueError naming the offending argument;
+        column id out of range in a gathered row), raised before anything is
+        written; ValueError naming ``matrix`` for a broken ``indptr``, and
+        naming ``out`` for an ``out`` that overlaps an input; TypeError /
+        ValueError naming any other offending argument (floats or bools for
+        ids or ``n_cols``, sparse or meta tensors, wrong dtypes or shapes);
         refit_kernels.BackendUnavailable when a forced backend cannot run.
 
     Not differentiable: ``weights`` and the matrix's values must not require grad.
     """
     compiling = torch.compiler.is_compiling()
-    if out is not None and not isinstance(out, torch.Tensor):
-        raise TypeError(f"{_OP}: out must be a torch.Tensor, got {type(out).__name__}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{_OP}: out must be a torch.Tensor, got {type(out).__name__}")
+        dense_tensor(out, "out", _OP)
+    if n_cols is not None:
+        n_cols = int_arg(n_cols, "n_cols", _OP)
     if n_cols is None and out is not None and out.dim() == 2:
         cols_hint = None if _has_own_columns(matrix) else out.shape[1]
     else:
         cols_hint = n_cols
-    # The kernels check every indptr entry they read, so the O(n_rows) checks
-    # of as_csr are left to them (and cannot run while torch.compile traces).
+    # The whole-matrix structure checks of indptr (O(n_rows)) run here, for
+    # every backend alike; they cannot run while torch.compile traces, where
+    # the kernels' checks of every indptr entry they read remain.
     csr: CSR = as_csr(matrix, "matrix", n_cols=cols_hint, values_dtype=torch.float32,
-                      index_dtype=None, check=False)
+                      index_dtype=None, check=not compiling)
     if csr.n_cols is None:
         raise ValueError(f"{_OP}: matrix is an (indptr, indices[, values]) tuple, which does not say how many "
                          "columns it has: pass n_cols= (or out=)")
@@ -303,6 +340,7 @@ def gather_rows(
     if weights is not None:
         if not isinstance(weights, torch.Tensor):
             raise TypeError(f"{_OP}: weights must be a torch.Tensor, got {type(weights).__name__}")
+        dense_tensor(weights, "weights", _OP)
         if not weights.is_floating_point():
             raise TypeError(f"{_OP}: weights must be floating point, got {weights.dtype}")
         w_t = weights.to(torch.float32).contiguous()
@@ -313,7 +351,8 @@ def gather_rows(
     _check_dtype(dtype)
     B = check_args(csr.indptr, csr.indices, csr.values, rows_t, seg_t, w_t, cols)
     if out is not None:
-        _check_out(out, B, cols, device, overlap=not compiling)
+        _check_out(out, B, cols, device, overlap=not compiling,
+                   inputs=_inputs(csr.indptr, csr.indices, csr.values, rows_t, seg_t, w_t))
         if out.dtype != dtype:
             raise ValueError(f"{_OP}: out has dtype {_dtype_name(out.dtype)} but dtype is "
                              f"{_dtype_name(dtype)}; pass dtype=torch.{_dtype_name(out.dtype)} with this out")

@@ -4,6 +4,18 @@ This module is the op's whole Python side: argument checks shared by every
 backend, the fake (meta) implementations and gradients of the compiled op
 ``refit::gaussian_logprob`` and of the Triton op
 ``refit::gaussian_logprob_triton``, and the public function that dispatches.
+
+Gradients of every order: the backward ops (``refit::gaussian_logprob_backward``
+and its Triton twin) have gradients of their own, written with PyTorch ops
+(so they are differentiable again). The gradient
+
+    G[s,b,i] = g[b] * c * coef_pred[s] * r[s,b,i] / v_s,   r = traj[s+1] - mu_s,
+
+(c = 1, or 1/I for ``reduction="mean"``; g[s,b] with ``per_step``) is
+linear in g and affine in pred, so its own derivatives are short:
+dG/dpred = -g c coef_pred^2 / v_s (diagonal), dG/dg = c coef_pred r / v_s.
+Double backward (e.g. gradient penalties, Hessian-vector products) thus
+gives on every backend what autograd gives through the reference.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, dispatch, reference
+from .._checks import dense_tensor, has_data
 
 _OP = "gaussian_logprob"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -88,6 +101,43 @@ def _setup_context(ctx, inputs, output):
     ctx.per_step = per_step
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad, pred, traj, coef_pred, coef_x, log_var, mean, per_step = inputs
+    ctx.save_for_backward(grad, pred, traj, coef_pred, coef_x, log_var)
+    ctx.mean = mean
+    ctx.per_step = per_step
+
+
+def _backward_of_backward(ctx, upstream):
+    """Gradients of G = backward(g, pred, ...) for the (S, B, I) ``upstream`` dL'/dG.
+
+    Returns (dL'/dg, dL'/dpred): ``c coef_pred[s] / v_s * sum_i upstream * r``
+    (summed over s unless per_step) and ``-upstream * g c coef_pred^2 / v_s``.
+    Computed in float64 for float64 inputs, else float32, and returned in g's
+    and pred's dtypes. Both are PyTorch expressions, so they have gradients too.
+    """
+    grad, pred, traj, coef_pred, coef_x, log_var = ctx.saved_tensors
+    S, B, I = pred.shape
+    wide = torch.float64 in (pred.dtype, grad.dtype, upstream.dtype)
+    acc = torch.float64 if wide else torch.float32
+    cp = coef_pred.to(acc)
+    scale = cp * torch.exp(-log_var.to(acc))  # (S,): coef_pred / v
+    if ctx.mean:
+        scale = scale / I
+    h = upstream.to(acc)
+    grad_g = grad_pred = None
+    if ctx.needs_input_grad[0]:
+        x = traj.to(acc)
+        resid = x[1:] - cp[:, None, None] * pred.to(acc) - coef_x.to(acc)[:, None, None] * x[:-1]
+        per = (h * resid).sum(-1) * scale[:, None]  # (S, B)
+        grad_g = (per if ctx.per_step else per.sum(0)).to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        g = grad.to(acc)
+        g = g if ctx.per_step else g.expand(S, B)
+        grad_pred = (-h * (g * (scale * cp)[:, None])[:, :, None]).to(pred.dtype)
+    return grad_g, grad_pred, None, None, None, None, None, None
+
+
 def _make_backward(backward_op):
     def _backward(ctx, grad):
         pred, traj, coef_pred, coef_x, log_var = ctx.saved_tensors
@@ -108,6 +158,9 @@ if _extension.MODULE is not None:
         "refit::gaussian_logprob",
         _make_backward(lambda *a: torch.ops.refit.gaussian_logprob_backward(*a)),
         setup_context=_setup_context,
+    )
+    torch.library.register_autograd(
+        "refit::gaussian_logprob_backward", _backward_of_backward, setup_context=_setup_backward_context
     )
 
 
@@ -141,6 +194,8 @@ _gaussian_logprob_backward_triton.register_fake(_fake_backward)
 _gaussian_logprob_triton.register_autograd(
     _make_backward(_gaussian_logprob_backward_triton), setup_context=_setup_context
 )
+_gaussian_logprob_backward_triton.register_autograd(_backward_of_backward,
+                                                    setup_context=_setup_backward_context)
 
 
 def _compiled(pred, traj, coef_pred, coef_x, log_var, mean, per_step):
@@ -192,10 +247,20 @@ def gaussian_logprob(
         (B,) or, with ``per_step``, (S, B): float64 for float64 inputs, else
         float32. Kernels accumulate in float32 or wider (float64 on the CPU).
 
+    Gradients: of any order, with respect to ``pred``, on every backend
+    (the gradient of the gradient is formed from PyTorch ops, see the
+    module docstring), so double backward matches the reference.
+
     Raises:
-        TypeError / ValueError naming the offending argument;
+        TypeError / ValueError naming the offending argument (also for
+        sparse or nested tensors, and for meta tensors, which hold no data);
         refit_kernels.BackendUnavailable when a forced backend cannot run.
     """
+    for arg_name, t in (("pred", pred), ("traj", traj), ("coef_pred", coef_pred), ("coef_x", coef_x),
+                        ("log_var", log_var)):
+        if isinstance(t, torch.Tensor):
+            dense_tensor(t, arg_name, _OP)
+            has_data(t, arg_name, _OP)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"{_OP}: reduction must be 'sum' or 'mean', got {reduction!r}")
     if not isinstance(per_step, bool):

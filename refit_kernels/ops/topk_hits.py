@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import _extension, dispatch, reference
+from .._checks import dense_tensor, has_data
 from ..sparse import CSR, as_csr
 
 _OP = "topk_hits"
@@ -53,6 +54,8 @@ class TopKHits(NamedTuple):
 def check_ks(ks, n_items: int, op: str = _OP) -> Tuple[int, ...]:
     """ks as a tuple of ints: non-empty, strictly ascending, each 1 <= k <= n_items."""
     if isinstance(ks, torch.Tensor):
+        dense_tensor(ks, "ks", op)
+        has_data(ks, "ks", op)
         if ks.dtype not in _INDEX_DTYPES or ks.dim() > 1:
             raise TypeError(f"{op}: ks must be an int or a sequence of ints, got a {ks.dtype} tensor "
                             f"of shape {tuple(ks.shape)}")
@@ -140,6 +143,7 @@ def _index_tensor(x, name: str, dim: int, device: torch.device) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: {name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    dense_tensor(x, name, _OP)
     if x.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{_OP}: {name} must be int32 or int64, got {x.dtype}")
     if x.dim() != dim:
@@ -181,6 +185,7 @@ def _csr(x, name: str, n_items: int, device: torch.device):
         # graph; the kernels check the indptr range and columns of every row they read.
         indptr, indices = x[0], x[1]
         for part, t in (("indptr", indptr), ("indices", indices)):
+            dense_tensor(t, part, name)
             if t.dtype not in _INDEX_DTYPES or t.dim() != 1:
                 raise TypeError(f"{name}: {part} must be a 1-D int32 or int64 tensor")
         csr_indptr, csr_indices = indptr.to(torch.int64), indices.to(torch.int64)
@@ -308,6 +313,14 @@ def topk_hits(
     the column indices of every row used must be sorted and unique. Torch
     inputs must be on the scores' device; scipy and numpy inputs are moved.
 
+    Validation, identical on every backend: the structure of each CSR
+    argument's ``indptr`` (starts at 0, non-decreasing, ends at nnz) is
+    checked for the whole matrix before anything runs; the column ids of the
+    rows that are read (row ``users[b]`` of ``exclude`` and ``positives``,
+    the rows of ``neighbor_sets`` named by a non-padding neighbor) must be in
+    [0, I), sorted and unique. Rows that are not read are not looked at, so
+    a bad row there is no error.
+
     Returns:
         :class:`TopKHits` (hits, dcg, neighbor_hits, first_hit, indices);
         fields whose inputs were not given keep their shapes, filled with
@@ -315,12 +328,16 @@ def topk_hits(
 
     Raises:
         TypeError / ValueError naming the argument for wrong types, shapes,
-        devices or ``ks``; ValueError naming the row for NaN scores or an
-        unsorted CSR row; IndexError for users, neighbor ids or column
-        indices out of range; refit_kernels.BackendUnavailable when a forced
+        devices, layouts (sparse scores, meta tensors), ``ks`` or a broken
+        ``indptr``; ValueError naming the row for NaN scores or an unsorted
+        CSR row; IndexError for users, neighbor ids or column indices out of
+        range; refit_kernels.BackendUnavailable when a forced
         backend cannot run (the cuda and triton kernels take Kmax <= 1024 and
         no float64).
     """
+    if isinstance(scores, torch.Tensor):
+        dense_tensor(scores, "scores", _OP)
+        has_data(scores, "scores", _OP)
     _check_scores(scores)
     B, I = scores.shape
     ks = check_ks(ks, I)
