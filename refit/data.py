@@ -38,13 +38,17 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 import refit_kernels as rk
+
+
+if TYPE_CHECKING:  # for annotations only: refit.seqdata imports this module
+    from .seqdata import SequenceData
 
 log = logging.getLogger(__name__)
 
