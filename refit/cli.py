@@ -324,6 +324,36 @@ def _float_list(text: str) -> List[float]:
     return value
 
 
+def cmd_import_diffrec(args) -> int:
+    """A DiffRec paper-code checkpoint (a pickled DNN) as a refit checkpoint, checked against its data."""
+    from .data import load_dataset
+    from .integrations.diffrec_paper import PaperCheckpointError, load_diffrec_paper_checkpoint
+    from .runs import data_fingerprint, save_checkpoint
+
+    try:
+        rec = load_diffrec_paper_checkpoint(
+            args.checkpoint, mean_type=args.mean_type, steps=args.steps, noise_schedule=args.noise_schedule,
+            noise_scale=args.noise_scale, noise_min=args.noise_min, noise_max=args.noise_max,
+            sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise)
+    except PaperCheckpointError as exc:
+        print(f"refit import-diffrec: {exc}", file=sys.stderr)
+        return 2
+    data = load_dataset(args.data)
+    if rec.model.n_items != data.n_items:
+        print(f"refit import-diffrec: the model scores {rec.model.n_items} items, {args.data!r} has "
+              f"{data.n_items}", file=sys.stderr)
+        return 2
+    save_checkpoint(args.out, {"kind": "import", "recommender": rec.state(),
+                               "source": {"file": os.path.abspath(args.checkpoint), "code": "DiffRec paper"},
+                               "data": {"source": args.data, "options": {}, "fingerprint": data_fingerprint(data),
+                                        "n_users": data.n_users, "n_items": data.n_items}})
+    if _main():
+        print(f"wrote {os.path.abspath(args.out)}: DiffRec over {data.n_items} items, dims {rec.model.dims}, "
+              f"{args.steps} steps ({args.noise_schedule}, scale {args.noise_scale:g}); evaluate or fine-tune it "
+              f"with refit evaluate / finetune --checkpoint {args.out}")
+    return 0
+
+
 def cmd_baselines(args) -> int:
     from .baselines import best_baseline, fit_baselines
     from .data import load_dataset
@@ -397,7 +427,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
-    g.add_argument("--ks", type=_int_list, default=list(d.ks))
+    g.add_argument("--ks", type=_int_list, default=None, help="default: 10,20,50,100 (10,20,50 for sequences)")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=d.plot, help="write plot.png")
 
 
@@ -412,8 +442,8 @@ def _finetune_config(args, out: str):
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        precision=args.precision, eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out,
-        progress=_progress(args), plot=args.plot)
+        precision=args.precision, eval_batch_size=args.eval_batch_size,
+        ks=tuple(args.ks) if args.ks else None, out=out, progress=_progress(args), plot=args.plot)
 
 
 def cmd_finetune(args) -> int:
@@ -430,11 +460,13 @@ def cmd_finetune(args) -> int:
     if not _main():
         return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
-    print(f"best iteration {summary['best_iteration']} of {summary['iterations']} (validation {summary['selection']}), "
+    print(f"best iteration {summary['best_iteration']} of {summary['iterations']} (selected by {summary['selection']}), "
           f"{summary['s_per_iteration']:.3f} s per iteration, {summary['seconds']:.1f} s in all, "
           f"peak memory {summary['peak_memory_mb']:.0f} MiB")
+    metrics = ("hr", "ndcg", "mrr") if "hr@20" in summary["test"] else ("recall", "ndcg", "precision", "mrr")
+    ks = config.ks or sorted(int(k.split("@")[1]) for k in summary["test"] if k.startswith("ndcg@"))
     print(format_table([("test, before", summary["before"]["test"]), ("test, after", summary["test"])],
-                       config.ks))
+                       ks, metrics))
     _print_resume(summary, out)
     return _stop_code(summary)
 
@@ -547,6 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also print the best tuned baseline's row (cached in the checkpoint's folder)")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("import-diffrec", help="a checkpoint of DiffRec's paper code (a pickled DNN) as a refit "
+                                              "checkpoint; the diffusion settings come from the flags")
+    p.add_argument("checkpoint", help="the .pth file DiffRec's main.py saved (torch.save(model, ...))")
+    _add_data_args(p, required=True)
+    p.add_argument("--out", required=True, help="the refit checkpoint to write")
+    p.add_argument("--mean-type", choices=["x0", "eps"], default="x0")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--noise-schedule", choices=["linear", "linear-var", "cosine"], default="linear-var")
+    p.add_argument("--noise-scale", type=float, default=0.1)
+    p.add_argument("--noise-min", type=float, default=0.0001)
+    p.add_argument("--noise-max", type=float, default=0.02)
+    p.add_argument("--sampling-steps", type=int, default=0)
+    p.add_argument("--sampling-noise", action=argparse.BooleanOptionalAction, default=False)
+    p.set_defaults(func=cmd_import_diffrec)
     from .baselines import DEFAULT_EASE_GRID, DEFAULT_KNN_GRID
 
     p = sub.add_parser("baselines", help="most-popular, ItemKNN and EASE, tuned on validation, same protocol")

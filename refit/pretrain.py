@@ -321,7 +321,10 @@ def load_recommender(path: str, data: Optional[InteractionData] = None, *, devic
     state = load_checkpoint(path)
     meta = state.get("data", {})
     if data is None:
-        data = load_dataset(meta.get("source", "synthetic"), **meta.get("options", {}))
+        if not meta.get("source"):
+            raise ValueError(f"checkpoint {path!r} does not say which data it was trained on: pass the data "
+                             "(--data)")
+        data = load_dataset(meta["source"], **meta.get("options", {}))
     fp = data_fingerprint(data)
     if meta.get("fingerprint") not in (None, fp):
         raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "

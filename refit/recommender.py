@@ -94,6 +94,65 @@ class Recommender:
         finally:
             self.model.train(was_training)
 
+    # --- the diffusion-policy protocol (refit.policy) -------------------------------------------
+
+    selection_metric = "recall@20"
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def sample(self, users: torch.Tensor, inputs: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+               temperature: float = 1.0, rows=None, keep_graph: bool = False):
+        """A noisy reverse trajectory from the (B, I) start rows ``inputs`` (see :mod:`refit.policy`)."""
+        return self.diffusion.sample(self.denoiser(users, inputs), inputs, noise=True, return_trajectory=True,
+                                     keep_graph=keep_graph, generator=generator, temperature=temperature, rows=rows)
+
+    def outputs(self, users: torch.Tensor, inputs: torch.Tensor, traj) -> torch.Tensor:
+        """(S, B, I) denoiser outputs along ``traj``, with gradient, in one batched forward pass."""
+        from .policy import batched_outputs
+
+        cond = self.model.condition(users, inputs)
+        S = traj.preds.shape[0]
+        if cond is not None:
+            cond = type(cond)(*(c.repeat(S, 1) for c in cond))
+
+        def forward(x, t):
+            with autocast(self.precision, x.device):
+                return self.model(x, t, cond)
+
+        return batched_outputs(forward, traj)
+
+    def final_scores(self, users: torch.Tensor, inputs: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """The final state of a trajectory is the (B, I) score row itself."""
+        return final
+
+    def pretraining_loss(self, episode, *, generator: Optional[torch.Generator] = None, rows=None) -> torch.Tensor:
+        """(B,) DiffRec's ELBO loss on the episode's start rows (importance-sampled timesteps; under
+        torchrun the global batch's losses feed the importance sampler on every rank)."""
+        return self.denoising_loss(episode.users, episode.inputs, episode.inputs, generator=generator, rows=rows,
+                                   record=True)
+
+    def denoising_loss(self, users: torch.Tensor, inputs: torch.Tensor, x0: torch.Tensor, *,
+                       generator: Optional[torch.Generator] = None, rows=None, record: bool = False) -> torch.Tensor:
+        """(B,) ELBO loss of denoising toward the (B, I) rows ``x0``, conditioned on ``inputs``."""
+        from . import distributed as dist
+
+        f = self.denoiser(users, inputs)
+        if rows is None:
+            return self.diffusion.training_loss(f, x0, generator=generator, record=record)
+        per_row, t, raw = self.diffusion.training_loss(f, x0, generator=generator, rows=rows, record=False,
+                                                       return_parts=True)
+        if record:
+            seen = dist.all_gather_rows(torch.stack([t.double().cpu(), raw.double().cpu()], 1))
+            self.diffusion.record_losses(seen[:, 0].long(), seen[:, 1])
+        return per_row
+
+    def evaluate(self, data, *, ks=(10, 20, 50, 100), batch_size: int = 1024) -> Dict[str, Dict[str, float]]:
+        from .pretrain import evaluate_recommender
+
+        return evaluate_recommender(self, data, ks=ks, batch_size=batch_size)
+
     def state(self) -> Dict[str, Any]:
         """Everything needed to rebuild this recommender (without the data)."""
         return {

@@ -21,7 +21,7 @@ What is the target? Two readings are offered:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -31,19 +31,34 @@ TARGETS = ("hidden", "observed")
 
 
 class Episode(NamedTuple):
-    """A batch's start rows and the CSR rows its reward is counted against.
+    """A batch's policy inputs and the CSR rows its reward is counted against.
 
     Attributes:
-        users: (B,) int64 user ids.
-        rows: (B, I) float32 start rows of the reverse process (visible items).
-        positives: CSR (B rows) of each user's target items.
+        users: (B,) int64 ids of the rows of the similarity table (users; for
+            sequence data, sequences).
+        inputs: what the policy conditions on: (B, I) float32 start rows for
+            interaction data, a ``(history (B, L), lengths (B,))`` pair of int64
+            tensors for sequence data.
+        positives: CSR (B rows) of each row's target items.
         exclude: CSR (B rows) of items never ranked, or None.
     """
 
     users: torch.Tensor
-    rows: torch.Tensor
+    inputs: Any
     positives: rk.CSR
     exclude: Optional[rk.CSR]
+
+    @property
+    def rows(self):
+        """The start rows (interaction data): another name of ``inputs``."""
+        return self.inputs
+
+
+def map_inputs(inputs, fn):
+    """``fn`` applied to a tensor, or to every tensor of a tuple of them (policy inputs)."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    return type(inputs)(fn(x) for x in inputs)
 
 
 class Reward(NamedTuple):
@@ -117,20 +132,51 @@ def collaborative_reward(scores: torch.Tensor, episode: Episode, neighbors: torc
     return Reward(alpha * n_k / k + (1.0 - alpha) * n_sim_k / k, n_k, n_sim_k)
 
 
+def _csr_rows(c: Optional[rk.CSR], rows: torch.Tensor) -> Optional[rk.CSR]:
+    """Rows ``rows`` (int64, any order, repeats allowed) of a CSR, as a new CSR."""
+    if c is None:
+        return None
+    lens = c.indptr.diff()[rows]
+    starts = c.indptr[:-1][rows]
+    owner = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    offset = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    indices = c.indices[starts[owner] + offset]
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+    values = None if c.values is None else c.values[starts[owner] + offset]
+    return rk.CSR(indptr, indices, values, c.n_cols)
+
+
 def repeat_episode(episode: Episode, times: int) -> Episode:
-    """Each user's episode ``times`` times in a row (rows u0, u0, ..., u1, u1, ...)."""
-    def rep_csr(c: Optional[rk.CSR]) -> Optional[rk.CSR]:
+    """Each row's episode ``times`` times in a row (rows u0, u0, ..., u1, u1, ...)."""
+    rows = torch.arange(episode.users.numel()).repeat_interleave(times)
+    return Episode(episode.users.repeat_interleave(times),
+                   map_inputs(episode.inputs, lambda x: x.repeat_interleave(times, dim=0)),
+                   _csr_rows(episode.positives, rows), _csr_rows(episode.exclude, rows))
+
+
+def slice_episode(episode: Episode, start: int, stop: int) -> Episode:
+    """Rows ``[start, stop)`` of an episode (its ids, inputs and CSR targets)."""
+    def cut(c: Optional[rk.CSR]) -> Optional[rk.CSR]:
         if c is None:
             return None
-        lens = c.indptr.diff()
-        starts = c.indptr[:-1]
-        lens_r = lens.repeat_interleave(times)
-        starts_r = starts.repeat_interleave(times)
-        owner = torch.repeat_interleave(torch.arange(lens_r.numel()), lens_r)
-        offset = torch.arange(int(lens_r.sum())) - torch.repeat_interleave(torch.cumsum(lens_r, 0) - lens_r, lens_r)
-        indices = c.indices[starts_r[owner] + offset]
-        indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens_r, 0)])
-        return rk.CSR(indptr, indices, None, c.n_cols)
+        a, b = int(c.indptr[start]), int(c.indptr[stop])
+        return rk.CSR(c.indptr[start:stop + 1] - a, c.indices[a:b], None if c.values is None else c.values[a:b],
+                      c.n_cols)
 
-    return Episode(episode.users.repeat_interleave(times), episode.rows.repeat_interleave(times, dim=0),
-                   rep_csr(episode.positives), rep_csr(episode.exclude))
+    return Episode(episode.users[start:stop], map_inputs(episode.inputs, lambda x: x[start:stop]),
+                   cut(episode.positives), cut(episode.exclude))
+
+
+def sequence_episode(data, targets) -> Episode:
+    """Episodes of sequence data: predict each target item from the window before it.
+
+    ``targets`` is a :class:`refit.seqdata.Targets`. N_K counts the target
+    item; the history (every item before the target) is excluded from the
+    ranking when the data's items do not repeat, as at evaluation.
+    """
+    history, lengths = data.windows(targets.seq, targets.pos)
+    items = data.target_items(targets)
+    B = items.numel()
+    positives = rk.CSR(torch.arange(B + 1, dtype=torch.int64), items.to(torch.int64), None, data.n_items)
+    exclude = None if data.repeats else data.history_csr(targets)
+    return Episode(targets.seq.to(torch.int64), (history, lengths), positives, exclude)

@@ -6,6 +6,27 @@ checkpoints (``last.pt`` to resume, ``best.pt`` the selected model) and
 ``summary.json``. Files are written atomically: a crash never leaves a
 half-written checkpoint behind. Checkpoints are read without running code:
 only tensors, NumPy arrays of numbers and plain containers are unpickled.
+
+The layout of a checkpoint (a ``torch.save`` dict of plain values)::
+
+    format       "refit-checkpoint"                  (every checkpoint)
+    version      1
+    kind         "pretrain" | "finetune" | "import" | "model"
+    recommender  what rebuilds the model (Recommender.state() / SeqRecommender.state()):
+        model        {"name": "diffrec" | "cfdiff" | "dreamrec" | "external", "config": {...},
+                      "state_dict": {name: tensor}}
+        diffusion    DiffusionConfig fields (steps, schedule, mean type, ...)
+        inference    sampling settings (DiffRec: sampling_steps, sampling_noise; DreamRec: w,
+                     eval_steps) and precision
+    data         {"source", "options", "fingerprint", "n_users", "n_items"}: the data it was
+                 trained on (a checkpoint without a source needs --data)
+    config       the run's settings (pretrain / finetune), for --resume
+    epoch | iteration, best     where the run stood and its best validation result
+    last.pt only: optimizer, rng (torch, numpy, generator), trainer (ReFiT: optimiser, baseline),
+                 loss_history / loss_count (DiffRec's importance sampler), elapsed
+
+``save_checkpoint(path, rec.state())`` writes a ``kind: "model"``
+checkpoint of a bare recommender state.
 """
 
 from __future__ import annotations
@@ -43,8 +64,28 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+RECOMMENDER_KEYS = ("model", "diffusion", "inference")
+
+
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Saves a checkpoint dict (tagged with the format and version) atomically."""
+    """Saves a checkpoint dict (tagged with the format and version) atomically.
+
+    ``state`` is a checkpoint dict with a ``recommender`` entry (see the
+    module docstring), or a bare recommender state (``rec.state()``), which
+    is saved as a ``kind: "model"`` checkpoint. Anything else raises
+    ValueError naming what is missing.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"a checkpoint is a dict, got {type(state).__name__}")
+    if "recommender" not in state and all(k in state for k in RECOMMENDER_KEYS):
+        state = {"kind": "model", "recommender": state}
+    rec = state.get("recommender")
+    if not isinstance(rec, dict):
+        raise ValueError("a refit checkpoint needs a 'recommender' entry (a recommender's state(): "
+                         f"{', '.join(RECOMMENDER_KEYS)}); got the keys {sorted(state)}")
+    missing = [k for k in RECOMMENDER_KEYS if k not in rec]
+    if missing:
+        raise ValueError(f"the checkpoint's 'recommender' entry lacks {', '.join(missing)} (see refit.runs)")
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     atomic_write(path, lambda f: torch.save(state, f))
 

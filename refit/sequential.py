@@ -65,7 +65,7 @@ class SeqRecommender:
     def set_eval_steps(self, steps: Optional[int]) -> None:
         """Recommend (:meth:`generate`, :meth:`scores`) with ``steps`` respaced reverse steps instead of all T
         (``None``: all; see :meth:`refit.diffusion.GaussianDiffusion.respaced`). Training, and the
-        trajectories of :meth:`sample`, always use the full schedule."""
+        trajectories of :meth:`sample` and :meth:`sample_from`, always use the full schedule."""
         if steps is not None and steps != self.diffusion.steps:
             self._eval_diffusion = self.diffusion.respaced(int(steps))
             self.eval_steps = int(steps)
@@ -102,8 +102,9 @@ class SeqRecommender:
         """x_T ~ N(0, I), (B, D) float32 (``rows``: a slice of a global batch's draw)."""
         return _normal((batch, self.model.hidden), torch.float32, self.device, generator, rows)
 
-    def sample(self, h: torch.Tensor, *, generator: Optional[torch.Generator] = None, return_trajectory: bool = False,
-               keep_graph: bool = False, temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None):
+    def sample_from(self, h: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                    return_trajectory: bool = False, keep_graph: bool = False, temperature: float = 1.0,
+                    rows: Optional[Tuple[int, int]] = None):
         """Ancestral sampling from pure noise: the final (B, D) embeddings, or a
         :class:`~refit.diffusion.Trajectory` of the T - 1 stochastic steps (whose ``preds`` are the guided
         x0 predictions and whose ``final`` is the generated embedding)."""
@@ -123,7 +124,7 @@ class SeqRecommender:
         ``x' = x A_t + cp_t (G + c_t) + sigma_t eps`` with
         ``A_t = cp_t W_x^T + cx_t I``, ``G = (1 + w) h W_h^T - w null W_h^T``
         and ``c_t`` the step's constant, all computed once per pass; the noise
-        is drawn in the same order as :meth:`sample`, so both give the same
+        is drawn in the same order as :meth:`sample_from`, so both give the same
         embeddings up to float32 rounding. No tensor is allocated per step.
         """
         was = self.model.training
@@ -168,6 +169,61 @@ class SeqRecommender:
                 nxt.add_(eps, alpha=sigmas[i])
             x, nxt = nxt, x
         return x
+
+    # --- the diffusion-policy protocol (refit.policy) -------------------------------------------
+
+    selection_metric = "hr@20"
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def sample(self, users: torch.Tensor, inputs, *, generator: Optional[torch.Generator] = None,
+               temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None, keep_graph: bool = False):
+        """A trajectory from pure noise for the ``(history, lengths)`` windows ``inputs``: the guided
+        predictions are the policy's step outputs (see :mod:`refit.policy`)."""
+        history, lengths = inputs
+        with torch.set_grad_enabled(keep_graph):
+            h = self.guidance(history, lengths)
+        return self.sample_from(h, generator=generator, return_trajectory=True, keep_graph=keep_graph,
+                                temperature=temperature, rows=rows)
+
+    def outputs(self, users: torch.Tensor, inputs, traj) -> torch.Tensor:
+        """(S, B, D) guided x0 predictions along ``traj``, with gradient (through the guidance too)."""
+        from .policy import batched_outputs
+
+        history, lengths = inputs
+        with torch.enable_grad():
+            h = self.guidance(history, lengths).repeat(traj.preds.shape[0], 1)
+        model, w, ctx = self.model, self.w, self.precision
+
+        def forward(x, t):
+            with autocast(ctx, x.device):
+                return model.guided(x, h, t, w)
+
+        return batched_outputs(forward, traj)
+
+    def final_scores(self, users: torch.Tensor, inputs, final: torch.Tensor) -> torch.Tensor:
+        """(B, n_items) inner products of generated embeddings with every item embedding."""
+        with torch.no_grad():
+            return self.model.item_scores(final).float()
+
+    def pretraining_loss(self, episode, *, generator: Optional[torch.Generator] = None,
+                         rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B,) DreamRec's own loss on the episode: denoising toward the target item's embedding."""
+        history, lengths = episode.inputs
+        return dreamrec_loss(self, history, lengths, targets=episode.positives.indices.to(self.device),
+                             generator=generator, rows=rows)
+
+    def denoising_loss(self, users: torch.Tensor, inputs, x0: torch.Tensor, *,
+                       generator: Optional[torch.Generator] = None,
+                       rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B,) DreamRec's loss toward given (B, D) embeddings ``x0`` (e.g. sampled ones, detached)."""
+        history, lengths = inputs
+        return dreamrec_loss(self, history, lengths, x0=x0.detach(), generator=generator, rows=rows)
+
+    def evaluate(self, data, *, ks=SEQ_KS, batch_size: int = 2048, seed: int = 0) -> Dict[str, Dict[str, float]]:
+        return evaluate_dreamrec(self, data, ks=ks, batch_size=batch_size, seed=seed)
 
     @torch.no_grad()
     def scores(self, history: torch.Tensor, lengths: torch.Tensor, generator: Optional[torch.Generator] = None,
@@ -232,7 +288,7 @@ def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid
             try:
                 with torch.no_grad():
                     h = rec.guidance(history, lengths)
-                    x = rec.sample(h) if rec.eval_steps is None else rec._eval_diffusion.sample(
+                    x = rec.sample_from(h) if rec.eval_steps is None else rec._eval_diffusion.sample(
                         rec.denoiser(h), rec.start_noise(h.shape[0]), noise=True)
                     return rec.model.item_scores(x, include_padding=True).float()
             finally:
@@ -333,13 +389,17 @@ def sequence_fingerprint(data) -> str:
     return h.hexdigest()[:16]
 
 
-def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-                  generator: Optional[torch.Generator] = None, rows: Optional[Tuple[int, int]] = None,
-                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
+                  targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                  rows: Optional[Tuple[int, int]] = None, weights: Optional[torch.Tensor] = None,
+                  x0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DreamRec's training loss for a batch, (B,): the squared error of the x0 prediction from
     a uniformly drawn step, averaged over the embedding dimension, with the guidance dropped to the
-    null embedding with probability ``p_uncond``. ``rows``: a slice of a global batch (every random
-    draw is the global batch's, sliced). ``weights``: (B,) per-example factors (None: 1)."""
+    null embedding with probability ``p_uncond``. The clean state is the (B,) ``targets``' item
+    embeddings (with gradient, as DreamRec trains them), or the given (B, D) ``x0``. ``rows``: a slice
+    of a global batch (every random draw is the global batch's, sliced). ``weights``: (B,) factors."""
+    if (targets is None) == (x0 is None):
+        raise ValueError("give exactly one of targets and x0")
     model, d = rec.model, rec.diffusion
     with autocast(rec.precision, rec.device):
         h = model.encode(history, lengths)
@@ -349,7 +409,7 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
         keep = keep[rows[0]:rows[0] + history.shape[0]]
     keep = (keep >= model.p_uncond).to(rec.device)
     h = torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
-    x0 = model.item_embeddings(targets).float()
+    x0 = model.item_embeddings(targets).float() if x0 is None else x0.float()
 
     def f(x_t, t):
         with autocast(rec.precision, x_t.device):
@@ -483,7 +543,10 @@ def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision
     state = load_checkpoint(path)
     meta = state.get("data", {})
     if data is None:
-        data = load_dataset(meta.get("source", "synthetic-seq"), **meta.get("options", {}))
+        if not meta.get("source"):
+            raise ValueError(f"checkpoint {path!r} does not say which data it was trained on: pass the data "
+                             "(--data)")
+        data = load_dataset(meta["source"], **meta.get("options", {}))
     fp = sequence_fingerprint(data)
     if meta.get("fingerprint") not in (None, fp):
         raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "

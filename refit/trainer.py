@@ -32,13 +32,13 @@ import torch
 
 import refit_kernels as rk
 
-from .data import InteractionData
 from .diffusion import Trajectory
 from .control import Progress, StopRequests
 from .loop import peak_memory_mb
-from .pretrain import SELECTION_METRIC, evaluate_recommender, load_recommender
-from .recommender import PRECISIONS, Recommender
-from .reward import TARGETS, collaborative_reward, make_episode, repeat_episode
+from .pretrain import SELECTION_METRIC, load_recommender
+from .recommender import PRECISIONS
+from .policy import check_policy, episode_source
+from .reward import TARGETS, collaborative_reward, map_inputs, repeat_episode, slice_episode
 from . import distributed as dist
 from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .similarity import shared_similar_users
@@ -83,7 +83,7 @@ class FinetuneConfig:
     seed: int = 1
     precision: str = "fp32"
     eval_batch_size: int = 1024
-    ks: Tuple[int, ...] = (10, 20, 50, 100)
+    ks: Optional[Tuple[int, ...]] = None  # None: the model family's (10, 20, 50, 100; 10, 20, 50 for sequences)
     out: str = "runs/finetune"
     progress: Optional[bool] = None  # progress bar: None when stderr is a terminal, True always, False never
     plot: bool = True
@@ -126,18 +126,13 @@ class FinetuneConfig:
             raise ValueError("PPO re-evaluates the trajectories each inner epoch: reuse_sampling_graph must be off")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        self.ks = tuple(sorted(int(k) for k in self.ks))
-        if 20 not in self.ks:
-            raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC})")
+        if self.ks is not None:
+            self.ks = tuple(sorted(int(k) for k in self.ks))
+            if 20 not in self.ks:
+                raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC} / hr@20)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _repeat_cond(cond, times: int):
-    if cond is None:
-        return None
-    return type(cond)(*(c.repeat(times, 1) for c in cond))
 
 
 def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor, mean=torch.mean) -> torch.Tensor:
@@ -149,31 +144,22 @@ def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor, mean=torch.mean) -> to
     return -mean(adv.detach() * logp)
 
 
-def trajectory_logprob(rec: Recommender, users: torch.Tensor, rows: torch.Tensor, traj: Trajectory, *,
+def trajectory_logprob(policy, users: torch.Tensor, inputs, traj: Trajectory, *,
                        reduction: str = "mean", per_step: bool = False) -> torch.Tensor:
     """Log-likelihood of sampled trajectories under the current weights, with gradient.
 
-    All stochastic steps are re-evaluated in one batched forward pass over
-    (S * B) rows (larger matrix products than S passes of B rows), then
-    scored by ``gaussian_logprob``: (B,) or, with ``per_step``, (S, B).
+    The policy re-evaluates its denoiser along the trajectory
+    (``policy.outputs``: all stochastic steps in one batched forward pass)
+    and ``gaussian_logprob`` scores them: (B,) or, with ``per_step``, (S, B).
+    ``reduction="mean"`` divides by the state's dimension (items, or the
+    embedding width).
     """
-    S, B, I = traj.preds.shape
+    S, B = traj.preds.shape[:2]
     if S == 0:
         return traj.final.new_zeros((S, B) if per_step else (B,))
-    cond = _repeat_cond(rec.model.condition(users, rows), S)
-    t = traj.timesteps.repeat_interleave(B)
-    with torch.enable_grad():
-        with _autocast(rec):
-            out = rec.model(traj.states[:-1].reshape(S * B, I), t, cond)
-        preds = out.float().view(S, B, I)
-        return rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                                   reduction=reduction, per_step=per_step)
-
-
-def _autocast(rec: Recommender):
-    from .recommender import autocast
-
-    return autocast(rec.precision, rec.device)
+    preds = policy.outputs(users, inputs, traj)
+    return rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
+                               reduction=reduction, per_step=per_step)
 
 
 class Baseline:
@@ -205,60 +191,57 @@ class Baseline:
         self.ema = state.get("ema")
 
 
-def slice_episode(episode, start: int, stop: int):
-    """Rows ``[start, stop)`` of an episode (its users, start rows and CSR targets)."""
-    from .reward import Episode
-
-    def cut(c: Optional[rk.CSR]) -> Optional[rk.CSR]:
-        if c is None:
-            return None
-        a, b = int(c.indptr[start]), int(c.indptr[stop])
-        return rk.CSR(c.indptr[start:stop + 1] - a, c.indices[a:b], None if c.values is None else c.values[a:b],
-                      c.n_cols)
-
-    return Episode(episode.users[start:stop], episode.rows[start:stop], cut(episode.positives), cut(episode.exclude))
-
-
 class ReFiT:
-    """One ReFiT run: the model, its frozen pretrained copy (for anchors), data, optimiser, RNG.
+    """One ReFiT run: the policy, its frozen pretrained copy (for the KL anchor), episodes, optimiser, RNG.
+
+    ``policy`` is any diffusion policy (:mod:`refit.policy`): refit's
+    DiffRec / CF-Diff :class:`~refit.recommender.Recommender`, DreamRec's
+    :class:`~refit.sequential.SeqRecommender`, or an outside model through
+    :func:`refit.policy.ScheduleDenoiser`. Episodes come from the data
+    (:func:`refit.policy.episode_source`): users with hidden items for
+    interaction data, training targets with their history windows for
+    sequence data.
 
     Under torch.distributed (see :mod:`refit.distributed`) every rank draws the
-    same global batch of users, hidden items and sampling noise from the same
-    seeded generator and works on its contiguous share of the rows; rewards
-    are all-gathered so the baseline (mean, std, EMA) is that of the global
+    same global batch of episodes and sampling noise from the same seeded
+    generator and works on its contiguous share of the rows; rewards are
+    all-gathered so the baseline (mean, std, EMA) is that of the global
     batch, and each rank's loss is scaled so that the average of the ranks'
-    gradients (:func:`refit.distributed.average_gradients`) is the gradient of ``-mean(adv * L)`` over the global batch. One
-    step with N processes then leaves the parameters of one step in a single
-    process with the same ``batch_size`` (up to float32 rounding), and the
-    generator's state, identical on every rank, does not depend on N.
+    gradients (:func:`refit.distributed.average_gradients`) is the gradient of
+    ``-mean(adv * L)`` over the global batch. One step with N processes then
+    leaves the parameters of one step in a single process with the same
+    ``batch_size`` (up to float32 rounding), and the generator's state,
+    identical on every rank, does not depend on N.
     """
 
-    def __init__(self, rec: Recommender, data: InteractionData, config: FinetuneConfig):
-        self.rec, self.data, self.config = rec, data, config
+    def __init__(self, policy, data, config: FinetuneConfig):
+        check_policy(policy)
+        self.policy = self.rec = policy  # ``rec``: the former name
+        self.data, self.config = data, config
         self.world = dist.world_size()
         n_users = config.batch_size // config.group_size
         if self.world > 1 and n_users < self.world:
             raise ValueError(f"batch_size // group_size = {n_users} users per iteration cannot be shared by "
                              f"{self.world} processes: raise batch_size to at least {self.world * config.group_size}")
-        self.train_csr = rk.as_csr(data.train, "train")
+        self.episodes = episode_source(data, config.target, config.hide_fraction)
+        self.train_csr = self.episodes.neighbor_sets
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.optimizer = torch.optim.AdamW(rec.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
         # Computed once, each rank a block of users, then shared (identical on every rank).
         self.neighbors = shared_similar_users(self.train_csr, m=config.similar_users)
-        counts = self.train_csr.indptr.diff()
-        min_items = 2 if config.target == "hidden" else 1
-        self.candidates = torch.nonzero(counts >= min_items).flatten()
-        if self.candidates.numel() == 0:
-            raise ValueError(f"no user has {min_items} or more training items to fine-tune on")
-        self.reference_model = None
+        self.candidates = getattr(self.episodes, "candidates", None)
+        self.reference = None
         if config.anchor == "kl":
-            self.reference_model = copy.deepcopy(rec.model).eval()
-            for p in self.reference_model.parameters():
+            self.reference = copy.deepcopy(policy)
+            self.reference.module.eval()
+            for p in self.reference.module.parameters():
                 p.requires_grad_(False)
 
     def sample_users(self) -> torch.Tensor:
-        """batch_size / group_size distinct users (with replacement across iterations)."""
+        """batch_size / group_size distinct users of interaction data (with replacement across iterations)."""
+        if self.candidates is None:
+            raise ValueError("sample_users is for interaction data; sequence data samples targets")
         n = self.config.batch_size // self.config.group_size
         pick = torch.randperm(self.candidates.numel(), generator=self.generator)[:n]
         return self.candidates[pick]
@@ -277,47 +260,56 @@ class ReFiT:
             return float(local.detach())
         return float(dist.all_reduce_sum(local.detach().double().reshape(1))[0]) / self.world
 
-    def step(self) -> Dict[str, float]:
-        """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
-        cfg, rec, diffusion = self.config, self.rec, self.rec.diffusion
-        t0 = time.perf_counter()
-        users = self.sample_users()
-        # The global batch's random draws (users, hidden items) are made on every rank alike.
-        episode = make_episode(self.train_csr, users, cfg.target, cfg.hide_fraction, self.generator)
-        n_global = users.numel() * cfg.group_size  # trajectories in the global batch
+    def draw(self):
+        """This rank's episodes of one iteration: ``(episode, lo, n_global)`` where the episode holds the
+        rank's rows (groups repeated), ``lo`` their offset in the global batch of ``n_global``."""
+        cfg = self.config
+        # The global batch's random draws (episodes, hidden items) are made on every rank alike.
+        episode = self.episodes.sample(cfg.batch_size // cfg.group_size, self.generator)
+        n_global = episode.users.numel() * cfg.group_size  # trajectories in the global batch
         lo = 0
-        if self.world > 1:  # this rank's contiguous share of the users
-            lo, hi = dist.shard_range(users.numel())
+        if self.world > 1:  # this rank's contiguous share of the episodes
+            lo, hi = dist.shard_range(episode.users.numel())
             episode = slice_episode(episode, lo, hi)
-            users = episode.users
         if cfg.group_size > 1:  # the same episode for every member of a user's group
             episode = repeat_episode(episode, cfg.group_size)
-            users = episode.users
-        lo *= cfg.group_size
-        n_local = users.numel()
-        rows = episode.rows.to(rec.device)
-        rec.model.eval()  # dropout off for sampling and for the log-probabilities alike
-        denoise = rec.denoiser(users, rows)
+        return episode, lo * cfg.group_size, n_global
+
+    def rollout(self, episode, lo: int, n_global: int):
+        """Trajectories of the episode (dropout off) and their rewards: ``(inputs, traj, reward)``, the
+        reward being the global batch's (all-gathered) under torch.distributed."""
+        cfg, policy = self.config, self.policy
+        inputs = map_inputs(episode.inputs, lambda x: x.to(policy.device))
+        policy.module.eval()  # dropout off for sampling and for the log-probabilities alike
         # Noise for the whole global batch, this rank's rows kept: trajectories do not depend on the split.
-        traj = diffusion.sample(denoise, rows, noise=True, return_trajectory=True,
-                                keep_graph=cfg.reuse_sampling_graph, generator=self.generator,
-                                temperature=cfg.temperature, rows=(lo, n_global) if self.world > 1 else None)
-        t_sample = time.perf_counter() - t0
-        reward = collaborative_reward(traj.final, episode, self.neighbors[users], self.train_csr,
+        traj = policy.sample(episode.users, inputs, generator=self.generator, temperature=cfg.temperature,
+                             rows=(lo, n_global) if self.world > 1 else None, keep_graph=cfg.reuse_sampling_graph)
+        scores = policy.final_scores(episode.users, inputs, traj.final)
+        reward = collaborative_reward(scores, episode, self.neighbors[episode.users], self.train_csr,
                                       k=cfg.k, alpha=cfg.alpha)
         if self.world > 1:  # the global batch's rewards (B floats): the baseline is the global batch's
             parts = dist.all_gather_rows(torch.stack([reward.reward, reward.n_k, reward.n_sim_k], 1))
             reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
-        adv = self.baseline.advantage(reward.reward)[lo:lo + n_local].to(rec.device)
+        return inputs, traj, reward
+
+    def step(self) -> Dict[str, float]:
+        """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
+        cfg, policy = self.config, self.policy
+        t0 = time.perf_counter()
+        episode, lo, n_global = self.draw()
+        users, n_local = episode.users, episode.users.numel()
+        inputs, traj, reward = self.rollout(episode, lo, n_global)
+        t_sample = time.perf_counter() - t0
+        adv = self.baseline.advantage(reward.reward)[lo:lo + n_local].to(policy.device)
 
         if cfg.ppo_epochs == 0:
             if cfg.reuse_sampling_graph:
                 logp = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
                                            reduction=cfg.reduction)
             else:
-                logp = trajectory_logprob(rec, users, rows, traj, reduction=cfg.reduction)
+                logp = trajectory_logprob(policy, users, inputs, traj, reduction=cfg.reduction)
             loss = reinforce_loss(adv, logp, mean=lambda x: self._mean(x, n_global))
-            loss, anchor = self._add_anchor(loss, users, rows, traj, lo, n_global)
+            loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
             grad_norm = self._update(loss)
             clip_frac = 0.0
         else:
@@ -325,11 +317,11 @@ class ReFiT:
                 old = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
                                           reduction=cfg.reduction, per_step=True)
             for _ in range(cfg.ppo_epochs):
-                new = trajectory_logprob(rec, users, rows, traj, reduction=cfg.reduction, per_step=True)
+                new = trajectory_logprob(policy, users, inputs, traj, reduction=cfg.reduction, per_step=True)
                 ratio = torch.exp(new - old)
                 clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
                 loss = -self._mean(torch.minimum(ratio * adv, clipped * adv), n_global * new.shape[0])
-                loss, anchor = self._add_anchor(loss, users, rows, traj, lo, n_global)
+                loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
                 grad_norm = self._update(loss)
             clipped_count = ((ratio - 1).abs() > cfg.ppo_clip).float()
             clip_frac = float(clipped_count.mean()) if self.world == 1 else float(
@@ -341,47 +333,35 @@ class ReFiT:
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
         }
 
-    def _add_anchor(self, loss, users, rows, traj, lo: int = 0, n_global: Optional[int] = None):
+    def _add_anchor(self, loss, episode, inputs, traj, lo: int = 0, n_global: Optional[int] = None):
         """loss + anchor_weight * anchor (its gradient is averaged over the ranks with the rest)."""
-        cfg = self.config
-        n_global = rows.shape[0] if n_global is None else n_global
+        cfg, policy = self.config, self.policy
+        users = episode.users
+        n_global = users.numel() if n_global is None else n_global
         if cfg.anchor == "none":
             return loss, 0.0
-        if cfg.anchor == "elbo":
-            self.rec.model.eval()
-            diffusion = self.rec.diffusion
-            if self.world == 1:
-                anchor = diffusion.training_loss(self.rec.denoiser(users, rows), rows, generator=self.generator).mean()
-            else:  # global draws, sliced; the global batch's losses feed the importance sampler
-                per_user, t, raw = diffusion.training_loss(self.rec.denoiser(users, rows), rows,
-                                                           generator=self.generator, rows=(lo, n_global),
-                                                           record=False, return_parts=True)
-                seen = dist.all_gather_rows(torch.stack([t.double().cpu(), raw.double().cpu()], 1))
-                diffusion.record_losses(seen[:, 0].long(), seen[:, 1])
-                anchor = self._mean(per_user, n_global)
+        if cfg.anchor == "elbo":  # the model's own pretraining loss on the episodes' data
+            policy.module.eval()
+            local = episode._replace(inputs=inputs)
+            per_row = policy.pretraining_loss(local, generator=self.generator,
+                                              rows=(lo, n_global) if self.world > 1 else None)
+            anchor = self._mean(per_row, n_global)
         else:  # KL between the steps' Gaussians under the current and the pretrained model
-            S, B, I = traj.preds.shape
-            ref = Recommender(self.rec.model_name, self.reference_model, self.rec.diffusion,
-                              precision=self.rec.precision)
+            S, B, D = traj.preds.shape
             with torch.no_grad():
-                cond = _repeat_cond(self.reference_model.condition(users, rows), S)
-                t = traj.timesteps.repeat_interleave(B)
-                with _autocast(ref):
-                    old = self.reference_model(traj.states[:-1].reshape(S * B, I), t, cond).float()
-            cond = _repeat_cond(self.rec.model.condition(users, rows), S)
-            with _autocast(self.rec):
-                new = self.rec.model(traj.states[:-1].reshape(S * B, I), t, cond).float()
-            scale = (traj.coef_pred ** 2 * torch.exp(-traj.log_var) / 2).repeat_interleave(B)[:, None]
-            anchor = self._mean((scale * (new - old) ** 2).sum(1).view(S, B).sum(0), n_global)
+                old = self.reference.outputs(users, inputs, traj)
+            new = policy.outputs(users, inputs, traj)
+            scale = (traj.coef_pred ** 2 * torch.exp(-traj.log_var) / 2)[:, None, None]
+            anchor = self._mean((scale * (new - old) ** 2).sum(2).sum(0), n_global)
             if cfg.reduction == "mean":
-                anchor = anchor / I
+                anchor = anchor / D
         return loss + cfg.anchor_weight * anchor, self._global_value(anchor)
 
     def _update(self, loss) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        dist.average_gradients(self.rec.model.parameters())
-        norm = torch.nn.utils.clip_grad_norm_(self.rec.model.parameters(), self.config.grad_clip)
+        dist.average_gradients(self.policy.module.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.module.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return float(norm)
 
@@ -419,7 +399,9 @@ def _plot(run: RunDir) -> Optional[str]:
     ax[0].legend()
     if ev:
         xs = [r["iteration"] for r in ev]
-        ax[1].plot(xs, [r["valid"]["recall@20"] for r in ev], "o-", label="Recall@20")
+        first = "recall@20" if "recall@20" in ev[0]["valid"] else "hr@20"
+        ax[1].plot(xs, [r["valid"][first] for r in ev], "o-", label=first.replace("recall", "Recall").replace(
+            "hr", "HR"))
         ax[1].plot(xs, [r["valid"]["ndcg@20"] for r in ev], "s-", label="NDCG@20")
         ax[1].set(xlabel="iteration", title="validation")
         ax[1].legend()
@@ -430,9 +412,14 @@ def _plot(run: RunDir) -> Optional[str]:
     return path
 
 
-def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, resume: bool = False,
-             device: Any = "cpu", max_iterations_this_run: Optional[int] = None) -> Dict[str, Any]:
+def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, device: Any = "cpu",
+             max_iterations_this_run: Optional[int] = None, policy=None) -> Dict[str, Any]:
     """Runs (or resumes) ReFiT from a pretrained checkpoint; returns the summary (also summary.json).
+
+    ``config.checkpoint`` is any refit checkpoint (DiffRec, CF-Diff, DreamRec,
+    or a model imported into refit's format); ``policy`` instead fine-tunes a
+    policy built in this process (e.g. an outside model wrapped by
+    :func:`refit.policy.ScheduleDenoiser`), with ``data`` given.
 
     ``max_iterations_this_run`` stops early without finishing (as a killed run would).
 
@@ -447,11 +434,29 @@ def finetune(config: FinetuneConfig, data: Optional[InteractionData] = None, *, 
     state, which are the same on every rank.
     """
     with StopRequests() as stops:
-        return _finetune(config, data, resume, device, max_iterations_this_run, stops)
+        return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy)
 
 
-def _finetune(config: FinetuneConfig, data: Optional[InteractionData], resume: bool, device: Any,
-              max_iterations_this_run: Optional[int], stops: StopRequests) -> Dict[str, Any]:
+def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None):
+    """``(policy, data, state)`` of a saved refit checkpoint, whatever its model family."""
+    state = load_checkpoint(path)
+    if state.get("recommender", {}).get("model", {}).get("name") == "dreamrec":
+        from .sequential import load_seq_recommender
+
+        return load_seq_recommender(path, data, device=device, precision=precision)
+    return load_recommender(path, data, device=device, precision=precision)
+
+
+def _data_fingerprint(data) -> str:
+    if hasattr(data, "targets"):
+        from .sequential import sequence_fingerprint
+
+        return sequence_fingerprint(data)
+    return data_fingerprint(data)
+
+
+def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_iterations_this_run: Optional[int],
+              stops: StopRequests, policy=None) -> Dict[str, Any]:
     t_start = time.perf_counter()
     dist.warn_if_not_joined("finetune")
     run = RunDir(config.out)
@@ -460,8 +465,14 @@ def _finetune(config: FinetuneConfig, data: Optional[InteractionData], resume: b
 
     if data is None and config.data is not None:
         data = load_dataset(config.data, **config.data_options)
-    rec, data, pre_state = load_recommender(config.checkpoint, data, device=device, precision=config.precision)
-    fingerprint = data_fingerprint(data)
+    if policy is None:
+        rec, data, pre_state = load_policy(config.checkpoint, data, device=device, precision=config.precision)
+    else:
+        if data is None:
+            raise ValueError("finetune(policy=...) needs the data (data=...)")
+        rec, pre_state = policy, {}
+    fingerprint = _data_fingerprint(data)
+    selection = rec.selection_metric
     torch.manual_seed(config.seed)
     trainer = ReFiT(rec, data, config)
 
@@ -476,29 +487,31 @@ def _finetune(config: FinetuneConfig, data: Optional[InteractionData], resume: b
             raise ValueError(f"cannot resume {run.path}: started with other settings ({', '.join(diff)})")
         if state["data"]["fingerprint"] != fingerprint:
             raise ValueError(f"cannot resume {run.path}: it was fine-tuned on other data")
-        rec.model.load_state_dict(state["recommender"]["model"]["state_dict"])
+        rec.module.load_state_dict(state["recommender"]["model"]["state_dict"])
         trainer.load(state["trainer"])
         start, best, elapsed_before = state["iteration"] + 1, state["best"], state.get("elapsed", 0.0)
         if main:
             run.truncate_log(lambda r: r.get("iteration", 0) <= state["iteration"])
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
-                                       "pretrained": os.path.abspath(config.checkpoint)})
+                                       "pretrained": os.path.abspath(config.checkpoint) if config.checkpoint else None})
 
     def ckpt(iteration: int) -> Dict[str, Any]:
         return {"kind": "finetune", "recommender": rec.state(), "config": config.to_dict(),
                 "data": {**pre_state.get("data", {}), "fingerprint": fingerprint},
-                "iteration": iteration, "best": best, "pretrained": os.path.abspath(config.checkpoint)}
+                "iteration": iteration, "best": best,
+                "pretrained": os.path.abspath(config.checkpoint) if config.checkpoint else None}
 
     def evaluate(iteration: int) -> Dict[str, Any]:
         t = time.perf_counter()
-        metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
+        ks = config.ks or ((10, 20, 50) if hasattr(data, "targets") else (10, 20, 50, 100))
+        metrics = rec.evaluate(data, ks=ks, batch_size=config.eval_batch_size)
         return {"iteration": iteration, "valid": metrics["valid"], "test": metrics["test"],
                 "eval_s": round(time.perf_counter() - t, 3)}
 
     if best is None:  # iteration 0: the pretrained model itself
         record = evaluate(0)
-        best = {"iteration": 0, "value": record["valid"][SELECTION_METRIC], "valid": record["valid"],
+        best = {"iteration": 0, "value": record["valid"][selection], "valid": record["valid"],
                 "test": record["test"], "before": {"valid": record["valid"], "test": record["test"]}}
         if main:
             run.log(record)
@@ -515,7 +528,7 @@ def _finetune(config: FinetuneConfig, data: Optional[InteractionData], resume: b
             "status": status,
             "stop_reason": None if status == "running" else stop_reason,
             "best_iteration": best["iteration"],
-            "selection": f"valid {SELECTION_METRIC}",
+            "selection": f"valid {selection}",
             "before": best["before"],
             "valid": best["valid"],
             "test": best["test"],
@@ -541,8 +554,8 @@ def _finetune(config: FinetuneConfig, data: Optional[InteractionData], resume: b
         evaluated = iteration % config.eval_every == 0 or iteration == config.iterations
         if evaluated:
             record.update({k: v for k, v in evaluate(iteration).items() if k != "iteration"})
-            if record["valid"][SELECTION_METRIC] > best["value"]:
-                best.update(iteration=iteration, value=record["valid"][SELECTION_METRIC], valid=record["valid"],
+            if record["valid"][selection] > best["value"]:
+                best.update(iteration=iteration, value=record["valid"][selection], valid=record["valid"],
                             test=record["test"])
                 if main:
                     save_checkpoint(run.file("best.pt"), ckpt(iteration))

@@ -165,7 +165,8 @@ def good_bytes(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("good") / "best.pt")
     g = torch.Generator().manual_seed(0)
     save_checkpoint(path, {"recommender": {"model": {"state_dict": {"a": torch.randn(300, 200, generator=g),
-                                                                    "b": torch.randn(200, generator=g)}}},
+                                                                    "b": torch.randn(200, generator=g)}},
+                                           "diffusion": {}, "inference": {}},
                            "rng": {"numpy": np.random.get_state()}})
     assert load_checkpoint(path)["recommender"]["model"]["state_dict"]["a"].shape == (300, 200)
     return open(path, "rb").read()

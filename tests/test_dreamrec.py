@@ -130,12 +130,12 @@ def test_sampler_matches_the_step_by_step_reference(schedule, diffuser):
     with torch.no_grad():
         h = rec.guidance(hist, lengths)
         want = reference_sample(rec, h, torch.Generator().manual_seed(5))
-        got = rec.sample(h, generator=torch.Generator().manual_seed(5))
+        got = rec.sample_from(h, generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         # generate() folds the linear denoiser's algebra (mlp1) or samples step by step (mlp2).
         gen = rec.generate(hist, lengths, torch.Generator().manual_seed(5))
         torch.testing.assert_close(gen, want, rtol=1e-4, atol=1e-4)
-        traj = rec.sample(h, generator=torch.Generator().manual_seed(5), return_trajectory=True)
+        traj = rec.sample_from(h, generator=torch.Generator().manual_seed(5), return_trajectory=True)
         torch.testing.assert_close(traj.final, got)
         assert traj.states.shape == (rec.diffusion.steps, len(lengths), D)
 
@@ -145,7 +145,7 @@ def test_trajectory_log_probability_equals_gaussian_logprob():
     hist, lengths = histories()
     with torch.no_grad():
         h = rec.guidance(hist, lengths)
-        traj = rec.sample(h, generator=torch.Generator().manual_seed(3), return_trajectory=True)
+        traj = rec.sample_from(h, generator=torch.Generator().manual_seed(3), return_trajectory=True)
     S = traj.preds.shape[0]
     want = torch.zeros(len(lengths), dtype=torch.float64)
     for s in range(S):
