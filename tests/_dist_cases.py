@@ -10,9 +10,11 @@ from refit.evaluate import evaluate
 from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
 from refit.runs import load_checkpoint
 from refit.similarity import shared_similar_users
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.sequential import DreamRecConfig, pretrain_dreamrec
+from refit.trainer import FinetuneConfig, ReFiT, load_policy
 
 DATA = {"n_users": 200, "n_items": 150}
+SEQ_DATA = {"n_users": 90, "n_items": 60, "mean_length": 10, "seed": 4}
 
 #: ReFiT settings whose steps must not depend on the number of processes. A large
 #: lr makes the update visible and no clipping keeps a wrongly scaled gradient visible.
@@ -23,7 +25,26 @@ FINETUNE_CASES = {
                          target="observed"),
     # A gradient through every sampling step: many forward passes per backward.
     "reuse-graph": dict(batch_size=16, reuse_sampling_graph=True),
+    # DreamRec through the same trainer: sequence episodes, guided means, the encoder's gradient.
+    "dreamrec-mean-std": dict(batch_size=16),
+    "dreamrec-group-kl-elbo": dict(batch_size=16, group_size=2, baseline="group", anchor="kl", anchor_weight=0.5),
 }
+
+
+def family(name: str) -> str:
+    """Which pretrained model a fine-tuning case starts from."""
+    return "dreamrec" if name.startswith("dreamrec") else "diffrec"
+
+
+def seq_data():
+    return load_dataset("synthetic-seq", **SEQ_DATA)
+
+
+def dreamrec_config(out: str, **kw) -> DreamRecConfig:
+    base = dict(data="synthetic-seq", data_options=SEQ_DATA, hidden=16, steps=10, epochs=2, eval_every=1,
+                batch_size=64, eval_batch_size=64, lr=5e-3, progress=False, out=out)
+    base.update(kw)
+    return DreamRecConfig(**base)
 
 
 def data():
@@ -69,11 +90,11 @@ def finetune_step(pretrained: str, name: str):
     generator after, and the optimiser's settings (to replay the steps from the recorded gradients)."""
     cfg = FinetuneConfig(checkpoint=pretrained, lr=1e-3, grad_clip=1e9, seed=5, progress=False, plot=False,
                          **FINETUNE_CASES[name])
-    rec, d, _ = load_recommender(pretrained, data())
+    rec, d, _ = load_policy(pretrained, seq_data() if family(name) == "dreamrec" else data())
     torch.manual_seed(cfg.seed)
     trainer = ReFiT(rec, d, cfg)
     grads = []  # one {name: gradient} per optimiser step, as the optimiser saw it
-    names = {id(p): n for n, p in rec.model.named_parameters()}
+    names = {id(p): n for n, p in rec.module.named_parameters()}
 
     def record(optimizer, args, kwargs):
         grads.append({names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups
@@ -83,7 +104,7 @@ def finetune_step(pretrained: str, name: str):
     first = trainer.step()
     second = trainer.step()
     return {"stats": [first, second], "grads": grads,
-            "params": {k: v.detach().clone() for k, v in rec.model.state_dict().items()},
+            "params": {k: v.detach().clone() for k, v in rec.module.state_dict().items()},
             "generator": trainer.generator.get_state(), "ema": trainer.baseline.ema,
             "optimizer": {k: v for k, v in trainer.optimizer.defaults.items() if k in ("lr", "weight_decay")}}
 
@@ -120,4 +141,14 @@ def average_gradients_case(rank: int):
     # Buckets of 5 floats: the parameters go in separate buckets.
     dist.average_gradients(params, bucket_bytes=20)
     return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def dreamrec_pretrain_run(out: str):
+    """Two DreamRec epochs without dropout: the same whatever the number of processes."""
+    summary = pretrain_dreamrec(dreamrec_config(out, dropout=0.0))
+    if not dist.is_main():
+        return None
+    state = load_checkpoint(out + "/last.pt")
+    return {"summary": summary, "params": state["recommender"]["model"]["state_dict"],
+            "generator": state["rng"]["generator"]}
 

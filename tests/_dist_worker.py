@@ -1,6 +1,6 @@
 """Runs under ``torchrun --nproc_per_node 2`` for tests/test_distributed.py.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py OUT PRETRAINED
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py OUT PRETRAINED DREAMREC
 
 Every rank runs the same scenarios (the collectives need all of them); rank 0
 saves what the test compares with a single process into OUT/results.pt.
@@ -29,7 +29,8 @@ def threads() -> int:
 
 
 def main() -> int:
-    out, pretrained = sys.argv[1], sys.argv[2]
+    out, pretrained, dreamrec = sys.argv[1], sys.argv[2], sys.argv[3]
+    start = {"diffrec": pretrained, "dreamrec": dreamrec}
     before = threads()
     info = dist.init()
     assert info.distributed and info.world_size == 2 and info.backend == "gloo", info
@@ -37,8 +38,9 @@ def main() -> int:
     results["evaluate"] = cases.evaluation(pretrained)
     results["similar"] = cases.similar_users()
     results["batches"] = cases.sharded_batches(info.rank, info.world_size)
-    results["finetune"] = {name: cases.finetune_step(pretrained, name) for name in cases.FINETUNE_CASES}
+    results["finetune"] = {name: cases.finetune_step(start[cases.family(name)], name) for name in cases.FINETUNE_CASES}
     results["pretrain"] = cases.pretrain_run(os.path.join(out, "pretrain"))
+    results["dreamrec_pretrain"] = cases.dreamrec_pretrain_run(os.path.join(out, "dreamrec"))
     results["average"] = cases.average_gradients_case(info.rank)
     gathered = dist.all_gather_rows(torch.tensor([[info.rank, info.rank * 10]]))
     results["gather"] = gathered
