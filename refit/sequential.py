@@ -269,12 +269,12 @@ def _batch_seed(seed: int, seq: torch.Tensor) -> int:
 def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid", "test"), *,
                       ks: Sequence[int] = SEQ_KS, batch_size: int = 2048, exclude_history: Optional[bool] = None,
                       seed: int = 0, progress: Optional[bool] = False, fast: Optional[bool] = None,
-                      protocol: str = "full") -> Dict[str, Dict[str, float]]:
+                      protocol: str = "full", backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """HR@k / NDCG@k of ``rec`` on each split (full ranking; see :func:`refit.seqdata.evaluate_sequences`).
 
     Sampling is seeded per batch of targets (``seed`` and the batch's first
     target), so a call is repeatable; ``seed`` draws another set of samples.
-    ``protocol="dreamrec"`` evaluates as DreamRec's own code does, for
+    ``backend`` forces the ``topk_hits`` backend. ``protocol="dreamrec"`` evaluates as DreamRec's own code does, for
     comparison with its published numbers: dropout left on while sampling,
     the padding id ranked as an item, no history excluded, batches of 100
     with the last partial one dropped, samples from the global RNG.
@@ -299,7 +299,7 @@ def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid
             return rec.model.item_scores(rec.generate(history, lengths, g, fast=fast)).float()
 
     return evaluate_sequences(score_fn, data, splits, ks=ks, batch_size=batch_size, exclude_history=exclude_history,
-                              max_len=rec.model.max_len, progress=progress, protocol=protocol)
+                              max_len=rec.model.max_len, progress=progress, protocol=protocol, backend=backend)
 
 
 # --- pretraining ---------------------------------------------------------------------------------
