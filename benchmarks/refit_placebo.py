@@ -2,6 +2,8 @@
 
     python benchmarks/refit_placebo.py --checkpoint runs/ml1m-fp32-s1/best.pt --out runs/placebo-s1 --seed 1
 
+(the same as ``refit finetune --placebo``.)
+
 Everything else (users, trajectories, learning rate, evaluation, model
 selection on validation Recall@20) is as in ``refit finetune`` with the
 defaults; only the link between a trajectory and its reward is broken. Metric
@@ -12,20 +14,7 @@ the selection on validation alone produce.
 import argparse
 import json
 
-import torch
-
-from refit import trainer as trainer_module
 from refit.trainer import FinetuneConfig, finetune
-
-
-class ShuffledBaseline(trainer_module.Baseline):
-    """The configured baseline, then a seeded random permutation of the advantages."""
-
-    generator = torch.Generator().manual_seed(12345)
-
-    def advantage(self, reward):
-        adv = super().advantage(reward)
-        return adv[torch.randperm(adv.numel(), generator=self.generator)]
 
 
 def main():
@@ -35,9 +24,8 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--iterations", type=int, default=200)
     a = p.parse_args()
-    trainer_module.Baseline = ShuffledBaseline  # ReFiT builds its baseline from this name
     summary = finetune(FinetuneConfig(checkpoint=a.checkpoint, out=a.out, seed=a.seed, iterations=a.iterations,
-                                      progress=False))
+                                      progress=False, placebo=True))
     print(json.dumps({"best_iteration": summary["best_iteration"], "before": summary["before"]["test"],
                       "test": summary["test"]}, indent=1))
 

@@ -423,6 +423,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-weight", type=float, default=d.anchor_weight)
     g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
     g.add_argument("--ppo-clip", type=float, default=d.ppo_clip)
+    g.add_argument("--placebo", action="store_true",
+                   help="control run: shuffle each batch's advantages between trajectories, so updates keep "
+                        "their size and noise but no longer follow the reward")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
@@ -441,6 +444,7 @@ def _finetune_config(args, out: str):
         group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
+        placebo=args.placebo,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
         precision=args.precision, eval_batch_size=args.eval_batch_size,
         ks=tuple(args.ks) if args.ks else None, out=out, progress=_progress(args), plot=args.plot)

@@ -77,6 +77,7 @@ class FinetuneConfig:
     anchor_weight: float = 0.0
     ppo_epochs: int = 0  # 0: plain REINFORCE, one update per batch of trajectories
     ppo_clip: float = 0.2
+    placebo: bool = False  # control: shuffle each batch's advantages between trajectories (breaks reward -> update)
     # bookkeeping
     eval_every: int = 20
     checkpoint_every: int = 20
@@ -226,6 +227,8 @@ class ReFiT:
         self.episodes = episode_source(data, config.target, config.hide_fraction)
         self.train_csr = self.episodes.neighbor_sets
         self.generator = torch.Generator().manual_seed(config.seed)
+        # Its own generator, so a placebo run draws the same episodes and noise as the real run would.
+        self.placebo_generator = torch.Generator().manual_seed(config.seed + 7_654_321) if config.placebo else None
         self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
         # Computed once, each rank a block of users, then shared (identical on every rank).
@@ -300,7 +303,10 @@ class ReFiT:
         users, n_local = episode.users, episode.users.numel()
         inputs, traj, reward = self.rollout(episode, lo, n_global)
         t_sample = time.perf_counter() - t0
-        adv = self.baseline.advantage(reward.reward)[lo:lo + n_local].to(policy.device)
+        adv = self.baseline.advantage(reward.reward)
+        if self.placebo_generator is not None:  # the control: advantages no longer belong to their trajectories
+            adv = adv[torch.randperm(adv.numel(), generator=self.placebo_generator)]
+        adv = adv[lo:lo + n_local].to(policy.device)
 
         if cfg.ppo_epochs == 0:
             if cfg.reuse_sampling_graph:
@@ -366,13 +372,18 @@ class ReFiT:
         return float(norm)
 
     def state(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "baseline": self.baseline.state(),
-                "rng": rng_state(self.generator)}
+        state = {"optimizer": self.optimizer.state_dict(), "baseline": self.baseline.state(),
+                 "rng": rng_state(self.generator)}
+        if self.placebo_generator is not None:
+            state["placebo_rng"] = self.placebo_generator.get_state()
+        return state
 
     def load(self, state: Dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline.load(state["baseline"])
         set_rng_state(state["rng"], self.generator)
+        if self.placebo_generator is not None and "placebo_rng" in state:
+            self.placebo_generator.set_state(state["placebo_rng"])
 
 
 def _plot(run: RunDir) -> Optional[str]:

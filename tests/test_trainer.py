@@ -235,3 +235,18 @@ def test_bad_finetune_configs(pretrained):
         FinetuneConfig(checkpoint=pretrained, ppo_epochs=2, reuse_sampling_graph=True)
     with pytest.raises(ValueError, match="hide_fraction"):
         FinetuneConfig(checkpoint=pretrained, hide_fraction=1.0)
+
+
+def test_placebo_shuffles_the_advantages_of_the_same_episodes(pretrained, data, tmp_path):
+    runs = []
+    for placebo in (False, True):
+        rec, d, _ = load_recommender(pretrained, data)
+        trainer = ReFiT(rec, d, _ft(pretrained, tmp_path, placebo=placebo, lr=1e-3))
+        stats = trainer.step()
+        runs.append((stats, trainer.generator.get_state(), {k: v.clone() for k, v in rec.model.state_dict().items()}))
+    (real, g_real, p_real), (placebo, g_placebo, p_placebo) = runs
+    # The same episodes, trajectories and rewards: the main generator made the same draws.
+    assert placebo["reward"] == real["reward"] and torch.equal(g_real, g_placebo)
+    # But another update: the advantages were permuted between the trajectories.
+    assert placebo["loss"] != pytest.approx(real["loss"], rel=1e-6)
+    assert any(not torch.equal(p_real[k], p_placebo[k]) for k in p_real)
