@@ -1,0 +1,155 @@
+"""Post-training under controls: fine-tuned models next to a placebo and equal-time pretraining, over seeds.
+
+    python benchmarks/post_training_study.py --pretrained runs/dr-ml1m-s{seed}/best.pt --seeds 1 2 3 \\
+        --out runs/study-ml1m [--finetune "--lr 1e-4 --iterations 200"] [--jobs 2]
+
+For every seed, starting from that seed's pretrained checkpoint (``{seed}``
+in ``--pretrained`` is replaced by the seed), it runs with ``refit`` in
+fresh processes (``OMP_NUM_THREADS=1``, ``--jobs`` at a time):
+
+* ``reinforce``: ``refit finetune`` (ReFiT's REINFORCE) with ``--finetune``'s flags;
+* ``placebo``: the same with ``--placebo`` (each batch's advantages shuffled);
+* ``continued``: ``refit pretrain --init`` (the model's own pretraining
+  loss) for the wall time the ``reinforce`` run took, evaluated every epoch;
+* every ``--method`` given (e.g. ``--method reward-weighted``), as
+  ``refit finetune --method NAME``.
+
+Every run selects its model on validation (Recall@20 or HR@20) and reports
+the test metrics of that model; the pretrained model's own metrics come from
+its checkpoint's run. The table (mean and standard deviation over seeds,
+and the change against the pretrained model) is printed and written, with
+every run's numbers and times, to ``OUT/study.json`` and ``OUT/study.md``.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _run(cmd, log):
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env()).returncode
+    if rc != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed with exit {rc}; see {log}")
+    return time.perf_counter() - t0
+
+
+def _summary(folder):
+    with open(os.path.join(folder, "summary.json")) as f:
+        return json.load(f)
+
+
+def _pretrained_metrics(checkpoint):
+    """The test metrics of the pretrained model as its own run selected it (its summary.json)."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    s = _summary(folder)
+    return {"valid": s["valid"], "test": s["test"], "seconds": s.get("seconds")}
+
+
+def _model_family(checkpoint):
+    sys.path.insert(0, ROOT)
+    from refit.runs import load_checkpoint
+
+    return load_checkpoint(checkpoint)["recommender"]["model"]["name"]
+
+
+def run_seed(seed, a, out):
+    ckpt = a.pretrained.replace("{seed}", str(seed))
+    refit = [sys.executable, "-m", "refit", "-q"]
+    finetune = shlex.split(a.finetune)
+    res = {"pretrained": _pretrained_metrics(ckpt)}
+    folder = os.path.join(out, f"reinforce-s{seed}")
+    wall = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--out", folder,
+                         *finetune], folder + ".log")
+    res["reinforce"] = {**_summary(folder), "wall_s": wall}
+    folder = os.path.join(out, f"placebo-s{seed}")
+    wall_p = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--placebo",
+                           "--out", folder, *finetune], folder + ".log")
+    res["placebo"] = {**_summary(folder), "wall_s": wall_p}
+    for method in a.method:
+        folder = os.path.join(out, f"{method}-s{seed}")
+        w = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--method", method,
+                          "--out", folder, *finetune, *shlex.split(a.method_flags)], folder + ".log")
+        res[method] = {**_summary(folder), "wall_s": w}
+    # Continued pretraining for the wall time ReFiT's whole run took (its set-up included).
+    folder = os.path.join(out, f"continued-s{seed}")
+    cont = ["pretrain", "--data", a.data or _data_of(ckpt), "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
+            "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res['reinforce']['seconds']:.1f}",
+            "--out", folder, *shlex.split(a.pretrain)]
+    if _model_family(ckpt) == "dreamrec":
+        cont[1:1] = ["--model", "dreamrec"]
+    wall_c = _run(refit + cont, folder + ".log")
+    res["continued"] = {**_summary(folder), "wall_s": wall_c}
+    return seed, res
+
+
+def _data_of(ckpt):
+    sys.path.insert(0, ROOT)
+    from refit.runs import load_checkpoint
+
+    return load_checkpoint(ckpt)["data"]["source"]
+
+
+def table(results, metrics):
+    rows = []
+    arms = list(next(iter(results.values())).keys())
+    base = {m: [r["pretrained"]["test"][m] for r in results.values()] for m in metrics}
+    for arm in arms:
+        line = [arm]
+        for m in metrics:
+            vals = [r[arm]["test"][m] for r in results.values()]
+            mean = statistics.mean(vals)
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            delta = statistics.mean(v - b for v, b in zip(vals, base[m]))
+            line.append(f"{mean:.4f} ± {sd:.4f} ({delta:+.4f})")
+        secs = [r[arm].get("seconds") for r in results.values() if r[arm].get("seconds") is not None]
+        line.append(f"{statistics.mean(secs):.0f}" if secs else "-")
+        rows.append(line)
+    head = "| arm | " + " | ".join(f"test {m} (change)" for m in metrics) + " | seconds |"
+    sep = "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: |"
+    return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pretrained", required=True, help="checkpoint path with {seed} for the seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="the data (default: the checkpoint's own source)")
+    p.add_argument("--finetune", default="", help="flags for every refit finetune run")
+    p.add_argument("--pretrain", default="", help="extra flags for the continued-pretraining runs")
+    p.add_argument("--method", action="append", default=[], help="other post-training methods to run")
+    p.add_argument("--method-flags", default="", help="extra flags for the --method runs")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at a time (one core each)")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        results = dict(pool.map(lambda s: run_seed(s, a, a.out), a.seeds))
+    first = results[a.seeds[0]]["pretrained"]["test"]
+    metrics = ["hr@20", "ndcg@20"] if "hr@20" in first else ["recall@20", "ndcg@20"]
+    text = table(results, metrics)
+    print(text)
+    with open(os.path.join(a.out, "study.json"), "w") as f:
+        json.dump({"args": vars(a), "results": results}, f, indent=1)
+    with open(os.path.join(a.out, "study.md"), "w") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
