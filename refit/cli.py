@@ -93,6 +93,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=_positive_int, default=q.heads)
     g.add_argument("--diffuser", choices=["mlp1", "mlp2"], default=q.diffuser)
     g.add_argument("--p-uncond", type=float, default=q.p_uncond, help="guidance dropout while training")
+    g.add_argument("--detach-target", action=argparse.BooleanOptionalAction, default=q.detach_target,
+                   help="the target item's embedding is a constant of the loss (DreamRec's code trains it too)")
     g.add_argument("--w", type=float, default=q.w, help="classifier-free guidance weight")
     g.add_argument("--beta-start", type=float, default=q.beta_start, help="ddpm-linear schedule")
     g.add_argument("--beta-end", type=float, default=q.beta_end, help="ddpm-linear schedule")
@@ -187,6 +189,7 @@ def cmd_pretrain(args) -> int:
         if args.model == "dreamrec":
             config = DreamRecConfig(**common, hidden=args.hidden, max_len=args.max_len, heads=args.heads,
                                     diffuser=args.diffuser, p_uncond=args.p_uncond, w=args.w,
+                                    detach_target=args.detach_target,
                                     beta_start=args.beta_start, beta_end=args.beta_end,
                                     exclude_history=args.exclude_history)
         else:

@@ -320,6 +320,7 @@ class DreamRecConfig:
     heads: int = 1
     diffuser: str = "mlp1"
     p_uncond: float = 0.1
+    detach_target: bool = False
     steps: int = 500
     noise_schedule: str = "ddpm-linear"
     beta_start: float = 1e-4
@@ -365,7 +366,7 @@ class DreamRecConfig:
 
     def _net(self) -> Dict[str, Any]:
         return {"hidden": self.hidden, "max_len": self.max_len, "dropout": self.dropout, "heads": self.heads,
-                "diffuser": self.diffuser, "p_uncond": self.p_uncond}
+                "diffuser": self.diffuser, "p_uncond": self.p_uncond, "detach_target": self.detach_target}
 
     def diffusion_config(self) -> DiffusionConfig:
         return DiffusionConfig(mean_type="x0", steps=self.steps, noise_schedule=self.noise_schedule,
@@ -392,12 +393,15 @@ def sequence_fingerprint(data) -> str:
 def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
                   targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                   rows: Optional[Tuple[int, int]] = None, weights: Optional[torch.Tensor] = None,
-                  x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  x0: Optional[torch.Tensor] = None, detach_target: Optional[bool] = None) -> torch.Tensor:
     """DreamRec's training loss for a batch, (B,): the squared error of the x0 prediction from
     a uniformly drawn step, averaged over the embedding dimension, with the guidance dropped to the
     null embedding with probability ``p_uncond``. The clean state is the (B,) ``targets``' item
     embeddings (with gradient, as DreamRec trains them), or the given (B, D) ``x0``. ``rows``: a slice
-    of a global batch (every random draw is the global batch's, sliced). ``weights``: (B,) factors."""
+    of a global batch (every random draw is the global batch's, sliced). ``weights``: (B,) factors.
+    ``detach_target`` (default: the network's setting): the target embeddings carry no gradient (they
+    are learned through the histories only); DreamRec's code lets the loss pull them too, which lets
+    it fall by drawing all item embeddings together."""
     if (targets is None) == (x0 is None):
         raise ValueError("give exactly one of targets and x0")
     model, d = rec.model, rec.diffusion
@@ -409,7 +413,12 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
         keep = keep[rows[0]:rows[0] + history.shape[0]]
     keep = (keep >= model.p_uncond).to(rec.device)
     h = torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
-    x0 = model.item_embeddings(targets).float() if x0 is None else x0.float()
+    if x0 is None:
+        x0 = model.item_embeddings(targets).float()
+        if model.detach_target if detach_target is None else detach_target:
+            x0 = x0.detach()
+    else:
+        x0 = x0.float()
 
     def f(x_t, t):
         with autocast(rec.precision, x_t.device):

@@ -202,3 +202,21 @@ def test_respaced_sampling_is_the_exact_coarse_posterior():
     with pytest.raises(ValueError, match="steps"):
         rec.diffusion.respaced(0)
     del h
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_the_target_embedding_is_trained_only_without_detach_target(detach):
+    from refit.sequential import dreamrec_loss
+
+    rec = make()
+    rec.model.detach_target = detach
+    hist = torch.full((3, L), N_ITEMS, dtype=torch.long)
+    hist[:, :2] = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    lengths = torch.full((3,), 2)
+    targets = torch.tensor([10, 11, 12])  # in no history
+    rec.model.zero_grad()
+    dreamrec_loss(rec, hist, lengths, targets, torch.Generator().manual_seed(0)).sum().backward()
+    grad = rec.model.item_embeddings.weight.grad
+    assert float(grad[:6].abs().sum()) > 0  # the histories' embeddings learn through the guidance
+    assert (float(grad[10:13].abs().sum()) == 0) == detach
+    assert rec.model.config()["detach_target"] == detach

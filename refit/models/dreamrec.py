@@ -52,7 +52,7 @@ class DreamRec(nn.Module):
     """
 
     def __init__(self, n_items: int, hidden: int = 64, max_len: int = 10, dropout: float = 0.1, heads: int = 1,
-                 diffuser: str = "mlp1", p_uncond: float = 0.1):
+                 diffuser: str = "mlp1", p_uncond: float = 0.1, detach_target: bool = False):
         super().__init__()
         if n_items < 1 or hidden < 4 or hidden % 2 or max_len < 1 or heads < 1 or hidden % heads:
             raise ValueError(f"need n_items >= 1, an even hidden >= 4 divisible by heads, max_len >= 1; got "
@@ -63,6 +63,9 @@ class DreamRec(nn.Module):
             raise ValueError(f"p_uncond and dropout must be in [0, 1), got {p_uncond}, {dropout}")
         self.n_items, self.hidden, self.max_len, self.heads = n_items, hidden, max_len, heads
         self.diffuser_type, self.p_uncond, self.dropout_p = diffuser, p_uncond, dropout
+        # Training setting kept with the network (see refit.sequential.dreamrec_loss): whether the
+        # diffusion target's embedding is a constant of the loss or, as in DreamRec's code, trained by it.
+        self.detach_target = bool(detach_target)
         D = hidden
         self.item_embeddings = nn.Embedding(n_items + 1, D)  # row n_items: the padding id
         self.none_embedding = nn.Parameter(torch.empty(D))
@@ -85,7 +88,7 @@ class DreamRec(nn.Module):
     def config(self) -> dict:
         return {"n_items": self.n_items, "hidden": self.hidden, "max_len": self.max_len,
                 "dropout": self.dropout_p, "heads": self.heads, "diffuser": self.diffuser_type,
-                "p_uncond": self.p_uncond}
+                "p_uncond": self.p_uncond, "detach_target": self.detach_target}
 
     # --- the history encoder -------------------------------------------------------------------
 
