@@ -426,6 +426,12 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-weight", type=float, default=d.anchor_weight)
     g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
     g.add_argument("--ppo-clip", type=float, default=d.ppo_clip)
+    g.add_argument("--method", choices=["reinforce", "reward-weighted"], default=d.method,
+                   help="reinforce: ReFiT's policy gradient; reward-weighted: the model's own denoising loss "
+                        "toward its sampled final states, weighted by softmax(reward / --rw-lambda) within each "
+                        "user's --group-size trajectories")
+    g.add_argument("--rw-lambda", type=float, default=d.rw_lambda,
+                   help="reward-weighted: the weights' temperature on the reward scale (reward in [0, 1])")
     g.add_argument("--placebo", action="store_true",
                    help="control run: shuffle each batch's advantages between trajectories, so updates keep "
                         "their size and noise but no longer follow the reward")
@@ -447,7 +453,7 @@ def _finetune_config(args, out: str):
         group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
-        placebo=args.placebo,
+        placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
         precision=args.precision, eval_batch_size=args.eval_batch_size,
         ks=tuple(args.ks) if args.ks else None, out=out, progress=_progress(args), plot=args.plot)

@@ -26,6 +26,11 @@ model (``inputs`` are an :class:`~refit.reward.Episode`'s policy inputs,
 ``denoising_loss(users, inputs, x0, *, generator=None, rows=None) -> Tensor``
     (B,) the model's denoising loss toward given clean states ``x0`` (B, D)
     (reward-weighted fine-tuning toward sampled final states).
+``training_target(users, inputs, final, *, exclude=None, k=20) -> Tensor``
+    (B, D) what a sampled final state stands for as a target of
+    ``denoising_loss`` (reward-weighted fine-tuning): DreamRec's generated
+    embedding itself; for DiffRec's score rows, the binary row of the start
+    row's items and the top-k list the reward judged.
 ``evaluate(data, *, ks, batch_size) -> {"valid": metrics, "test": metrics}``
     Full-ranking metrics; ``selection_metric`` names the one that selects
     the best model ("recall@20", "hr@20").
@@ -59,7 +64,8 @@ from .diffusion import MEAN_TYPES, GaussianDiffusion, Trajectory
 from .reward import Episode, make_episode, sequence_episode
 
 #: The protocol's method names (what :func:`check_policy` looks for).
-PROTOCOL = ("sample", "outputs", "final_scores", "pretraining_loss", "denoising_loss", "evaluate", "state", "module",
+PROTOCOL = ("sample", "outputs", "final_scores", "pretraining_loss", "denoising_loss", "training_target", "evaluate",
+            "state", "module",
             "selection_metric", "precision", "device")
 
 

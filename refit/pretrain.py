@@ -193,6 +193,9 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
     run = RunDir(config.out)
     main, world = dist.is_main(), dist.world_size()
     data = data if data is not None else load_dataset(config.data, **config.data_options)
+    if max(config.ks) > data.n_items:
+        raise ValueError(f"ks {list(config.ks)} go beyond the {data.n_items} items of {config.data!r}: pass smaller "
+                         "cut-offs (--ks)")
     fingerprint = data_fingerprint(data)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

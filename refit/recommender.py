@@ -148,6 +148,24 @@ class Recommender:
             self.diffusion.record_losses(seen[:, 0].long(), seen[:, 1])
         return per_row
 
+    def training_target(self, users: torch.Tensor, inputs: torch.Tensor, final: torch.Tensor, *,
+                        exclude=None, k: int = 20) -> torch.Tensor:
+        """The (B, I) binary row a sampled final state stands for, as a training target.
+
+        DiffRec trains on binary interaction rows, and a final state is a row of
+        real-valued scores; what the reward judged of it is its top-k list. The
+        target is the start row's items plus the k best-scored items not in
+        ``exclude`` (the list the reward counted hits in), all as ones.
+        """
+        import refit_kernels as rk
+
+        top = rk.topk_hits(final.detach().float(), (k,), exclude=exclude, return_indices=True).indices
+        target = (inputs > 0).to(torch.float32)
+        keep = top >= 0
+        rows = torch.arange(top.shape[0], device=top.device)[:, None].expand_as(top)
+        target[rows[keep], top[keep]] = 1.0
+        return target
+
     def evaluate(self, data, *, ks=(10, 20, 50, 100), batch_size: int = 1024) -> Dict[str, Dict[str, float]]:
         from .pretrain import evaluate_recommender
 

@@ -218,9 +218,17 @@ class SeqRecommender:
     def denoising_loss(self, users: torch.Tensor, inputs, x0: torch.Tensor, *,
                        generator: Optional[torch.Generator] = None,
                        rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """(B,) DreamRec's loss toward given (B, D) embeddings ``x0`` (e.g. sampled ones, detached)."""
+        """(B,) the squared error of the guided prediction (the policy's mean input) toward given (B, D)
+        embeddings ``x0`` (sampled ones, detached). Training the guided mean, not each branch, keeps
+        training on the model's own samples from compounding the guidance: a branch trained toward
+        guided samples would be extrapolated by the guidance again at the next sampling."""
         history, lengths = inputs
-        return dreamrec_loss(self, history, lengths, x0=x0.detach(), generator=generator, rows=rows)
+        return dreamrec_loss(self, history, lengths, x0=x0.detach(), generator=generator, rows=rows, guided=True)
+
+    def training_target(self, users: torch.Tensor, inputs, final: torch.Tensor, *, exclude=None,
+                        k: int = 20) -> torch.Tensor:
+        """A sampled final state is an embedding, DreamRec's training target as it is (detached)."""
+        return final.detach()
 
     def evaluate(self, data, *, ks=SEQ_KS, batch_size: int = 2048, seed: int = 0) -> Dict[str, Dict[str, float]]:
         return evaluate_dreamrec(self, data, ks=ks, batch_size=batch_size, seed=seed)
@@ -393,7 +401,8 @@ def sequence_fingerprint(data) -> str:
 def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
                   targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                   rows: Optional[Tuple[int, int]] = None, weights: Optional[torch.Tensor] = None,
-                  x0: Optional[torch.Tensor] = None, detach_target: Optional[bool] = None) -> torch.Tensor:
+                  x0: Optional[torch.Tensor] = None, detach_target: Optional[bool] = None,
+                  guided: bool = False) -> torch.Tensor:
     """DreamRec's training loss for a batch, (B,): the squared error of the x0 prediction from
     a uniformly drawn step, averaged over the embedding dimension, with the guidance dropped to the
     null embedding with probability ``p_uncond``. The clean state is the (B,) ``targets``' item
@@ -401,18 +410,23 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
     of a global batch (every random draw is the global batch's, sliced). ``weights``: (B,) factors.
     ``detach_target`` (default: the network's setting): the target embeddings carry no gradient (they
     are learned through the histories only); DreamRec's code lets the loss pull them too, which lets
-    it fall by drawing all item embeddings together."""
+    it fall by drawing all item embeddings together. ``guided``: the loss of the guided prediction
+    ``(1 + w) f(x, h) - w f(x, null)`` (the mean the sampler uses), without dropping the guidance: the
+    loss of the policy's own mean, for training toward the policy's own samples."""
     if (targets is None) == (x0 is None):
         raise ValueError("give exactly one of targets and x0")
     model, d = rec.model, rec.diffusion
     with autocast(rec.precision, rec.device):
         h = model.encode(history, lengths)
-    n = history.shape[0] if rows is None else rows[1]
-    keep = torch.rand((n, 1), generator=generator)
-    if rows is not None:
-        keep = keep[rows[0]:rows[0] + history.shape[0]]
-    keep = (keep >= model.p_uncond).to(rec.device)
-    h = torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
+    if guided:
+        h = h.float()
+    else:
+        n = history.shape[0] if rows is None else rows[1]
+        keep = torch.rand((n, 1), generator=generator)
+        if rows is not None:
+            keep = keep[rows[0]:rows[0] + history.shape[0]]
+        keep = (keep >= model.p_uncond).to(rec.device)
+        h = torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
     if x0 is None:
         x0 = model.item_embeddings(targets).float()
         if model.detach_target if detach_target is None else detach_target:
@@ -422,7 +436,8 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
 
     def f(x_t, t):
         with autocast(rec.precision, x_t.device):
-            return model.denoise(x_t, h, t).float()
+            out = model.guided(x_t, h, t, rec.w) if guided else model.denoise(x_t, h, t)
+        return out.float()
 
     per_row = d.training_loss(f, x0, reweight=False, generator=generator, rows=rows, record=False)
     return per_row if weights is None else per_row * weights
@@ -453,6 +468,9 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     if not hasattr(data, "targets"):
         raise ValueError(f"DreamRec needs sequence data (leave-one-out sequences or DreamRec's .df files); "
                          f"{config.data!r} holds interactions without order")
+    if max(config.ks) > data.n_items:
+        raise ValueError(f"ks {list(config.ks)} go beyond the {data.n_items} items of {config.data!r}: pass smaller "
+                         "cut-offs (--ks)")
     fingerprint = sequence_fingerprint(data)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -46,6 +46,7 @@ from .similarity import shared_similar_users
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "mean-std", "ema", "group")
+METHODS = ("reinforce", "reward-weighted")
 ANCHORS = ("none", "kl", "elbo")
 
 
@@ -78,6 +79,10 @@ class FinetuneConfig:
     ppo_epochs: int = 0  # 0: plain REINFORCE, one update per batch of trajectories
     ppo_clip: float = 0.2
     placebo: bool = False  # control: shuffle each batch's advantages between trajectories (breaks reward -> update)
+    # "reinforce" (ReFiT's policy gradient) or "reward-weighted": the model's own denoising loss toward its
+    # sampled final states, weighted by softmax(reward / rw_lambda) within each user's group
+    method: str = "reinforce"
+    rw_lambda: float = 0.05
     # bookkeeping
     eval_every: int = 20
     checkpoint_every: int = 20
@@ -123,6 +128,17 @@ class FinetuneConfig:
             raise ValueError("anchor_weight must be > 0 with an anchor (and >= 0 always)")
         if self.ppo_epochs < 0 or not 0 < self.ppo_clip < 1:
             raise ValueError("ppo_epochs must be >= 0 and ppo_clip in (0, 1)")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "reward-weighted":
+            if self.group_size < 2:
+                raise ValueError("reward-weighted fine-tuning compares the trajectories of a user: group_size must "
+                                 "be >= 2")
+            if not self.rw_lambda > 0:
+                raise ValueError(f"rw_lambda must be > 0, got {self.rw_lambda}")
+            if self.ppo_epochs or self.reuse_sampling_graph:
+                raise ValueError("ppo_epochs and reuse_sampling_graph belong to the policy gradient, not to "
+                                 "reward-weighted fine-tuning")
         if self.ppo_epochs and self.reuse_sampling_graph:
             raise ValueError("PPO re-evaluates the trajectories each inner epoch: reuse_sampling_graph must be off")
         if self.precision not in PRECISIONS:
@@ -134,6 +150,18 @@ class FinetuneConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def group_weights(reward: torch.Tensor, group_size: int, lam: float) -> torch.Tensor:
+    """(B,) self-normalised exponential weights: ``softmax(reward / lam)`` within each run of
+    ``group_size`` consecutive rows (one user's group), so every group's weights sum to 1.
+
+    ``reward`` is (B,) with B a multiple of ``group_size``; float64 inside, float32 out.
+    """
+    if reward.numel() % group_size:
+        raise ValueError(f"{reward.numel()} rewards do not split into groups of {group_size}")
+    g = reward.detach().double().view(-1, group_size) / lam
+    return torch.softmax(g, dim=1).reshape(-1).float()
 
 
 def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor, mean=torch.mean) -> torch.Tensor:
@@ -297,6 +325,8 @@ class ReFiT:
 
     def step(self) -> Dict[str, float]:
         """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
+        if self.config.method == "reward-weighted":
+            return self._reward_weighted_step()
         cfg, policy = self.config, self.policy
         t0 = time.perf_counter()
         episode, lo, n_global = self.draw()
@@ -336,6 +366,37 @@ class ReFiT:
             "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
             "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
             "grad_norm": grad_norm, "ppo_clip_fraction": clip_frac,
+            "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
+        }
+
+    def _reward_weighted_step(self) -> Dict[str, float]:
+        """Reward-weighted fine-tuning: G trajectories per user, the model's own denoising loss toward each
+        sampled final state, weighted by the self-normalised ``softmax(reward / rw_lambda)`` of the user's
+        group (see :func:`group_weights`)."""
+        cfg, policy = self.config, self.policy
+        t0 = time.perf_counter()
+        episode, lo, n_global = self.draw()
+        users, n_local = episode.users, episode.users.numel()
+        inputs, traj, reward = self.rollout(episode, lo, n_global)
+        t_sample = time.perf_counter() - t0
+        r = reward.reward
+        if self.placebo_generator is not None:  # the control: rewards no longer belong to their trajectories
+            r = r[torch.randperm(r.numel(), generator=self.placebo_generator)]
+        weights = group_weights(r, cfg.group_size, cfg.rw_lambda)
+        w = weights[lo:lo + n_local].to(policy.device)
+        target = policy.training_target(users, inputs, traj.final, exclude=episode.exclude, k=cfg.k)
+        policy.module.eval()
+        per_row = policy.denoising_loss(users, inputs, target, generator=self.generator,
+                                        rows=(lo, n_global) if self.world > 1 else None)
+        # sum_g w_g = 1 per user: the loss is the mean over users of their weighted denoising losses.
+        loss = self._mean(w * per_row * cfg.group_size, n_global)
+        loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
+        grad_norm = self._update(loss)
+        ess = 1.0 / (weights.view(-1, cfg.group_size) ** 2).sum(1)
+        return {
+            "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
+            "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
+            "grad_norm": grad_norm, "effective_group_size": float(ess.mean()),
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
         }
 
