@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 MEAN_TYPES = ("x0", "eps")
-SCHEDULES = ("linear", "linear-var", "cosine", "ddpm-linear", "ddpm-cosine", "exp")
+SCHEDULES = ("linear", "linear-var", "cosine", "ddpm-linear", "ddpm-cosine", "exp", "custom")
 #: Schedules of the whole noise range (diffusion from pure noise): no noise_scale, no fixed first beta.
-FULL_SCHEDULES = ("ddpm-linear", "ddpm-cosine", "exp")
+FULL_SCHEDULES = ("ddpm-linear", "ddpm-cosine", "exp", "custom")
 TIMESTEP_SAMPLING = ("importance", "uniform")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +51,7 @@ class DiffusionConfig:
     beta_start: float = 1e-4  # ddpm-linear only
     beta_end: float = 0.02  # ddpm-linear only
     timestep_sampling: str = "importance"  # "uniform": t ~ U{0..T-1} always (DreamRec)
+    custom_betas: Optional[Tuple[float, ...]] = None  # noise_schedule "custom": the (steps,) betas themselves
 
     def __post_init__(self):
         if self.mean_type not in MEAN_TYPES:
@@ -70,6 +71,14 @@ class DiffusionConfig:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
+        if (self.noise_schedule == "custom") != (self.custom_betas is not None):
+            raise ValueError("custom_betas go with noise_schedule='custom', and only with it")
+        if self.custom_betas is not None:
+            b = np.asarray(self.custom_betas, dtype=np.float64)
+            if b.shape != (self.steps,) or not ((b > 0) & (b < 1)).all():
+                raise ValueError(f"custom_betas must be {self.steps} values in (0, 1), got {len(b)} "
+                                 f"in [{b.min() if b.size else 'nan'}, {b.max() if b.size else 'nan'}]")
+            object.__setattr__(self, "custom_betas", tuple(float(v) for v in b))
         if self.noise_schedule == "ddpm-linear" and not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
@@ -81,6 +90,8 @@ def betas_for(config: DiffusionConfig) -> np.ndarray:
     """(T,) float64 betas of the schedule (DiffRec's schedules: the first fixed at 1e-5)."""
     T = config.steps
     if config.noise_schedule in FULL_SCHEDULES:
+        if config.noise_schedule == "custom":
+            return np.asarray(config.custom_betas, dtype=np.float64)
         if config.noise_schedule == "ddpm-linear":
             betas = np.linspace(config.beta_start, config.beta_end, T, dtype=np.float64)
         elif config.noise_schedule == "ddpm-cosine":
@@ -183,6 +194,13 @@ class GaussianDiffusion:
             self.betas = None
             return
         self._setup(torch.tensor(betas_for(config), **f64))
+
+    @classmethod
+    def from_betas(cls, betas, mean_type: str = "x0", device="cpu", **options) -> "GaussianDiffusion":
+        """A diffusion with the given (T,) betas (an outside model's schedule, taken as it is)."""
+        betas = np.asarray(betas, dtype=np.float64).reshape(-1)
+        return cls(DiffusionConfig(mean_type=mean_type, steps=int(betas.size), noise_schedule="custom",
+                                   custom_betas=tuple(betas.tolist()), **options), device=device)
 
     def respaced(self, steps: int) -> "GaussianDiffusion":
         """The same diffusion sampled in ``steps`` evenly spaced steps (Nichol & Dhariwal's respacing).
