@@ -29,7 +29,8 @@ from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
 from .control import StopRequests
 from .loop import EpochTask, run_epochs
-from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
+                   set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -322,16 +323,7 @@ def load_recommender(path: str, data: Optional[InteractionData] = None, *, devic
     Raises ValueError when the data differs from what the model was trained on.
     """
     state = load_checkpoint(path)
-    meta = state.get("data", {})
-    if data is None:
-        if not meta.get("source"):
-            raise ValueError(f"checkpoint {path!r} does not say which data it was trained on: pass the data "
-                             "(--data)")
-        data = load_dataset(meta["source"], **meta.get("options", {}))
-    fp = data_fingerprint(data)
-    if meta.get("fingerprint") not in (None, fp):
-        raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "
-                         f"these data {fp}): pass the data it was trained on")
+    data = checkpoint_data(path, state, data)
     n_items = state["recommender"]["model"]["config"].get("n_items")
     if n_items != data.n_items:
         raise ValueError(f"checkpoint {path!r} scores {n_items} items, the data has {data.n_items}")

@@ -194,13 +194,41 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def data_fingerprint(data) -> str:
-    """A short hash of the interactions (all three splits), to check a checkpoint meets its data."""
+    """A short hash of a data set, to check a checkpoint meets its data: the interactions of all three
+    splits, or, for sequence data, the items, the sequence boundaries and the targets of every split."""
+    if hasattr(data, "targets"):  # refit.seqdata.SequenceData
+        h = hashlib.sha256(f"{data.n_items}".encode())
+        parts = [data.items, data.offsets]
+        for name in ("train", "valid", "test"):
+            parts += [data.targets[name].seq, data.targets[name].pos]
+        for t in parts:
+            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
     h = hashlib.sha256()
     h.update(f"{data.n_users}x{data.n_items}".encode())
     for m in (data.train, data.valid, data.test):
         h.update(np.ascontiguousarray(m.indptr, dtype=np.int64).tobytes())
         h.update(np.ascontiguousarray(m.indices, dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
+
+
+def checkpoint_data(path: str, state: Dict[str, Any], data=None):
+    """The data a checkpoint was trained on: ``data`` when given (checked against the checkpoint's
+    fingerprint), else loaded from the checkpoint's own source. ValueError when they differ or when
+    the checkpoint names no source."""
+    from .data import load_dataset
+
+    meta = state.get("data", {})
+    if data is None:
+        if not meta.get("source"):
+            raise ValueError(f"checkpoint {path!r} does not say which data it was trained on: pass the data "
+                             "(--data)")
+        data = load_dataset(meta["source"], **meta.get("options", {}))
+    fp = data_fingerprint(data)
+    if meta.get("fingerprint") not in (None, fp):
+        raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "
+                         f"these data {fp}): pass the data it was trained on")
+    return data
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:

@@ -33,7 +33,8 @@ from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _norm
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .recommender import PRECISIONS, autocast
-from .runs import RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
+                   set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -388,14 +389,8 @@ class DreamRecConfig:
 
 
 def sequence_fingerprint(data) -> str:
-    """A short hash of a sequence data set (items, boundaries, targets)."""
-    import hashlib
-
-    h = hashlib.sha256(f"{data.n_items}".encode())
-    for t in (data.items, data.offsets, *(x for name in ("train", "valid", "test")
-                                           for x in (data.targets[name].seq, data.targets[name].pos))):
-        h.update(t.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short hash of a sequence data set (see :func:`refit.runs.data_fingerprint`)."""
+    return data_fingerprint(data)
 
 
 def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
@@ -565,19 +560,8 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
 
 def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None):
     """A saved DreamRec with its sequence data (loaded from the checkpoint's source unless given)."""
-    from .data import load_dataset
-
     state = load_checkpoint(path)
-    meta = state.get("data", {})
-    if data is None:
-        if not meta.get("source"):
-            raise ValueError(f"checkpoint {path!r} does not say which data it was trained on: pass the data "
-                             "(--data)")
-        data = load_dataset(meta["source"], **meta.get("options", {}))
-    fp = sequence_fingerprint(data)
-    if meta.get("fingerprint") not in (None, fp):
-        raise ValueError(f"checkpoint {path!r} was trained on other data (fingerprint {meta.get('fingerprint')}, "
-                         f"these data {fp}): pass the data it was trained on")
+    data = checkpoint_data(path, state, data)
     rec = SeqRecommender.from_state(state["recommender"], device=device, precision=precision)
     if rec.n_items != data.n_items:
         raise ValueError(f"checkpoint {path!r} scores {rec.n_items} items, the data has {data.n_items}")

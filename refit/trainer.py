@@ -519,14 +519,6 @@ def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optiona
     return load_recommender(path, data, device=device, precision=precision)
 
 
-def _data_fingerprint(data) -> str:
-    if hasattr(data, "targets"):
-        from .sequential import sequence_fingerprint
-
-        return sequence_fingerprint(data)
-    return data_fingerprint(data)
-
-
 def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_iterations_this_run: Optional[int],
               stops: StopRequests, policy=None) -> Dict[str, Any]:
     t_start = time.perf_counter()
@@ -543,7 +535,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         if data is None:
             raise ValueError("finetune(policy=...) needs the data (data=...)")
         rec, pre_state = policy, {}
-    fingerprint = _data_fingerprint(data)
+    fingerprint = data_fingerprint(data)
     selection = rec.selection_metric
     torch.manual_seed(config.seed)
     trainer = ReFiT(rec, data, config)
