@@ -78,3 +78,25 @@ def test_cuda_host_code_compiles(source, tmp_path):
         cmd += ["-I", inc]
     out = subprocess.run(cmd + [source], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)} {source}\n{out.stderr[-4000:]}"
+
+
+def test_every_cuda_kernel_is_executed_under_the_emulation():
+    """A CUDA kernel that has never executed anywhere is not done: each kernel source has a driver in
+    tests/cuda_emu that runs it on the CPU, and the launch rewriting covers all of its launches."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "cuda_emu"))
+    try:
+        import emulation
+    finally:
+        sys.path.pop(0)
+    for source in CU_SOURCES:
+        op = os.path.basename(source)[: -len("_cuda.cu")]
+        assert os.path.exists(os.path.join(ROOT, "tests", "cuda_emu", f"{op}_main.cpp")), f"no emulation driver for {op}"
+        text = open(source).read()
+        rewritten, launches = emulation.rewrite(text)
+        assert launches == text.count("<<<") and "<<<" not in rewritten, f"{op}: a launch the emulation misses"
+        assert "extern __shared__" not in rewritten, f"{op}: dynamic shared memory the emulation misses"
+        if op in emulation.LAUNCHES:
+            assert launches == emulation.LAUNCHES[op]
+

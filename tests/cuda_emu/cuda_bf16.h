@@ -1,4 +1,6 @@
-// Host emulation of __nv_bfloat16 (see cuda_runtime.h): storage and the conversion to float.
+// Host emulation of __nv_bfloat16 (see cuda_runtime.h): storage and the
+// conversions to and from float, bit for bit as the CUDA intrinsics (round to
+// nearest even).
 #pragma once
 
 #include <cstdint>
@@ -13,4 +15,12 @@ inline float __bfloat162float(__nv_bfloat16 h) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fffu};  // NaN: CUDA's canonical NaN
+  x += 0x7fffu + ((x >> 16) & 1u);  // round half to even; overflow carries into inf as it should
+  return __nv_bfloat16{static_cast<uint16_t>(x >> 16)};
 }
