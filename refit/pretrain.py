@@ -132,13 +132,13 @@ def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequen
     Every user is scored from their training row (densified per batch with
     ``gather_rows``); no users x items matrix is built.
     """
-    train = rk.as_csr(data.train, "train", index_dtype=None)
     device = rec.device
+    train = rk.as_csr(data.train, "train", index_dtype=None).to(device)  # rows are gathered where the model is
 
     def score_fn(users: torch.Tensor) -> torch.Tensor:
         users = users.to(device)
         rows = rk.gather_rows(train, users)
-        return rec.scores(users, rows.to(device))
+        return rec.scores(users, rows)
 
     return evaluate_many(score_fn, evaluation_targets(data, splits), ks=ks, batch_size=batch_size,
                          progress=progress, desc="evaluate")

@@ -254,6 +254,7 @@ class ReFiT:
                              f"{self.world} processes: raise batch_size to at least {self.world * config.group_size}")
         self.episodes = episode_source(data, config.target, config.hide_fraction)
         self.train_csr = self.episodes.neighbor_sets
+        self._neighbor_sets = None  # train_csr on the device of the scores (see rollout)
         self.generator = torch.Generator().manual_seed(config.seed)
         # Its own generator, so a placebo run draws the same episodes and noise as the real run would.
         self.placebo_generator = torch.Generator().manual_seed(config.seed + 7_654_321) if config.placebo else None
@@ -316,8 +317,15 @@ class ReFiT:
         traj = policy.sample(episode.users, inputs, generator=self.generator, temperature=cfg.temperature,
                              rows=(lo, n_global) if self.world > 1 else None, keep_graph=cfg.reuse_sampling_graph)
         scores = policy.final_scores(episode.users, inputs, traj.final)
-        reward = collaborative_reward(scores, episode, self.neighbors[episode.users], self.train_csr,
+        # The reward's CSRs and neighbour table live on the CPU; topk_hits wants them with the scores.
+        dev = scores.device
+        if self._neighbor_sets is None or self._neighbor_sets.device != dev:
+            self._neighbor_sets = self.train_csr.to(dev)
+        on_dev = episode._replace(positives=episode.positives.to(dev),
+                                  exclude=None if episode.exclude is None else episode.exclude.to(dev))
+        reward = collaborative_reward(scores, on_dev, self.neighbors[episode.users].to(dev), self._neighbor_sets,
                                       k=cfg.k, alpha=cfg.alpha)
+        reward = type(reward)(*(r.cpu() for r in reward))
         if self.world > 1:  # the global batch's rewards (B floats): the baseline is the global batch's
             parts = dist.all_gather_rows(torch.stack([reward.reward, reward.n_k, reward.n_sim_k], 1))
             reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
