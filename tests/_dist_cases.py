@@ -27,7 +27,8 @@ FINETUNE_CASES = {
     "reuse-graph": dict(batch_size=16, reuse_sampling_graph=True),
     # DreamRec through the same trainer: sequence episodes, guided means, the encoder's gradient.
     "dreamrec-mean-std": dict(batch_size=16),
-    "dreamrec-group-kl-elbo": dict(batch_size=16, group_size=2, baseline="group", anchor="kl", anchor_weight=0.5),
+    # Groups of 4: with 2 trajectories per user every group of the first step tied (no gradient to compare).
+    "dreamrec-group-kl": dict(batch_size=16, group_size=4, baseline="group", anchor="kl", anchor_weight=0.5),
 }
 
 
