@@ -392,7 +392,7 @@ def cmd_baselines(args) -> int:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
-    from .trainer import ANCHORS, BASELINES, FinetuneConfig
+    from .trainer import ANCHORS, BASELINES, METHODS, RW_LAMBDA, FinetuneConfig
 
     d = FinetuneConfig()
     p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
@@ -426,12 +426,15 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-weight", type=float, default=d.anchor_weight)
     g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
     g.add_argument("--ppo-clip", type=float, default=d.ppo_clip)
-    g.add_argument("--method", choices=["reinforce", "reward-weighted"], default=d.method,
+    g.add_argument("--method", choices=list(METHODS), default=d.method,
                    help="reinforce: ReFiT's policy gradient; reward-weighted: the model's own denoising loss "
                         "toward its sampled final states, weighted by softmax(reward / --rw-lambda) within each "
-                        "user's --group-size trajectories")
-    g.add_argument("--rw-lambda", type=float, default=d.rw_lambda,
-                   help="reward-weighted: the weights' temperature on the reward scale (reward in [0, 1])")
+                        "user's --group-size trajectories; offline-reward-weighted: no sampling, the pretraining "
+                        "loss on the logged rows with each logged item weighted by softmax(rating / --rw-lambda) "
+                        "over the user's items (data with ratings only)")
+    g.add_argument("--rw-lambda", type=float, default=None,
+                   help="the exponential weights' lambda, on the reward's scale (default: "
+                        + ", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()) + ")")
     g.add_argument("--placebo", action="store_true",
                    help="control run: shuffle each batch's advantages between trajectories, so updates keep "
                         "their size and noise but no longer follow the reward")

@@ -87,6 +87,11 @@ class InteractionData:
             float32 ones, sorted unique column indices, disjoint.
         user_ids, item_ids: original id of each dense user / item index.
         summary: counts of what was read, filtered and kept.
+        train_ratings: the logged rating of every training interaction, a
+            float32 CSR with ``train``'s sparsity pattern, for sources that
+            carry ratings (``ratings.dat``, ``u.data``, a ``.inter`` with a
+            rating column); None otherwise. Offline reward-weighted
+            fine-tuning takes them as rewards.
     """
 
     name: str
@@ -98,6 +103,7 @@ class InteractionData:
     user_ids: np.ndarray
     item_ids: np.ndarray
     summary: Dict[str, int] = field(default_factory=dict)
+    train_ratings: Optional[sp.csr_matrix] = None
 
     def user_index(self, original_ids: Any) -> np.ndarray:
         """Dense indices of original user ids (KeyError for an unknown id)."""
@@ -644,6 +650,14 @@ def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] =
         key = np.random.default_rng(seed).permutation(len(u))
         part = _split_positions(u, key, fractions, n_users)
     mats = [binary_csr(u[part == p], i[part == p], n_users, n_items) for p in range(3)]
+    train_ratings = None
+    if rec.ratings is not None:
+        # One record per (user, item) is left, so the CSR has exactly train's pattern.
+        r = rec.ratings[keep][part == 0].astype(np.float32)
+        train_ratings = sp.csr_matrix((r, (u[part == 0], i[part == 0])), shape=(n_users, n_items))
+        train_ratings.sort_indices()
+        if not np.isfinite(train_ratings.data).all():
+            raise ValueError(f"{path}: a kept rating is not a finite number")
     summary = {
         "read": n_read,
         "duplicates": n_dup,
@@ -656,7 +670,7 @@ def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] =
         "test": mats[2].nnz,
     }
     _log_summary(name, summary, min_rating if rec.ratings is not None else None)
-    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary)
+    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary, train_ratings)
 
 
 def _stable_rank(key: np.ndarray) -> np.ndarray:

@@ -324,7 +324,7 @@ class GaussianDiffusion:
 
     def training_loss(self, model: Denoiser, x0: torch.Tensor, reweight: bool = True,
                       generator: Optional[torch.Generator] = None, *, rows: Optional[BatchSlice] = None,
-                      record: bool = True, return_parts: bool = False):
+                      record: bool = True, return_parts: bool = False, weight: Optional[torch.Tensor] = None):
         """Per-user ELBO training loss, (B,), importance-weighted; take its mean.
 
         In x0 mode the mean squared error is weighted by SNR(t-1) - SNR(t)
@@ -336,15 +336,19 @@ class GaussianDiffusion:
         ``record=False`` leaves the loss history alone (the caller records
         the global batch's losses with :meth:`record_losses`), and
         ``return_parts`` returns ``(loss, t, unweighted_loss)``, the last two
-        being what :meth:`record_losses` takes.
+        being what :meth:`record_losses` takes. ``weight``, (B, I) like x0,
+        weighs each item's squared error inside a row's mean (None: all 1).
         """
         B = x0.shape[0]
+        if weight is not None and weight.shape != x0.shape:
+            raise ValueError(f"weight must have x0's shape {tuple(x0.shape)}, got {tuple(weight.shape)}")
         t, importance = self.sample_timesteps(B, x0.device, generator, rows=rows)
         noise = _normal(x0.shape, x0.dtype, x0.device, generator, rows)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t)
         target = x0 if self.config.mean_type == "x0" else noise
-        mse = ((target - output) ** 2).mean(dim=1)
+        sq = (target - output) ** 2
+        mse = (sq if weight is None else weight * sq).mean(dim=1)
         loss = mse
         if reweight and self.betas is not None:
             if self.config.mean_type == "x0":
@@ -353,7 +357,8 @@ class GaussianDiffusion:
                 ac, ac_prev, b = (v.to(t.device)[t] for v in (self.alphas_cumprod, self.alphas_cumprod_prev, self.betas))
                 weight = (1.0 - ac) / ((1.0 - ac_prev) ** 2 * (1.0 - b))
                 x0_hat = self._at("sqrt_recip_alphas_cumprod", t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t) * output
-                likelihood = ((x0 - x0_hat) ** 2 / 2.0).mean(dim=1)
+                sq0 = (x0 - x0_hat) ** 2 / 2.0
+                likelihood = (sq0 if weight is None else weight * sq0).mean(dim=1)
                 loss = torch.where(t == 0, likelihood, mse)
             weight = torch.where(t == 0, torch.ones_like(weight), weight).to(loss.dtype)
             loss = weight * loss

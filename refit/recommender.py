@@ -134,15 +134,17 @@ class Recommender:
                                    record=True)
 
     def denoising_loss(self, users: torch.Tensor, inputs: torch.Tensor, x0: torch.Tensor, *,
-                       generator: Optional[torch.Generator] = None, rows=None, record: bool = False) -> torch.Tensor:
-        """(B,) ELBO loss of denoising toward the (B, I) rows ``x0``, conditioned on ``inputs``."""
+                       generator: Optional[torch.Generator] = None, rows=None, record: bool = False,
+                       weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,) ELBO loss of denoising toward the (B, I) rows ``x0``, conditioned on ``inputs``; ``weight``
+        (B, I) weighs each item's squared error (see :meth:`GaussianDiffusion.training_loss`)."""
         from . import distributed as dist
 
         f = self.denoiser(users, inputs)
         if rows is None:
-            return self.diffusion.training_loss(f, x0, generator=generator, record=record)
+            return self.diffusion.training_loss(f, x0, generator=generator, record=record, weight=weight)
         per_row, t, raw = self.diffusion.training_loss(f, x0, generator=generator, rows=rows, record=False,
-                                                       return_parts=True)
+                                                       return_parts=True, weight=weight)
         if record:
             seen = dist.all_gather_rows(torch.stack([t.double().cpu(), raw.double().cpu()], 1))
             self.diffusion.record_losses(seen[:, 0].long(), seen[:, 1])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,10 @@ from .similarity import shared_similar_users
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "mean-std", "ema", "group")
-METHODS = ("reinforce", "reward-weighted")
+METHODS = ("reinforce", "reward-weighted", "offline-reward-weighted")
+#: Default lambda of the exponential weights, on each method's reward scale: the ReFiT reward
+#: lies in [0, 1]; MovieLens ratings run from 1 to 5.
+RW_LAMBDA = {"reward-weighted": 0.05, "offline-reward-weighted": 1.0}
 ANCHORS = ("none", "kl", "elbo")
 
 
@@ -79,10 +83,12 @@ class FinetuneConfig:
     ppo_epochs: int = 0  # 0: plain REINFORCE, one update per batch of trajectories
     ppo_clip: float = 0.2
     placebo: bool = False  # control: shuffle each batch's advantages between trajectories (breaks reward -> update)
-    # "reinforce" (ReFiT's policy gradient) or "reward-weighted": the model's own denoising loss toward its
-    # sampled final states, weighted by softmax(reward / rw_lambda) within each user's group
+    # "reinforce" (ReFiT's policy gradient); "reward-weighted": the model's own denoising loss toward its
+    # sampled final states, weighted by softmax(reward / rw_lambda) within each user's group;
+    # "offline-reward-weighted": no sampling, the pretraining loss on the logged rows with each logged
+    # interaction's error weighted by softmax(rating / rw_lambda) over the user's items
     method: str = "reinforce"
-    rw_lambda: float = 0.05
+    rw_lambda: Optional[float] = None  # None: RW_LAMBDA's value for the method
     # bookkeeping
     eval_every: int = 20
     checkpoint_every: int = 20
@@ -130,6 +136,8 @@ class FinetuneConfig:
             raise ValueError("ppo_epochs must be >= 0 and ppo_clip in (0, 1)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rw_lambda is None:
+            self.rw_lambda = RW_LAMBDA.get(self.method, 1.0)
         if self.method == "reward-weighted":
             if self.group_size < 2:
                 raise ValueError("reward-weighted fine-tuning compares the trajectories of a user: group_size must "
@@ -139,6 +147,12 @@ class FinetuneConfig:
             if self.ppo_epochs or self.reuse_sampling_graph:
                 raise ValueError("ppo_epochs and reuse_sampling_graph belong to the policy gradient, not to "
                                  "reward-weighted fine-tuning")
+        if self.method == "offline-reward-weighted":
+            if not self.rw_lambda > 0:
+                raise ValueError(f"rw_lambda must be > 0, got {self.rw_lambda}")
+            if self.group_size != 1 or self.ppo_epochs or self.reuse_sampling_graph or self.anchor == "kl":
+                raise ValueError("offline reward-weighted fine-tuning samples no trajectories: group_size must be 1, "
+                                 "and ppo_epochs, reuse_sampling_graph and the kl anchor do not apply")
         if self.ppo_epochs and self.reuse_sampling_graph:
             raise ValueError("PPO re-evaluates the trajectories each inner epoch: reuse_sampling_graph must be off")
         if self.precision not in PRECISIONS:
@@ -162,6 +176,24 @@ def group_weights(reward: torch.Tensor, group_size: int, lam: float) -> torch.Te
         raise ValueError(f"{reward.numel()} rewards do not split into groups of {group_size}")
     g = reward.detach().double().view(-1, group_size) / lam
     return torch.softmax(g, dim=1).reshape(-1).float()
+
+
+def rating_weights(present: torch.Tensor, ratings: torch.Tensor, lam: float) -> torch.Tensor:
+    """(B, I) weights of offline reward-weighted fine-tuning for each item's error in a user's row.
+
+    ``present`` (B, I) marks the logged interactions (nonzero) and ``ratings`` (B, I) holds their
+    ratings. A user's n logged items get ``n * softmax(rating / lam)`` over those items (the
+    self-normalised exp(rating / lam), scaled so they average 1, as in plain pretraining); every
+    other item keeps weight 1. ``lam -> inf`` is plain pretraining. float64 inside, float32 out.
+    """
+    if present.shape != ratings.shape or present.dim() != 2:
+        raise ValueError(f"present and ratings must be (B, I) alike, got {tuple(present.shape)} and "
+                         f"{tuple(ratings.shape)}")
+    mask = present != 0
+    z = torch.where(mask, ratings.detach().double() / lam, torch.full_like(ratings, -math.inf, dtype=torch.float64))
+    n = mask.sum(1, keepdim=True)
+    soft = torch.softmax(z, dim=1).nan_to_num(0.0)  # a user without logged items: no weights to share
+    return torch.where(mask, soft * n, torch.ones_like(soft)).float()
 
 
 def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor, mean=torch.mean) -> torch.Tensor:
@@ -189,6 +221,15 @@ def trajectory_logprob(policy, users: torch.Tensor, inputs, traj: Trajectory, *,
     preds = policy.outputs(users, inputs, traj)
     return rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
                                reduction=reduction, per_step=per_step)
+
+
+def _shuffle_within_rows(values: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``values`` with each row's masked entries permuted among themselves (the others untouched)."""
+    out = values.clone()
+    for b in range(values.shape[0]):
+        idx = torch.nonzero(mask[b]).flatten()
+        out[b, idx] = values[b, idx[torch.randperm(idx.numel(), generator=generator)]]
+    return out
 
 
 class Baseline:
@@ -261,6 +302,19 @@ class ReFiT:
         self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
         # Computed once, each rank a block of users, then shared (identical on every rank).
+        self._ratings = None
+        if config.method == "offline-reward-weighted":
+            import inspect
+
+            ratings = getattr(data, "train_ratings", None)
+            if ratings is None:
+                raise ValueError(f"offline reward-weighted fine-tuning takes the logged ratings as rewards, and "
+                                 f"{getattr(data, 'name', 'these data')!r} carry none: use a source with ratings "
+                                 f"(ratings.dat, u.data, a .inter file with a rating column, ml-100k)")
+            if "weight" not in inspect.signature(policy.denoising_loss).parameters:
+                raise TypeError(f"{type(policy).__name__}.denoising_loss takes no per-item weights (weight=): "
+                                f"offline reward-weighted fine-tuning needs them")
+            self._ratings = rk.as_csr(ratings, "train_ratings")
         self.neighbors = shared_similar_users(self.train_csr, m=config.similar_users)
         self.candidates = getattr(self.episodes, "candidates", None)
         self.reference = None
@@ -335,6 +389,8 @@ class ReFiT:
         """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
         if self.config.method == "reward-weighted":
             return self._reward_weighted_step()
+        if self.config.method == "offline-reward-weighted":
+            return self._offline_step()
         cfg, policy = self.config, self.policy
         t0 = time.perf_counter()
         episode, lo, n_global = self.draw()
@@ -408,6 +464,35 @@ class ReFiT:
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
         }
 
+    def _offline_step(self) -> Dict[str, float]:
+        """Offline reward-weighted fine-tuning: the pretraining loss on the users' logged training rows,
+        each logged item's error weighted by :func:`rating_weights` of its rating. Nothing is sampled."""
+        cfg, policy = self.config, self.policy
+        t0 = time.perf_counter()
+        episode, lo, n_global = self.draw()
+        users = episode.users
+        dev = policy.device
+        rows = rk.gather_rows(self.train_csr, users).to(dev)
+        ratings = rk.gather_rows(self._ratings, users).to(dev)
+        weight = rating_weights(rows, ratings, cfg.rw_lambda)
+        if self.placebo_generator is not None:  # the control: each user's weights moved to random logged items
+            weight = _shuffle_within_rows(weight, rows != 0, self.placebo_generator)
+        policy.module.eval()
+        per_row = policy.denoising_loss(users, rows, rows, generator=self.generator,
+                                        rows=(lo, n_global) if self.world > 1 else None, record=True, weight=weight)
+        loss = self._mean(per_row, n_global)
+        loss, anchor = self._add_anchor(loss, episode, rows, None, lo, n_global)
+        grad_norm = self._update(loss)
+        logged = rows != 0
+        w_logged = torch.where(logged, weight, torch.zeros_like(weight))
+        return {
+            "loss": self._global_value(loss), "anchor": anchor, "grad_norm": grad_norm,
+            # the mean logged rating, and the mean rating as the weights see it (their gap is what lam does)
+            "rating": float(ratings[logged].mean()) if logged.any() else 0.0,
+            "weighted_rating": float((w_logged * ratings).sum() / w_logged.sum()) if logged.any() else 0.0,
+            "sample_s": 0.0, "step_s": round(time.perf_counter() - t0, 4),
+        }
+
     def _add_anchor(self, loss, episode, inputs, traj, lo: int = 0, n_global: Optional[int] = None):
         """loss + anchor_weight * anchor (its gradient is averaged over the ranks with the rest)."""
         cfg, policy = self.config, self.policy
@@ -466,8 +551,10 @@ def _plot(run: RunDir) -> Optional[str]:
         log.warning("matplotlib is not installed: no plot")
         return None
     records = run.records()
-    it = [r["iteration"] for r in records if "reward" in r]
-    rw = [r["reward"] for r in records if "reward" in r]
+    # The sampled reward; offline runs sample nothing, and show the rating their weights favour.
+    key = "reward" if any("reward" in r for r in records) else "weighted_rating"
+    it = [r["iteration"] for r in records if key in r]
+    rw = [r[key] for r in records if key in r]
     ev = [r for r in records if "valid" in r]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(it, rw, lw=0.8, color="tab:blue", alpha=0.5, label="batch")
@@ -475,7 +562,8 @@ def _plot(run: RunDir) -> Optional[str]:
         w = max(1, len(rw) // 20)
         smooth = np.convolve(rw, np.ones(w) / w, mode="valid")
         ax[0].plot(it[w - 1:], smooth, color="tab:blue", label=f"mean of {w}")
-    ax[0].set(xlabel="iteration", ylabel="reward", title="ReFiT reward")
+    ax[0].set(xlabel="iteration", ylabel=key.replace("_", " "),
+              title="ReFiT reward" if key == "reward" else "rating under the weights")
     ax[0].legend()
     if ev:
         xs = [r["iteration"] for r in ev]
@@ -638,7 +726,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
                                                   "elapsed": elapsed_before + time.perf_counter() - t_start})
         if main and evaluated and not last:
             run.write_json("summary.json", summary_now("running"))
-        bar.update(1, reward=f"{stats['reward']:.3f}", best=f"{best['value']:.4f}@{best['iteration']}")
+        bar.update(1, reward=f"{stats.get('reward', stats.get('weighted_rating', 0.0)):.3f}", best=f"{best['value']:.4f}@{best['iteration']}")
         if last:
             break
     bar.close()

@@ -1,0 +1,201 @@
+"""Offline reward-weighted fine-tuning: logged ratings kept by the loaders, their weights, the weighted
+loss against a direct implementation, its lambda -> inf limit, refusals, and a command-line run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from refit.data import load_dataset
+from refit.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.trainer import FinetuneConfig, ReFiT, rating_weights
+
+
+def _ratings_file(tmp_path, n_users=40, n_items=30, per_user=12, seed=0):
+    """A ratings.dat whose ratings favour low item ids (so high-rated items are a learnable signal)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for u in range(1, n_users + 1):
+        items = rng.choice(n_items, size=per_user, replace=False) + 1
+        for j, i in enumerate(items):
+            r = int(np.clip(round(5 - 4 * (i - 1) / n_items + rng.normal(0, 0.7)), 1, 5))
+            lines.append(f"{u}::{i}::{r}::{1000 * u + j}\n")
+    path = tmp_path / "ratings.dat"
+    path.write_text("".join(lines))
+    return path
+
+
+def test_loaders_keep_the_training_ratings(tmp_path):
+    path = _ratings_file(tmp_path)
+    d = load_dataset(str(path), min_rating=None)
+    r = d.train_ratings
+    assert r is not None and r.shape == d.train.shape
+    assert np.array_equal(r.indptr, d.train.indptr) and np.array_equal(r.indices, d.train.indices)
+    # Each kept rating is the file's rating of that (user, item).
+    logged = {}
+    for line in path.read_text().splitlines():
+        u, i, rating, _ = line.split("::")
+        logged[(int(u), int(i))] = float(rating)
+    coo = r.tocoo()
+    for row, col, value in zip(coo.row, coo.col, coo.data):
+        assert logged[(int(d.user_ids[row]), int(d.item_ids[col]))] == value
+    assert set(np.unique(r.data)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    # The default min_rating keeps ratings >= 4 only; implicit data carry no ratings.
+    assert load_dataset(str(path)).train_ratings.data.min() >= 4
+    assert load_dataset("synthetic", n_users=30, n_items=20).train_ratings is None
+
+
+def test_rating_weights_on_a_hand_computed_case():
+    present = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    ratings = torch.tensor([[5.0, 3.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    w = rating_weights(present, ratings, 1.0)
+    e = math.exp(2.0)  # exp(5) / exp(3)
+    top, other = 3 * e / (e + 2), 3 / (e + 2)
+    assert w[0].tolist() == pytest.approx([top, other, 1.0, other], rel=1e-6)
+    assert w[1].tolist() == [1.0] * 4  # no logged items: plain loss
+    assert w[2].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    # A user's logged weights average 1; huge lambda is uniform, tiny lambda puts everything on the best.
+    assert float(w[0, [0, 1, 3]].mean()) == pytest.approx(1.0)
+    assert rating_weights(present, ratings, 1e9)[0].tolist() == pytest.approx([1.0] * 4)
+    assert rating_weights(present, ratings, 1e-3)[0].tolist() == pytest.approx([3.0, 0.0, 1.0, 0.0], abs=1e-9)
+    with pytest.raises(ValueError, match="alike"):
+        rating_weights(present, ratings[:, :3], 1.0)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("offline")
+    path = _ratings_file(tmp)
+    out = tmp / "pre"
+    pretrain(PretrainConfig(data=str(path), data_options={"min_rating": None}, steps=8, epochs=2, eval_every=1,
+                            batch_size=16, dims=(16, 32), ks=(10, 20), progress=False, out=str(out)))
+    return str(out / "best.pt"), str(path)
+
+
+def _trainer(pretrained, **kw):
+    checkpoint, path = pretrained
+    base = dict(checkpoint=checkpoint, method="offline-reward-weighted", batch_size=8, lr=1e-2, grad_clip=1e9,
+                seed=4, ks=(10, 20), progress=False, plot=False)
+    base.update(kw)
+    rec, data, _ = load_recommender(checkpoint, load_dataset(path, min_rating=None))
+    torch.manual_seed(0)
+    return ReFiT(rec, data, FinetuneConfig(**base))
+
+
+def _grads(trainer, loss_fn):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return [p.grad.clone() for p in trainer.policy.module.parameters() if p.grad is not None]
+
+
+def _captured_step_grads(trainer):
+    grads = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, a, k: grads.append(
+        [p.grad.clone() for p in trainer.policy.module.parameters() if p.grad is not None]))
+    trainer.step()
+    return grads[0]
+
+
+@pytest.mark.parametrize("lam", [0.7, 1e12])
+def test_the_offline_update_is_the_gradient_of_the_directly_written_loss(pretrained, lam):
+    """Same generator state: the trainer's gradient against the weighted ELBO written out by hand."""
+    trainer = _trainer(pretrained, rw_lambda=lam)
+    direct = _trainer(pretrained, rw_lambda=lam)
+    rec, diffusion = direct.policy, direct.policy.diffusion
+
+    def loss():
+        episode, _, _ = direct.draw()
+        rows = torch.from_numpy(direct.data.train[episode.users.numpy()].toarray())
+        ratings = torch.from_numpy(direct.data.train_ratings[episode.users.numpy()].toarray())
+        logged = rows > 0
+        soft = torch.where(logged, ratings.double() / lam, torch.tensor(-math.inf, dtype=torch.float64))
+        w = torch.where(logged, torch.softmax(soft, 1) * logged.sum(1, keepdim=True), torch.ones_like(soft)).float()
+        g = direct.generator
+        t, importance = diffusion.sample_timesteps(rows.shape[0], generator=g)
+        noise = torch.randn(rows.shape, generator=g)
+        x_t = diffusion.q_sample(rows, t, noise)
+        out = rec.denoiser(episode.users, rows)(x_t, t)
+        per_row = (w * (rows - out) ** 2).mean(1)
+        snr = torch.where(t == 0, torch.ones(()), diffusion.snr(t - 1) - diffusion.snr(t))
+        return (snr * per_row / importance).mean()
+
+    rec.module.eval()
+    want = _grads(direct, loss)
+    got = _captured_step_grads(trainer)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in got)
+
+
+def test_a_huge_lambda_is_plain_pretraining_on_the_logged_rows(pretrained):
+    trainer = _trainer(pretrained, rw_lambda=1e12)
+    plain = _trainer(pretrained, rw_lambda=1e12)
+
+    def loss():
+        episode, _, _ = plain.draw()
+        rows = torch.from_numpy(plain.data.train[episode.users.numpy()].toarray())
+        plain.policy.module.eval()
+        return plain.policy.denoising_loss(episode.users, rows, rows, generator=plain.generator).mean()
+
+    want = _grads(plain, loss)
+    got = _captured_step_grads(trainer)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_offline_steps_favour_high_ratings_and_the_placebo_does_not(pretrained):
+    real = _trainer(pretrained, rw_lambda=0.5)
+    stats = [real.step() for _ in range(3)]
+    assert all(s["weighted_rating"] > s["rating"] for s in stats)
+    placebo = _trainer(pretrained, rw_lambda=0.5, placebo=True)
+    p = placebo.step()
+    # The placebo keeps each user's weights but moves them to random logged items.
+    assert p["weighted_rating"] != pytest.approx(stats[0]["weighted_rating"])
+    assert math.isfinite(p["loss"]) and p["grad_norm"] > 0
+
+
+def test_offline_refuses_data_without_ratings_and_sampling_settings(pretrained, tmp_path):
+    checkpoint, path = pretrained
+    rec, data, _ = load_recommender(checkpoint, load_dataset(path, min_rating=None))
+    data.train_ratings = None
+    with pytest.raises(ValueError, match="carry none"):
+        ReFiT(rec, data, FinetuneConfig(checkpoint=checkpoint, method="offline-reward-weighted", progress=False))
+    for bad in (dict(group_size=2), dict(ppo_epochs=1), dict(anchor="kl", anchor_weight=0.1), dict(rw_lambda=0.0)):
+        with pytest.raises(ValueError):
+            FinetuneConfig(checkpoint=checkpoint, method="offline-reward-weighted", **bad)
+    assert FinetuneConfig(method="offline-reward-weighted").rw_lambda == 1.0
+    assert FinetuneConfig(method="reward-weighted", group_size=2).rw_lambda == 0.05
+
+
+def test_offline_reward_weighted_runs_and_resumes_from_the_command_line(pretrained, tmp_path):
+    checkpoint, path = pretrained
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "refit", "-q", "finetune", "--checkpoint", checkpoint,
+            "--method", "offline-reward-weighted", "--rw-lambda", "0.5", "--batch-size", "8", "--eval-every", "2",
+            "--ks", "10,20", "--no-plot"]
+
+    def run(*extra):
+        out = subprocess.run(base + list(extra), capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    run("--iterations", "4", "--out", str(tmp_path / "whole"))
+    # Stopped after 2 iterations by a budget of 2, then resumed: the same records as one run of 4.
+    run("--iterations", "2", "--out", str(tmp_path / "part"))
+    run("--iterations", "4", "--out", str(tmp_path / "part"), "--resume")
+
+    def records(name):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        return [{k: r[k] for k in ("iteration", "loss", "grad_norm", "weighted_rating")} for r in rows
+                if "loss" in r]
+
+    whole, part = records("whole"), records("part")
+    assert [r["iteration"] for r in whole] == [1, 2, 3, 4]
+    assert whole == part
