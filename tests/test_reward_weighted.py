@@ -50,7 +50,8 @@ def _direct_loss(trainer, lam):
     inputs, traj, reward = trainer.rollout(episode, lo, n)
     r = reward.reward.double().view(-1, cfg.group_size)
     w = torch.exp(r / lam) / torch.exp(r / lam).sum(1, keepdim=True)
-    per_row = policy.denoising_loss(episode.users, inputs, traj.final.detach(), generator=trainer.generator)
+    target = policy.training_target(episode.users, inputs, traj.final)
+    per_row = policy.denoising_loss(episode.users, inputs, target, generator=trainer.generator)
     return (w.reshape(-1).float() * per_row).view(-1, cfg.group_size).sum(1).mean()
 
 
@@ -85,8 +86,9 @@ def test_a_huge_lambda_is_plain_fine_tuning_on_the_samples():
     w = group_weights(reward.reward, 4, 1e12)
     assert torch.allclose(w, torch.full_like(w, 0.25))
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    per_row = policy.denoising_loss(episode.users, inputs, traj.final, generator=g1)
-    plain = policy.denoising_loss(episode.users, inputs, traj.final, generator=g2).mean()
+    target = policy.training_target(episode.users, inputs, traj.final)
+    per_row = policy.denoising_loss(episode.users, inputs, target, generator=g1)
+    plain = policy.denoising_loss(episode.users, inputs, target, generator=g2).mean()
     torch.testing.assert_close((w * per_row * 4).mean(), plain)
 
 
@@ -108,8 +110,14 @@ def _pretrained_policy():
     return policy, data
 
 
+def closeness(x, c):
+    """exp(2 (cos(x, c) - 1)): 1 along c, e^-4 opposite it."""
+    return torch.exp(2 * (torch.nn.functional.cosine_similarity(x, c.expand_as(x), dim=1) - 1))
+
+
 def test_reward_weighted_fine_tuning_climbs_toward_a_known_optimum(monkeypatch):
-    """Rewards with a known optimum: generated embeddings at a fixed point c (reward 1 there), for four c.
+    """Rewards with a known optimum: generated embeddings pointing along c (reward 1 there), for four c.
+    Like every ranking reward (items are ranked by inner product) it ignores the embedding's norm.
 
     The same number of updates with uniform weights (lambda -> infinity: plain fine-tuning on the model's
     own samples) is the control: on its own samples the model drifts; what moves the expected reward up,
@@ -125,7 +133,7 @@ def test_reward_weighted_fine_tuning_climbs_toward_a_known_optimum(monkeypatch):
     for c in targets:
         def rollout(self, episode, lo, n, c=c):  # the reward of each sampled embedding: closeness to c
             traj = self.policy.sample(episode.users, episode.inputs, generator=self.generator)
-            r = torch.exp(-((traj.final - c) ** 2).mean(1))
+            r = closeness(traj.final, c)
             return episode.inputs, traj, Reward(r, r, torch.zeros_like(r))
 
         monkeypatch.setattr(ReFiT, "rollout", rollout)
@@ -139,7 +147,7 @@ def test_reward_weighted_fine_tuning_climbs_toward_a_known_optimum(monkeypatch):
                 h = policy.guidance(*data.windows(t.seq, t.pos))
                 with torch.no_grad():
                     x = policy.sample_from(h, generator=gen)
-                return float(torch.exp(-((x - c) ** 2).mean(1)).mean())
+                return float(closeness(x, c).mean())
 
             before = expected_reward()
             trainer = ReFiT(policy, data, _cfg(rw_lambda=lam, lr=3e-3, grad_clip=1.0, group_size=8, batch_size=32))
