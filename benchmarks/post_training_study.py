@@ -11,8 +11,9 @@ fresh processes (``OMP_NUM_THREADS=1``, ``--jobs`` at a time):
 * ``placebo``: the same with ``--placebo`` (each batch's advantages shuffled);
 * ``continued``: ``refit pretrain --init`` (the model's own pretraining
   loss) for the wall time the ``reinforce`` run took, evaluated every epoch;
-* every ``--method`` given (e.g. ``--method reward-weighted``), as
-  ``refit finetune --method NAME``.
+* every ``--method`` given (e.g. ``--method "reward-weighted --group-size 4"``), as
+  ``refit finetune --method NAME`` with ``--finetune``'s flags, then ``--method-flags``, then
+  the method's own flags (later flags win).
 
 Every run selects its model on validation (Recall@20 or HR@20) and reports
 the test metrics of that model; the pretrained model's own metrics come from
@@ -81,10 +82,11 @@ def run_seed(seed, a, out):
     wall_p = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--placebo",
                            "--out", folder, *finetune], folder + ".log")
     res["placebo"] = {**_summary(folder), "wall_s": wall_p}
-    for method in a.method:
+    for spec in a.method:
+        method, *own = shlex.split(spec)  # "NAME [its own flags]"
         folder = os.path.join(out, f"{method}-s{seed}")
         w = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--method", method,
-                          "--out", folder, *finetune, *shlex.split(a.method_flags)], folder + ".log")
+                          "--out", folder, *finetune, *shlex.split(a.method_flags), *own], folder + ".log")
         res[method] = {**_summary(folder), "wall_s": w}
     # Continued pretraining for the wall time ReFiT's whole run took (its set-up included).
     folder = os.path.join(out, f"continued-s{seed}")
@@ -133,7 +135,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="the data (default: the checkpoint's own source)")
     p.add_argument("--finetune", default="", help="flags for every refit finetune run")
     p.add_argument("--pretrain", default="", help="extra flags for the continued-pretraining runs")
-    p.add_argument("--method", action="append", default=[], help="other post-training methods to run")
+    p.add_argument("--method", action="append", default=[],
+                   help='another post-training method to run, optionally with its own flags: "NAME [FLAGS]"')
     p.add_argument("--method-flags", default="", help="extra flags for the --method runs")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time (one core each)")
     a = p.parse_args(argv)

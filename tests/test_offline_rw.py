@@ -170,7 +170,7 @@ def test_offline_refuses_data_without_ratings_and_sampling_settings(pretrained, 
         with pytest.raises(ValueError):
             FinetuneConfig(checkpoint=checkpoint, method="offline-reward-weighted", **bad)
     assert FinetuneConfig(method="offline-reward-weighted").rw_lambda == 1.0
-    assert FinetuneConfig(method="reward-weighted", group_size=2).rw_lambda == 0.05
+    assert FinetuneConfig(method="reward-weighted", group_size=2).rw_lambda == 0.01
 
 
 def test_offline_reward_weighted_runs_and_resumes_from_the_command_line(pretrained, tmp_path):
