@@ -29,6 +29,8 @@ FINETUNE_CASES = {
     "dreamrec-mean-std": dict(batch_size=16),
     # Groups of 4: with 2 trajectories per user every group of the first step tied (no gradient to compare).
     "dreamrec-group-kl": dict(batch_size=16, group_size=4, baseline="group", anchor="kl", anchor_weight=0.5),
+    # Reward-weighted fine-tuning: group weights from the all-gathered rewards, each rank its users' losses.
+    "dreamrec-reward-weighted": dict(batch_size=16, group_size=4, method="reward-weighted", rw_lambda=0.02),
 }
 
 
