@@ -363,10 +363,29 @@ def cmd_baselines(args) -> int:
     from .runs import RunDir, data_fingerprint
 
     data = load_dataset(args.data)
-    include = [n.strip() for n in args.only.split(",") if n.strip()]
-    results = fit_baselines(data, ks=args.ks, knn_grid=args.knn_grid, ease_grid=args.ease_grid, include=include,
-                            batch_size=args.batch_size, progress=_progress(args))
-    best = best_baseline(results)
+    sequences = hasattr(data, "targets")  # refit.seqdata.SequenceData: next-item targets, HR@k
+    only = args.only or ("most-popular,sasrec" if sequences else "most-popular,itemknn,ease")
+    include = [n.strip() for n in only.split(",") if n.strip()]
+    if sequences:
+        from .seqbaselines import fit_sequence_baselines
+
+        args.ks = args.ks or [10, 20, 50]
+        grid = {"max_len": args.sasrec_max_len, "dropout": args.sasrec_dropout}
+        overrides = {"max_epochs": args.sasrec_max_epochs, "seed": args.seed}
+        if args.sasrec_budget is not None:
+            overrides["time_budget"] = args.sasrec_budget
+        try:
+            results = fit_sequence_baselines(data, ks=args.ks, include=include, sasrec_grid=grid,
+                                             progress=_progress(args), **overrides)
+        except ValueError as exc:
+            print(f"refit baselines: {exc}", file=sys.stderr)
+            return 2
+        best = max(results, key=lambda r: r.valid.get("hr@20", -1.0))  # the earliest on ties
+    else:
+        args.ks = args.ks or [10, 20, 50, 100]
+        results = fit_baselines(data, ks=args.ks, knn_grid=args.knn_grid, ease_grid=args.ease_grid,
+                                include=include, batch_size=args.batch_size, progress=_progress(args))
+        best = best_baseline(results)
     payload = {"data": args.data, "fingerprint": data_fingerprint(data), "n_users": data.n_users,
                "n_items": data.n_items, "best": best.label, "results": [r.to_dict() for r in results]}
     out = args.out or os.path.join("runs", "baselines-" + (os.path.basename(os.path.normpath(args.data)) or "data"))
@@ -374,11 +393,13 @@ def cmd_baselines(args) -> int:
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
         return 0
+    metric = "hr@20" if sequences else "recall@20"
     print(f"baselines on {args.data} ({data.n_users} users, {data.n_items} items); "
-          f"hyper-parameters tuned on valid recall@20; {args.split} split:")
+          f"hyper-parameters tuned on valid {metric}; {args.split} split:")
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     print(format_table([(f"{r.label}: {s}" if len(splits) > 1 else r.label, getattr(r, s))
-                        for r in results for s in splits], args.ks))
+                        for r in results for s in splits], args.ks,
+                       *([("hr", "ndcg", "mrr")] if sequences else [])))
     print("fitting times (one fit at the chosen values; tuning: every fit and validation pass of the grid):")
     for r in results:
         tune = f", tuning over {len(r.grid)} values {r.tune_s:.2f} s" if r.grid else ""
@@ -611,17 +632,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_diffrec)
     from .baselines import DEFAULT_EASE_GRID, DEFAULT_KNN_GRID
 
-    p = sub.add_parser("baselines", help="most-popular, ItemKNN and EASE, tuned on validation, same protocol")
+    p = sub.add_parser("baselines", help="most-popular, ItemKNN and EASE (sequences: most-popular and SASRec), "
+                                         "tuned on validation, same protocol")
     _add_data_args(p, required=True)
     p.add_argument("--out", default=None,
                    help="folder to write baselines.json into (default: runs/baselines-<data name>)")
     p.add_argument("--split", choices=["valid", "test", "both"], default="test")
-    p.add_argument("--ks", type=_int_list, default=[10, 20, 50, 100])
+    p.add_argument("--ks", type=_int_list, default=None, help="default: 10,20,50,100 (10,20,50 for sequences)")
     p.add_argument("--knn-grid", type=_int_list, default=list(DEFAULT_KNN_GRID),
                    help="ItemKNN neighbourhood sizes to try")
     p.add_argument("--ease-grid", type=_float_list, default=list(DEFAULT_EASE_GRID),
                    help="EASE L2 strengths to try")
-    p.add_argument("--only", default="most-popular,itemknn,ease", help="comma-separated subset of the baselines")
+    p.add_argument("--only", default=None, help="comma-separated subset of the baselines (default: "
+                   "most-popular,itemknn,ease; for sequences most-popular,sasrec)")
+    g = p.add_argument_group("sequences: SASRec, tuned on validation HR@20 over the grid of these lists")
+    g.add_argument("--sasrec-max-len", type=_int_list, default=[50, 200])
+    g.add_argument("--sasrec-dropout", type=_float_list, default=[0.2, 0.5])
+    g.add_argument("--sasrec-max-epochs", type=_positive_int, default=200)
+    g.add_argument("--sasrec-budget", type=float, default=None, help="seconds per configuration (default: none)")
+    g.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_baselines)

@@ -1,8 +1,10 @@
-"""Non-learned baselines for sequential recommendation on :class:`refit.seqdata.SequenceData`."""
+"""Baselines for sequential recommendation on :class:`refit.seqdata.SequenceData`: most-popular, and
+:func:`fit_sequence_baselines` (most-popular and a tuned SASRec, as ``refit baselines`` runs them)."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -47,4 +49,33 @@ def most_popular_metrics(data: SequenceData, splits=("valid", "test"), *, ks=(10
                               backend=backend, protocol=protocol)
 
 
-__all__ = ["MostPopular", "most_popular_metrics"]
+SEQ_BASELINES = ("most-popular", "sasrec")
+
+
+def fit_sequence_baselines(data: SequenceData, *, ks: Sequence[int] = (10, 20, 50),
+                           include: Sequence[str] = SEQ_BASELINES, sasrec_grid: Optional[Mapping[str, Any]] = None,
+                           progress: Optional[bool] = False, **sasrec_overrides) -> List[Any]:
+    """Most-popular and SASRec (tuned on validation HR@20 by :func:`refit.sasrec.fit_sasrec` over
+    ``sasrec_grid``, its settings overridden by ``sasrec_overrides``, e.g. ``time_budget`` seconds per
+    configuration) on ``data``; returns :class:`refit.baselines.BaselineResult` rows in that order."""
+    from .baselines import BaselineResult
+    from .sasrec import DEFAULT_GRID, fit_sasrec
+
+    unknown = set(include) - set(SEQ_BASELINES)
+    if unknown or not include:
+        raise ValueError(f"sequence baselines are {', '.join(SEQ_BASELINES)}; got {list(include)}")
+    ks = tuple(sorted(set(int(k) for k in ks) | {20}))
+    rows: List[Any] = []
+    if "most-popular" in include:
+        t0 = time.perf_counter()
+        metrics = most_popular_metrics(data, ks=ks)
+        dt = time.perf_counter() - t0
+        rows.append(BaselineResult("most-popular", {}, metrics["valid"], metrics["test"], fit_s=0.0, tune_s=0.0,
+                                   eval_s=dt))
+    if "sasrec" in include:
+        rows.append(fit_sasrec(data, DEFAULT_GRID if sasrec_grid is None else sasrec_grid, ks=ks, progress=progress,
+                               **sasrec_overrides))
+    return rows
+
+
+__all__ = ["MostPopular", "most_popular_metrics", "fit_sequence_baselines", "SEQ_BASELINES"]

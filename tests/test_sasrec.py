@@ -467,3 +467,30 @@ def test_fit_sasrec_tunes_a_grid(tmp_path):
     tokens = _left([[1, 2, 3]], 25, 4)
     with torch.no_grad():
         torch.testing.assert_close(back.scores(tokens), res.model.scores(tokens), atol=0, rtol=0)
+
+
+def test_refit_baselines_on_sequences_runs_most_popular_and_a_tuned_sasrec(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from refit.data import load_dataset
+    from refit.seqbaselines import most_popular_metrics
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "refit", "-q", "baselines", "--data", "synthetic-seq", "--sasrec-max-len", "10",
+           "--sasrec-dropout", "0.2,0.5", "--sasrec-max-epochs", "2", "--out", str(tmp_path / "b")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "hr@20" in out.stdout and "sasrec (max_len=10, dropout=" in out.stdout
+    with open(tmp_path / "b" / "baselines.json") as f:
+        payload = json.load(f)
+    pop, sasrec = payload["results"]
+    assert pop["name"] == "most-popular" and sasrec["name"] == "sasrec"
+    assert pop["test"] == most_popular_metrics(load_dataset("synthetic-seq"), ks=(10, 20, 50))["test"]
+    assert len(sasrec["grid"]) == 2 and sasrec["params"]["max_len"] == 10
+    assert payload["best"].startswith(max((pop, sasrec), key=lambda r: r["valid"]["hr@20"])["name"])
+    bad = subprocess.run(cmd[:7] + ["--only", "itemknn", "--out", str(tmp_path / "x")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "sequence baselines are most-popular, sasrec" in bad.stderr
