@@ -267,15 +267,54 @@ def cmd_evaluate_sequential(args) -> int:
                                 protocol=args.protocol)
     if not _main():
         return 0
+    base = _sequence_baseline_rows(args, data, state, splits, ks) if args.baselines else []
     if args.json:
+        if base:
+            results["baselines"] = {label: metrics for label, metrics in base}
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
     steps = rec.eval_steps or rec.diffusion.steps
     print(f"{args.checkpoint}: dreamrec on {state.get('data', {}).get('source', '?')} "
           f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {steps} sampling steps, "
           f"{args.protocol} protocol)")
-    print(format_table([(s, results[s]) for s in splits], ks, ("hr", "ndcg", "mrr")))
+    rows = [(s, results[s]) for s in splits]
+    rows += [(f"{label}: {s}" if len(splits) > 1 else label, metrics.get(s)) for label, metrics in base
+             for s in splits]
+    print(format_table(rows, ks, ("hr", "ndcg", "mrr")))
     return 0
+
+
+def _sequence_baseline_rows(args, data, state, splits, ks):
+    """``[(label, {split: metrics})]`` to print under a DreamRec checkpoint's rows: most-popular,
+    computed here under the same protocol, and the SASRec a ``refit baselines`` run fitted on the same
+    data (its baselines.json beside the checkpoint or in runs/baselines-<data name>, matched by
+    fingerprint; SASRec takes minutes to hours to train, so it is never fitted here)."""
+    from .runs import data_fingerprint
+    from .seqbaselines import most_popular_metrics
+
+    rows = [("most-popular", most_popular_metrics(data, splits, ks=ks, protocol=args.protocol,
+                                                  exclude_history=args.exclude_history))]
+    if args.protocol != "full" or args.exclude_history is not None:
+        return rows  # a fitted SASRec's stored metrics are the full protocol's, history as by default
+    source = str(state.get("data", {}).get("source", ""))
+    folders = [os.path.dirname(os.path.abspath(args.checkpoint)),
+               os.path.join("runs", "baselines-" + (os.path.basename(os.path.normpath(source)) or "data"))]
+    fingerprint = data_fingerprint(data)
+    for folder in folders:
+        path = os.path.join(folder, "baselines.json")
+        try:
+            with open(path) as f:
+                payload = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if payload.get("fingerprint") != fingerprint:
+            continue
+        for r in payload.get("results", []):
+            if r.get("name") == "sasrec":
+                params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items())
+                rows.append((f"sasrec ({params})" if params else "sasrec", {s: r.get(s) for s in splits}))
+                return rows
+    return rows
 
 
 def cmd_evaluate(args) -> int:
@@ -614,7 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=_positive_int, default=None,
                    help="dreamrec: sample with this many respaced reverse steps instead of all of them")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                   help="also print the best tuned baseline's row (cached in the checkpoint's folder)")
+                   help="also print the best tuned baseline's row (cached in the checkpoint's folder); for "
+                        "dreamrec: most-popular, and the SASRec of a `refit baselines` run on the same data "
+                        "(its baselines.json beside the checkpoint or in runs/baselines-<data name>)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import-diffrec", help="a checkpoint of DiffRec's paper code (a pickled DNN) as a refit "
                                               "checkpoint; the diffusion settings come from the flags")

@@ -494,3 +494,47 @@ def test_refit_baselines_on_sequences_runs_most_popular_and_a_tuned_sasrec(tmp_p
     bad = subprocess.run(cmd[:7] + ["--only", "itemknn", "--out", str(tmp_path / "x")], capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "sequence baselines are most-popular, sasrec" in bad.stderr
+
+
+def test_refit_evaluate_prints_the_sequence_baselines_under_a_dreamrec_checkpoint(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from refit.sequential import DreamRecConfig, pretrain_dreamrec
+
+    opts = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
+    pretrain_dreamrec(DreamRecConfig(data="synthetic-seq", data_options=opts, hidden=8, steps=8, epochs=1,
+                                     eval_every=1, batch_size=64, eval_batch_size=64, progress=False, ks=(10, 20),
+                                     out=str(tmp_path / "pre")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ckpt = str(tmp_path / "pre" / "best.pt")
+    evaluate = [sys.executable, "-m", "refit", "-q", "evaluate", "--checkpoint", ckpt, "--split", "both",
+                "--ks", "10,20"]
+    out = subprocess.run(evaluate, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "most-popular: test" in out.stdout and "sasrec" not in out.stdout  # no SASRec fitted yet
+    # Data other than the checkpoint's: its SASRec rows are not shown.
+    subprocess.run([sys.executable, "-m", "refit", "-q", "baselines", "--data", "synthetic-seq", "--sasrec-max-len",
+                    "8", "--sasrec-dropout", "0.2", "--sasrec-max-epochs", "1", "--out", str(tmp_path / "pre")],
+                   check=True, capture_output=True, env=env, timeout=300)
+    out = subprocess.run(evaluate, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and "sasrec" not in out.stdout, out.stdout
+    with open(tmp_path / "pre" / "baselines.json") as f:
+        payload = json.load(f)
+    from refit.data import load_dataset
+    from refit.runs import data_fingerprint
+
+    payload["fingerprint"] = data_fingerprint(load_dataset("synthetic-seq", **opts))
+    sasrec = next(r for r in payload["results"] if r["name"] == "sasrec")
+    sasrec["test"]["hr@20"] = 0.987654
+    with open(tmp_path / "pre" / "baselines.json", "w") as f:
+        json.dump(payload, f)
+    out = subprocess.run(evaluate + ["--json"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["baselines"]
+    label = next(k for k in rows if k.startswith("sasrec ("))
+    assert set(rows) == {"most-popular", label} and "max_len=8" in label and "dropout=0.2" in label
+    assert rows[label]["test"]["hr@20"] == 0.987654
+    assert 0 <= rows["most-popular"]["test"]["hr@20"] <= 1

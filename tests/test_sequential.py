@@ -99,4 +99,5 @@ def test_cli_pretrain_and_evaluate_dreamrec(tmp_path):
                         env=_env(), timeout=600)
     assert ev.returncode == 0, ev.stderr
     out = json.loads(ev.stdout)
-    assert set(out) == {"valid", "test"} and 0 <= out["test"]["hr@20"] <= 1
+    assert set(out) == {"valid", "test", "baselines"} and 0 <= out["test"]["hr@20"] <= 1
+    assert set(out["baselines"]) == {"most-popular"}  # no SASRec fitted on these data
