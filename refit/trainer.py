@@ -387,6 +387,14 @@ class ReFiT:
             reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
         return inputs, traj, reward
 
+    def _sampled(self):
+        """One iteration's draw and rollout, timed: ``(t0, episode, lo, n_global, inputs, traj, reward,
+        sampling seconds)``."""
+        t0 = time.perf_counter()
+        episode, lo, n_global = self.draw()
+        inputs, traj, reward = self.rollout(episode, lo, n_global)
+        return t0, episode, lo, n_global, inputs, traj, reward, time.perf_counter() - t0
+
     def step(self) -> Dict[str, float]:
         """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
         if self.config.method == "reward-weighted":
@@ -394,11 +402,8 @@ class ReFiT:
         if self.config.method == "offline-reward-weighted":
             return self._offline_step()
         cfg, policy = self.config, self.policy
-        t0 = time.perf_counter()
-        episode, lo, n_global = self.draw()
+        t0, episode, lo, n_global, inputs, traj, reward, t_sample = self._sampled()
         users, n_local = episode.users, episode.users.numel()
-        inputs, traj, reward = self.rollout(episode, lo, n_global)
-        t_sample = time.perf_counter() - t0
         adv = self.baseline.advantage(reward.reward)
         if self.placebo_generator is not None:  # the control: advantages no longer belong to their trajectories
             adv = adv[torch.randperm(adv.numel(), generator=self.placebo_generator)]
@@ -440,11 +445,8 @@ class ReFiT:
         sampled final state, weighted by the self-normalised ``softmax(reward / rw_lambda)`` of the user's
         group (see :func:`group_weights`)."""
         cfg, policy = self.config, self.policy
-        t0 = time.perf_counter()
-        episode, lo, n_global = self.draw()
+        t0, episode, lo, n_global, inputs, traj, reward, t_sample = self._sampled()
         users, n_local = episode.users, episode.users.numel()
-        inputs, traj, reward = self.rollout(episode, lo, n_global)
-        t_sample = time.perf_counter() - t0
         r = reward.reward
         if self.placebo_generator is not None:  # the control: rewards no longer belong to their trajectories
             r = r[torch.randperm(r.numel(), generator=self.placebo_generator)]
