@@ -471,6 +471,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=_positive_int, default=d.k, help="length of the rewarded top-K list")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of N_K against N_sim-K")
     g.add_argument("--similar-users", type=_positive_int, default=d.similar_users)
+    g.add_argument("--similar-users-method", choices=["auto", "exact", "approximate"], default=d.similar_users_method,
+                   help="the similar-user table behind N_sim-K: exact (time quadratic in the users), approximate "
+                        "(pynndescent, the ann extra; about linear) or auto: exact up to 60,000 users")
     g.add_argument("--target", choices=["hidden", "observed"], default=d.target)
     g.add_argument("--hide-fraction", type=float, default=d.hide_fraction)
     g = p.add_argument_group("policy gradient")
@@ -512,7 +515,7 @@ def _finetune_config(args, out: str):
     return FinetuneConfig(
         checkpoint=args.checkpoint, data=args.data, iterations=args.iterations, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
-        similar_users=args.similar_users, target=args.target, hide_fraction=args.hide_fraction,
+        similar_users=args.similar_users, similar_users_method=args.similar_users_method, target=args.target, hide_fraction=args.hide_fraction,
         group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,

@@ -10,9 +10,12 @@ segmented form.
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 import refit_kernels as rk
@@ -129,19 +132,31 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
     return (ids, sims) if return_similarity else ids
 
 
-def shared_similar_users(matrix: Any, m: int = 10, **options):
-    """:func:`top_similar_users` computed once by all the processes of a torch.distributed job.
+def shared_similar_users(matrix: Any, m: int = 10, *, method: str = "exact", **options):
+    """:func:`similar_users` computed once by all the processes of a torch.distributed job.
 
-    Each rank computes a contiguous block of users (``user_range``) and the
-    blocks are all-gathered, so every rank ends up with the whole
-    (n_users, m) table, equal to the single-process one, for 1 / world_size of
-    the work each. In a single process it is :func:`top_similar_users`. Every
-    rank must call it (it is a collective).
+    The exact table: each rank computes a contiguous block of users
+    (``user_range``) and the blocks are all-gathered, so every rank ends up
+    with the whole (n_users, m) table, equal to the single-process one, for
+    1 / world_size of the work each. The approximate table is computed whole
+    by rank 0 and shared. In a single process it is :func:`similar_users`.
+    Every rank must call it (it is a collective).
     """
     if not dist.is_distributed():
-        return top_similar_users(matrix, m, **options)
+        return similar_users(matrix, m, method=method, **options)
     n = rk.as_csr(matrix, "matrix").n_rows
-    part = top_similar_users(matrix, m, user_range=dist.shard_range(n), **options)
+    if method == "auto":
+        # Decided on rank 0, so that all ranks take the same path even if only some have pynndescent.
+        method = dist.broadcast_object("approximate" if n > APPROXIMATE_ABOVE_USERS and approximate_available()
+                                       else "exact")
+    if method == "exact":
+        part = similar_users(matrix, m, method="exact", user_range=dist.shard_range(n), **options)
+    elif dist.rank() == 0:
+        part = similar_users(matrix, m, method="approximate", **options)
+    else:
+        part = torch.full((0, m), -1, dtype=torch.int64)
+        if options.get("return_similarity"):
+            part = (part, torch.zeros((0, m), dtype=torch.float64))
     if isinstance(part, tuple):
         return tuple(dist.all_gather_rows(p) for p in part)
     return dist.all_gather_rows(part)
@@ -213,3 +228,220 @@ def neighbor_profiles(matrix: Any, neighbors: torch.Tensor, *, weights: Optional
         scale = (1.0 / counts.clamp(min=1).to(torch.float32)).repeat_interleave(counts)
         w = scale if w is None else w * scale
     return rk.gather_rows(matrix, rows, segments=segments, weights=w, dtype=dtype, out=out, backend=backend)
+
+
+# --- approximate similar users ------------------------------------------------------------------
+
+#: Above this many users, :func:`similar_users` with ``method="auto"`` takes the approximate path.
+#: Measured on synthetic data with 3,000 items, one core (benchmarks/RESULTS.md, "Scale"): the exact
+#: table took 35 s at 30,000 users and 491 s at 100,000 (time ~ users^2.2), the approximate one
+#: (width 60) 91 s and 301 s (~ users^1.03); they cross near 65,000 users.
+APPROXIMATE_ABOVE_USERS = 60_000
+
+_MISSING_ANN = ("the approximate similar-user table needs pynndescent: pip install 'refit-kernels[ann]' "
+                "(or pynndescent)")
+
+
+def approximate_available() -> bool:
+    """Whether the approximate path's optional dependency (pynndescent) imports."""
+    try:
+        import pynndescent  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def similar_users(matrix: Any, m: int = 10, *, method: str = "auto", progress: Optional[Callable[[str], None]] = None,
+                  **options):
+    """The m most similar users of every user, exactly or approximately.
+
+    ``method="exact"`` is :func:`top_similar_users`; ``"approximate"`` is
+    :func:`approximate_similar_users`; ``"auto"`` (default) is exact up to
+    :data:`APPROXIMATE_ABOVE_USERS` users and approximate above, or exact
+    with a warning there when pynndescent is not installed. ``options`` go
+    to the chosen function (each takes only its own).
+
+    Returns what the chosen function returns: (n_users, m) int64 ids, -1 padded.
+    """
+    if method not in ("auto", "exact", "approximate"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'approximate', got {method!r}")
+    n = rk.as_csr(matrix, "matrix").n_rows
+    if method == "auto":
+        method = "exact"
+        if n > APPROXIMATE_ABOVE_USERS:
+            if approximate_available():
+                method = "approximate"
+            else:
+                warnings.warn(f"similar users: {n:,} users, above {APPROXIMATE_ABOVE_USERS:,}, where the exact "
+                              f"table's quadratic time dominates; computing it exactly because "
+                              f"{_MISSING_ANN}", RuntimeWarning, stacklevel=2)
+    exact_names = ("block_size", "return_similarity", "measure", "user_range")
+    approx_names = ("width", "seed", "return_similarity", "measure", "n_jobs")
+    allowed = exact_names if method == "exact" else approx_names
+    unknown = sorted(set(options) - set(exact_names) - set(approx_names))
+    if unknown:
+        raise TypeError(f"similar_users: unknown option(s) {unknown}")
+    if method == "approximate" and options.get("user_range") is not None:
+        raise ValueError("user_range is for the exact path; the approximate table is computed whole")
+    chosen = {k: v for k, v in options.items() if k in allowed}
+    if progress is not None:
+        progress(f"similar users: {method} table for {n:,} users")
+    if method == "exact":
+        return top_similar_users(matrix, m, **chosen)
+    return approximate_similar_users(matrix, m, progress=progress, **chosen)
+
+
+def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, seed: int = 0, n_jobs: int = 1,
+                              return_similarity: bool = False, measure: str = "cosine",
+                              progress: Optional[Callable[[str], None]] = None):
+    """The m most cosine-similar users of every user, approximately, in about linear time.
+
+    Candidates come from a nearest-neighbour-descent graph on the rows'
+    cosine distance (pynndescent, the ``ann`` extra): ``width`` candidates
+    per user. Each candidate is then scored exactly as in
+    :func:`top_similar_users` (the same dot products, ranking key and tie
+    rule) and the best m with positive similarity are kept. So every
+    returned id is a user with positive similarity, the order is the exact
+    order of the returned users, and the table differs from the exact one
+    only by missed users (recall, measured in benchmarks/RESULTS.md).
+
+    Cost: pynndescent's graph, about linear in the users for a fixed
+    ``width`` (time grows with ``width``, recall too); then ``width``
+    exact sparse dot products per user. Memory: the (n_users, width)
+    graph, pynndescent's search trees, and chunks of 2^24 stored entries.
+
+    Args:
+        matrix: (n_users, n_items) CSR matrix, as in :func:`top_similar_users`; CPU.
+        m: neighbours per user (>= 1).
+        width: candidates per user (>= m): the graph's neighbour count.
+        seed: pynndescent's random_state; with ``n_jobs=1`` the result is
+            a function of (matrix, m, width, seed).
+        n_jobs: pynndescent's threads (more is faster; the graph may then
+            depend on the thread schedule).
+        return_similarity: also return the (n_users, m) float64 similarities.
+        measure: only ``"cosine"``; ``"overlap"`` (raw shared counts) has
+            no approximate path and is refused.
+        progress: optional callable given one line per phase.
+
+    Returns:
+        (n_users, m) int64 user ids (-1 = padding), and with
+        ``return_similarity`` the (n_users, m) float64 similarities.
+
+    Raises:
+        ImportError: pynndescent is not installed (names the extra).
+    """
+    for name, value, low in (("m", m, 1), ("width", width, 1), ("n_jobs", n_jobs, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if width < m:
+        raise ValueError(f"width must be >= m={m} (the candidates the m neighbours are chosen from), got {width}")
+    if measure != "cosine":
+        raise ValueError(f"measure: the approximate path ranks by cosine only, got {measure!r} "
+                         f"(use top_similar_users for 'overlap')")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    csr = rk.as_csr(matrix, "matrix", values_dtype=torch.float64)
+    if csr.n_cols is None:
+        raise ValueError("matrix: pass a matrix that knows its column count (scipy or torch sparse)")
+    if csr.device.type != "cpu":
+        csr = csr.to("cpu")
+    try:
+        import pynndescent
+    except ImportError as e:
+        raise ImportError(_MISSING_ANN) from e
+    say = progress or (lambda line: None)
+    n, n_items = csr.n_rows, int(csr.n_cols)
+    lens = csr.indptr[1:] - csr.indptr[:-1]
+    binary = csr.values is None or bool((csr.values == 1).all())
+    values = None if binary else csr.values
+    sq_norm = lens.to(torch.float64) if binary else torch.zeros(n, dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(n), lens), csr.values ** 2)
+    ids = torch.full((n, m), -1, dtype=torch.int64)
+    sims = torch.zeros((n, m), dtype=torch.float64)
+    active = torch.nonzero(sq_norm > 0).flatten()
+    scorer = _PairDots(csr, values)
+    if active.numel() >= 2:
+        t0 = time.perf_counter()
+        rows = scorer.A[active.numpy()].astype(np.float32)
+        k = min(width + 1, active.numel())  # pynndescent lists each point as its own first neighbour
+        with warnings.catch_warnings():
+            # "Failed to correctly find n_neighbors for some samples": the missing ones are -1 here,
+            # and the recall that matters is measured against the exact table.
+            warnings.filterwarnings("ignore", message="Failed to correctly find n_neighbors")
+            index = pynndescent.NNDescent(rows, metric="cosine", n_neighbors=k, random_state=seed, n_jobs=n_jobs,
+                                          low_memory=True, compressed=True)
+        graph = torch.from_numpy(np.asarray(index.neighbor_graph[0], dtype=np.int64))
+        del index
+        cand = torch.where(graph >= 0, active[graph.clamp(min=0)], torch.full_like(graph, -1))
+        say(f"similar users (approximate): {width} candidates per user for {active.numel():,} users "
+            f"in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        step = max(1, (1 << 20) // k)
+        for b0 in range(0, active.numel(), step):
+            u = active[b0:b0 + step]
+            c = cand[b0:b0 + step]
+            c = torch.where(c == u[:, None], torch.full_like(c, -1), c)
+            c = _first_occurrences(c)
+            valid = c >= 0
+            r, col = torch.nonzero(valid, as_tuple=True)
+            dot = torch.zeros(c.shape, dtype=torch.float64)
+            dot[r, col] = torch.from_numpy(scorer.dots(u[r].numpy(), c[r, col].numpy()))
+            key = dot * dot.abs() / sq_norm[c.clamp(min=0)]  # the exact path's ranking key
+            key = torch.where(valid & (dot > 0), key, torch.full_like(key, -math.inf))
+            chosen, kept = _best(c, key, dot, m)
+            ids[u] = chosen
+            s = kept / torch.sqrt(sq_norm[u][:, None] * sq_norm[chosen.clamp(min=0)])
+            sims[u] = torch.where(chosen >= 0, s, torch.zeros_like(s))
+        say(f"similar users (approximate): exact scores of the candidates in {time.perf_counter() - t0:.1f} s")
+    return (ids, sims) if return_similarity else ids
+
+
+def _first_occurrences(c: torch.Tensor) -> torch.Tensor:
+    """c (b, k) with repeated ids within a row replaced by -1 (the first stays)."""
+    order = torch.sort(c, dim=1, stable=True)
+    repeat = torch.zeros_like(c, dtype=torch.bool)
+    repeat[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
+    drop = torch.zeros_like(repeat).scatter_(1, order.indices, repeat)
+    return torch.where(drop, torch.full_like(c, -1), c)
+
+
+def _best(ids: torch.Tensor, key: torch.Tensor, dot: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row the m ids with the largest finite keys, largest first, ties to the lower id; -1
+    padded. Returns the ids and their dot products."""
+    order = torch.sort(ids, dim=1, stable=True).indices  # ascending ids, so ties keep the lower first
+    ids, key, dot = ids.gather(1, order), key.gather(1, order), dot.gather(1, order)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :m]
+    ids, key, dot = ids.gather(1, order), key.gather(1, order), dot.gather(1, order)
+    ids = torch.where(torch.isfinite(key), ids, torch.full_like(ids, -1))
+    if ids.shape[1] < m:
+        pad = m - ids.shape[1]
+        ids = torch.cat([ids, torch.full((ids.shape[0], pad), -1, dtype=ids.dtype)], 1)
+        dot = torch.cat([dot, torch.zeros((dot.shape[0], pad), dtype=dot.dtype)], 1)
+    return ids, dot
+
+
+class _PairDots:
+    """Exact dot products of pairs of rows, with scipy's row indexing and sorted-merge product
+    (a few ns per stored entry)."""
+
+    def __init__(self, csr: rk.CSR, values):
+        data = np.ones(csr.nnz) if values is None else values.numpy().astype(np.float64)
+        self.A = sp.csr_matrix((data, csr.indices.numpy(), csr.indptr.numpy()), shape=(csr.n_rows, int(csr.n_cols)))
+        self.A.sort_indices()
+        self.lens = np.diff(self.A.indptr)
+
+    def dots(self, u: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(P,) float64: <row u[i], row w[i]>, in chunks of about 2^24 stored entries."""
+        out = np.zeros(u.shape[0], dtype=np.float64)
+        ends = np.cumsum(self.lens[w])
+        start = 0
+        while start < u.shape[0]:
+            base = ends[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, base + (1 << 24), side="right")))
+            prod = self.A[u[start:stop]].multiply(self.A[w[start:stop]]).tocsr()
+            counts = np.diff(prod.indptr)
+            nz = counts > 0
+            if nz.any():
+                out[start:stop][nz] = np.add.reduceat(prod.data, prod.indptr[:-1][nz])
+            start = stop
+        return out

@@ -71,6 +71,9 @@ class FinetuneConfig:
     k: int = 20
     alpha: float = 0.5
     similar_users: int = 10
+    # the N_sim-K neighbours: "exact", "approximate" (pynndescent, the ann extra) or "auto" (exact up to
+    # refit.similarity.APPROXIMATE_ABOVE_USERS users)
+    similar_users_method: str = "auto"
     target: str = "hidden"
     hide_fraction: float = 0.2
     # policy gradient
@@ -111,6 +114,9 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
+        if self.similar_users_method not in ("auto", "exact", "approximate"):
+            raise ValueError(f"similar_users_method must be 'auto', 'exact' or 'approximate', "
+                             f"got {self.similar_users_method!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if not 0.0 < self.hide_fraction < 1.0:
@@ -286,7 +292,10 @@ class ReFiT:
     identical on every rank, does not depend on N.
     """
 
-    def __init__(self, policy, data, config: FinetuneConfig):
+    def __init__(self, policy, data, config: FinetuneConfig, *, neighbors: Optional[torch.Tensor] = None):
+        """``neighbors``: an (n_users, config.similar_users) int64 similar-user table (-1 padded, as
+        from :func:`refit.similarity.similar_users`) to use instead of computing one, e.g. to share
+        one table between runs on the same training data."""
         check_policy(policy)
         self.policy = self.rec = policy  # ``rec``: the former name
         self.data, self.config = data, config
@@ -317,7 +326,20 @@ class ReFiT:
                 raise TypeError(f"{type(policy).__name__}.denoising_loss takes no per-item weights (weight=): "
                                 f"offline reward-weighted fine-tuning needs them")
             self._ratings = rk.as_csr(ratings, "train_ratings")
-        self.neighbors = shared_similar_users(self.train_csr, m=config.similar_users)
+        if neighbors is None:
+            neighbors = shared_similar_users(self.train_csr, m=config.similar_users,
+                                             method=config.similar_users_method)
+        else:
+            n_rows = rk.as_csr(self.train_csr, "train").n_rows
+            if (not isinstance(neighbors, torch.Tensor) or neighbors.dtype != torch.int64
+                    or tuple(neighbors.shape) != (n_rows, config.similar_users)):
+                raise ValueError(f"neighbors must be an int64 tensor of shape ({n_rows}, {config.similar_users}) "
+                                 f"(users x similar_users), got "
+                                 f"{getattr(neighbors, 'dtype', type(neighbors).__name__)} "
+                                 f"{tuple(getattr(neighbors, 'shape', ()))}")
+            if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= n_rows):
+                raise ValueError(f"neighbors: ids must be -1 (padding) or users in [0, {n_rows})")
+        self.neighbors = neighbors
         self.candidates = getattr(self.episodes, "candidates", None)
         self.reference = None
         if config.anchor == "kl":

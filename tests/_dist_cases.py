@@ -75,7 +75,9 @@ def evaluation(pretrained: str):
 def similar_users():
     train = data().train
     ids, sims = shared_similar_users(train, m=7, return_similarity=True)
-    return {"ids": ids, "sims": sims, "plain": shared_similar_users(train, m=10)}
+    approx, approx_sims = shared_similar_users(train, m=7, method="approximate", width=12, return_similarity=True)
+    return {"ids": ids, "sims": sims, "plain": shared_similar_users(train, m=10),
+            "approx": approx, "approx_sims": approx_sims}
 
 
 def sharded_batches(rank: int, world: int):

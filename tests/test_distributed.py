@@ -181,7 +181,7 @@ def test_distributed_evaluation_equals_one_process(two_ranks, pretrained):
 
 def test_shared_similar_users_equal_the_single_process_table(two_ranks):
     single = cases.similar_users()
-    for key in ("ids", "sims", "plain"):
+    for key in ("ids", "sims", "plain", "approx", "approx_sims"):
         assert torch.equal(two_ranks["similar"][key], single[key]), key
     assert two_ranks["similar"]["plain"].shape == (cases.DATA["n_users"], 10)
 
