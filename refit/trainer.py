@@ -511,11 +511,17 @@ class ReFiT:
         grad_norm = self._update(loss)
         logged = rows != 0
         w_logged = torch.where(logged, weight, torch.zeros_like(weight))
+        # The mean logged rating, and the mean rating as the weights see it (their gap is what lambda
+        # does), over the global batch: sums and counts from every rank.
+        sums = torch.stack([(ratings * logged).sum(), logged.sum(), (w_logged * ratings).sum(),
+                            w_logged.sum()]).to(torch.float64)
+        if self.world > 1:
+            sums = dist.all_reduce_sum(sums)
+        sums = sums.tolist()
         return {
             "loss": self._global_value(loss), "anchor": anchor, "grad_norm": grad_norm,
-            # the mean logged rating, and the mean rating as the weights see it (their gap is what lam does)
-            "rating": float(ratings[logged].mean()) if logged.any() else 0.0,
-            "weighted_rating": float((w_logged * ratings).sum() / w_logged.sum()) if logged.any() else 0.0,
+            "rating": sums[0] / sums[1] if sums[1] > 0 else 0.0,
+            "weighted_rating": sums[2] / sums[3] if sums[3] > 0 else 0.0,
             "sample_s": 0.0, "step_s": round(time.perf_counter() - t0, 4),
         }
 
