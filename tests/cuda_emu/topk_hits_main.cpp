@@ -12,41 +12,27 @@
 #include <cstdio>
 #include <vector>
 
+#include "emu_io.h"
 #include "emulated.cpp"  // csrc/cuda/topk_hits_cuda.cu with its launch rewritten
-
-template <typename T>
-std::vector<T> read(std::FILE* f, int64_t n) {
-  std::vector<T> v(static_cast<size_t>(n > 0 ? n : 0));
-  if (n > 0 && std::fread(v.data(), sizeof(T), v.size(), f) != v.size()) {
-    std::fprintf(stderr, "short input\n");
-    std::exit(2);
-  }
-  return v;
-}
-
-template <typename T>
-void write(std::FILE* f, const std::vector<T>& v) {
-  std::fwrite(v.data(), sizeof(T), v.size(), f);
-}
 
 int main(int argc, char** argv) {
   if (argc != 3) return 2;
   std::FILE* in = std::fopen(argv[1], "rb");
   if (!in) return 2;
-  const std::vector<int64_t> h = read<int64_t>(in, 15);
+  const std::vector<int64_t> h = emu_read<int64_t>(in, 15);
   const int64_t dtype = h[0], B = h[1], I = h[2], stride = h[3], n_ks = h[4], kmax = h[5];
   const bool has_users = h[6] != 0;
   const int64_t ex_rows = h[7], ex_nnz = h[8], po_rows = h[9], po_nnz = h[10], M = h[11], ns_rows = h[12],
                 ns_nnz = h[13];
   const bool return_indices = h[14] != 0;
   const int64_t elem = dtype == static_cast<int64_t>(refit::DType::kFloat32) ? 4 : 2;
-  std::vector<unsigned char> scores = read<unsigned char>(in, B * stride * elem);
-  std::vector<int64_t> ks = read<int64_t>(in, n_ks);
-  std::vector<int64_t> users = read<int64_t>(in, has_users ? B : 0);
-  std::vector<int64_t> ex_ptr = read<int64_t>(in, ex_rows + 1), ex_idx = read<int64_t>(in, ex_rows >= 0 ? ex_nnz : 0);
-  std::vector<int64_t> po_ptr = read<int64_t>(in, po_rows + 1), po_idx = read<int64_t>(in, po_rows >= 0 ? po_nnz : 0);
-  std::vector<int64_t> nbrs = read<int64_t>(in, M >= 0 ? B * M : 0);
-  std::vector<int64_t> ns_ptr = read<int64_t>(in, ns_rows + 1), ns_idx = read<int64_t>(in, ns_rows >= 0 ? ns_nnz : 0);
+  std::vector<unsigned char> scores = emu_read<unsigned char>(in, B * stride * elem);
+  std::vector<int64_t> ks = emu_read<int64_t>(in, n_ks);
+  std::vector<int64_t> users = emu_read<int64_t>(in, has_users ? B : 0);
+  std::vector<int64_t> ex_ptr = emu_read<int64_t>(in, ex_rows + 1), ex_idx = emu_read<int64_t>(in, ex_rows >= 0 ? ex_nnz : 0);
+  std::vector<int64_t> po_ptr = emu_read<int64_t>(in, po_rows + 1), po_idx = emu_read<int64_t>(in, po_rows >= 0 ? po_nnz : 0);
+  std::vector<int64_t> nbrs = emu_read<int64_t>(in, M >= 0 ? B * M : 0);
+  std::vector<int64_t> ns_ptr = emu_read<int64_t>(in, ns_rows + 1), ns_idx = emu_read<int64_t>(in, ns_rows >= 0 ? ns_nnz : 0);
   std::fclose(in);
 
   std::vector<int64_t> hits(B * n_ks, -7), first(B, -7), indices(return_indices ? B * kmax : 0, -7),
@@ -79,13 +65,13 @@ int main(int argc, char** argv) {
 
   std::FILE* out = std::fopen(argv[2], "wb");
   if (!out) return 2;
-  write(out, std::vector<int64_t>{status});
-  write(out, hits);
-  write(out, dcg);
-  write(out, nbr);
-  write(out, first);
-  write(out, indices);
-  write(out, report);
+  emu_write_one(out, status);
+  emu_write(out, hits);
+  emu_write(out, dcg);
+  emu_write(out, nbr);
+  emu_write(out, first);
+  emu_write(out, indices);
+  emu_write(out, report);
   std::fclose(out);
   return 0;
 }
