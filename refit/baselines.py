@@ -154,19 +154,29 @@ class ItemKNN(Baseline):
         Xt = X.T.tocsr()  # items x users
         Xc = X.tocsc()
         norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=0), dtype=np.float64).reshape(-1))
+        # Only co-occurring items can have a positive similarity, so each block's Gram matrix stays
+        # sparse: the cost follows the co-occurrences, not items x items. Entries past an item's
+        # positive neighbours are padding (similarity 0), which set_k drops.
         idx = np.zeros((n_items, kmax), dtype=np.int64)
         sim = np.zeros((n_items, kmax), dtype=np.float32)
         for start in range(0, n_items, self.block):
             stop = min(start + self.block, n_items)
-            gram = torch.from_numpy((Xt @ Xc[:, start:stop]).toarray().astype(np.float64))  # (I, blk)
-            denom = torch.from_numpy(norms)[:, None] * torch.from_numpy(norms[start:stop])[None, :] + self.shrink
-            s = torch.where(denom > 0, gram / denom.clamp(min=1e-300), torch.zeros_like(gram))
-            cols = torch.arange(start, stop)
-            s[cols, cols - start] = 0.0  # an item is not its own neighbour
-            # Stable descending sort: equal similarities keep the lower item id first.
-            order = torch.sort(s.t(), dim=1, descending=True, stable=True).indices[:, :kmax]
-            idx[start:stop] = order.numpy()
-            sim[start:stop] = torch.gather(s.t(), 1, order).float().numpy()
+            gram = (Xt @ Xc[:, start:stop]).tocoo()  # (I, blk), sparse
+            j, col = gram.row.astype(np.int64), gram.col.astype(np.int64)
+            i = col + start
+            denom = norms[j] * norms[i] + self.shrink
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s = np.where(denom > 0, gram.data.astype(np.float64) / np.maximum(denom, 1e-300), 0.0)
+            keep = (s > 0) & (j != i)  # an item is not its own neighbour
+            j, i, s = j[keep], i[keep], s[keep]
+            # Per item: descending similarity, equal similarities lower item id first.
+            order = np.lexsort((j, -s, i))
+            j, i, s = j[order], i[order], s[order]
+            first = np.searchsorted(i, i, side="left")
+            rank = np.arange(i.size) - first
+            top = rank < kmax
+            idx[i[top], rank[top]] = j[top]
+            sim[i[top], rank[top]] = s[top].astype(np.float32)
         self._nbr_idx, self._nbr_sim = idx, sim
         self.set_k(self.k)
         return self
