@@ -10,10 +10,10 @@ Rows:
 
 * one ReFiT iteration of DiffRec (ML-1M: 2,810 items, dims (200, 600), 40
   steps, B = 64), fp32 and bf16, sampling eagerly or from a graph; and fp32
-  with every op on the PyTorch reference (``REFIT_BACKEND=reference``). Where
-  ``ReFiT.step`` as written fails on the device (its reward gets CSR rows
-  left on the CPU), that is recorded as a failed check and the iterations
-  are timed with the reward's inputs moved to the device;
+  with every op on the PyTorch reference (``REFIT_BACKEND=reference``). Whether
+  ``ReFiT.step`` runs on the device as written is a check; where it fails
+  (for example a reward input left on the CPU), the failure is recorded and
+  the iterations are timed with the reward's inputs moved to the device;
 * ReFiT's sampling alone (``policy.sample``, B = 64): eager or graph, fp32 or
   bf16, the noise from a CPU generator (the trainer's) or a device generator;
 * evaluation's reverse pass over every user (batches of 1,024, the last one
