@@ -1,0 +1,40 @@
+"""benchmarks/scale.py: one tiny size through every stage, and the exponent fit and report."""
+
+import math
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("pynndescent")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import scale  # noqa: E402
+
+
+def test_every_stage_runs_and_reports_at_a_tiny_size():
+    lines = []
+    # 150 users x 1,500 items: some items are never drawn, so the model is built for the items seen.
+    res = scale.run_size(150, 1500, stages=list(scale.STAGES), exact_max_users=1000, quick=True, log=lines.append)
+    assert res["items_seen"] < 1500
+    for stage in scale.STAGES:
+        assert stage in res, stage
+        assert res[stage]["seconds"] >= 0 and res[stage]["peak_mb"] >= 0, stage
+    approx = res["similar-approx"]
+    assert 0.9 <= approx["recall@10"] <= 1.0 and approx["recall@10"] <= approx["tie_recall@10"] <= 1.0
+    assert approx["n_sim_k_abs_diff"] >= 0 and approx["n_sim_k_users"] == 150
+    assert res["interactions"] > 150
+    # Loading the written file keeps every interaction the records had.
+    assert res["load"]["interactions"] == res["interactions"]
+    assert any("refit-iteration" in line for line in lines)
+
+
+def test_exponent_and_report():
+    pts = [{"n_users": n, "n_items": 10, "split": {"seconds": 0.5 * n ** 1.1, "peak_mb": 1.0},
+            "similar-exact": {"seconds": 1e-6 * n * n, "peak_mb": 2.0},
+            "ease": {"refused": "ease: too many items"}} for n in (100, 1000, 10000)]
+    assert scale.exponent(pts, "split", "n_users") == pytest.approx(1.1)
+    assert scale.exponent(pts, "similar-exact", "n_users") == pytest.approx(2.0)
+    assert scale.exponent(pts, "ease", "n_users") is None
+    text = scale.report(pts, users_axis_items=10, items_axis_users=-1)
+    assert "| split | " in text and "| 1.10 |" in text and "| 2.00 |" in text and "refused" in text
+    assert math.isfinite(scale.exponent(pts, "split", "n_users"))
