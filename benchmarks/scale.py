@@ -27,6 +27,7 @@ measured.
     python benchmarks/scale.py --quick                     # tiny sizes, a minute (CI-sized)
     python benchmarks/scale.py --out benchmarks/scale.json # the sweep (hours at the largest sizes)
     python benchmarks/scale.py --report benchmarks/scale.json --plot benchmarks/scale.png
+    python benchmarks/scale.py --recall ../shared/data/ml-1m_clean ../shared/data/zhihu  # real data
 
 Run with OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 on a machine where nothing else runs, or set both
 to the cores given to it.
@@ -250,6 +251,34 @@ def _reward_effect(train, exact_ids, approx_ids) -> Dict[str, float]:
             "n_sim_k_abs_diff": float((got["exact"] - got["approx"]).abs().mean()), "n_sim_k_users": b}
 
 
+def recall_on(paths: List[str], widths: List[int], log=print) -> List[Dict[str, Any]]:
+    """The approximate table against the exact one for every user of real data sets (any source
+    ``refit.data.load_dataset`` reads; sequence data as its user x item training matrix)."""
+    from refit.data import load_dataset
+    from refit.similarity import approximate_similar_users, top_similar_users
+
+    approximate_similar_users(synthetic_matrix(200, 50), 5, width=10)  # numba's compilation, untimed
+    rows = []
+    for path in paths:
+        train = load_dataset(path).train
+        t0 = time.perf_counter()
+        exact, exact_sims = top_similar_users(train, 10, return_similarity=True)
+        exact_s = time.perf_counter() - t0
+        for width in widths:
+            t0 = time.perf_counter()
+            ids, sims = approximate_similar_users(train, 10, width=width, seed=0, return_similarity=True)
+            r = {"data": path, "users": train.shape[0], "items": train.shape[1], "width": width,
+                 "exact_s": exact_s, "approx_s": time.perf_counter() - t0}
+            r.update(_recall(ids, sims, exact, exact_sims))
+            r.update(_reward_effect(train, exact, ids))
+            log(f"{os.path.basename(os.path.normpath(path))}: {r['users']:,} users, width {width}: recall@10 "
+                f"{r['recall@10']:.4f} (tie-aware {r['tie_recall@10']:.4f}); exact {exact_s:.1f} s, approximate "
+                f"{r['approx_s']:.1f} s; N_sim-20 exact {r['n_sim_k_exact']:.4f}, approx {r['n_sim_k_approx']:.4f}, "
+                f"mean |diff| {r['n_sim_k_abs_diff']:.4f} over {r['n_sim_k_users']:,} users")
+            rows.append(r)
+    return rows
+
+
 def _child(args) -> None:
     """One size in this process; the JSON result is the last line of stdout."""
     import torch
@@ -302,11 +331,18 @@ def exponent(points: List[Dict[str, Any]], stage: str, axis: str) -> Optional[fl
     return sum((x - mx) * (y - my) for x, y in xy) / sxx if sxx > 0 else None
 
 
+def axis_points(points: List[Dict[str, Any]], axis: str, fixed: int) -> List[Dict[str, Any]]:
+    """The points of one sweep axis ("n_users" with the items fixed, or "n_items"), by size. A point
+    with an ``"axis"`` key belongs to that axis only: results merged from runs made at different
+    times keep each axis's shared size from the axis's own run."""
+    other = "n_items" if axis == "n_users" else "n_users"
+    return sorted([p for p in points if p[other] == fixed and "failed" not in p and p.get("axis", axis) == axis],
+                  key=lambda p: p[axis])
+
+
 def report(points: List[Dict[str, Any]], users_axis_items: int, items_axis_users: int) -> str:
-    by_users = sorted([p for p in points if p["n_items"] == users_axis_items and "failed" not in p],
-                      key=lambda p: p["n_users"])
-    by_items = sorted([p for p in points if p["n_users"] == items_axis_users and "failed" not in p],
-                      key=lambda p: p["n_items"])
+    by_users = axis_points(points, "n_users", users_axis_items)
+    by_items = axis_points(points, "n_items", items_axis_users)
     lines = []
     for title, pts, axis in ((f"users ({users_axis_items:,} items)", by_users, "n_users"),
                              (f"items ({items_axis_users:,} users)", by_items, "n_items")):
@@ -353,7 +389,7 @@ def plot(points: List[Dict[str, Any]], users_axis_items: int, items_axis_users: 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, axis, fixed, key in ((axes[0], "n_users", users_axis_items, "n_items"),
                                  (axes[1], "n_items", items_axis_users, "n_users")):
-        pts = sorted([p for p in points if p[key] == fixed and "failed" not in p], key=lambda p: p[axis])
+        pts = axis_points(points, axis, fixed)
         for stage in PIPELINE:
             xs = [p[axis] for p in pts if isinstance(p.get(stage), dict) and "seconds" in p[stage]]
             ys = [p[stage]["seconds"] for p in pts if isinstance(p.get(stage), dict) and "seconds" in p[stage]]
@@ -385,6 +421,10 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip the sizes already in --out")
     p.add_argument("--report", default=None, help="print the markdown table of this JSON file and exit")
     p.add_argument("--plot", default=None, help="with --report: write the log-log plot here")
+    p.add_argument("--recall", nargs="+", metavar="DATA", default=None,
+                   help="instead of the sweep: recall@10 of the approximate table against the exact one on "
+                        "these data sets (every user), at widths --recall-widths; JSON to --out")
+    p.add_argument("--recall-widths", default="30,60")
     p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
@@ -395,6 +435,12 @@ def main(argv=None) -> int:
         args.users, args.users_items, args.items, args.items_users = "1000,2000,4000", 300, "300,600,1200", 2000
     if args.child:
         _child(args)
+        return 0
+    if args.recall:
+        rows = recall_on(args.recall, [int(w) for w in args.recall_widths.split(",") if w])
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"recall": rows}, f, indent=1)
         return 0
     users = [int(x) for x in args.users.split(",") if x]
     items = [int(x) for x in args.items.split(",") if x]

@@ -38,3 +38,12 @@ def test_exponent_and_report():
     text = scale.report(pts, users_axis_items=10, items_axis_users=-1)
     assert "| split | " in text and "| 1.10 |" in text and "| 2.00 |" in text and "refused" in text
     assert math.isfinite(scale.exponent(pts, "split", "n_users"))
+
+
+def test_recall_on_a_data_set_is_one_when_every_user_is_a_candidate():
+    # width >= n_users - 1: every other user is a candidate, so the approximate table is the exact one.
+    rows = scale.recall_on(["synthetic"], [599], log=lambda line: None)
+    (r,) = rows
+    assert r["users"] == 600 and r["width"] == 599
+    assert r["recall@10"] == 1.0 and r["tie_recall@10"] == 1.0
+    assert r["n_sim_k_abs_diff"] == 0.0 and r["n_sim_k_exact"] == r["n_sim_k_approx"]
