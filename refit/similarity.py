@@ -35,6 +35,14 @@ def _sparse_tensor(csr: rk.CSR, dtype: torch.dtype) -> torch.Tensor:
                                        size=(csr.n_rows, int(csr.n_cols)), check_invariants=False)
 
 
+def _cpu_csr(matrix):
+    """``matrix`` as a float64 CSR on the CPU, refusing one without a known column count."""
+    csr = rk.as_csr(matrix, "matrix", values_dtype=torch.float64)
+    if csr.n_cols is None:
+        raise ValueError("matrix: pass a matrix that knows its column count (scipy or torch sparse)")
+    return csr if csr.device.type == "cpu" else csr.to("cpu")
+
+
 def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = None,
                       return_similarity: bool = False, measure: str = "cosine",
                       user_range: Optional[Tuple[int, int]] = None):
@@ -79,11 +87,7 @@ def top_similar_users(matrix: Any, m: int = 10, *, block_size: Optional[int] = N
         raise ValueError(f"m must be a positive int, got {m!r}")
     if measure not in ("cosine", "overlap"):
         raise ValueError(f"measure must be 'cosine' or 'overlap', got {measure!r}")
-    csr = rk.as_csr(matrix, "matrix", values_dtype=torch.float64)
-    if csr.n_cols is None:
-        raise ValueError("matrix: pass a matrix that knows its column count (scipy or torch sparse)")
-    if csr.device.type != "cpu":
-        csr = csr.to("cpu")
+    csr = _cpu_csr(matrix)
     n = csr.n_rows
     lo, hi = (0, n) if user_range is None else (int(user_range[0]), int(user_range[1]))
     if not 0 <= lo <= hi <= n:
@@ -340,11 +344,7 @@ def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, seed
                          f"(use top_similar_users for 'overlap')")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    csr = rk.as_csr(matrix, "matrix", values_dtype=torch.float64)
-    if csr.n_cols is None:
-        raise ValueError("matrix: pass a matrix that knows its column count (scipy or torch sparse)")
-    if csr.device.type != "cpu":
-        csr = csr.to("cpu")
+    csr = _cpu_csr(matrix)
     try:
         import pynndescent
     except ImportError as e:
