@@ -38,7 +38,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -430,24 +430,46 @@ def _first_rejected(rows: Sequence[str], sep: str, dtype: np.dtype) -> Optional[
     return None if message is None else (lo, message)
 
 
-def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_lines: int = 0):
-    """Reads a delimited text table into a structured array, plus each row's line number.
+# Bytes of the file parsed at a time. A chunk's rows as Python strings take several times its size, so
+# the reader's peak memory is its output arrays plus a bounded overhead, whatever the file's length.
+_CHUNK_BYTES = 1 << 24
 
-    fields: (name, "int" | "float") per column. Blank (or whitespace-only)
-    lines are skipped. Any malformed line raises DataFormatError with its
-    line number.
+
+def _text_chunks(path: str, chunk_bytes: int) -> Iterator[Tuple[int, str]]:
+    """(1-based line of its first line, text) of successive pieces of the file, each ending at a newline.
+
+    UTF-8 never uses the byte 0x0A inside a multi-byte character, so a cut after
+    a newline never splits one. A decoding error is reported with its line in the
+    whole file.
     """
+    first_line, rest, head = 1, b"", True
     with open(path, "rb") as f:
-        raw = f.read()
-    lines = _decode(path, raw).split("\n")
-    body = lines[header_lines:]
-    kept = [i for i, s in enumerate(body) if s.strip()]
-    if not kept:
-        raise DataFormatError(path, None, "the file has no data rows" + (" (only a header)" if header_lines else
-                                                                          " (it is empty)"))
-    rows = [body[i] for i in kept]
-    line_no = np.asarray(kept, dtype=np.int64) + header_lines + 1
-    dtype = np.dtype([(name, np.int64 if kind == "int" else np.float64) for name, kind in fields])
+        while True:
+            block = f.read(chunk_bytes)
+            data = rest + block
+            if not data:
+                return
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            if cut == 0:  # no newline yet: one line longer than a chunk; keep reading
+                rest = data
+                continue
+            piece, rest = data[:cut], data[cut:]
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = first_line + piece[: exc.start].count(b"\n")
+                raise DataFormatError(path, line, f"not UTF-8 text ({exc.reason})") from None
+            if head:
+                text, head = (text[1:] if text.startswith("\ufeff") else text), False
+            yield first_line, text
+            first_line += piece.count(b"\n")
+            if not block:
+                return
+
+
+def _parse_rows(path: str, rows: List[str], line_no: np.ndarray, sep: str, fields: Sequence[Tuple[str, str]],
+                dtype: np.dtype) -> np.ndarray:
+    """The structured array of ``rows``; DataFormatError with the line of the first malformed one."""
     try:
         table = _loadtxt(rows, sep, dtype)
         if table.shape[0] != len(rows):
@@ -462,7 +484,38 @@ def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_l
             msg = re.sub(r"\s*at row \d+, column (\d+)\.?$", r" (field \1)", found[1])
             raise DataFormatError(path, int(line_no[found[0]]), f"could not be parsed: {msg}") from None
         raise DataFormatError(path, None, "could not be parsed (no single malformed line was found)") from None
-    return table, line_no
+    return table
+
+
+def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_lines: int = 0):
+    """Reads a delimited text table into a structured array, plus each row's line number.
+
+    fields: (name, "int" | "float") per column. Blank (or whitespace-only)
+    lines are skipped. Any malformed line raises DataFormatError with its
+    line number. The file is parsed in pieces of about ``_CHUNK_BYTES``, so
+    memory beyond the result stays bounded.
+    """
+    dtype = np.dtype([(name, np.int64 if kind == "int" else np.float64) for name, kind in fields])
+    tables, numbers = [], []
+    for first_line, text in _text_chunks(path, _CHUNK_BYTES):
+        lines = text.split("\n")
+        if text.endswith("\n"):
+            lines.pop()  # the empty string after the piece's last newline is not a line
+        skip = max(0, header_lines - (first_line - 1))
+        kept = [i for i in range(skip, len(lines)) if lines[i].strip()]
+        if not kept:
+            continue
+        rows = [lines[i] for i in kept]
+        del lines
+        line_no = np.asarray(kept, dtype=np.int64) + first_line
+        tables.append(_parse_rows(path, rows, line_no, sep, fields, dtype))
+        numbers.append(line_no)
+    if not tables:
+        raise DataFormatError(path, None, "the file has no data rows" + (" (only a header)" if header_lines else
+                                                                          " (it is empty)"))
+    if len(tables) == 1:
+        return tables[0], numbers[0]
+    return np.concatenate(tables), np.concatenate(numbers)
 
 
 _RECBOLE_KINDS = {"user_id": "int", "item_id": "int", "rating": "float", "timestamp": "float"}

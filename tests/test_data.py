@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from _testing import shared_dataset
+import refit.data as data_module
 from refit.data import DataFormatError, InteractionData, UserBatches, load_dataset
 
 
@@ -494,3 +495,68 @@ def test_non_utf8_lines_are_named(tmp_path):
     path.write_bytes(b"user_id:token\titem_id:token\treview:token_seq\n1\t2\tok\n1\t3\t\xff\n")
     with pytest.raises(DataFormatError, match=r"d\.inter, line 3: not UTF-8 text"):
         load_dataset(str(path))
+
+
+# --- the text reader works through the file in pieces ---------------------------------------
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Makes the reader cut files into pieces of a few bytes, so every case crosses many cuts."""
+    def use(n):
+        monkeypatch.setattr(data_module, "_CHUNK_BYTES", n)
+    return use
+
+
+def _odd_ratings_file(rng, n_rows):
+    """u.data text with a byte order mark, blank and whitespace-only lines, CRLF endings and
+    no newline at the end, plus the (user, item, rating, time, line) of every row."""
+    parts, rows, line = ["\ufeff"], [], 1
+    for _ in range(n_rows):
+        while rng.random() < 0.2:
+            parts.append(rng.choice(["\n", "  \n", "\t\r\n"]))
+            line += 1
+        u, i, r, t = int(rng.integers(1, 50)), int(rng.integers(1, 10 ** int(rng.integers(1, 7)))), \
+            int(rng.integers(1, 6)), int(rng.integers(0, 10 ** 9))
+        parts.append(f"{u}\t{i}\t{r}\t{t}" + ("\r\n" if rng.random() < 0.3 else "\n"))
+        rows.append((u, i, r, t, line))
+        line += 1
+    parts[-1] = parts[-1].rstrip("\r\n")
+    return "".join(parts), rows
+
+
+@pytest.mark.parametrize("piece", [1, 3, 17, 64, 1 << 24])
+def test_reading_in_pieces_gives_every_row_and_its_line(tmp_path, small_pieces, piece):
+    small_pieces(piece)
+    text, rows = _odd_ratings_file(np.random.default_rng(piece), 300)
+    table, lines = data_module._read_table(write(tmp_path / "u.data", text), "\t", data_module._RATING_FIELDS)
+    assert table["user id"].tolist() == [r[0] for r in rows]
+    assert table["item id"].tolist() == [r[1] for r in rows]
+    assert table["rating"].tolist() == [r[2] for r in rows]
+    assert table["timestamp"].tolist() == [r[3] for r in rows]
+    assert lines.tolist() == [r[4] for r in rows]
+
+
+@pytest.mark.parametrize("piece", [1, 5, 40])
+def test_errors_after_the_first_piece_name_their_line(tmp_path, small_pieces, piece):
+    small_pieces(piece)
+    good = "".join(f"{u}::{u + 1}::4::{u}\n" for u in range(1, 30))
+    path = write(tmp_path / "ratings.dat", good + "\n7::x::4::9\n")
+    with pytest.raises(DataFormatError, match=r"ratings\.dat, line 31: item id must be an integer"):
+        load_dataset(path)
+    raw = tmp_path / "bytes" / "ratings.dat"
+    raw.parent.mkdir()
+    raw.write_bytes(good.encode() + b"7::8::4::\xff9\n")
+    with pytest.raises(DataFormatError, match=r"ratings\.dat, line 30: not UTF-8 text"):
+        load_dataset(str(raw))
+    header = write(tmp_path / "h.inter", "user_id:token\titem_id:token\n" + "\n" * 5)
+    with pytest.raises(DataFormatError, match=r"no data rows \(only a header\)"):
+        load_dataset(header)
+
+
+def test_a_multibyte_character_split_by_a_cut_still_decodes(tmp_path, small_pieces):
+    """A piece ends only after a newline, so a cut never lands inside a character: the byte order
+    mark and the ideographic spaces (3 bytes each in UTF-8) of the blank lines survive every cut."""
+    small_pieces(2)
+    path = write(tmp_path / "u.data", "\ufeff1\t2\t5\t10\n\u3000\u3000\n3\t4\t4\t11\n\u3000\n5\t6\t3\t12\n")
+    table, lines = data_module._read_table(path, "\t", data_module._RATING_FIELDS)
+    assert table["user id"].tolist() == [1, 3, 5] and lines.tolist() == [1, 3, 5]
