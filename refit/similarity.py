@@ -364,12 +364,19 @@ def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, seed
         t0 = time.perf_counter()
         rows = scorer.A[active.numpy()].astype(np.float32)
         k = min(width + 1, active.numel())  # pynndescent lists each point as its own first neighbour
-        with warnings.catch_warnings():
-            # "Failed to correctly find n_neighbors for some samples": the missing ones are -1 here,
-            # and the recall that matters is measured against the exact table.
-            warnings.filterwarnings("ignore", message="Failed to correctly find n_neighbors")
-            index = pynndescent.NNDescent(rows, metric="cosine", n_neighbors=k, random_state=seed, n_jobs=n_jobs,
-                                          low_memory=True, compressed=True)
+        torch_threads = torch.get_num_threads()
+        try:
+            with warnings.catch_warnings():
+                # "Failed to correctly find n_neighbors for some samples": the missing ones are -1 here,
+                # and the recall that matters is measured against the exact table.
+                warnings.filterwarnings("ignore", message="Failed to correctly find n_neighbors")
+                index = pynndescent.NNDescent(rows, metric="cosine", n_neighbors=k, random_state=seed,
+                                              n_jobs=n_jobs, low_memory=True, compressed=True)
+        finally:
+            # numba's OpenMP threading layer can load the libgomp torch already uses, and setting its
+            # own thread count (NUMBA_NUM_THREADS, the cores by default) then sets torch's too: every
+            # later torch op would run on that many threads, whatever the caller chose.
+            torch.set_num_threads(torch_threads)
         graph = torch.from_numpy(np.asarray(index.neighbor_graph[0], dtype=np.int64))
         del index
         cand = torch.where(graph >= 0, active[graph.clamp(min=0)], torch.full_like(graph, -1))

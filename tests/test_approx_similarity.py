@@ -1,6 +1,8 @@
 """refit.similarity.approximate_similar_users and similar_users: the approximate similar-user table."""
 
 import math
+import os
+import subprocess
 import sys
 import warnings
 
@@ -166,3 +168,20 @@ def test_refit_takes_a_precomputed_table():
         ReFiT(policy, data, config, neighbors=table[:, :4])
     with pytest.raises(ValueError, match="neighbors: ids must be"):
         ReFiT(policy, data, config, neighbors=torch.full((120, 5), 120, dtype=torch.int64))
+
+
+def test_leaves_torchs_thread_count_as_it_was():
+    """numba's OpenMP layer may load the libgomp torch uses, and its first start set that library's thread
+    count to the core count: every later torch op then ran on all cores whatever the caller had chosen.
+    Only a process's first graph showed it, hence a fresh one."""
+    code = ("import torch, numpy as np, scipy.sparse as sp\n"
+            "from refit.similarity import approximate_similar_users\n"
+            "torch.set_num_threads(1)\n"
+            "A = sp.csr_matrix((np.random.default_rng(0).random((300, 80)) < 0.1).astype(np.float32))\n"
+            "approximate_similar_users(A, m=5, width=10)\n"
+            "print(torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env["NUMBA_NUM_THREADS"] = "2"  # what numba takes on a 2-core machine, also on larger ones
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "1"
