@@ -96,21 +96,31 @@ def run_seed(seed, a, out):
         res[method] = {**_summary(folder), "wall_s": w}
     # Continued pretraining for the wall time ReFiT's whole run took (its set-up included).
     folder = os.path.join(out, f"continued-s{seed}")
-    cont = ["pretrain", "--data", a.data or _data_of(ckpt), "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
+    # The checkpoint's own model and data, read with the options it was trained on.
+    cont = ["pretrain", "--model", _model_family(ckpt), *(["--data", a.data] if a.data else _data_flags(ckpt)),
+            "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
             "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res['reinforce']['seconds']:.1f}",
             "--out", folder, *shlex.split(a.pretrain)]
-    if _model_family(ckpt) == "dreamrec":
-        cont[1:1] = ["--model", "dreamrec"]
     wall_c = _run(refit + cont, folder + ".log")
     res["continued"] = {**_summary(folder), "wall_s": wall_c}
     return seed, res
 
 
-def _data_of(ckpt):
+def _data_flags(ckpt):
+    """``refit pretrain``'s data flags for the data a checkpoint was trained on."""
     sys.path.insert(0, ROOT)
     from refit.runs import load_checkpoint
 
-    return load_checkpoint(ckpt)["data"]["source"]
+    data = load_checkpoint(ckpt)["data"]
+    options = dict(data.get("options") or {})
+    flags = ["--data", data["source"]]
+    if "min_rating" in options:
+        value = options.pop("min_rating")
+        flags += ["--min-rating", "none" if value is None else repr(value)]
+    if options:
+        raise SystemExit(f"{ckpt}: its data options {sorted(options)} have no refit pretrain flag; "
+                         f"pass the data with --data")
+    return flags
 
 
 def _start(run, res, m):

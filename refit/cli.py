@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import logging
+import math
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -50,10 +51,40 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _min_rating(text: str):
+    """'none' (keep every rating) or a finite number."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'none', got {text!r}")
+    return v
+
+
+_UNSET = object()
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required, default=None,
                    help="data set: a DiffRec split folder, a .inter / ratings.dat / u.data file, "
                         "'movielens-100k' or 'synthetic'")
+    p.add_argument("--min-rating", type=_min_rating, default=_UNSET, metavar="R",
+                   help="data with ratings (ratings.dat, u.data, .inter, movielens-100k): keep the "
+                        "interactions rated >= R, or every one with 'none' (default: 4)")
+
+
+def _data_options(args) -> dict:
+    """load_dataset's options from the data flags (none unless given, so every source takes them)."""
+    value = getattr(args, "min_rating", _UNSET)
+    if value is _UNSET:
+        return {}
+    if not getattr(args, "data", None):
+        raise ValueError("--min-rating needs --data (without it the data is the checkpoint's own, "
+                         "with the options it was trained with)")
+    return {"min_rating": value}
 
 
 #: Flags whose default depends on the model family: (DiffRec / CF-Diff default, DreamRec default).
@@ -180,7 +211,8 @@ def cmd_pretrain(args) -> int:
     _fill_family_defaults(args)
     out = args.out or _default_out("pretrain", args.model, args.data)
     try:
-        common = dict(data=args.data, model=args.model, dropout=args.dropout, steps=args.steps,
+        common = dict(data=args.data, data_options=_data_options(args), model=args.model, dropout=args.dropout,
+                      steps=args.steps,
                       noise_schedule=args.noise_schedule, lr=args.lr, weight_decay=args.weight_decay,
                       batch_size=args.batch_size, epochs=args.epochs, eval_every=args.eval_every,
                       patience=args.patience, seed=args.seed, precision=args.precision,
@@ -256,7 +288,8 @@ def cmd_evaluate_sequential(args) -> int:
     from .data import load_dataset
     from .sequential import SEQ_KS, evaluate_dreamrec, load_seq_recommender
 
-    data = load_dataset(args.data) if args.data else None
+    options = _data_options(args)
+    data = load_dataset(args.data, **options) if args.data else None
     rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     ks = args.ks if args.ks is not None else list(SEQ_KS)
@@ -325,7 +358,8 @@ def cmd_evaluate(args) -> int:
         return cmd_evaluate_sequential(args)
     if args.ks is None:
         args.ks = [10, 20, 50, 100]
-    data = load_dataset(args.data) if args.data else None
+    options = _data_options(args)
+    data = load_dataset(args.data, **options) if args.data else None
     rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
@@ -380,15 +414,16 @@ def cmd_import_diffrec(args) -> int:
     except PaperCheckpointError as exc:
         print(f"refit import-diffrec: {exc}", file=sys.stderr)
         return 2
-    data = load_dataset(args.data)
+    data = load_dataset(args.data, **_data_options(args))
     if rec.model.n_items != data.n_items:
         print(f"refit import-diffrec: the model scores {rec.model.n_items} items, {args.data!r} has "
               f"{data.n_items}", file=sys.stderr)
         return 2
     save_checkpoint(args.out, {"kind": "import", "recommender": rec.state(),
                                "source": {"file": os.path.abspath(args.checkpoint), "code": "DiffRec paper"},
-                               "data": {"source": args.data, "options": {}, "fingerprint": data_fingerprint(data),
-                                        "n_users": data.n_users, "n_items": data.n_items}})
+                               "data": {"source": args.data, "options": _data_options(args),
+                                        "fingerprint": data_fingerprint(data), "n_users": data.n_users,
+                                        "n_items": data.n_items}})
     if _main():
         print(f"wrote {os.path.abspath(args.out)}: DiffRec over {data.n_items} items, dims {rec.model.dims}, "
               f"{args.steps} steps ({args.noise_schedule}, scale {args.noise_scale:g}); evaluate or fine-tune it "
@@ -401,7 +436,7 @@ def cmd_baselines(args) -> int:
     from .data import load_dataset
     from .runs import RunDir, data_fingerprint
 
-    data = load_dataset(args.data)
+    data = load_dataset(args.data, **_data_options(args))
     sequences = hasattr(data, "targets")  # refit.seqdata.SequenceData: next-item targets, HR@k
     only = args.only or ("most-popular,sasrec" if sequences else "most-popular,itemknn,ease")
     include = [n.strip() for n in only.split(",") if n.strip()]
@@ -425,8 +460,9 @@ def cmd_baselines(args) -> int:
         results = fit_baselines(data, ks=args.ks, knn_grid=args.knn_grid, ease_grid=args.ease_grid,
                                 include=include, batch_size=args.batch_size, progress=_progress(args))
         best = best_baseline(results)
-    payload = {"data": args.data, "fingerprint": data_fingerprint(data), "n_users": data.n_users,
-               "n_items": data.n_items, "best": best.label, "results": [r.to_dict() for r in results]}
+    payload = {"data": args.data, "options": _data_options(args), "fingerprint": data_fingerprint(data),
+               "n_users": data.n_users, "n_items": data.n_items, "best": best.label,
+               "results": [r.to_dict() for r in results]}
     out = args.out or os.path.join("runs", "baselines-" + (os.path.basename(os.path.normpath(args.data)) or "data"))
     RunDir(out).write_json("baselines.json", payload)
     if args.json:
@@ -513,9 +549,11 @@ def _finetune_config(args, out: str):
     from .trainer import FinetuneConfig
 
     return FinetuneConfig(
-        checkpoint=args.checkpoint, data=args.data, iterations=args.iterations, batch_size=args.batch_size,
+        checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args), iterations=args.iterations,
+        batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
-        similar_users=args.similar_users, similar_users_method=args.similar_users_method, target=args.target, hide_fraction=args.hide_fraction,
+        similar_users=args.similar_users, similar_users_method=args.similar_users_method, target=args.target,
+        hide_fraction=args.hide_fraction,
         group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,

@@ -32,6 +32,7 @@ whitespace-only lines are skipped. Malformed files raise
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import io
 import logging
 import math
@@ -72,6 +73,21 @@ class DataFormatError(ValueError):
         self.line = line
         where = self.path if line is None else f"{self.path}, {what} {line}"
         super().__init__(f"{where}: {message}")
+
+
+class DataOptionsError(TypeError, ValueError):
+    """Options a data source does not take, named with the ones it does.
+
+    A TypeError, as for any unknown keyword argument, and a ValueError, so
+    that the command line reports it as bad input rather than a crash.
+    """
+
+
+def _refuse_unknown(where: str, options: Dict[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DataOptionsError(f"{where}: unknown options: {', '.join(unknown)} "
+                               f"(accepted: {', '.join(sorted(allowed))})")
 
 
 # --- the data set --------------------------------------------------------------------
@@ -247,7 +263,7 @@ def load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceDat
     by :func:`refit.seqdata.load_sequences` and comes back as a
     :class:`refit.seqdata.SequenceData` (options as there).
 
-    Options (each source takes those that apply to it; others raise TypeError):
+    Options (each source takes those that apply to it; others raise DataOptionsError, a TypeError):
         min_rating: keep ratings >= this (default 4; None keeps all). Sources
             with ratings only.
         split: (train, valid, test) fractions (default (0.7, 0.1, 0.2)).
@@ -746,11 +762,7 @@ def _log_summary(name: str, s: Dict[str, int], min_rating: Optional[float]) -> N
 
 
 def _load_file(path: str, kind: str, options: Dict[str, Any], name: Optional[str] = None) -> InteractionData:
-    allowed = {"min_rating", "split", "split_mode", "seed"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise TypeError(f"{path}: unknown options for a {kind} file: {', '.join(sorted(unknown))} "
-                        f"(accepted: {', '.join(sorted(allowed))})")
+    _refuse_unknown(f"{path} ({kind} file)", options, ("min_rating", "split", "split_mode", "seed"))
     if kind == "recbole":
         rec = _read_recbole(path)
         declared = None
@@ -864,9 +876,7 @@ def _check_id_space(parts: Dict[str, Tuple[str, np.ndarray]], col: int) -> int:
 
 def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Optional[int] = None,
                   **options) -> InteractionData:
-    if options:
-        raise TypeError(f"{folder}: a DiffRec folder is already split and implicit; unknown options: "
-                        f"{', '.join(sorted(options))} (accepted: n_users, n_items)")
+    _refuse_unknown(f"{folder} (a DiffRec folder: already split, without ratings)", options, ("n_users", "n_items"))
     parts = {}
     for split in ("train", "valid", "test"):
         path = os.path.join(folder, f"{split}_list.npy")
@@ -932,5 +942,7 @@ def synthetic_interactions(n_users: int = 600, n_items: int = 400, *, n_clusters
 
 def _load_synthetic(*, split: Sequence[float] = DEFAULT_SPLIT, split_mode: str = "time", seed: int = 0,
                     **generator) -> InteractionData:
+    takes = [n for n in inspect.signature(synthetic_interactions).parameters if n != "seed"]
+    _refuse_unknown("synthetic", generator, ["split", "split_mode", "seed"] + takes)
     rec = synthetic_interactions(seed=seed, **generator)
     return _build(rec, "synthetic", "synthetic", min_rating=None, split=split, split_mode=split_mode, seed=seed)

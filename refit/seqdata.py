@@ -75,7 +75,7 @@ import torch
 import refit_kernels as rk
 from refit_kernels.sparse import CSR
 
-from .data import DataFormatError, binary_csr
+from .data import DataFormatError, _refuse_unknown, binary_csr
 
 log = logging.getLogger(__name__)
 
@@ -1167,6 +1167,7 @@ def synthetic_sequences(n_users: int = 500, n_items: int = 300, *, mean_length: 
 
 
 def _load_synthetic(*, max_len: int = DEFAULT_MAX_LEN, **generator) -> SequenceData:
+    _refuse_unknown(SYNTHETIC, generator, ["max_len"] + list(inspect.signature(synthetic_sequences).parameters))
     items, offsets = synthetic_sequences(**generator)
     n_items = int(generator.get("n_items", inspect.signature(synthetic_sequences).parameters["n_items"].default))
     n_train = np.diff(offsets) - 2
@@ -1234,11 +1235,7 @@ def load_sequences(path: str, **options) -> SequenceData:
         kind, p = "dreamrec", os.path.dirname(os.path.abspath(p))
     else:
         kind = "pkl"
-    allowed = {"max_len"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise TypeError(f"{p}: unknown options for {'a DreamRec folder' if kind == 'dreamrec' else 'dataset.pkl'}: "
-                        f"{', '.join(sorted(unknown))} (accepted: {', '.join(sorted(allowed))})")
+    _refuse_unknown(f"{p} ({'a DreamRec folder' if kind == 'dreamrec' else 'dataset.pkl'})", options, ("max_len",))
     max_len = options.get("max_len")
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer))
                                 or max_len < 1):

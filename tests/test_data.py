@@ -12,7 +12,7 @@ import torch
 
 from _testing import shared_dataset
 import refit.data as data_module
-from refit.data import DataFormatError, InteractionData, UserBatches, load_dataset
+from refit.data import DataFormatError, DataOptionsError, InteractionData, UserBatches, load_dataset
 
 
 def write(path, text):
@@ -560,3 +560,13 @@ def test_a_multibyte_character_split_by_a_cut_still_decodes(tmp_path, small_piec
     path = write(tmp_path / "u.data", "\ufeff1\t2\t5\t10\n\u3000\u3000\n3\t4\t4\t11\n\u3000\n5\t6\t3\t12\n")
     table, lines = data_module._read_table(path, "\t", data_module._RATING_FIELDS)
     assert table["user id"].tolist() == [1, 3, 5] and lines.tolist() == [1, 3, 5]
+
+
+def test_unknown_options_are_named_by_every_source(tmp_path):
+    path = write(tmp_path / "ratings.dat", "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ML_ROWS))
+    for source, options, accepted in [(path, {"max_len": 5}, "min_rating, seed, split, split_mode"),
+                                      ("synthetic", {"min_rating": 3}, "mean_interactions"),
+                                      ("synthetic-seq", {"min_rating": 3}, "max_len")]:
+        with pytest.raises(DataOptionsError, match=r"unknown options: (max_len|min_rating) \(accepted: .*" + accepted):
+            load_dataset(source, **options)
+    assert issubclass(DataOptionsError, TypeError) and issubclass(DataOptionsError, ValueError)

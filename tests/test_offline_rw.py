@@ -199,3 +199,51 @@ def test_offline_reward_weighted_runs_and_resumes_from_the_command_line(pretrain
     whole, part = records("whole"), records("part")
     assert [r["iteration"] for r in whole] == [1, 2, 3, 4]
     assert whole == part
+
+
+def test_min_rating_from_the_command_line(tmp_path):
+    """``--min-rating none`` keeps every rating; the checkpoint records it, so fine-tuning reads the same
+    data; bad values and sources without ratings are refused by name."""
+    path = _ratings_file(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def refit(*args):
+        return subprocess.run([sys.executable, "-m", "refit", "-q", *args], capture_output=True, text=True,
+                              env=env, cwd=str(tmp_path), timeout=300)
+
+    out = refit("pretrain", "--data", str(path), "--min-rating", "none", "--steps", "5", "--epochs", "1",
+                "--batch-size", "16", "--dims", "16,32", "--ks", "10,20", "--out", "all")
+    assert out.returncode == 0, out.stderr
+    from refit.runs import load_checkpoint
+
+    saved = load_checkpoint(str(tmp_path / "all" / "best.pt"))["data"]
+    assert saved["options"] == {"min_rating": None}
+    assert saved["n_users"] == load_dataset(str(path), min_rating=None).n_users
+    out = refit("finetune", "--checkpoint", "all/best.pt", "--method", "offline-reward-weighted", "--iterations", "2",
+                "--batch-size", "8", "--eval-every", "2", "--ks", "10,20", "--no-plot", "--out", "ft")
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "ft" / "metrics.jsonl") as f:
+        ratings = [json.loads(line)["rating"] for line in f if '"rating"' in line]
+    assert ratings and min(ratings) < 4  # the ratings below 4 are in the fine-tuning data too
+    bad = refit("pretrain", "--data", str(path), "--min-rating", "high")
+    assert bad.returncode == 2 and "--min-rating: expected a number or 'none', got 'high'" in bad.stderr
+    bad = refit("pretrain", "--data", "synthetic", "--min-rating", "3", "--epochs", "1")
+    assert bad.returncode == 2 and "synthetic: unknown options: min_rating" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bad = refit("evaluate", "--checkpoint", "all/best.pt", "--min-rating", "3", "--ks", "10")
+    assert bad.returncode == 2 and "--min-rating needs --data" in bad.stderr
+    bad = refit("finetune", "--checkpoint", "all/best.pt", "--min-rating", "3", "--out", "x")
+    assert bad.returncode == 2 and "--min-rating needs --data" in bad.stderr
+
+
+def test_the_study_continues_pretraining_on_the_checkpoints_own_data(pretrained):
+    """benchmarks/post_training_study.py's continued arm: the data flags come from the checkpoint."""
+    import importlib.util
+
+    checkpoint, path = pretrained
+    spec = importlib.util.spec_from_file_location(
+        "post_training_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "post_training_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study._data_flags(checkpoint) == ["--data", path, "--min-rating", "none"]
+    assert study._model_family(checkpoint) == "diffrec"
