@@ -363,14 +363,18 @@ _INT_FIELD = re.compile(r"^[+-]?[0-9]+$")
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
-def _decode(path: str, raw: bytes) -> str:
-    """The file's text (UTF-8; a leading byte order mark, as some editors write, is dropped)."""
+def _decode(path: str, raw: bytes, first_line: int = 1, strip_bom: bool = True) -> str:
+    """``raw`` as UTF-8 text; a leading byte order mark, as some editors write, is dropped.
+
+    first_line: the line of the file ``raw`` starts on, so that a decoding error
+    names its line in the whole file. strip_bom: False for a piece after the file's start.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        line = first_line + raw[: exc.start].count(b"\n")
         raise DataFormatError(path, line, f"not UTF-8 text ({exc.reason})") from None
-    return text[1:] if text.startswith("\ufeff") else text
+    return text[1:] if strip_bom and text.startswith("\ufeff") else text
 
 
 def _check_int(path: str, no: int, name: str, tok: str) -> int:
@@ -458,26 +462,21 @@ def _text_chunks(path: str, chunk_bytes: int) -> Iterator[Tuple[int, str]]:
     a newline never splits one. A decoding error is reported with its line in the
     whole file.
     """
-    first_line, rest, head = 1, b"", True
+    first_line, pending, head = 1, [], True
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk_bytes)
-            data = rest + block
+            if block and b"\n" not in block:
+                # one line longer than a chunk: keep reading, joined once it ends (no re-join per read)
+                pending.append(block)
+                continue
+            data = b"".join(pending) + block
             if not data:
                 return
             cut = data.rfind(b"\n") + 1 if block else len(data)
-            if cut == 0:  # no newline yet: one line longer than a chunk; keep reading
-                rest = data
-                continue
-            piece, rest = data[:cut], data[cut:]
-            try:
-                text = piece.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = first_line + piece[: exc.start].count(b"\n")
-                raise DataFormatError(path, line, f"not UTF-8 text ({exc.reason})") from None
-            if head:
-                text, head = (text[1:] if text.startswith("\ufeff") else text), False
-            yield first_line, text
+            piece, pending = data[:cut], [data[cut:]]
+            yield first_line, _decode(path, piece, first_line, strip_bom=head)
+            head = False
             first_line += piece.count(b"\n")
             if not block:
                 return
