@@ -231,8 +231,11 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
         if main:
             run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
         log.info("resuming %s after epoch %d", run.path, state["epoch"])
-    elif resume:
-        log.info("no last.pt in %s: starting a new run", run.path)
+    else:
+        if resume:
+            log.info("no last.pt in %s: starting a new run", run.path)
+        if main:
+            run.start_log()
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "n_users": data.n_users, "n_items": data.n_items})

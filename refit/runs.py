@@ -290,6 +290,12 @@ class RunDir:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def start_log(self) -> None:
+        """Empties metrics.jsonl for a new run in this folder, so that a run started again in the
+        same folder (not resumed) does not append to the lines of the one before."""
+        if os.path.exists(self.file("metrics.jsonl")):
+            self.truncate_log(lambda r: False)
+
     def truncate_log(self, keep) -> None:
         """Keeps only the records for which ``keep(record)`` is true (used when resuming)."""
         kept = [r for r in self.records() if keep(r)]

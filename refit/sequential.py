@@ -507,6 +507,8 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
         start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state.get("elapsed", 0.0)
         if main:
             run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
+    elif main:
+        run.start_log()
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "n_sequences": data.n_sequences, "n_items": data.n_items})

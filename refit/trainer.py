@@ -684,6 +684,8 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         start, best, elapsed_before = state["iteration"] + 1, state["best"], state.get("elapsed", 0.0)
         if main:
             run.truncate_log(lambda r: r.get("iteration", 0) <= state["iteration"])
+    elif main:
+        run.start_log()
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "pretrained": os.path.abspath(config.checkpoint) if config.checkpoint else None})

@@ -70,6 +70,15 @@ def test_resume_continues_to_the_same_result(tmp_path, data):
     assert epochs == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_new_run_in_a_used_folder_logs_only_its_own_epochs(tmp_path, data):
+    """Started again without resume, a run replaces the folder's metrics log instead of appending to it."""
+    out = str(tmp_path / "run")
+    pretrain(PretrainConfig(**SMALL, epochs=3, out=out), data)
+    pretrain(PretrainConfig(**SMALL, epochs=2, out=out), data)
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert epochs == [1, 2]
+
+
 def test_resume_refuses_other_settings(tmp_path, data):
     pretrain(PretrainConfig(**SMALL, epochs=1, out=str(tmp_path / "run")), data)
     with pytest.raises(ValueError, match="other settings.*lr"):

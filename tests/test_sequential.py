@@ -81,6 +81,14 @@ def test_resume_continues_to_the_same_parameters(tmp_path, data):
         pretrain_dreamrec(DreamRecConfig(**{**cfg, "w": 4.0}, out=str(tmp_path / "part")), data, resume=True)
 
 
+def test_a_new_run_in_a_used_folder_logs_only_its_own_epochs(tmp_path, data):
+    cfg = dict(SMALL, eval_every=1)
+    pretrain_dreamrec(DreamRecConfig(**cfg, epochs=2, out=str(tmp_path / "run")), data)
+    pretrain_dreamrec(DreamRecConfig(**cfg, epochs=1, out=str(tmp_path / "run")), data)
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert epochs == [1]
+
+
 def test_dreamrec_refuses_interaction_data(tmp_path):
     with pytest.raises(ValueError, match="sequence data"):
         pretrain_dreamrec(DreamRecConfig(data="synthetic", data_options={"n_users": 50, "n_items": 30},

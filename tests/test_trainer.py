@@ -181,6 +181,13 @@ def test_kl_anchor_starts_at_zero(pretrained, data):
     assert t.step()["anchor"] > 0
 
 
+def test_a_new_run_in_a_used_folder_logs_only_its_own_iterations(pretrained, tmp_path):
+    finetune(_ft(pretrained, tmp_path, iterations=4))
+    finetune(_ft(pretrained, tmp_path, iterations=2))
+    logged = [json.loads(line)["iteration"] for line in open(tmp_path / "ft" / "metrics.jsonl")]
+    assert logged == [0, 1, 2]
+
+
 def test_resume_after_a_kill_reaches_the_same_parameters(pretrained, tmp_path):
     """A run killed mid-way and resumed ends with exactly the parameters of an uninterrupted run."""
     args = ["--checkpoint", pretrained, "--iterations", "8", "--batch-size", "16", "--eval-every", "4",
