@@ -31,6 +31,8 @@ FINETUNE_CASES = {
     "dreamrec-group-kl": dict(batch_size=16, group_size=4, baseline="group", anchor="kl", anchor_weight=0.5),
     # Reward-weighted fine-tuning: group weights from the all-gathered rewards, each rank its users' losses.
     "dreamrec-reward-weighted": dict(batch_size=16, group_size=4, method="reward-weighted", rw_lambda=0.02),
+    # Offline reward-weighted: no sampling, the logged rows' rating-weighted loss, each rank its users.
+    "offline-reward-weighted": dict(batch_size=16, method="offline-reward-weighted", rw_lambda=0.5),
 }
 
 
@@ -54,6 +56,13 @@ def data():
     return load_dataset("synthetic", **DATA)
 
 
+def seeded_ratings(train):
+    """Ratings 1-5 on train's pattern (the synthetic data carry none), the same in every process."""
+    r = train.copy().astype(np.float32)
+    r.data = np.random.default_rng(11).integers(1, 6, r.nnz).astype(np.float32)
+    return r
+
+
 def pretrain_config(out: str, **kw) -> PretrainConfig:
     base = dict(data="synthetic", data_options=DATA, steps=8, epochs=4, eval_every=2, batch_size=100,
                 dims=(32, 64), progress=False, out=out)
@@ -75,7 +84,9 @@ def evaluation(pretrained: str):
 def similar_users():
     train = data().train
     ids, sims = shared_similar_users(train, m=7, return_similarity=True)
-    return {"ids": ids, "sims": sims, "plain": shared_similar_users(train, m=10)}
+    approx, approx_sims = shared_similar_users(train, m=7, method="approximate", width=12, return_similarity=True)
+    return {"ids": ids, "sims": sims, "plain": shared_similar_users(train, m=10),
+            "approx": approx, "approx_sims": approx_sims}
 
 
 def sharded_batches(rank: int, world: int):
@@ -94,6 +105,8 @@ def finetune_step(pretrained: str, name: str):
     cfg = FinetuneConfig(checkpoint=pretrained, lr=1e-3, grad_clip=1e9, seed=5, progress=False, plot=False,
                          **FINETUNE_CASES[name])
     rec, d, _ = load_policy(pretrained, seq_data() if family(name) == "dreamrec" else data())
+    if cfg.method == "offline-reward-weighted":
+        d.train_ratings = seeded_ratings(d.train)
     torch.manual_seed(cfg.seed)
     trainer = ReFiT(rec, d, cfg)
     grads = []  # one {name: gradient} per optimiser step, as the optimiser saw it
