@@ -64,6 +64,16 @@ def _min_rating(text: str):
     return v
 
 
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
 _UNSET = object()
 
 
@@ -355,6 +365,9 @@ def cmd_evaluate(args) -> int:
     from .pretrain import evaluate_recommender, load_recommender
 
     if _checkpoint_model(args.checkpoint) == "dreamrec":
+        if args.min_target_rating is not None:
+            raise ValueError("--min-target-rating needs interaction data with ratings; a dreamrec checkpoint's "
+                             "sequences carry none")
         return cmd_evaluate_sequential(args)
     if args.ks is None:
         args.ks = [10, 20, 50, 100]
@@ -363,12 +376,13 @@ def cmd_evaluate(args) -> int:
     rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device())
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
-                                   progress=_progress(args))
+                                   progress=_progress(args), min_target_rating=args.min_target_rating)
     if not _main():
         return 0
     rows = [(s, results[s]) for s in splits]
     base = None
-    if args.baselines:
+    # The cached baselines count every held-out interaction: their row would not compare.
+    if args.baselines and args.min_target_rating is None:
         # The best baseline on the same data and split, cached beside the checkpoint (fitted on first use).
         from .baselines import best_baseline_rows
 
@@ -381,8 +395,9 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:
+        rated = "" if args.min_target_rating is None else f"; hits: held-out items rated >= {args.min_target_rating:g}"
         print(f"{args.checkpoint}: {rec.model_name} on {state.get('data', {}).get('source', '?')} "
-              f"({data.n_users} users, {data.n_items} items)")
+              f"({data.n_users} users, {data.n_items} items{rated})")
         print(format_table(rows, args.ks))
         if base is not None:
             where = "not cached" if cache is None else f"{'read from' if from_cache else 'written to'} {cache}"
@@ -693,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exclusion, batches of 100 with the last partial one dropped), for comparison")
     p.add_argument("--eval-steps", type=_positive_int, default=None,
                    help="dreamrec: sample with this many respaced reverse steps instead of all of them")
+    p.add_argument("--min-target-rating", type=_finite_float, default=None, metavar="R",
+                   help="count only the held-out interactions rated >= R as hits (data with ratings, read "
+                        "with --min-rating below R, e.g. none; not for dreamrec; no baseline row)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also print the best tuned baseline's row (cached in the checkpoint's folder); for "
                         "dreamrec: most-popular, and the SASRec of a `refit baselines` run on the same data "

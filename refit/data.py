@@ -108,6 +108,10 @@ class InteractionData:
             carry ratings (``ratings.dat``, ``u.data``, a ``.inter`` with a
             rating column); None otherwise. Offline reward-weighted
             fine-tuning takes them as rewards.
+        valid_ratings, test_ratings: the same for the held-out splits
+            (``valid``'s and ``test``'s patterns), so that an evaluation can
+            count only the held-out items a user rated highly; None where
+            ``train_ratings`` is None.
     """
 
     name: str
@@ -120,6 +124,8 @@ class InteractionData:
     item_ids: np.ndarray
     summary: Dict[str, int] = field(default_factory=dict)
     train_ratings: Optional[sp.csr_matrix] = None
+    valid_ratings: Optional[sp.csr_matrix] = None
+    test_ratings: Optional[sp.csr_matrix] = None
 
     def user_index(self, original_ids: Any) -> np.ndarray:
         """Dense indices of original user ids (KeyError for an unknown id)."""
@@ -718,14 +724,16 @@ def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] =
         key = np.random.default_rng(seed).permutation(len(u))
         part = _split_positions(u, key, fractions, n_users)
     mats = [binary_csr(u[part == p], i[part == p], n_users, n_items) for p in range(3)]
-    train_ratings = None
+    ratings = [None, None, None]
     if rec.ratings is not None:
-        # One record per (user, item) is left, so the CSR has exactly train's pattern.
-        r = rec.ratings[keep][part == 0].astype(np.float32)
-        train_ratings = sp.csr_matrix((r, (u[part == 0], i[part == 0])), shape=(n_users, n_items))
-        train_ratings.sort_indices()
-        if not np.isfinite(train_ratings.data).all():
+        # One record per (user, item) is left, so each CSR has exactly its split's pattern.
+        kept = rec.ratings[keep].astype(np.float32)
+        if not np.isfinite(kept).all():
             raise ValueError(f"{path}: a kept rating is not a finite number")
+        for p in range(3):
+            m = part == p
+            ratings[p] = sp.csr_matrix((kept[m], (u[m], i[m])), shape=(n_users, n_items))
+            ratings[p].sort_indices()
     summary = {
         "read": n_read,
         "duplicates": n_dup,
@@ -738,7 +746,7 @@ def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] =
         "test": mats[2].nnz,
     }
     _log_summary(name, summary, min_rating if rec.ratings is not None else None)
-    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary, train_ratings)
+    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary, *ratings)
 
 
 def _stable_rank(key: np.ndarray) -> np.ndarray:

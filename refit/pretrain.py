@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 import refit_kernels as rk
@@ -111,26 +113,53 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test")):
-    """(positives, exclude) per split: validation masks train; test masks train + valid (DiffRec)."""
+def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test"),
+                       min_target_rating: Optional[float] = None):
+    """(positives, exclude) per split: validation masks train; test masks train + valid (DiffRec).
+
+    min_target_rating: count only the held-out interactions rated at least this
+    (data with ratings only, e.g. read with ``min_rating=None``). The split's other
+    items are neither hits nor masked: ranking a held-out item the user rated low
+    takes a slot like any miss. (:func:`evaluate_recommender` then leaves the
+    users with no such item out of the split's means.)
+    """
     targets = {}
     for split in splits:
         if split == "valid":
-            targets[split] = (data.valid, [data.train])
+            positives, exclude = data.valid, [data.train]
         elif split == "test":
-            targets[split] = (data.test, [data.train, data.valid])
+            positives, exclude = data.test, [data.train, data.valid]
         else:
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        if min_target_rating is not None:
+            positives = _rated_at_least(data, split, min_target_rating)
+        targets[split] = (positives, exclude)
     return targets
+
+
+def _rated_at_least(data: InteractionData, split: str, min_rating: float):
+    """The binary CSR of ``split``'s interactions rated >= min_rating (ValueError without ratings)."""
+    if isinstance(min_rating, bool) or not isinstance(min_rating, (int, float)) or not math.isfinite(min_rating):
+        raise ValueError(f"min_target_rating must be a finite number, got {min_rating!r}")
+    ratings = getattr(data, f"{split}_ratings", None)
+    if ratings is None:
+        raise ValueError(f"min_target_rating needs data with ratings ({data.name!r} carries none for its "
+                         f"{split} split; read ratings.dat, u.data, a .inter with ratings or ml-100k)")
+    liked = ratings.copy()
+    liked.data = (liked.data >= min_rating).astype(np.float32)
+    liked.eliminate_zeros()
+    return liked
 
 
 def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequence[str] = ("valid", "test"), *,
                          ks: Sequence[int] = (10, 20, 50, 100), batch_size: int = 1024,
-                         progress: bool = False) -> Dict[str, Dict[str, float]]:
+                         progress: bool = False, min_target_rating: Optional[float] = None
+                         ) -> Dict[str, Dict[str, float]]:
     """Metrics of ``rec`` on each split, from one reverse pass per batch of users.
 
     Every user is scored from their training row (densified per batch with
-    ``gather_rows``); no users x items matrix is built.
+    ``gather_rows``); no users x items matrix is built. min_target_rating: see
+    :func:`evaluation_targets`.
     """
     device = rec.device
     train = rk.as_csr(data.train, "train", index_dtype=None).to(device)  # rows are gathered where the model is
@@ -140,8 +169,10 @@ def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequen
         rows = rk.gather_rows(train, users)
         return rec.scores(users, rows)
 
-    return evaluate_many(score_fn, evaluation_targets(data, splits), ks=ks, batch_size=batch_size,
-                         progress=progress, desc="evaluate")
+    # Users with no held-out item rated that high have nothing to recall: left out, not counted as 0.
+    return evaluate_many(score_fn, evaluation_targets(data, splits, min_target_rating), ks=ks,
+                         batch_size=batch_size, progress=progress, desc="evaluate",
+                         exclude_users_without_positives=min_target_rating is not None)
 
 
 def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint: str, path: str) -> None:
@@ -292,8 +323,6 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
 
 def _rank_seed(seed: int, epoch: int, rank: int) -> int:
     """A 63-bit seed derived from (seed, epoch, rank), for the per-rank dropout RNG."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
                >> np.uint64(1))
 

@@ -30,24 +30,27 @@ def _ratings_file(tmp_path, n_users=40, n_items=30, per_user=12, seed=0):
     return path
 
 
-def test_loaders_keep_the_training_ratings(tmp_path):
+def test_loaders_keep_the_ratings_of_every_split(tmp_path):
     path = _ratings_file(tmp_path)
     d = load_dataset(str(path), min_rating=None)
-    r = d.train_ratings
-    assert r is not None and r.shape == d.train.shape
-    assert np.array_equal(r.indptr, d.train.indptr) and np.array_equal(r.indices, d.train.indices)
-    # Each kept rating is the file's rating of that (user, item).
     logged = {}
     for line in path.read_text().splitlines():
         u, i, rating, _ = line.split("::")
         logged[(int(u), int(i))] = float(rating)
-    coo = r.tocoo()
-    for row, col, value in zip(coo.row, coo.col, coo.data):
-        assert logged[(int(d.user_ids[row]), int(d.item_ids[col]))] == value
-    assert set(np.unique(r.data)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    for split in ("train", "valid", "test"):
+        r, pattern = getattr(d, f"{split}_ratings"), getattr(d, split)
+        assert r is not None and r.shape == pattern.shape and pattern.nnz > 0, split
+        assert np.array_equal(r.indptr, pattern.indptr) and np.array_equal(r.indices, pattern.indices), split
+        # Each kept rating is the file's rating of that (user, item).
+        coo = r.tocoo()
+        for row, col, value in zip(coo.row, coo.col, coo.data):
+            assert logged[(int(d.user_ids[row]), int(d.item_ids[col]))] == value
+        assert set(np.unique(r.data)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
     # The default min_rating keeps ratings >= 4 only; implicit data carry no ratings.
-    assert load_dataset(str(path)).train_ratings.data.min() >= 4
-    assert load_dataset("synthetic", n_users=30, n_items=20).train_ratings is None
+    kept = load_dataset(str(path))
+    assert min(kept.train_ratings.data.min(), kept.test_ratings.data.min()) >= 4
+    synthetic = load_dataset("synthetic", n_users=30, n_items=20)
+    assert synthetic.train_ratings is None and synthetic.valid_ratings is None and synthetic.test_ratings is None
 
 
 def test_rating_weights_on_a_hand_computed_case():
@@ -247,3 +250,77 @@ def test_the_study_continues_pretraining_on_the_checkpoints_own_data(pretrained)
     spec.loader.exec_module(study)
     assert study._data_flags(checkpoint) == ["--data", path, "--min-rating", "none"]
     assert study._model_family(checkpoint) == "diffrec"
+
+
+def _rated_data():
+    """2 users x 5 items with a rating on every interaction of every split (hand-made)."""
+    import scipy.sparse as sp
+
+    from refit.data import InteractionData
+
+    def split(rows):
+        u, i, r = zip(*rows) if rows else ((), (), ())
+        ratings = sp.csr_matrix((np.array(r, np.float32), (u, i)), shape=(2, 5))
+        ratings.sort_indices()
+        pattern = ratings.copy()
+        pattern.data[:] = 1.0
+        return pattern, ratings
+
+    (train, r_train), (valid, r_valid), (test, r_test) = (
+        split([(0, 0, 5), (1, 1, 3)]), split([(0, 1, 4), (1, 4, 2)]), split([(0, 2, 2), (0, 3, 5), (1, 2, 1)]))
+    return InteractionData("hand", 2, 5, train, valid, test, np.arange(2), np.arange(5), {},
+                           r_train, r_valid, r_test)
+
+
+def test_held_out_items_rated_high_are_the_only_hits():
+    from refit.evaluate import evaluate_many
+    from refit.pretrain import evaluation_targets
+
+    d = _rated_data()
+    targets = evaluation_targets(d, ("valid", "test"), min_target_rating=4)
+    (test_pos, test_exclude), (valid_pos, valid_exclude) = targets["test"], targets["valid"]
+    assert test_pos.toarray().tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]  # (0, 3) rated 5; 2 and 1 are out
+    assert valid_pos.toarray().tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+    assert test_exclude[0] is d.train and test_exclude[1] is d.valid and valid_exclude == [d.train]  # masks as before
+    # User 0 ranks the disliked held-out item 2 first and the liked item 3 second: no hit at 1, one at 2.
+    scores = torch.tensor([[0.0, 0.0, 9.0, 8.0, 1.0], [0.0, 0.0, 9.0, 8.0, 1.0]])
+    score_fn = lambda users: scores[users]  # noqa: E731
+    rated = evaluate_many(score_fn, {"test": targets["test"]}, ks=(1, 2), exclude_users_without_positives=True)
+    assert rated["test"]["recall@1"] == 0.0 and rated["test"]["recall@2"] == 1.0
+    assert rated["test"]["n_users"] == 1  # user 1 has no held-out item rated >= 4
+    plain = evaluate_many(score_fn, {"test": evaluation_targets(d, ("test",))["test"]}, ks=(1,))
+    assert plain["test"]["recall@1"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_held_out_ratings_are_required_and_checked():
+    from refit.pretrain import evaluation_targets
+
+    with pytest.raises(ValueError, match=r"min_target_rating needs data with ratings \('synthetic'"):
+        evaluation_targets(load_dataset("synthetic", n_users=30, n_items=20), ("test",), min_target_rating=4)
+    for bad in (float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ValueError, match="min_target_rating must be a finite number"):
+            evaluation_targets(_rated_data(), ("test",), min_target_rating=bad)
+
+
+def test_evaluate_counts_held_out_items_rated_high_from_the_command_line(pretrained, tmp_path):
+    checkpoint, path = pretrained
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def refit(*args):
+        return subprocess.run([sys.executable, "-m", "refit", "-q", "evaluate", "--checkpoint", checkpoint,
+                               "--ks", "10,20", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    out = refit("--min-target-rating", "4", "--split", "both", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    from refit.pretrain import evaluate_recommender, load_recommender
+
+    rec, data, _ = load_recommender(checkpoint)
+    want = evaluate_recommender(rec, data, ("valid", "test"), ks=(10, 20), min_target_rating=4)
+    assert "best_baseline" not in got  # the baselines' cached rows count every held-out item
+    for split in ("valid", "test"):
+        assert got[split] == pytest.approx(want[split])
+        liked_users = int(((data.__dict__[f"{split}_ratings"] >= 4).sum(axis=1) > 0).sum())
+        assert got[split]["n_users"] == liked_users < data.n_users
+    bad = refit("--min-target-rating", "high")
+    assert bad.returncode == 2 and "--min-target-rating: expected a number, got 'high'" in bad.stderr
