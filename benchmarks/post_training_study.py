@@ -25,7 +25,10 @@ standard deviation over seeds. A fine-tuning run's own iteration-0
 evaluation uses the same batches and sampling seeds as its later ones, so
 its change is paired. DreamRec's sampled evaluation moves test HR@20 by about
 0.0015 between sampling seeds, which is as large as the effects measured.
-``--report`` rewrites the table from an existing ``OUT/study.json``.
+``--report`` rewrites the table from an existing ``OUT/study.json``. On data
+with ratings, ``--min-target-rating R`` adds a second table: every run's
+selected model evaluated again with only the held-out items rated >= R as
+hits (``OUT/study-rated-R.md`` and ``.json``).
 """
 
 import argparse
@@ -130,6 +133,29 @@ def _start(run, res, m):
     return run["before"]["test"][m] if "before" in run else res["pretrained"]["test"][m]
 
 
+def rated_results(results, pretrained, min_rating):
+    """``results`` with every run's selected checkpoint (and each seed's pretrained one) evaluated again,
+    counting as hits only the held-out items rated >= min_rating (interaction data with ratings; see
+    ``refit evaluate --min-target-rating``). DiffRec's evaluation samples nothing, so each change is
+    paired against the pretrained checkpoint evaluated the same way."""
+    sys.path.insert(0, ROOT)
+    from refit.pretrain import evaluate_recommender, load_recommender
+
+    def metrics(checkpoint, data):
+        rec, data, _ = load_recommender(checkpoint, data)
+        return evaluate_recommender(rec, data, ("valid", "test"), ks=(20,), min_target_rating=min_rating), data
+
+    rated = {}
+    for seed, res in results.items():
+        start, data = metrics(pretrained.replace("{seed}", str(seed)), None)
+        rated[seed] = {"pretrained": {**res["pretrained"], **start}}
+        for arm, run in res.items():
+            if arm != "pretrained":
+                evaluated, _ = metrics(run["checkpoint"], data)
+                rated[seed][arm] = {**{k: v for k, v in run.items() if k != "before"}, **evaluated}
+    return rated
+
+
 def table(results, metrics):
     """Markdown: per arm, the test metric's mean ± sd over seeds, and the mean ± sd over seeds of its
     change against the starting model evaluated the same way (see :func:`_start`)."""
@@ -170,6 +196,9 @@ def main(argv=None):
     p.add_argument("--method-flags", default="", help="extra flags for the --method runs")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time (one core each)")
     p.add_argument("--report", action="store_true", help="only rewrite the table from OUT/study.json")
+    p.add_argument("--min-target-rating", type=float, default=None, metavar="R",
+                   help="also tabulate every run's selected model with only held-out items rated >= R as hits "
+                        "(data with ratings; written to OUT/study-rated-R.md and .json)")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if not a.report and not a.pretrained:
@@ -189,6 +218,19 @@ def main(argv=None):
             json.dump({"args": vars(a), "results": results}, f, indent=1)
     with open(os.path.join(a.out, "study.md"), "w") as f:
         f.write(text + "\n")
+    if a.min_target_rating is not None:
+        pretrained = a.pretrained
+        if a.report:
+            with open(os.path.join(a.out, "study.json")) as f:
+                pretrained = json.load(f)["args"]["pretrained"]
+        rated = rated_results(results, pretrained, a.min_target_rating)
+        text = table(rated, metrics)
+        print(f"\nhits: held-out items rated >= {a.min_target_rating:g}\n{text}")
+        name = os.path.join(a.out, f"study-rated-{a.min_target_rating:g}")
+        with open(name + ".json", "w") as f:
+            json.dump({"min_target_rating": a.min_target_rating, "results": rated}, f, indent=1)
+        with open(name + ".md", "w") as f:
+            f.write(text + "\n")
     return 0
 
 

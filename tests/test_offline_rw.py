@@ -324,3 +324,29 @@ def test_evaluate_counts_held_out_items_rated_high_from_the_command_line(pretrai
         assert got[split]["n_users"] == liked_users < data.n_users
     bad = refit("--min-target-rating", "high")
     assert bad.returncode == 2 and "--min-target-rating: expected a number, got 'high'" in bad.stderr
+
+
+def test_the_study_tabulates_selected_models_on_held_out_items_rated_high(pretrained):
+    """post_training_study.py --min-target-rating: each run's selected checkpoint and the pretrained one
+    evaluated again with only items rated >= R as hits; changes paired against the pretrained model."""
+    import importlib.util
+
+    from refit.pretrain import evaluate_recommender, load_recommender
+
+    checkpoint, _ = pretrained
+    spec = importlib.util.spec_from_file_location(
+        "post_training_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "post_training_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    plain = {"recall@20": 0.5, "ndcg@20": 0.5}
+    results = {"1": {"pretrained": {"valid": plain, "test": plain},
+                     "arm": {"checkpoint": checkpoint, "valid": plain, "test": plain, "before": {"test": plain},
+                             "seconds": 3.0}}}
+    rated = study.rated_results(results, checkpoint, 4.0)
+    rec, data, _ = load_recommender(checkpoint)
+    want = evaluate_recommender(rec, data, ("valid", "test"), ks=(20,), min_target_rating=4.0)
+    for arm in ("pretrained", "arm"):
+        assert rated["1"][arm]["test"] == pytest.approx(want["test"]) and rated["1"][arm]["valid"] == want["valid"]
+    assert "before" not in rated["1"]["arm"] and rated["1"]["arm"]["seconds"] == 3.0
+    assert "| arm | " + f"{want['test']['recall@20']:.4f} ± 0.0000 | +0.0000 ± 0.0000" in study.table(
+        rated, ["recall@20", "ndcg@20"])
