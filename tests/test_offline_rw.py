@@ -350,3 +350,38 @@ def test_the_study_tabulates_selected_models_on_held_out_items_rated_high(pretra
     assert "before" not in rated["1"]["arm"] and rated["1"]["arm"]["seconds"] == 3.0
     assert "| arm | " + f"{want['test']['recall@20']:.4f} ± 0.0000 | +0.0000 ± 0.0000" in study.table(
         rated, ["recall@20", "ndcg@20"])
+
+
+@pytest.mark.slow
+def test_the_rated_study_tunes_lambda_on_validation_and_evaluates_final_models(pretrained, tmp_path):
+    """benchmarks/offline_rated_study.py end to end on the small rated data: lambda is the first seed's
+    best on validation, each arm's numbers are its final model's, baselines are tuned on the same metric."""
+    import importlib.util
+
+    from refit.pretrain import evaluate_recommender
+
+    checkpoint, _ = pretrained
+    spec = importlib.util.spec_from_file_location(
+        "offline_rated_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_rated_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study"
+    assert study.main(["--pretrained", checkpoint, "--seeds", "1", "--out", str(out), "--lambdas", "0.5,2",
+                       "--iterations", "2", "--min-target-rating", "4", "--finetune", "--batch-size 8 --ks 10,20"]) == 0
+    with open(out / "offline-rated.json") as f:
+        saved = json.load(f)
+    tried = saved["lambda_valid"]
+    assert set(tried) == {"0.5", "2"} and tried[f"{saved['lambda']:g}"] == max(tried.values())
+    res = saved["results"]["1"]
+    for arm, flags in [("offline", []), ("placebo", ["--placebo"]), ("uniform", [])]:
+        with open(out / f"{arm}-s1" / "config.json") as f:
+            config = json.load(f)
+        assert config["iterations"] == 2 and config["placebo"] == (flags == ["--placebo"])
+        assert config["rw_lambda"] == (study.UNIFORM_LAMBDA if arm == "uniform" else saved["lambda"])
+        rec, data, _ = load_recommender(res[arm]["checkpoint"])
+        assert res[arm]["checkpoint"].endswith("last.pt")
+        want = evaluate_recommender(rec, data, ("valid", "test"), ks=(20,), min_target_rating=4.0)
+        assert res[arm]["rated"]["test"] == pytest.approx(want["test"])
+    assert set(saved["baselines"]) == {"itemknn", "ease"}
+    text = (out / "offline-rated.md").read_text()
+    assert "| uniform |" in text and "| itemknn (" in text
