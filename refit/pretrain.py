@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", 
 
 def _rated_at_least(data: InteractionData, split: str, min_rating: float):
     """The binary CSR of ``split``'s interactions rated >= min_rating (ValueError without ratings)."""
-    if isinstance(min_rating, bool) or not isinstance(min_rating, (int, float)) or not math.isfinite(min_rating):
+    if isinstance(min_rating, bool) or not isinstance(min_rating, numbers.Real) or not math.isfinite(min_rating):
         raise ValueError(f"min_target_rating must be a finite number, got {min_rating!r}")
     ratings = getattr(data, f"{split}_ratings", None)
     if ratings is None:

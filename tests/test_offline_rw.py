@@ -300,6 +300,9 @@ def test_held_out_ratings_are_required_and_checked():
     for bad in (float("nan"), float("inf"), True, "4"):
         with pytest.raises(ValueError, match="min_target_rating must be a finite number"):
             evaluation_targets(_rated_data(), ("test",), min_target_rating=bad)
+    # NumPy numbers are numbers too.
+    assert (evaluation_targets(_rated_data(), ("test",), min_target_rating=np.int64(4))["test"][0] !=
+            evaluation_targets(_rated_data(), ("test",), min_target_rating=4.0)["test"][0]).nnz == 0
 
 
 def test_evaluate_counts_held_out_items_rated_high_from_the_command_line(pretrained, tmp_path):
