@@ -37,13 +37,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from post_training_study import _run  # noqa: E402  (refit in a fresh one-thread process, its log beside it)
 
 UNIFORM_LAMBDA = 1e9  # exp(r / 1e9) is 1 to float32 precision for any rating: equal weights
 
@@ -54,16 +54,10 @@ def _finetune(checkpoint, out, seed, lam, iterations, extra, placebo=False):
            "--eval-every", str(iterations), "--seed", str(seed), "--no-plot", "--out", out, *extra]
     if placebo:
         cmd.append("--placebo")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    t0 = time.perf_counter()
-    with open(out + ".log", "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed with exit {rc}; see {out}.log")
+    wall = _run(cmd, out + ".log")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-    return {"checkpoint": os.path.join(out, "last.pt"), "wall_s": time.perf_counter() - t0,
+    return {"checkpoint": os.path.join(out, "last.pt"), "wall_s": wall,
             "s_per_iteration": summary.get("s_per_iteration"), "peak_memory_mb": summary.get("peak_memory_mb")}
 
 

@@ -51,27 +51,22 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _finite_float(text: str, alternative: str = "") -> float:
+    """A finite number; ``alternative`` (e.g. " or 'none'") names what else the flag takes, for the error."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number{alternative}, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number{alternative}, got {text!r}")
+    return v
+
+
 def _min_rating(text: str):
     """'none' (keep every rating) or a finite number."""
     if text.strip().lower() == "none":
         return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number or 'none', got {text!r}")
-    return v
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+    return _finite_float(text, " or 'none'")
 
 
 _UNSET = object()

@@ -294,7 +294,7 @@ class RunDir:
         """Empties metrics.jsonl for a new run in this folder, so that a run started again in the
         same folder (not resumed) does not append to the lines of the one before."""
         if os.path.exists(self.file("metrics.jsonl")):
-            self.truncate_log(lambda r: False)
+            atomic_write(self.file("metrics.jsonl"), lambda f: None)  # nothing of the old lines is read
 
     def truncate_log(self, keep) -> None:
         """Keeps only the records for which ``keep(record)`` is true (used when resuming)."""
