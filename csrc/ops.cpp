@@ -33,6 +33,12 @@ TORCH_LIBRARY(refit, m) {
       "Tensor? neighbors, Tensor? neighbor_sets_indptr, Tensor? neighbor_sets_indices, "
       "bool return_indices) -> (Tensor hits, Tensor dcg, Tensor neighbor_hits, "
       "Tensor first_hit, Tensor indices)");
+  // The rank of every positive among its row's rankable items under topk_hits' ranking rule (-1
+  // for an excluded positive): (nnz,) beside the positives' entries, or the rows users[b] picks
+  // one after the other. Not differentiable.
+  m.def(
+      "target_rank(Tensor scores, Tensor? users, Tensor? exclude_indptr, Tensor? exclude_indices, "
+      "Tensor positives_indptr, Tensor positives_indices) -> Tensor");
 }
 
 // A plain CPython module (no pybind11): it only carries the build facts the

@@ -1,5 +1,7 @@
 // Torch-side declarations and argument checks of refit::topk_hits, shared by
-// the CPU kernel and the CUDA host code.
+// the CPU kernel and the CUDA host code; the checks of the arguments the
+// ranking ops share (scores, users, CSR arguments, the per-row error report)
+// serve refit::target_rank too (target_rank.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -62,28 +64,113 @@ inline const char* arg_name(topk::Arg a) {
   return "?";
 }
 
-inline TopKCsr csr_arg(const char* name, const std::optional<at::Tensor>& indptr,
-                       const std::optional<at::Tensor>& indices, const at::Tensor& scores) {
+}  // namespace topk_detail
+
+// The checks of the arguments the ranking ops (topk_hits, target_rank) share,
+// each naming `op` in its message as the Python front ends do.
+
+// scores: float16, bfloat16, float32 or float64, 2-D, I < 2^31. Returns the
+// scores with unit item stride (a copy only when the items are strided).
+inline at::Tensor checked_scores(const char* op, const at::Tensor& scores) {
+  const auto st = scores.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
+                   ": scores must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK_VALUE(scores.dim() == 2, op, ": scores must be 2-D (B, I), got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 items, got I = ",
+                    scores.size(1));
+  return (scores.size(1) <= 1 || scores.stride(1) == 1) ? scores : scores.contiguous();
+}
+
+// users: (B,) int64 on the scores' device, contiguous; undefined when absent.
+inline at::Tensor checked_users(const char* op, const std::optional<at::Tensor>& users, int64_t B,
+                                const at::Tensor& scores) {
+  if (!users.has_value() || !users->defined()) return {};
+  TORCH_CHECK_TYPE(users->scalar_type() == at::kLong, op, ": users must be int64, got ", users->scalar_type());
+  TORCH_CHECK_VALUE(users->dim() == 1 && users->size(0) == B, op, ": users must have shape (B,) = (", B,
+                    ",), got ", users->sizes());
+  TORCH_CHECK_VALUE(users->device() == scores.device(), op, ": users is on ", users->device(),
+                    " but scores is on ", scores.device());
+  return users->contiguous();
+}
+
+// One CSR argument: int64 1-D parts on the scores' device, given together;
+// rows_when_per_batch >= 0 also asks for that many rows (a CSR indexed by
+// scores row, without users).
+inline TopKCsr checked_csr(const char* op, const char* name, const std::optional<at::Tensor>& indptr,
+                           const std::optional<at::Tensor>& indices, const at::Tensor& scores,
+                           int64_t rows_when_per_batch = -1) {
   const bool has_p = indptr.has_value() && indptr->defined();
   const bool has_i = indices.has_value() && indices->defined();
-  TORCH_CHECK_VALUE(has_p == has_i, "topk_hits: ", name, "_indptr and ", name,
-                    "_indices must be given together");
+  TORCH_CHECK_VALUE(has_p == has_i, op, ": ", name, "_indptr and ", name, "_indices must be given together");
   if (!has_p) return {};
   for (const at::Tensor* t : {&*indptr, &*indices}) {
     const char* part = t == &*indptr ? "indptr" : "indices";
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, "topk_hits: ", name, " ", part,
-                     " must be int64, got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 1, "topk_hits: ", name, " ", part, " must be 1-D, got shape ",
-                      t->sizes());
-    TORCH_CHECK_VALUE(t->device() == scores.device(), "topk_hits: ", name, " is on ", t->device(),
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, op, ": ", name, " ", part, " must be int64, got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1, op, ": ", name, " ", part, " must be 1-D, got shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == scores.device(), op, ": ", name, " is on ", t->device(),
                       " but scores is on ", scores.device());
   }
-  TORCH_CHECK_VALUE(indptr->size(0) >= 1, "topk_hits: ", name,
-                    " indptr must have n_rows + 1 >= 1 entries, got none");
-  return {indptr->contiguous(), indices->contiguous()};
+  TORCH_CHECK_VALUE(indptr->size(0) >= 1, op, ": ", name, " indptr must have n_rows + 1 >= 1 entries, got none");
+  TopKCsr m{indptr->contiguous(), indices->contiguous()};
+  TORCH_CHECK_VALUE(rows_when_per_batch < 0 || m.rows() == rows_when_per_batch, op, ": ", name, " has ",
+                    m.rows(), " rows but scores has B = ", rows_when_per_batch,
+                    " (pass users= to pick rows of a larger matrix)");
+  return m;
 }
 
-}  // namespace topk_detail
+// Raises the error of the first bad row of a (B, 4) int64 report written by a
+// kernel of `op` (see refit/topk_hits.h); does nothing when every row is
+// fine. `csrs` gives the number of rows of each CSR argument (by topk::Arg).
+// IndexError for ids out of range, ValueError for the rest.
+struct RowErrorContext {
+  const char* op;
+  int64_t B, I;
+  int64_t exclude_rows, positives_rows, neighbor_sets_rows;
+};
+
+inline void raise_row_error(const int64_t* report, const RowErrorContext& c) {
+  using topk::Arg;
+  using topk::RowError;
+  const char* op = c.op;
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t* e = report + b * topk::kErrorFields;
+    const auto code = static_cast<RowError>(e[0]);
+    if (code == RowError::kNone) continue;
+    const auto arg = static_cast<Arg>(e[1]);
+    const int64_t row = e[2], detail = e[3];
+    const char* name = topk_detail::arg_name(arg);
+    const int64_t n_rows = arg == Arg::kExclude     ? c.exclude_rows
+                           : arg == Arg::kPositives ? c.positives_rows
+                                                    : c.neighbor_sets_rows;
+    switch (code) {
+      case RowError::kNaN:
+        TORCH_CHECK_VALUE(false, op, ": scores row ", b, " contains NaN (first at column ", detail,
+                          "); NaN scores cannot be ranked");
+      case RowError::kUserOutOfRange:
+        TORCH_CHECK_INDEX(false, op, ": users[", b, "] = ", detail, " is out of range for ", name, " with ",
+                          n_rows, " rows");
+      case RowError::kBadIndptr:
+        TORCH_CHECK_VALUE(false, op, ": ", name, " row ", row, " (scores row ", b,
+                          ") has an invalid indptr range: need 0 <= indptr[", row, "] <= indptr[", row + 1,
+                          "] <= nnz");
+      case RowError::kColumnOutOfRange:
+        TORCH_CHECK_INDEX(false, op, ": ", name, " row ", row, " (scores row ", b, ") has column index ",
+                          detail, ", out of range for I = ", c.I, " items");
+      case RowError::kUnsorted:
+        TORCH_CHECK_VALUE(false, op, ": ", name, " row ", row, " (scores row ", b, ") has column index ",
+                          detail,
+                          " after a larger or equal one: the column indices of a row must be "
+                          "sorted and unique (e.g. scipy's sum_duplicates())");
+      case RowError::kNeighborOutOfRange:
+        TORCH_CHECK_INDEX(false, op, ": neighbors[", b, ", ", row, "] = ", detail,
+                          " is out of range for neighbor_sets with ", c.neighbor_sets_rows,
+                          " rows (-1 marks padding)");
+      default:
+        TORCH_CHECK(false, op, ": internal error in row ", b, " (code ", e[0], "): please report it");
+    }
+  }
+}
 
 // The checks every backend makes, with the messages of the Python front end
 // (TORCH_CHECK_TYPE raises TypeError, TORCH_CHECK_VALUE ValueError). Checks
@@ -99,16 +186,10 @@ inline TopKHitsArgs check_topk_hits_args(const at::Tensor& scores, at::IntArrayR
                                          const std::optional<at::Tensor>& neighbor_sets_indptr,
                                          const std::optional<at::Tensor>& neighbor_sets_indices,
                                          bool return_indices) {
-  using topk_detail::csr_arg;
-  const auto st = scores.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-                   "topk_hits: scores must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK_VALUE(scores.dim() == 2, "topk_hits: scores must be 2-D (B, I), got shape ",
-                    scores.sizes());
   TopKHitsArgs a;
+  a.scores = checked_scores("topk_hits", scores);
   a.B = scores.size(0);
   a.I = scores.size(1);
-  TORCH_CHECK_VALUE(a.I < (int64_t(1) << 31), "topk_hits: at most 2^31 - 1 items, got I = ", a.I);
   TORCH_CHECK_VALUE(!ks.empty(), "topk_hits: ks must hold at least one k");
   for (size_t j = 0; j < ks.size(); ++j) {
     TORCH_CHECK_VALUE(ks[j] >= 1 && ks[j] <= a.I,
@@ -119,28 +200,11 @@ inline TopKHitsArgs check_topk_hits_args(const at::Tensor& scores, at::IntArrayR
   }
   a.ks.assign(ks.begin(), ks.end());
   a.kmax = ks.back();
-  a.scores = (a.I <= 1 || scores.stride(1) == 1) ? scores : scores.contiguous();
-
-  if (users.has_value() && users->defined()) {
-    TORCH_CHECK_TYPE(users->scalar_type() == at::kLong, "topk_hits: users must be int64, got ",
-                     users->scalar_type());
-    TORCH_CHECK_VALUE(users->dim() == 1 && users->size(0) == a.B,
-                      "topk_hits: users must have shape (B,) = (", a.B, ",), got ", users->sizes());
-    TORCH_CHECK_VALUE(users->device() == scores.device(), "topk_hits: users is on ",
-                      users->device(), " but scores is on ", scores.device());
-    a.users = users->contiguous();
-  }
-  a.exclude = csr_arg("exclude", exclude_indptr, exclude_indices, scores);
-  a.positives = csr_arg("positives", positives_indptr, positives_indices, scores);
-  a.neighbor_sets = csr_arg("neighbor_sets", neighbor_sets_indptr, neighbor_sets_indices, scores);
-  if (!a.users.defined()) {
-    for (const auto& [name, csr] : {std::pair<const char*, const TopKCsr*>{"exclude", &a.exclude},
-                                    {"positives", &a.positives}}) {
-      TORCH_CHECK_VALUE(!csr->defined() || csr->rows() == a.B, "topk_hits: ", name, " has ",
-                        csr->rows(), " rows but scores has B = ", a.B,
-                        " (pass users= to pick rows of a larger matrix)");
-    }
-  }
+  a.users = checked_users("topk_hits", users, a.B, scores);
+  const int64_t per_batch = a.users.defined() ? -1 : a.B;
+  a.exclude = checked_csr("topk_hits", "exclude", exclude_indptr, exclude_indices, scores, per_batch);
+  a.positives = checked_csr("topk_hits", "positives", positives_indptr, positives_indices, scores, per_batch);
+  a.neighbor_sets = checked_csr("topk_hits", "neighbor_sets", neighbor_sets_indptr, neighbor_sets_indices, scores);
   const bool has_nbr = neighbors.has_value() && neighbors->defined();
   TORCH_CHECK_VALUE(has_nbr == a.neighbor_sets.defined(),
                     "topk_hits: neighbors and neighbor_sets must be given together");
@@ -158,51 +222,9 @@ inline TopKHitsArgs check_topk_hits_args(const at::Tensor& scores, at::IntArrayR
   return a;
 }
 
-// Raises the error of the first bad row of a (B, 4) int64 report written by a
-// kernel (see refit/topk_hits.h); does nothing when every row is fine.
-// IndexError for ids out of range, ValueError for the rest.
+// Raises the error of the first bad row of a topk_hits report (see raise_row_error).
 inline void raise_topk_row_error(const int64_t* report, const TopKHitsArgs& a) {
-  using topk::Arg;
-  using topk::RowError;
-  for (int64_t b = 0; b < a.B; ++b) {
-    const int64_t* e = report + b * topk::kErrorFields;
-    const auto code = static_cast<RowError>(e[0]);
-    if (code == RowError::kNone) continue;
-    const auto arg = static_cast<Arg>(e[1]);
-    const int64_t row = e[2], detail = e[3];
-    const char* name = topk_detail::arg_name(arg);
-    const int64_t n_rows = arg == Arg::kExclude     ? a.exclude.rows()
-                           : arg == Arg::kPositives ? a.positives.rows()
-                                                    : a.neighbor_sets.rows();
-    switch (code) {
-      case RowError::kNaN:
-        TORCH_CHECK_VALUE(false, "topk_hits: scores row ", b, " contains NaN (first at column ",
-                          detail, "); NaN scores cannot be ranked");
-      case RowError::kUserOutOfRange:
-        TORCH_CHECK_INDEX(false, "topk_hits: users[", b, "] = ", detail, " is out of range for ",
-                          name, " with ", n_rows, " rows");
-      case RowError::kBadIndptr:
-        TORCH_CHECK_VALUE(false, "topk_hits: ", name, " row ", row, " (scores row ", b,
-                          ") has an invalid indptr range: need 0 <= indptr[", row,
-                          "] <= indptr[", row + 1, "] <= nnz");
-      case RowError::kColumnOutOfRange:
-        TORCH_CHECK_INDEX(false, "topk_hits: ", name, " row ", row, " (scores row ", b,
-                          ") has column index ", detail, ", out of range for I = ", a.I,
-                          " items");
-      case RowError::kUnsorted:
-        TORCH_CHECK_VALUE(false, "topk_hits: ", name, " row ", row, " (scores row ", b,
-                          ") has column index ", detail,
-                          " after a larger or equal one: the column indices of a row must be "
-                          "sorted and unique (e.g. scipy's sum_duplicates())");
-      case RowError::kNeighborOutOfRange:
-        TORCH_CHECK_INDEX(false, "topk_hits: neighbors[", b, ", ", row, "] = ", detail,
-                          " is out of range for neighbor_sets with ", a.neighbor_sets.rows(),
-                          " rows (-1 marks padding)");
-      default:
-        TORCH_CHECK(false, "topk_hits: internal error in row ", b, " (code ", e[0],
-                    "): please report it");
-    }
-  }
+  raise_row_error(report, {"topk_hits", a.B, a.I, a.exclude.rows(), a.positives.rows(), a.neighbor_sets.rows()});
 }
 
 }  // namespace refit

@@ -12,6 +12,7 @@ from .sparse import CSR, as_csr
 from .ops.gaussian_logprob import gaussian_logprob
 from .ops.gather_rows import gather_rows
 from .ops.topk_hits import TopKHits, topk_hits
+from .ops.target_rank import target_rank
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,6 @@ __all__ = [
     "gather_rows",
     "TopKHits",
     "topk_hits",
+    "target_rank",
     "__version__",
 ]

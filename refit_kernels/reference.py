@@ -114,11 +114,13 @@ TOPK_ARGS = ("scores", "exclude", "positives", "neighbors", "neighbor_sets")
 _ARG_EXCLUDE, _ARG_POSITIVES, _ARG_NEIGHBORS, _ARG_SETS = 1, 2, 3, 4
 
 
-def topk_row_error(report: torch.Tensor, n_items: int, n_rows: dict) -> Optional[Exception]:
+def topk_row_error(report: torch.Tensor, n_items: int, n_rows: dict, op: str = "topk_hits") -> Optional[Exception]:
     """The exception for the first bad row of a (B, 4) report, or None when all rows are fine.
 
     ``n_rows`` maps "exclude", "positives" and "neighbor_sets" to their row
-    counts (for the messages). The messages are those of the C++ kernels.
+    counts (for the messages), ``op`` names the op whose kernel wrote the
+    report (topk_hits or target_rank, which share it). The messages are
+    those of the C++ kernels.
     """
     bad = (report[:, 0] != 0).nonzero()
     if bad.numel() == 0:
@@ -127,25 +129,25 @@ def topk_row_error(report: torch.Tensor, n_items: int, n_rows: dict) -> Optional
     code, arg, row, detail = (int(v) for v in report[b].tolist())
     name = TOPK_ARGS[arg] if 0 <= arg < len(TOPK_ARGS) else "?"
     if code == TOPK_NAN:
-        return ValueError(f"topk_hits: scores row {b} contains NaN (first at column {detail}); "
+        return ValueError(f"{op}: scores row {b} contains NaN (first at column {detail}); "
                           "NaN scores cannot be ranked")
     if code == TOPK_USER_RANGE:
-        return IndexError(f"topk_hits: users[{b}] = {detail} is out of range for {name} with "
+        return IndexError(f"{op}: users[{b}] = {detail} is out of range for {name} with "
                           f"{n_rows.get(name)} rows")
     if code == TOPK_BAD_INDPTR:
-        return ValueError(f"topk_hits: {name} row {row} (scores row {b}) has an invalid indptr range: "
+        return ValueError(f"{op}: {name} row {row} (scores row {b}) has an invalid indptr range: "
                           f"need 0 <= indptr[{row}] <= indptr[{row + 1}] <= nnz")
     if code == TOPK_COLUMN_RANGE:
-        return IndexError(f"topk_hits: {name} row {row} (scores row {b}) has column index {detail}, "
+        return IndexError(f"{op}: {name} row {row} (scores row {b}) has column index {detail}, "
                           f"out of range for I = {n_items} items")
     if code == TOPK_UNSORTED:
-        return ValueError(f"topk_hits: {name} row {row} (scores row {b}) has column index {detail} after "
+        return ValueError(f"{op}: {name} row {row} (scores row {b}) has column index {detail} after "
                           "a larger or equal one: the column indices of a row must be sorted and unique "
                           "(e.g. scipy's sum_duplicates())")
     if code == TOPK_NEIGHBOR_RANGE:
-        return IndexError(f"topk_hits: neighbors[{b}, {row}] = {detail} is out of range for neighbor_sets "
+        return IndexError(f"{op}: neighbors[{b}, {row}] = {detail} is out of range for neighbor_sets "
                           f"with {n_rows.get('neighbor_sets')} rows (-1 marks padding)")
-    return RuntimeError(f"topk_hits: internal error in row {b} (code {code}): please report it")
+    return RuntimeError(f"{op}: internal error in row {b} (code {code}): please report it")
 
 
 def _csr_row_problems(indptr, indices, rows, valid, n_items):
@@ -214,7 +216,8 @@ def _topk_report(scores, users, excl, pos, neighbors, sets):
     if excl is not None:
         csr_checks(excl, _ARG_EXCLUDE)
     nan = torch.isnan(scores)
-    put(nan.any(1), TOPK_NAN, 0, 0, nan.to(torch.int8).argmax(1))
+    if I > 0:  # (target_rank takes rows without items; topk_hits' ks rule them out)
+        put(nan.any(1), TOPK_NAN, 0, 0, nan.to(torch.int8).argmax(1))
     if pos is not None:
         csr_checks(pos, _ARG_POSITIVES)
     if neighbors is not None and neighbors.shape[1] > 0:
@@ -233,14 +236,22 @@ def _topk_report(scores, users, excl, pos, neighbors, sets):
     return report
 
 
-def _dense_rows(indptr, indices, rows, n_items):
-    """(len(rows), n_items) bool: row j marks the columns of CSR row rows[j]."""
+def _row_entries(indptr, rows):
+    """The entries of CSR rows rows[0], rows[1], ... one after the other: (owner, entry), each
+    (n,) int64, where owner is the position in ``rows`` the entry belongs to and entry its index
+    into the CSR's indices."""
     lo, hi = indptr[rows], indptr[rows + 1]
     lengths = hi - lo
     owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), lengths)
     offset = torch.arange(owner.numel(), device=rows.device) - (torch.cumsum(lengths, 0) - lengths)[owner]
+    return owner, lo[owner] + offset
+
+
+def _dense_rows(indptr, indices, rows, n_items):
+    """(len(rows), n_items) bool: row j marks the columns of CSR row rows[j]."""
+    owner, entry = _row_entries(indptr, rows)
     dense = torch.zeros(rows.numel(), n_items, dtype=torch.bool, device=rows.device)
-    dense[owner, indices[lo[owner] + offset]] = True
+    dense[owner, indices[entry]] = True
     return dense
 
 
@@ -331,3 +342,57 @@ def topk_hits(
         neighbor_hits = torch.where(n_valid > 0, counts / n_valid.clamp(min=1), 0.0)
     indices = top if return_indices else torch.empty(B, 0, dtype=torch.int64, device=dev)
     return hits, dcg, neighbor_hits, first_hit, indices
+
+
+# --- target_rank (DESIGN.md, Op 4) -----------------------------------------------
+
+def target_rank(
+    scores: torch.Tensor,
+    users: Optional[torch.Tensor] = None,
+    exclude_indptr: Optional[torch.Tensor] = None,
+    exclude_indices: Optional[torch.Tensor] = None,
+    positives_indptr: Optional[torch.Tensor] = None,
+    positives_indices: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The rank of every positive under topk_hits' ranking rule, the definition (DESIGN.md, Op 4).
+
+    For a positive p of scores row b: the number of the row's items i != p
+    that are not excluded and have ``s[b, i] > s[b, p]``, or ``s[b, i] ==
+    s[b, p]`` and ``i < p``; -1 when p is itself excluded (never ranked). So
+    ``rank < k`` exactly when ``topk_hits`` counts p as a hit at k.
+
+    Args:
+        scores: (B, I) float16/bfloat16/float32/float64; NaN is an error.
+        users: (B,) int64 CSR row of each scores row (default: row b).
+        exclude_*, positives_*: CSR (indptr, indices) int64, rows sorted and unique.
+
+    Returns:
+        (n,) int64: with users, the ranks of the positives of rows users[0],
+        users[1], ... one after the other, each row's in its CSR order;
+        without users, (nnz,) beside ``positives_indices``.
+    """
+    B, I = scores.shape
+    dev = scores.device
+    excl = None if exclude_indptr is None else (exclude_indptr, exclude_indices)
+    pos = (positives_indptr, positives_indices)
+    report = _topk_report(scores, users, excl, pos, None, None)
+    n_rows = {"exclude": None if excl is None else excl[0].shape[0] - 1, "positives": pos[0].shape[0] - 1}
+    error = topk_row_error(report.cpu(), I, n_rows, op="target_rank")
+    if error is not None:
+        raise error
+    rows = users if users is not None else torch.arange(B, device=dev)
+    owner, entry = _row_entries(positives_indptr, rows)  # the scores row of every positive
+    p = positives_indices[entry]
+    row_scores = scores[owner]  # (n, I); comparisons in the scores' own dtype are exact
+    sp = row_scores.gather(1, p[:, None])
+    ids = torch.arange(I, device=dev)
+    beats = (row_scores > sp) | ((row_scores == sp) & (ids[None, :] < p[:, None]))
+    rank = beats.sum(1)
+    if excl is not None:
+        excluded = _dense_rows(*excl, rows, I)[owner]
+        rank = torch.where(excluded.gather(1, p[:, None])[:, 0], -1, (beats & ~excluded).sum(1))
+    if users is not None:
+        return rank
+    # Beside the positives' entries; -1 for an entry no row holds (only an indptr that does not run
+    # from 0 to nnz leaves one, which the public function refuses).
+    return torch.full_like(positives_indices, -1).index_put_((entry,), rank)

@@ -3,8 +3,8 @@
 Each example builds one call from a few drawn choices (sizes, a seed for the
 contents, which corruption to apply) and runs it on two backends. Either
 both raise, with the same exception class and the same message, or both
-return, and then integer outputs (hits, first_hit, indices, gather_rows with
-integer-valued values and weights) agree exactly and float outputs within
+return, and then integer outputs (hits, first_hit, indices, target_rank's
+ranks, gather_rows with integer-valued values and weights) agree exactly and float outputs within
 rounding. Every error must be a TypeError, ValueError or IndexError whose
 message starts with the op or the CSR argument it is about: a raw error from
 inside torch (an IndexError of some internal gather) fails the test.
@@ -14,13 +14,15 @@ monotone, not starting at 0 or not ending at nnz), its contents (column ids
 out of range or negative, unsorted and duplicate columns), dtypes (float
 ids, bools, float indptr), empty matrices, matrices without rows, and bad
 ids in every argument that holds ids; the scores hold ties, +-0.0, -inf and
-NaN, and k runs up to the number of items.
+NaN, and k runs up to the number of items. target_rank is also checked
+against topk_hits on the same calls: the same refusals, and rank < k exactly
+where topk_hits counts a hit at k.
 
 Runs are reproducible: hypothesis is derandomized (the same examples every
 run) and keeps no example database. The Triton backend runs in its
 interpreter on the CPU, which is slow: it is checked against the cpu kernel
 on fewer examples (a dozen for topk_hits, whose kernel takes about a second
-per call there).
+per call there; 40 for target_rank).
 """
 
 import re
@@ -48,7 +50,8 @@ def _usable(backend: str) -> bool:
 needs_cpu = pytest.mark.skipif(not _usable("cpu"), reason=f"cpu backend unusable: {rk.available_backends()['cpu']}")
 
 # Who an error message may start with: the op, or the CSR argument that as_csr names.
-_ERROR_PREFIX = re.compile(r"^(gather_rows|topk_hits|gaussian_logprob|matrix|exclude|positives|neighbor_sets)\b")
+_ERROR_PREFIX = re.compile(
+    r"^(gather_rows|topk_hits|target_rank|gaussian_logprob|matrix|exclude|positives|neighbor_sets)\b")
 
 
 def run(fn):
@@ -57,6 +60,11 @@ def run(fn):
         return "ok", fn()
     except Exception as exc:  # noqa: BLE001 - any exception is an outcome to compare
         return "error", exc
+
+
+def compare_backends(backends, call, compare, what):
+    """Runs ``call(backend)`` on every one of ``backends`` and asserts the same outcome (assert_same_outcome)."""
+    assert_same_outcome({b: run(lambda b=b: call(b)) for b in backends}, compare, what)
 
 
 def assert_same_outcome(outcomes, compare, what):
@@ -312,8 +320,7 @@ def _compare_dense(exact):
 @given(data=st.data())
 def test_gather_rows_cpu_agrees_with_the_reference(data):
     matrix, kwargs, exact = gather_case(data.draw)
-    outcomes = {b: run(lambda b=b: _gather(b, matrix, kwargs)) for b in ("reference", "cpu")}
-    assert_same_outcome(outcomes, _compare_dense(exact), "gather_rows")
+    compare_backends(("reference", "cpu"), lambda b: _gather(b, matrix, kwargs), _compare_dense(exact), "gather_rows")
 
 
 @needs_cpu
@@ -322,8 +329,7 @@ def test_gather_rows_cpu_agrees_with_the_reference(data):
 @given(data=st.data())
 def test_gather_rows_triton_agrees_with_the_cpu_kernel(data):
     matrix, kwargs, exact = gather_case(data.draw)
-    outcomes = {b: run(lambda b=b: _gather(b, matrix, kwargs)) for b in ("cpu", "triton")}
-    assert_same_outcome(outcomes, _compare_dense(exact), "gather_rows")
+    compare_backends(("cpu", "triton"), lambda b: _gather(b, matrix, kwargs), _compare_dense(exact), "gather_rows")
 
 
 # --- topk_hits ---------------------------------------------------------------------------------
@@ -334,11 +340,12 @@ TOPK_BAD = ([(a, c) for a in ("exclude", "positives", "neighbor_sets") for c in 
             + [("scores", "nan")])
 
 
-def topk_case(draw):
-    """Keyword arguments of one topk_hits call."""
-    arg, bad = draw_bad(draw, TOPK_BAD)
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    B, I = draw(st.integers(0, 6)), draw(st.integers(1, 10))
+def ranking_args(draw, arg, bad, rng, B, I, positives=False):
+    """scores, users, exclude and positives of one call of a ranking op (topk_hits, target_rank), with
+    ``bad`` applied when ``arg`` is one of them; positives always when asked (else drawn), the rest drawn.
+
+    Returns the keyword arguments and the number of rows of the CSR arguments.
+    """
     vals = rng.integers(0, draw(st.integers(1, 5)), (B, I)).astype(np.float64) - 1.0  # ties
     vals[(vals == 0) & (rng.random((B, I)) < 0.5)] = -0.0
     vals[rng.random((B, I)) < draw(st.sampled_from([0.0, 0.2, 1.0]))] = -np.inf
@@ -346,13 +353,6 @@ def topk_case(draw):
         vals[rng.integers(B), rng.integers(I)] = np.nan
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
     kwargs = dict(scores=torch.from_numpy(vals).to(dtype))
-    ks = sorted(set(rng.integers(1, I + 1, draw(st.integers(1, 3))).tolist()))
-    if draw(st.booleans()):
-        ks = sorted(set(ks[:-1] + [I]))  # k == I
-    if arg == "ks":
-        ks = {"unsorted": ks[::-1] + [ks[0]], "zero": [0] + ks, "above-I": ks + [I + 1],
-              "float": [float(k) for k in ks], "bool": True, "empty": []}[bad]
-    kwargs["ks"] = ks
     with_users = arg == "users" or draw(st.booleans())
     n_rows = draw(st.integers(0, 6)) if with_users else B
     if with_users:
@@ -360,11 +360,27 @@ def topk_case(draw):
         users = corrupt_ids(users, rng, bad if arg == "users" else None, n_rows)
         kwargs["users"] = id_form(users, draw(st.sampled_from(["numpy", "int64", "int32"])))
     for name in ("exclude", "positives"):
-        if arg == name or draw(st.booleans()):
+        if arg == name or (name == "positives" and positives) or draw(st.booleans()):
             csr = build_csr(rng, n_rows, I, draw(st.sampled_from([0.0, 0.3, 0.9, 1.0])),
                             bad if arg == name else None)
             kwargs[name] = any_form(csr, draw(st.sampled_from(["tensors", "numpy", "int32", "scipy", "torch-sparse"]))
                                     if arg != name else "tensors", (n_rows, I))
+    return kwargs, n_rows
+
+
+def topk_case(draw):
+    """Keyword arguments of one topk_hits call."""
+    arg, bad = draw_bad(draw, TOPK_BAD)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    B, I = draw(st.integers(0, 6)), draw(st.integers(1, 10))
+    kwargs, _ = ranking_args(draw, arg, bad, rng, B, I)
+    ks = sorted(set(rng.integers(1, I + 1, draw(st.integers(1, 3))).tolist()))
+    if draw(st.booleans()):
+        ks = sorted(set(ks[:-1] + [I]))  # k == I
+    if arg == "ks":
+        ks = {"unsorted": ks[::-1] + [ks[0]], "zero": [0] + ks, "above-I": ks + [I + 1],
+              "float": [float(k) for k in ks], "bool": True, "empty": []}[bad]
+    kwargs["ks"] = ks
     if arg in ("neighbor_sets", "neighbors") or draw(st.booleans()):
         n_sets = draw(st.integers(0, 5))
         csr = build_csr(rng, n_sets, I, draw(st.sampled_from([0.0, 0.4, 1.0])), bad if arg == "neighbor_sets" else None)
@@ -396,8 +412,7 @@ def _compare_topk(a, b, what):
 @given(data=st.data())
 def test_topk_hits_cpu_agrees_with_the_reference(data):
     kwargs = topk_case(data.draw)
-    outcomes = {b: run(lambda b=b: rk.topk_hits(backend=b, **kwargs)) for b in ("reference", "cpu")}
-    assert_same_outcome(outcomes, _compare_topk, "topk_hits")
+    compare_backends(("reference", "cpu"), lambda b: rk.topk_hits(backend=b, **kwargs), _compare_topk, "topk_hits")
 
 
 @needs_cpu
@@ -408,8 +423,69 @@ def test_topk_hits_triton_agrees_with_the_cpu_kernel(data):
     kwargs = topk_case(data.draw)
     if kwargs["scores"].dtype == torch.float64:  # the triton kernel ranks 16- and 32-bit scores
         kwargs["scores"] = kwargs["scores"].float()
-    outcomes = {b: run(lambda b=b: rk.topk_hits(backend=b, **kwargs)) for b in ("cpu", "triton")}
-    assert_same_outcome(outcomes, _compare_topk, "topk_hits")
+    compare_backends(("cpu", "triton"), lambda b: rk.topk_hits(backend=b, **kwargs), _compare_topk, "topk_hits")
+
+
+# --- target_rank ---------------------------------------------------------------------------------
+
+TARGET_RANK_BAD = ([(a, c) for a in ("exclude", "positives") for c in CSR_CORRUPTIONS]
+                   + [("users", k) for k in ID_CORRUPTIONS] + [("scores", "nan")])
+
+
+def target_rank_case(draw):
+    """Keyword arguments of one target_rank call (topk_hits' scores, users, exclude and positives)."""
+    arg, bad = draw_bad(draw, TARGET_RANK_BAD)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    B, I = draw(st.integers(0, 6)), draw(st.integers(1, 10))
+    kwargs, _ = ranking_args(draw, arg, bad, rng, B, I, positives=True)
+    return kwargs
+
+
+def _compare_ranks(a, b, what):
+    assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b), f"{what}: ranks differ\n{a}\n{b}"
+
+
+@needs_cpu
+@fuzz_settings(150)
+@given(data=st.data())
+def test_target_rank_cpu_agrees_with_the_reference(data):
+    kwargs = target_rank_case(data.draw)
+    compare_backends(("reference", "cpu"), lambda b: rk.target_rank(backend=b, **kwargs), _compare_ranks, "target_rank")
+
+
+@needs_cpu
+@pytest.mark.skipif(not _usable("triton"), reason=f"triton backend unusable: {rk.available_backends()['triton']}")
+@fuzz_settings(40)
+@given(data=st.data())
+def test_target_rank_triton_agrees_with_the_cpu_kernel(data):
+    kwargs = target_rank_case(data.draw)
+    compare_backends(("cpu", "triton"), lambda b: rk.target_rank(backend=b, **kwargs), _compare_ranks, "target_rank")
+
+
+@needs_cpu
+@fuzz_settings(100)
+@given(data=st.data())
+def test_target_rank_and_topk_hits_agree(data):
+    """Both refuse the same calls, alike (the same exception, the message with the other op's name),
+    and otherwise a positive's rank is below k exactly when topk_hits counts it at k, for every k."""
+    kwargs = target_rank_case(data.draw)
+    B, I = kwargs["scores"].shape
+    ks = list(range(1, I + 1))
+    kind, ranks = run(lambda: rk.target_rank(backend="cpu", **kwargs))
+    topk_kind, out = run(lambda: rk.topk_hits(ks=ks, backend="cpu", **kwargs))
+    event(f"target_rank and topk_hits: {'returned' if kind == 'ok' else type(ranks).__name__}")
+    assert kind == topk_kind, f"only one raised: {ranks if kind == 'error' else out}"
+    if kind == "error":
+        assert type(ranks) is type(out) and str(out).replace("topk_hits", "target_rank") == str(ranks), \
+            f"target_rank: {ranks!r}\ntopk_hits: {out!r}"
+        return
+    pos = rk.as_csr(kwargs["positives"], "positives")
+    rows = torch.as_tensor(np.asarray(kwargs["users"])).long() if "users" in kwargs else torch.arange(B)
+    owner = torch.repeat_interleave(torch.arange(B), pos.indptr[rows + 1] - pos.indptr[rows])
+    for k in ks:
+        counted = ((ranks >= 0) & (ranks < k)).long()
+        hits = torch.zeros(B, dtype=torch.int64).index_add_(0, owner, counted)
+        assert torch.equal(hits, out.hits[:, k - 1]), f"k = {k}: {hits} != {out.hits[:, k - 1]}"
 
 
 # --- gaussian_logprob -------------------------------------------------------------------------------
@@ -522,5 +598,5 @@ def _compare_glp(args, kwargs):
 @given(data=st.data())
 def test_gaussian_logprob_cpu_agrees_with_the_reference(data):
     args, kwargs = glp_case(data.draw)
-    outcomes = {b: run(lambda b=b: _glp(b, args, kwargs)) for b in ("cpu", "reference")}
-    assert_same_outcome(outcomes, _compare_glp(args, kwargs), "gaussian_logprob")
+    compare_backends(("cpu", "reference"), lambda b: _glp(b, args, kwargs), _compare_glp(args, kwargs),
+                     "gaussian_logprob")

@@ -26,6 +26,26 @@ namespace cpu {
 #define REFIT_CPU_CLONES
 #endif
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Kernels may carry a hand-written AVX-512 loop (__attribute__((target(
+// "avx512f")))), called only where has_avx512() says the CPU runs it.
+#define REFIT_HAVE_AVX512 1
+inline bool has_avx512() {
+  // Asked on first use, not in a static initialiser, which may run before
+  // the compiler's CPU detection.
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+#endif
+
+// The type scores of type T are compared or accumulated in: float for the
+// 16- and 32-bit types (which widen to it exactly), double for double.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
 // A new tensor that the caller is about to overwrite in full. Large outputs
 // are advised onto transparent huge pages before their first touch: faulting
 // in a 180 MB gradient 4 KiB at a time costs more than computing it. (torch

@@ -25,11 +25,18 @@
 
 #include "../topk_hits.h"
 #include "common.h"
+#include "csr_rows.h"
 #include "refit/topk_hits.h"
 
 namespace refit {
 namespace {
 
+using cpu::AccOf;
+using cpu::checked_row;
+using cpu::checked_row_of;
+using cpu::CsrView;
+using cpu::report;
+using cpu::view_of;
 using topk::Arg;
 using topk::RowError;
 
@@ -150,7 +157,7 @@ REFIT_INLINE int64_t collect_at_least(const acc_t* __restrict__ x, int64_t n, ac
   return count;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef REFIT_HAVE_AVX512
 #define REFIT_HAVE_AVX512_COLLECT 1
 // The same with AVX-512: 16 compares, a compress of the passing ids into a
 // register and one store per step (the compress-to-memory form is much slower
@@ -173,20 +180,11 @@ __attribute__((target("avx512f"))) int64_t collect_at_least_avx512(const float* 
   }
   return count;
 }
-bool has_avx512() {
-  // Asked on first use, not in a static initialiser, which may run before
-  // the compiler's CPU detection.
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
 #endif
 
 REFIT_INLINE int64_t collect_any(const float* x, int64_t n, float t, int32_t* out) {
 #ifdef REFIT_HAVE_AVX512_COLLECT
-  if (has_avx512()) return collect_at_least_avx512(x, n, t, out);
+  if (cpu::has_avx512()) return collect_at_least_avx512(x, n, t, out);
 #endif
   return collect_at_least<float>(x, n, t, out);
 }
@@ -323,63 +321,6 @@ REFIT_INLINE int64_t select_top_any(const double* x, int64_t n, int64_t k, Selec
   return select_top_f64(x, n, k, w, r);
 }
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-struct CsrView {
-  const int64_t* indptr = nullptr;
-  const int64_t* indices = nullptr;
-  int64_t rows = 0, nnz = 0;
-  bool defined() const { return indptr != nullptr; }
-};
-
-CsrView view_of(const TopKCsr& m) {
-  if (!m.defined()) return {};
-  return {m.indptr.const_data_ptr<int64_t>(), m.indices.const_data_ptr<int64_t>(), m.rows(), m.nnz()};
-}
-
-REFIT_INLINE void report(int64_t* err, RowError code, Arg arg, int64_t row, int64_t detail) {
-  err[0] = static_cast<int64_t>(code);
-  err[1] = static_cast<int64_t>(arg);
-  err[2] = row;
-  err[3] = detail;
-}
-
-// Checks CSR row r (its indptr range, then its columns in order: in [0, I)
-// and strictly increasing) and returns [lo, hi); false after reporting.
-bool checked_row(const CsrView& m, int64_t r, int64_t I, Arg arg, int64_t* err, int64_t* lo,
-                 int64_t* hi) {
-  const int64_t a = m.indptr[r], b = m.indptr[r + 1];
-  if (!(0 <= a && a <= b && b <= m.nnz)) {
-    report(err, RowError::kBadIndptr, arg, r, 0);
-    return false;
-  }
-  for (int64_t j = a; j < b; ++j) {
-    const int64_t c = m.indices[j];
-    if (c < 0 || c >= I) {
-      report(err, RowError::kColumnOutOfRange, arg, r, c);
-      return false;
-    }
-    if (j > a && c <= m.indices[j - 1]) {
-      report(err, RowError::kUnsorted, arg, r, c);
-      return false;
-    }
-  }
-  *lo = a;
-  *hi = b;
-  return true;
-}
-
-// The CSR row of scores row b, or -1 after reporting users[b] out of range.
-REFIT_INLINE int64_t csr_row_of(const CsrView& m, const int64_t* users, int64_t b, Arg arg, int64_t* err) {
-  const int64_t u = users ? users[b] : b;
-  if (u < 0 || u >= m.rows) {
-    report(err, RowError::kUserOutOfRange, arg, 0, u);
-    return -1;
-  }
-  return u;
-}
-
 template <typename T>
 void topk_hits_rows(const TopKHitsArgs& a, at::Tensor& hits, at::Tensor& dcg, at::Tensor& nbr_hits,
                     at::Tensor& first_hit, at::Tensor& indices, std::vector<int64_t>& errors) {
@@ -415,10 +356,7 @@ void topk_hits_rows(const TopKHitsArgs& a, at::Tensor& hits, at::Tensor& dcg, at
       int64_t lo = 0, hi = 0;
       // Exclusions: check the row, then load the scores and blank the excluded ones.
       int64_t ex_lo = 0, ex_hi = 0;
-      if (excl.defined()) {
-        const int64_t r = csr_row_of(excl, users, b, Arg::kExclude, err);
-        if (r < 0 || !checked_row(excl, r, I, Arg::kExclude, err, &ex_lo, &ex_hi)) continue;
-      }
+      if (excl.defined() && !checked_row_of(excl, users, b, I, Arg::kExclude, err, &ex_lo, &ex_hi)) continue;
       const int64_t nan_at = load_row_any(scores + b * row_stride, buf.data(), I);
       if (nan_at >= 0) {
         report(err, RowError::kNaN, Arg::kScores, 0, nan_at);
@@ -433,8 +371,7 @@ void topk_hits_rows(const TopKHitsArgs& a, at::Tensor& hits, at::Tensor& dcg, at
 
       bool ok = true;
       if (pos.defined()) {
-        const int64_t r = csr_row_of(pos, users, b, Arg::kPositives, err);
-        ok = r >= 0 && checked_row(pos, r, I, Arg::kPositives, err, &lo, &hi);
+        ok = checked_row_of(pos, users, b, I, Arg::kPositives, err, &lo, &hi);
         for (int64_t j = lo; ok && j < hi; ++j) {
           const int32_t at = rank[pos.indices[j]];
           if (at >= 0) hit[at] = 1;

@@ -108,6 +108,27 @@ LaunchStatus topk_hits(DType dtype, const TopKHitsParams& params, void* stream);
 // The message of the last CUDA error seen by topk_hits on this thread.
 const char* topk_hits_error_string();
 
+// target_rank: scores (rows, items) of `dtype` (any of the four) with unit
+// item stride; the positives CSR (required) and the exclude CSR (indptr ==
+// nullptr when absent), rows sorted and unique (checked by the kernel).
+// Row b's ranks go to ranks[starts[b] + j], j = 0 .. its positives, when
+// `starts` (rows,) is given, else beside the positives' entries
+// (ranks[positives.indptr[u] + j]). report (rows, 4) zero-initialised
+// (refit/topk_hits.h); users may be absent (nullptr).
+struct TargetRankParams {
+  const void* scores;
+  int64_t rows, items, score_row_stride;
+  const int64_t* users;
+  TopKCsrView exclude, positives;
+  const int64_t* starts;
+  int64_t* ranks;
+  int64_t* report;
+};
+
+LaunchStatus target_rank(DType dtype, const TargetRankParams& params, void* stream);
+// The message of the last CUDA error seen by target_rank on this thread.
+const char* target_rank_error_string();
+
 // The message of the last CUDA error seen by a launcher on this thread.
 const char* last_error_string();
 

@@ -28,86 +28,21 @@
 #include <cuda_runtime.h>
 
 #include "launchers.h"
+#include "ranking.cuh"
 #include "refit/topk_hits.h"
 
 namespace refit {
 namespace cuda {
 namespace {
 
-using topk::Arg;
-using topk::RowError;
-
 thread_local cudaError_t g_topk_error = cudaSuccess;
 
 constexpr int kThreads = 256;
 constexpr int kMaxK = static_cast<int>(kTopKMaxK);
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename T>
 __device__ __forceinline__ uint64_t key_at(const T* row, int64_t item) {
   return topk::rank_key(to_float(row[item]), static_cast<uint32_t>(item));
-}
-
-__device__ void report(int64_t* rep, RowError code, Arg arg, int64_t row, int64_t detail) {
-  rep[0] = static_cast<int64_t>(code);
-  rep[1] = static_cast<int64_t>(arg);
-  rep[2] = row;
-  rep[3] = detail;
-}
-
-// Block-wide: the first position j in [lo, hi) whose column is out of
-// [0, I) or not above the previous one; hi when there is none. Every thread
-// of the block must call it (it synchronises); all get the same answer.
-__device__ int64_t first_bad_column(const int64_t* __restrict__ idx, int64_t lo, int64_t hi,
-                                    int64_t items, unsigned long long* s_first) {
-  if (threadIdx.x == 0) *s_first = static_cast<unsigned long long>(hi);
-  __syncthreads();
-  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-    const int64_t c = idx[j];
-    if (c < 0 || c >= items || (j > lo && c <= idx[j - 1])) {
-      atomicMin(s_first, static_cast<unsigned long long>(j));
-    }
-  }
-  __syncthreads();
-  const int64_t first = static_cast<int64_t>(*s_first);
-  __syncthreads();  // all have read it before the next use overwrites it
-  return first;
-}
-
-// Checks CSR row r and gives its [lo, hi); on a problem thread 0 reports it
-// and every thread gets false. Block-wide, like first_bad_column.
-__device__ bool checked_row(const TopKCsrView& m, int64_t r, int64_t items, Arg arg, int64_t* rep,
-                            int64_t* lo, int64_t* hi, unsigned long long* s_first) {
-  const int64_t a = m.indptr[r], b = m.indptr[r + 1];
-  if (!(0 <= a && a <= b && b <= m.nnz)) {
-    if (threadIdx.x == 0) report(rep, RowError::kBadIndptr, arg, r, 0);
-    return false;
-  }
-  const int64_t first = first_bad_column(m.indices, a, b, items, s_first);
-  if (first < b) {
-    if (threadIdx.x == 0) {
-      const int64_t c = m.indices[first];
-      report(rep, (c < 0 || c >= items) ? RowError::kColumnOutOfRange : RowError::kUnsorted, arg, r, c);
-    }
-    return false;
-  }
-  *lo = a;
-  *hi = b;
-  return true;
-}
-
-// Whether `item` is among the sorted indices [lo, hi).
-__device__ bool contains(const int64_t* __restrict__ idx, int64_t lo, int64_t hi, int64_t item) {
-  const int64_t end = hi;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (idx[mid] < item) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo < end && idx[lo] == item;
 }
 
 // The rank of `item` among the n selected items (given in id order), or -1.
@@ -145,13 +80,7 @@ __global__ void __launch_bounds__(kThreads) topk_hits_kernel(const TopKHitsParam
 
   // 1. The exclusion row.
   int64_t ex_lo = 0, ex_hi = 0;
-  if (p.exclude.indptr) {
-    if (u < 0 || u >= p.exclude.rows) {
-      if (tid == 0) report(rep, RowError::kUserOutOfRange, Arg::kExclude, 0, u);
-      return;
-    }
-    if (!checked_row(p.exclude, u, I, Arg::kExclude, rep, &ex_lo, &ex_hi, &s_first)) return;
-  }
+  if (p.exclude.indptr && !checked_user_row(p.exclude, u, I, Arg::kExclude, rep, &ex_lo, &ex_hi, &s_first)) return;
 
   // 2. NaN anywhere in the row is an error.
   if (tid == 0) s_first = static_cast<unsigned long long>(I);
@@ -248,11 +177,7 @@ __global__ void __launch_bounds__(kThreads) topk_hits_kernel(const TopKHitsParam
   // 6. Positives and neighbors.
   int64_t lo = 0, hi = 0;
   if (p.positives.indptr) {
-    if (u < 0 || u >= p.positives.rows) {
-      if (tid == 0) report(rep, RowError::kUserOutOfRange, Arg::kPositives, 0, u);
-      return;
-    }
-    if (!checked_row(p.positives, u, I, Arg::kPositives, rep, &lo, &hi, &s_first)) return;
+    if (!checked_user_row(p.positives, u, I, Arg::kPositives, rep, &lo, &hi, &s_first)) return;
     for (int64_t j = lo + tid; j < hi; j += blockDim.x) {
       const int r = rank_of(s_by_id, s_rank_by_id, need, p.positives.indices[j]);
       if (r >= 0) s_hit[r] = 1;
@@ -320,12 +245,7 @@ LaunchStatus topk_hits(DType dtype, const TopKHitsParams& params, void* stream) 
   }
   if (params.rows == 0) return LaunchStatus::kOk;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return launch<float>(params, st);
-    case DType::kFloat16: return launch<__half>(params, st);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(params, st);
-    default: return LaunchStatus::kBadDType;
-  }
+  return for_score_dtype<false>(dtype, [&](auto t) { return launch<decltype(t)>(params, st); });
 }
 
 const char* topk_hits_error_string() { return cudaGetErrorString(g_topk_error); }

@@ -9,27 +9,9 @@
 
 #include "../topk_hits.h"
 #include "launchers.h"
+#include "ranking_host.h"
 
 namespace refit {
-namespace {
-
-DType score_dtype(c10::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat32;
-    default:
-      TORCH_CHECK_TYPE(false, "topk_hits (cuda): scores must be float16, bfloat16 or float32, got ", t,
-                       " (float64 runs on the cpu and reference backends)");
-  }
-}
-
-cuda::TopKCsrView view_of(const TopKCsr& m) {
-  if (!m.defined()) return {nullptr, nullptr, 0, 0};
-  return {m.indptr.const_data_ptr<int64_t>(), m.indices.const_data_ptr<int64_t>(), m.rows(), m.nnz()};
-}
-
-}  // namespace
 
 TopKHitsResult topk_hits_cuda(const at::Tensor& scores, at::IntArrayRef ks,
                               const std::optional<at::Tensor>& users,
@@ -47,7 +29,10 @@ TopKHitsResult topk_hits_cuda(const at::Tensor& scores, at::IntArrayRef ks,
                                               return_indices);
   TORCH_CHECK_VALUE(scores.is_cuda(), "topk_hits (cuda): scores must be a CUDA tensor, got ",
                     scores.device());
-  const DType dtype = score_dtype(a.scores.scalar_type());
+  const std::optional<DType> dtype = score_dtype_code(a.scores.scalar_type());
+  TORCH_CHECK_TYPE(dtype && *dtype != DType::kFloat64,
+                   "topk_hits (cuda): scores must be float16, bfloat16 or float32, got ", a.scores.scalar_type(),
+                   " (float64 runs on the cpu and reference backends)");
   TORCH_CHECK_VALUE(a.kmax <= cuda::kTopKMaxK, "topk_hits (cuda): Kmax must be at most ",
                     cuda::kTopKMaxK, ", got ", a.kmax);
   TORCH_CHECK_VALUE(a.B <= 0x7fffffff, "topk_hits (cuda): at most 2^31 - 1 rows, got B = ", a.B);
@@ -73,9 +58,9 @@ TopKHitsResult topk_hits_cuda(const at::Tensor& scores, at::IntArrayRef ks,
   p.n_ks = n_k;
   p.kmax = a.kmax;
   p.users = a.users.defined() ? a.users.const_data_ptr<int64_t>() : nullptr;
-  p.exclude = view_of(a.exclude);
-  p.positives = view_of(a.positives);
-  p.neighbor_sets = view_of(a.neighbor_sets);
+  p.exclude = csr_view(a.exclude);
+  p.positives = csr_view(a.positives);
+  p.neighbor_sets = csr_view(a.neighbor_sets);
   p.neighbors = a.neighbors.defined() ? a.neighbors.const_data_ptr<int64_t>() : nullptr;
   p.n_neighbors = a.neighbors.defined() ? a.neighbors.size(1) : 0;
   p.hits = hits.data_ptr<int64_t>();
@@ -84,7 +69,7 @@ TopKHitsResult topk_hits_cuda(const at::Tensor& scores, at::IntArrayRef ks,
   p.first_hit = first_hit.data_ptr<int64_t>();
   p.indices = return_indices ? indices.data_ptr<int64_t>() : nullptr;
   p.report = report.data_ptr<int64_t>();
-  const LaunchStatus status = cuda::topk_hits(dtype, p, c10::cuda::getCurrentCUDAStream().stream());
+  const LaunchStatus status = cuda::topk_hits(*dtype, p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK_VALUE(status != LaunchStatus::kBadShape, "topk_hits (cuda): unsupported sizes (B = ", B,
                     ", I = ", a.I, ", Kmax = ", a.kmax, ")");
   TORCH_CHECK(status == LaunchStatus::kOk, "topk_hits (cuda) failed: ", cuda::topk_hits_error_string());

@@ -1,7 +1,8 @@
 """topk_hits: batched top-K hit counting, N_K and N_sim-K (DESIGN.md, Op 2).
 
 This module is the op's whole Python side: argument conversion and checks
-shared by every backend, the fake (meta) implementations of the compiled op
+shared by every backend (and, for the arguments they share, by target_rank),
+the fake (meta) implementations of the compiled op
 ``refit::topk_hits`` and of the Triton op ``refit::topk_hits_triton``, and the
 public function that dispatches. The op is not differentiable: scores are
 detached.
@@ -79,7 +80,8 @@ def check_ks(ks, n_items: int, op: str = _OP) -> Tuple[int, ...]:
     return tuple(values)
 
 
-def _check_scores(scores, op: str = _OP) -> None:
+def check_scores(scores, op: str = _OP) -> None:
+    """scores: a float16/bfloat16/float32/float64 (B, I) tensor with I < 2^31; TypeError/ValueError naming it."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{op}: scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dtype not in _SCORE_DTYPES:
@@ -90,40 +92,53 @@ def _check_scores(scores, op: str = _OP) -> None:
         raise ValueError(f"{op}: at most 2^31 - 1 items, got I = {scores.shape[1]}")
 
 
+def check_plain_users(users: Optional[torch.Tensor], B: int, device: torch.device, op: str) -> None:
+    """users of a registered op: None, or (B,) int64 on ``device``."""
+    if users is None:
+        return
+    if users.dtype != torch.int64:
+        raise TypeError(f"{op}: users must be int64, got {users.dtype}")
+    if users.dim() != 1 or users.shape[0] != B:
+        raise ValueError(f"{op}: users must have shape (B,) = ({B},), got {tuple(users.shape)}")
+    if users.device != device:
+        raise ValueError(f"{op}: users is on {users.device} but scores is on {device}")
+
+
+def check_plain_csr(name: str, indptr: Optional[torch.Tensor], indices: Optional[torch.Tensor],
+                    device: torch.device, op: str, rows: Optional[int] = None) -> None:
+    """A CSR argument of a registered op: both parts or neither, 1-D int64 on ``device``, and ``rows``
+    rows when given (a CSR indexed by scores row, without users)."""
+    if (indptr is None) != (indices is None):
+        raise ValueError(f"{op}: {name}_indptr and {name}_indices must be given together")
+    if indptr is None:
+        return
+    for part, t in (("indptr", indptr), ("indices", indices)):
+        if t.dtype != torch.int64:
+            raise TypeError(f"{op}: {name} {part} must be int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} {part} must be 1-D, got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but scores is on {device}")
+    if indptr.shape[0] < 1:
+        raise ValueError(f"{op}: {name} indptr must have n_rows + 1 >= 1 entries, got none")
+    if rows is not None and indptr.shape[0] - 1 != rows:
+        raise ValueError(f"{op}: {name} has {indptr.shape[0] - 1} rows but scores has B = {rows} "
+                         "(pass users= to pick rows of a larger matrix)")
+
+
 def check_plain_args(scores, ks, users, exclude_indptr, exclude_indices, positives_indptr,
                      positives_indices, neighbors, neighbor_sets_indptr, neighbor_sets_indices,
                      op: str = _OP) -> None:
     """The checks of the registered ops' arguments (plain tensors), as the C++ ops make them."""
-    _check_scores(scores, op)
+    check_scores(scores, op)
     B, I = scores.shape
     check_ks(list(ks), I, op)
     dev = scores.device
-    if users is not None:
-        if users.dtype != torch.int64:
-            raise TypeError(f"{op}: users must be int64, got {users.dtype}")
-        if users.dim() != 1 or users.shape[0] != B:
-            raise ValueError(f"{op}: users must have shape (B,) = ({B},), got {tuple(users.shape)}")
-        if users.device != dev:
-            raise ValueError(f"{op}: users is on {users.device} but scores is on {dev}")
-    csrs = (("exclude", exclude_indptr, exclude_indices), ("positives", positives_indptr, positives_indices),
-            ("neighbor_sets", neighbor_sets_indptr, neighbor_sets_indices))
-    for name, indptr, indices in csrs:
-        if (indptr is None) != (indices is None):
-            raise ValueError(f"{op}: {name}_indptr and {name}_indices must be given together")
-        if indptr is None:
-            continue
-        for part, t in (("indptr", indptr), ("indices", indices)):
-            if t.dtype != torch.int64:
-                raise TypeError(f"{op}: {name} {part} must be int64, got {t.dtype}")
-            if t.dim() != 1:
-                raise ValueError(f"{op}: {name} {part} must be 1-D, got shape {tuple(t.shape)}")
-            if t.device != dev:
-                raise ValueError(f"{op}: {name} is on {t.device} but scores is on {dev}")
-        if indptr.shape[0] < 1:
-            raise ValueError(f"{op}: {name} indptr must have n_rows + 1 >= 1 entries, got none")
-        if users is None and name != "neighbor_sets" and indptr.shape[0] - 1 != B:
-            raise ValueError(f"{op}: {name} has {indptr.shape[0] - 1} rows but scores has B = {B} "
-                             "(pass users= to pick rows of a larger matrix)")
+    check_plain_users(users, B, dev, op)
+    per_batch = B if users is None else None
+    check_plain_csr("exclude", exclude_indptr, exclude_indices, dev, op, rows=per_batch)
+    check_plain_csr("positives", positives_indptr, positives_indices, dev, op, rows=per_batch)
+    check_plain_csr("neighbor_sets", neighbor_sets_indptr, neighbor_sets_indices, dev, op)
     if (neighbors is None) != (neighbor_sets_indptr is None):
         raise ValueError(f"{op}: neighbors and neighbor_sets must be given together")
     if neighbors is not None:
@@ -135,22 +150,22 @@ def check_plain_args(scores, ks, users, exclude_indptr, exclude_indices, positiv
             raise ValueError(f"{op}: neighbors is on {neighbors.device} but scores is on {dev}")
 
 
-def _index_tensor(x, name: str, dim: int, device: torch.device) -> torch.Tensor:
+def index_tensor(x, name: str, dim: int, device: torch.device, op: str = _OP) -> torch.Tensor:
     """users / neighbors as int64 on ``device``: tensors must already be there, arrays are moved."""
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.integer):
-            raise TypeError(f"{_OP}: {name} must hold integers, got {x.dtype}")
+            raise TypeError(f"{op}: {name} must hold integers, got {x.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     elif not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_OP}: {name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    dense_tensor(x, name, _OP)
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    dense_tensor(x, name, op)
     if x.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{_OP}: {name} must be int32 or int64, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {x.dtype}")
     if x.dim() != dim:
         shape = "(B,)" if dim == 1 else "(B, M)"
-        raise ValueError(f"{_OP}: {name} must be {dim}-D {shape}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} must be {dim}-D {shape}, got shape {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{_OP}: {name} is on {x.device} but scores is on {device}")
+        raise ValueError(f"{op}: {name} is on {x.device} but scores is on {device}")
     return x.to(torch.int64)
 
 
@@ -160,7 +175,7 @@ def _holds_torch(x) -> bool:
     return isinstance(x, (tuple, list)) and len(x) > 0 and isinstance(x[0], torch.Tensor)
 
 
-def _csr(x, name: str, n_items: int, device: torch.device):
+def csr_arg(x, name: str, n_items: int, device: torch.device, op: str = _OP):
     """A CSR argument as (indptr, indices) int64 on ``device``, or (None, None).
 
     Torch inputs must already be on the scores' device; scipy matrices and
@@ -171,13 +186,13 @@ def _csr(x, name: str, n_items: int, device: torch.device):
     if _holds_torch(x):
         first = x if isinstance(x, torch.Tensor) else x[0]
         if first.device != device:
-            raise ValueError(f"{_OP}: {name} is on {first.device} but scores is on {device}")
+            raise ValueError(f"{op}: {name} is on {first.device} but scores is on {device}")
     if isinstance(x, CSR):
         # Already converted and checked by as_csr: reused as is, e.g. across batches.
         if x.n_cols is not None and x.n_cols != n_items:
             raise ValueError(f"{name}: expected {n_items} columns, got a matrix with {x.n_cols}")
         if x.device != device:
-            raise ValueError(f"{_OP}: {name} is on {x.device} but scores is on {device}")
+            raise ValueError(f"{op}: {name} is on {x.device} but scores is on {device}")
         return x.indptr, x.indices
     if torch.compiler.is_compiling() and isinstance(x, (tuple, list)) and len(x) in (2, 3) \
             and all(isinstance(t, torch.Tensor) for t in x[:2]):
@@ -194,7 +209,7 @@ def _csr(x, name: str, n_items: int, device: torch.device):
         csr_indptr, csr_indices = csr.indptr, csr.indices
     if csr_indptr.device != device:
         if _holds_torch(x):
-            raise ValueError(f"{_OP}: {name} is on {csr_indptr.device} but scores is on {device}")
+            raise ValueError(f"{op}: {name} is on {csr_indptr.device} but scores is on {device}")
         csr_indptr, csr_indices = csr_indptr.to(device), csr_indices.to(device)
     return csr_indptr, csr_indices
 
@@ -338,21 +353,20 @@ def topk_hits(
     if isinstance(scores, torch.Tensor):
         dense_tensor(scores, "scores", _OP)
         has_data(scores, "scores", _OP)
-    _check_scores(scores)
+    check_scores(scores)
     B, I = scores.shape
     ks = check_ks(ks, I)
     if not isinstance(return_indices, bool):
         raise TypeError(f"{_OP}: return_indices must be a bool, got {type(return_indices).__name__}")
     dev = scores.device
-    users_t = None if users is None else _index_tensor(users, "users", 1, dev)
-    if users_t is not None and users_t.shape[0] != B:
-        raise ValueError(f"{_OP}: users must have shape (B,) = ({B},), got {tuple(users_t.shape)}")
-    ex_p, ex_i = _csr(exclude, "exclude", I, dev)
-    po_p, po_i = _csr(positives, "positives", I, dev)
+    users_t = None if users is None else index_tensor(users, "users", 1, dev)
+    check_plain_users(users_t, B, dev, _OP)
+    ex_p, ex_i = csr_arg(exclude, "exclude", I, dev)
+    po_p, po_i = csr_arg(positives, "positives", I, dev)
     if (neighbors is None) != (neighbor_sets is None):
         raise ValueError(f"{_OP}: neighbors and neighbor_sets must be given together")
-    nb = None if neighbors is None else _index_tensor(neighbors, "neighbors", 2, dev)
-    ns_p, ns_i = _csr(neighbor_sets, "neighbor_sets", I, dev)
+    nb = None if neighbors is None else index_tensor(neighbors, "neighbors", 2, dev)
+    ns_p, ns_i = csr_arg(neighbor_sets, "neighbor_sets", I, dev)
     args = (scores.detach(), list(ks), users_t, ex_p, ex_i, po_p, po_i, nb, ns_p, ns_i, return_indices)
     check_plain_args(*args[:-1])
     name = dispatch.select(_OP, dev, backend, objection=_objection(scores, ks[-1]))

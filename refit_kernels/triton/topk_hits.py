@@ -98,6 +98,39 @@ def _check_row(Indptr_ptr, Indices_ptr, r, r_ok, nnz, I, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _check_user_row(Indptr_ptr, Indices_ptr, u, n_rows, nnz, I, BLOCK: tl.constexpr):
+    """[lo, hi) of CSR row u = users[b] and its first problem as (code, csr_row, detail) for the report:
+    u out of range (csr_row 0, detail u), then the row's own checks (_check_row)."""
+    r_ok = (u >= 0) & (u < n_rows)
+    lo, hi, code, detail = _check_row(Indptr_ptr, Indices_ptr, u, r_ok, nnz, I, BLOCK)
+    code = tl.where(r_ok, code, _USER_RANGE).to(tl.int64)
+    row = tl.where(r_ok, u, 0).to(tl.int64)
+    detail = tl.where(r_ok, detail, u).to(tl.int64)
+    return lo, hi, code, row, detail
+
+
+@triton.jit
+def _start_row(Users_ptr, ExIndptr_ptr, ExIndices_ptr, ex_rows, ex_nnz, I, HAS_USERS: tl.constexpr,
+               HAS_EXCL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a ranking kernel's program knows first: its scores row b, the CSR row u (users[b], or b),
+    the checked exclusion range [ex_lo, ex_hi) (empty without exclude), and the row's report so far
+    (code, arg, csr_row, detail)."""
+    b = tl.program_id(0).to(tl.int64)
+    if HAS_USERS:
+        u = tl.load(Users_ptr + b)
+    else:
+        u = b
+    zero = tl.zeros([], tl.int64)
+    e_code, e_arg, e_row, e_detail = zero, zero, zero, zero
+    ex_lo = zero
+    ex_hi = zero
+    if HAS_EXCL:
+        ex_lo, ex_hi, code, row, detail = _check_user_row(ExIndptr_ptr, ExIndices_ptr, u, ex_rows, ex_nnz, I, BLOCK_C)
+        e_code, e_arg, e_row, e_detail = _keep_first(e_code, e_arg, e_row, e_detail, code, _ARG_EXCLUDE, row, detail)
+    return b, u, ex_lo, ex_hi, e_code, e_arg, e_row, e_detail
+
+
+@triton.jit
 def _in_sorted(Indices_ptr, lo0, hi0, items):
     """Whether each item is among the sorted column indices [lo0, hi0) (binary search)."""
     lo = tl.zeros_like(items) + lo0
@@ -128,22 +161,9 @@ def _topk_hits_kernel(
     HAS_USERS: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_POS: tl.constexpr, HAS_NBR: tl.constexpr,
     WRITE_INDICES: tl.constexpr, KPAD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    if HAS_USERS:
-        u = tl.load(Users_ptr + b)
-    else:
-        u = b
+    b, u, ex_lo, ex_hi, e_code, e_arg, e_row, e_detail = _start_row(
+        Users_ptr, ExIndptr_ptr, ExIndices_ptr, ex_rows, ex_nnz, I, HAS_USERS, HAS_EXCL, BLOCK_C)
     zero = tl.zeros([], tl.int64)
-    e_code, e_arg, e_row, e_detail = zero, zero, zero, zero
-
-    ex_lo = zero
-    ex_hi = zero
-    if HAS_EXCL:
-        r_ok = (u >= 0) & (u < ex_rows)
-        e_code, e_arg, e_row, e_detail = _keep_first(
-            e_code, e_arg, e_row, e_detail, tl.where(r_ok, 0, _USER_RANGE).to(tl.int64), _ARG_EXCLUDE, zero, u)
-        ex_lo, ex_hi, code, detail = _check_row(ExIndptr_ptr, ExIndices_ptr, u, r_ok, ex_nnz, I, BLOCK_C)
-        e_code, e_arg, e_row, e_detail = _keep_first(e_code, e_arg, e_row, e_detail, code, _ARG_EXCLUDE, u, detail)
 
     # Selection: merge blocks of keys into the best KPAD seen so far.
     row = Scores_ptr + b * score_row_stride
@@ -171,11 +191,9 @@ def _topk_hits_kernel(
 
     hit = tl.zeros([KPAD], tl.int32)
     if HAS_POS:
-        r_ok = (u >= 0) & (u < po_rows)
-        e_code, e_arg, e_row, e_detail = _keep_first(
-            e_code, e_arg, e_row, e_detail, tl.where(r_ok, 0, _USER_RANGE).to(tl.int64), _ARG_POSITIVES, zero, u)
-        lo, hi, code, detail = _check_row(PoIndptr_ptr, PoIndices_ptr, u, r_ok, po_nnz, I, BLOCK_C)
-        e_code, e_arg, e_row, e_detail = _keep_first(e_code, e_arg, e_row, e_detail, code, _ARG_POSITIVES, u, detail)
+        lo, hi, code, row, detail = _check_user_row(PoIndptr_ptr, PoIndices_ptr, u, po_rows, po_nnz, I, BLOCK_C)
+        e_code, e_arg, e_row, e_detail = _keep_first(e_code, e_arg, e_row, e_detail, code, _ARG_POSITIVES, row,
+                                                     detail)
         for start in range(lo, hi, BLOCK_C):
             j = start + tl.arange(0, BLOCK_C).to(tl.int64)
             c = tl.load(PoIndices_ptr + j, mask=j < hi, other=-1)

@@ -32,7 +32,7 @@ DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;"
 
 #: Launches each kernel source holds: a launch the rewriting misses would not compile, but a source
 #: that gained one the pattern does not see must fail here first, saying so.
-LAUNCHES = {"gaussian_logprob": 3, "gather_rows": 3}
+LAUNCHES = {"gaussian_logprob": 3, "gather_rows": 3, "target_rank": 1}
 
 #: refit::DType of csrc/include/refit/common.h.
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -65,7 +65,8 @@ def rewrite(source: str) -> tuple[str, int]:
 
 
 def build(op: str, work: Path, sanitize: bool = True) -> Path:
-    """Compiles the driver of ``op`` ("gaussian_logprob", "gather_rows" or "convert") into ``work``."""
+    """Compiles the driver of ``op`` ("gaussian_logprob", "gather_rows", "target_rank" or "convert") into
+    ``work``."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler")
@@ -198,6 +199,48 @@ def gather_rows(exe: Path, indptr, indices, values, rows, segments, weights, n_c
     flat.copy_(r.take(out.dtype, flat.numel()))
     r.done()
     return tuple(status)
+
+
+# --- target_rank -----------------------------------------------------------------------------
+
+def target_rank(exe: Path, scores: torch.Tensor, users, exclude_indptr, exclude_indices, positives_indptr,
+                positives_indices) -> torch.Tensor:
+    """The CUDA kernel on one case, with the host glue around it: the (n,) int64 ranks, or the error the
+    host glue raises from the kernel's report.
+
+    The arguments are the registered op's (plain int64 tensors, unchecked contents). ``scores`` has any
+    non-negative row stride and unit item stride (what the host glue passes); only the stretch of
+    storage its rows span goes to the kernel. The output is laid out as the host glue lays it out
+    (csrc/target_rank.h), with the same row sizes (``positive_counts``).
+    """
+    from refit_kernels import reference
+    from refit_kernels.ops.target_rank import positive_counts
+
+    B, I = scores.shape
+    assert B == 0 or I <= 1 or scores.stride(1) == 1, "the host glue passes unit item strides"
+    flat, strides = storage_span(scores)
+    nnz = positives_indices.shape[0]
+    lengths = positive_counts(positives_indptr, nnz, users, B)
+    starts = None if users is None else torch.cumsum(lengths, 0) - lengths
+    n_ranks = nnz if users is None else int(lengths.sum())
+    ex_rows = -1 if exclude_indptr is None else exclude_indptr.shape[0] - 1
+    header = [DTYPE_CODE[scores.dtype], B, I, strides[0] if B else I, flat.numel(), int(users is not None),
+              ex_rows, 0 if exclude_indices is None else exclude_indices.shape[0], positives_indptr.shape[0] - 1,
+              nnz, int(starts is not None), n_ranks]
+    parts = [np.asarray(header, dtype=np.int64).tobytes(), _raw(flat)]
+    parts += [_raw(t.to(torch.int64)) for t in (users, exclude_indptr, exclude_indices, positives_indptr,
+                                                 positives_indices, starts) if t is not None]
+    r = _Reader(_run(exe, b"".join(parts)))
+    status = int(r.take(torch.int64, 1)[0])
+    ranks = r.take(torch.int64, n_ranks)
+    report = r.take(torch.int64, B * 4).view(B, 4)
+    r.done()
+    assert status == 0, f"launch status {status}"
+    n_rows = {"exclude": None if exclude_indptr is None else ex_rows, "positives": positives_indptr.shape[0] - 1}
+    error = reference.topk_row_error(report, I, n_rows, op="target_rank")
+    if error is not None:
+        raise error
+    return ranks
 
 
 # --- conversions -----------------------------------------------------------------------------

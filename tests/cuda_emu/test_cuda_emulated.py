@@ -1,4 +1,4 @@
-"""The CUDA gaussian_logprob and gather_rows kernels, executed on the CPU against the reference.
+"""The CUDA gaussian_logprob, gather_rows and target_rank kernels, executed on the CPU against the reference.
 
 Without a GPU the CUDA sources still run: ``emulation.py`` compiles each
 kernel file with its launches rewritten for the host emulation of the CUDA
@@ -12,9 +12,13 @@ Coverage: every dtype each kernel takes; launch geometries with idle
 threads, partial warps of data, block sizes of 32 to 256 threads, several
 passes per thread with a tail, more rows than one block of the step-sum
 kernel, several shared-memory tiles (the last one partial); strided inputs
-and outputs; empty dimensions; and gather_rows' device-side validation.
+and outputs; empty dimensions; and gather_rows' device-side validation;
+for target_rank, rows shorter and longer than a block, rows with more
+positives than one pass counts, users, strided rows, and every per-row
+refusal in the order the other backends report it.
 The values are judged with the same criteria as the other backends'
-(tests/test_gaussian_logprob.py, tests/test_gather_rows.py).
+(tests/test_gaussian_logprob.py, tests/test_gather_rows.py,
+tests/test_target_rank.py).
 """
 
 import math
@@ -24,8 +28,10 @@ import pytest
 import torch
 
 import emulation
+from refit_kernels import reference
 from test_gather_rows import random_csr, random_segments, truth as gather_truth
 from test_gaussian_logprob import assert_accurate, conditioning, make_trajectory, truth_and_baseline
+from test_target_rank import BAD as TARGET_RANK_BAD, make_case as target_rank_case, plain_args as target_rank_args
 
 pytestmark = pytest.mark.skipif(emulation.compiler() is None, reason="no C++ compiler for the CUDA emulation")
 
@@ -33,7 +39,7 @@ pytestmark = pytest.mark.skipif(emulation.compiler() is None, reason="no C++ com
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     work = tmp_path_factory.mktemp("cuda_emu_drivers")
-    return {op: emulation.build(op, work / op) for op in ("gaussian_logprob", "gather_rows", "convert")}
+    return {op: emulation.build(op, work / op) for op in ("gaussian_logprob", "gather_rows", "target_rank", "convert")}
 
 
 # --- the host stand-ins of the CUDA 16-bit conversions ------------------------------------------
@@ -321,3 +327,69 @@ def test_gather_rows_validation_reads_only_gathered_rows(drivers):
     status, got = _gather(drivers, indptr, indices, values, rows, None, None, 20, torch.float32)
     assert status == (0, 0, 0)
     _assert_same(got, gather_truth(indptr, indices, values, rows, None, None, 20, torch.float32), "unread bad row")
+
+
+# --- target_rank ----------------------------------------------------------------------------------
+
+TR_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# (B, I, share of positives, what the geometry exercises): 256 threads a block, one block per row,
+# 8 positives counted per pass over the row.
+TR_GEOMETRIES = {
+    "5x9": (5, 9, 0.25, "fewer items than threads"),
+    "4x300": (4, 300, 0.01, "more items than threads: a second pass per thread, a partial one"),
+    "3x700-chunks": (3, 700, 0.03, "about 21 positives a row: three passes of 8 (the last partial)"),
+}
+
+
+def _target_rank_emulated(drivers, case):
+    return emulation.target_rank(drivers["target_rank"], *target_rank_args(**case))
+
+
+@pytest.mark.parametrize("dtype", TR_DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", list(TR_GEOMETRIES))
+def test_target_rank_matches_reference(drivers, dtype, geometry):
+    B, I, p_pos, why = TR_GEOMETRIES[geometry]
+    for with_users in (False, True):
+        case = target_rank_case(B, I, seed=hash((geometry, str(dtype), with_users)) % 2**31, dtype=dtype,
+                                with_users=with_users, p_pos=p_pos, p_excl=0.3 if I < 100 else 0.05,
+                                continuous=I > 100)
+        want = reference.target_rank(*target_rank_args(**case))
+        _assert_same(_target_rank_emulated(drivers, case), want, f"{geometry} ({why}), users={with_users}")
+
+
+def test_target_rank_strided_rows_and_no_exclusions(drivers):
+    """Rows spread out in memory (the host glue passes the row stride), and no exclude argument."""
+    case = target_rank_case(4, 40, seed=21, p_pos=0.2)
+    big = torch.zeros(8, 40)
+    big[::2] = case["scores"]
+    case = {"scores": big[::2], "positives": case["positives"]}
+    want = reference.target_rank(*target_rank_args(**case))
+    _assert_same(_target_rank_emulated(drivers, case), want, "strided rows")
+
+
+TR_EMU_BAD = [c for c in TARGET_RANK_BAD if c[0] in (
+    "nan", "nan-in-excluded-item", "nan-in-row-without-positives", "nan-before-positives", "exclude-before-nan",
+    "exclude-column-range", "exclude-negative-column", "exclude-unsorted", "positives-column-range",
+    "positives-unsorted", "positives-duplicate", "users-range", "users-negative")] + [
+    ("indptr-past-nnz", dict(scores=torch.zeros(2, 3), positives=(torch.tensor([0, 1, 2]), torch.tensor([0, 1])),
+                             exclude=(torch.tensor([0, 1, 5]), torch.tensor([0, 2]))),
+     ValueError, r"exclude row 1 \(scores row 1\) has an invalid indptr range"),
+    ("positives-indptr-past-nnz", dict(scores=torch.zeros(2, 3), positives=(torch.tensor([0, 1, 5]),
+                                                                             torch.tensor([0, 1]))),
+     ValueError, r"positives row 1 \(scores row 1\) has an invalid indptr range"),
+]
+
+
+def _unchecked_args(scores, positives, exclude=None, users=None):
+    """The registered op's arguments without the front end's checks (the kernel must make them)."""
+    split = lambda c: (None, None) if c is None else (c[0].to(torch.int64), c[1].to(torch.int64))  # noqa: E731
+    return (scores, None if users is None else users.to(torch.int64), *split(exclude), *split(positives))
+
+
+@pytest.mark.parametrize("case", TR_EMU_BAD, ids=[c[0] for c in TR_EMU_BAD])
+def test_target_rank_reports_bad_input(drivers, case):
+    """The kernel's per-row report gives the error every other backend raises, first problem first."""
+    _, kwargs, exc, pattern = case
+    with pytest.raises(exc, match=pattern):
+        emulation.target_rank(drivers["target_rank"], *_unchecked_args(**kwargs))
