@@ -370,15 +370,50 @@ class GaussianDiffusion:
 
     # --- reverse process -----------------------------------------------------------------
 
-    def step_constants(self, device=None):
-        """(T,) float32 coef_pred, coef_x, log_var of every reverse step, by timestep."""
+    def step_constants(self, device=None, eta: Optional[float] = None):
+        """(T,) float32 coef_pred, coef_x, log_var of every reverse step, by timestep.
+
+        ``eta=None`` (or 1): the posterior q(x_{t-1} | x_t, x0) of DDPM, the model's own sampler.
+        ``eta > 0``: DDIM's family of reverse steps (Song et al., 2021), which keeps the marginals of
+        x_t and sets the step's variance to ``eta**2`` times the posterior's,
+
+            sigma_t^2 = eta^2 (1 - ab_{t-1}) / (1 - ab_t) (1 - ab_t / ab_{t-1}),
+            mean      = sqrt(ab_{t-1}) x0 + sqrt(1 - ab_{t-1} - sigma_t^2) (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t),
+
+        with x0 the model's prediction (taken from the noise prediction in eps mode). eta = 1 is the
+        posterior exactly; eta > 1 explores with more noise while the marginals still match, up to
+        ``sigma_t^2 = 1 - ab_{t-1}`` (the mean then forgets x_t), where larger eta is capped;
+        eta = 0 is DDIM's deterministic step (log_var -inf: for steps that draw no noise).
+        Step 0 is deterministic either way (the sampler adds no noise there).
+        """
         device = device or self.device
-        return tuple(self._f32[n].to(device) for n in ("step_coef_pred", "step_coef_x", "posterior_log_variance_clipped"))
+        names = ("step_coef_pred", "step_coef_x", "posterior_log_variance_clipped")
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float))
+                                or not math.isfinite(eta) or eta < 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if eta is None or eta == 1.0:
+            return tuple(self._f32[n].to(device) for n in names)
+        if self.betas is None:
+            raise ValueError("DDIM steps need a noise schedule (noise_scale > 0)")
+        ab, abp = self.alphas_cumprod, self.alphas_cumprod_prev
+        var = eta ** 2 * (1.0 - abp) / (1.0 - ab) * (1.0 - ab / abp)
+        var = torch.minimum(var, 1.0 - abp)
+        c_x = torch.sqrt((1.0 - abp - var).clamp_min(0.0)) / torch.sqrt(1.0 - ab)
+        c_x0 = torch.sqrt(abp) - c_x * torch.sqrt(ab)
+        if self.config.mean_type == "x0":
+            cp, cx = c_x0, c_x
+        else:  # x0 = sqrt(1/ab) x_t - sqrt(1/ab - 1) eps
+            cp = -c_x0 * self.sqrt_recipm1_alphas_cumprod
+            cx = c_x0 * self.sqrt_recip_alphas_cumprod + c_x
+        # Step 0 has no noise; its variance is never used, so step 1's stands in (as for the posterior).
+        lv = torch.log(torch.cat([var[1:2], var[1:]]))
+        return tuple(v.float().to(device) for v in (cp, cx, lv))
 
     def sample(self, model: Denoiser, x_start: torch.Tensor, *, sampling_steps: int = 0, noise: bool = False,
                return_trajectory: bool = False, keep_graph: bool = False,
                generator: Optional[torch.Generator] = None, temperature: float = 1.0,
-               rows: Optional[BatchSlice] = None):
+               rows: Optional[BatchSlice] = None, eta: Optional[float] = None,
+               explore: Optional[Tuple[int, int]] = None):
         """Runs the reverse process from a user's row; returns the final (B, I) scores.
 
         Args:
@@ -397,6 +432,14 @@ class GaussianDiffusion:
                 of a global batch of ``total``; every noise draw is made for the
                 global batch and sliced, so a row's trajectory does not depend
                 on how the batch is split across processes.
+            eta: DDIM's noise level for the stochastic steps (see
+                :meth:`step_constants`; None: the posterior, eta = 1).
+            explore: ``(first, count)``: only the ``count`` steps from the
+                ``first``-th (0: the step from T-1) draw noise; every other
+                step is DDIM's deterministic one (eta = 0), and the trajectory
+                holds just the exploring steps (``states[0]`` the state they
+                start from). A policy gradient then credits each reward
+                difference to the few steps that caused it.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -414,40 +457,64 @@ class GaussianDiffusion:
             for i in reversed(range(self.steps)):
                 x = model(x, torch.full((B,), i, dtype=torch.long, device=dev))
             return x
-        cp, cx, lv = self.step_constants(dev)
+        cp, cx, lv = self.step_constants(dev, eta)
         if temperature != 1.0:
             lv = lv + 2.0 * math.log(temperature)
         T = self.steps
         S = T - 1 if noise else 0  # stochastic steps: t = T-1 .. 1
+        first, count = 0, S  # the steps that explore (draw noise); the others are DDIM's deterministic ones
+        if explore is not None:
+            first, count = (int(v) for v in explore)
+            if not noise or first < 0 or count < 0 or first + count > T - 1:
+                raise ValueError(f"explore = (first, count) = {explore} must lie within the {T - 1} steps before "
+                                 f"the last (and needs noise=True)")
+            cp0, cx0, _ = self.step_constants(dev, 0.0)
         states = preds = None
         if return_trajectory:
-            states = torch.empty((S + 1,) + tuple(x.shape), dtype=x.dtype, device=dev)
-            states[0] = x
-            preds = [] if keep_graph else torch.empty((S,) + tuple(x.shape), dtype=x.dtype, device=dev)
+            states = torch.empty((count + 1,) + tuple(x.shape), dtype=x.dtype, device=dev)
+            preds = [] if keep_graph else torch.empty((count,) + tuple(x.shape), dtype=x.dtype, device=dev)
         with torch.enable_grad() if keep_graph else torch.no_grad():
             step_t = self.model_timesteps(torch.arange(T, device=dev))
             for s, i in enumerate(reversed(range(T))):
+                if return_trajectory and s == first:
+                    states[0] = x
                 t = step_t[i].expand(B)
                 out = model(x, t)
-                # States are sampled without gradient; only `preds` may keep it.
-                mean = cp[i] * out.detach() + cx[i] * x
-                if noise and i > 0:
+                if noise and i > 0 and first <= s < first + count:
+                    # States are sampled without gradient; only `preds` may keep it.
+                    mean = cp[i] * out.detach() + cx[i] * x
                     eps = _normal(x.shape, x.dtype, dev, generator, rows)
                     x = mean + torch.exp(0.5 * lv[i]) * eps
                     if return_trajectory:
-                        states[s + 1] = x
+                        states[s - first + 1] = x
                         if keep_graph:
                             preds.append(out)
                         else:
-                            preds[s] = out.detach()
+                            preds[s - first] = out.detach()
+                elif explore is not None and i > 0:
+                    x = cp0[i] * out.detach() + cx0[i] * x
                 else:
-                    x = mean
+                    x = cp[i] * out.detach() + cx[i] * x
+            if return_trajectory and count == 0:
+                states[0] = x
         if not return_trajectory:
             return x
         if keep_graph:
             preds = torch.stack(preds) if preds else x.new_empty((0,) + tuple(x.shape))
-        ts = torch.arange(T - 1, 0, -1, device=dev)
+        ts = torch.arange(T - 1 - first, T - 1 - first - count, -1, device=dev)
         return Trajectory(states, preds, cp[ts], cx[ts], lv[ts], self.model_timesteps(ts), x)
+
+
+def rl_diffusion(policy, steps: Optional[int]) -> GaussianDiffusion:
+    """``policy.diffusion`` respaced to ``steps`` reverse steps for sampling trajectories (None or T: the
+    full schedule), built once per step count and kept on the policy."""
+    full = policy.diffusion
+    if steps is None or steps == full.steps:
+        return full
+    cache = policy.__dict__.setdefault("_rl_diffusions", {})
+    if steps not in cache:
+        cache[steps] = full.respaced(steps)
+    return cache[steps]
 
 
 def reverse_in_latent(diffusion: "GaussianDiffusion", model, x_start: torch.Tensor, cond=None, *,

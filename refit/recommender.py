@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent
+from .diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent, rl_diffusion
 from .models import build_model
 
 PRECISIONS = ("fp32", "bf16")
@@ -26,6 +26,7 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
 
 
 class Recommender:
@@ -103,10 +104,15 @@ class Recommender:
         return self.model
 
     def sample(self, users: torch.Tensor, inputs: torch.Tensor, *, generator: Optional[torch.Generator] = None,
-               temperature: float = 1.0, rows=None, keep_graph: bool = False):
-        """A noisy reverse trajectory from the (B, I) start rows ``inputs`` (see :mod:`refit.policy`)."""
-        return self.diffusion.sample(self.denoiser(users, inputs), inputs, noise=True, return_trajectory=True,
-                                     keep_graph=keep_graph, generator=generator, temperature=temperature, rows=rows)
+               temperature: float = 1.0, rows=None, keep_graph: bool = False, steps: Optional[int] = None,
+               eta: Optional[float] = None, explore=None, group_size: int = 1):
+        """A noisy reverse trajectory from the (B, I) start rows ``inputs`` (see :mod:`refit.policy`);
+        ``steps`` respaced reverse steps instead of all T, DDIM's ``eta`` (None: the posterior), and
+        ``explore``: only those steps draw noise (see :meth:`refit.diffusion.GaussianDiffusion.sample`).
+        ``group_size`` is taken for the protocol's sake: the start (the user's row) is shared anyway."""
+        return rl_diffusion(self, steps).sample(
+            self.denoiser(users, inputs), inputs, noise=True, return_trajectory=True, keep_graph=keep_graph,
+            generator=generator, temperature=temperature, rows=rows, eta=eta, explore=explore)
 
     def outputs(self, users: torch.Tensor, inputs: torch.Tensor, traj) -> torch.Tensor:
         """(S, B, I) denoiser outputs along ``traj``, with gradient, in one batched forward pass."""

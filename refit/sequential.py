@@ -29,7 +29,7 @@ import torch
 
 from . import distributed as dist
 from .control import StopRequests
-from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal
+from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .recommender import PRECISIONS, autocast
@@ -66,7 +66,7 @@ class SeqRecommender:
     def set_eval_steps(self, steps: Optional[int]) -> None:
         """Recommend (:meth:`generate`, :meth:`scores`) with ``steps`` respaced reverse steps instead of all T
         (``None``: all; see :meth:`refit.diffusion.GaussianDiffusion.respaced`). Training, and the
-        trajectories of :meth:`sample` and :meth:`sample_from`, always use the full schedule."""
+        trajectories of :meth:`sample` and :meth:`sample_from`, use the full schedule unless given ``steps``."""
         if steps is not None and steps != self.diffusion.steps:
             self._eval_diffusion = self.diffusion.respaced(int(steps))
             self.eval_steps = int(steps)
@@ -99,20 +99,33 @@ class SeqRecommender:
         return f
 
     def start_noise(self, batch: int, generator: Optional[torch.Generator] = None,
-                    rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """x_T ~ N(0, I), (B, D) float32 (``rows``: a slice of a global batch's draw)."""
-        return _normal((batch, self.model.hidden), torch.float32, self.device, generator, rows)
+                    rows: Optional[Tuple[int, int]] = None, group_size: int = 1) -> torch.Tensor:
+        """x_T ~ N(0, I), (B, D) float32 (``rows``: a slice of a global batch's draw); with ``group_size``
+        G, one draw for each run of G consecutive rows of the global batch (a group's shared start)."""
+        if group_size == 1:
+            return _normal((batch, self.model.hidden), torch.float32, self.device, generator, rows)
+        total = batch if rows is None else rows[1]
+        if total % group_size:
+            raise ValueError(f"a batch of {total} rows does not split into groups of {group_size}")
+        x = _normal((total // group_size, self.model.hidden), torch.float32, self.device, generator)
+        x = x.repeat_interleave(group_size, 0)
+        return x if rows is None else x[rows[0]:rows[0] + batch]
 
     def sample_from(self, h: torch.Tensor, *, generator: Optional[torch.Generator] = None,
                     return_trajectory: bool = False, keep_graph: bool = False, temperature: float = 1.0,
-                    rows: Optional[Tuple[int, int]] = None):
+                    rows: Optional[Tuple[int, int]] = None, steps: Optional[int] = None,
+                    eta: Optional[float] = None, explore: Optional[Tuple[int, int]] = None, group_size: int = 1):
         """Ancestral sampling from pure noise: the final (B, D) embeddings, or a
-        :class:`~refit.diffusion.Trajectory` of the T - 1 stochastic steps (whose ``preds`` are the guided
-        x0 predictions and whose ``final`` is the generated embedding)."""
-        x_T = self.start_noise(h.shape[0], generator, rows)
-        return self.diffusion.sample(self.denoiser(h), x_T, noise=True, return_trajectory=return_trajectory,
-                                     keep_graph=keep_graph, generator=generator, temperature=temperature,
-                                     rows=rows)
+        :class:`~refit.diffusion.Trajectory` of the stochastic steps (whose ``preds`` are the guided
+        x0 predictions and whose ``final`` is the generated embedding). ``steps``: that many respaced
+        reverse steps instead of all T (``steps - 1`` of them stochastic); ``eta``: DDIM's noise level
+        (None: the posterior; see :meth:`refit.diffusion.GaussianDiffusion.step_constants`);
+        ``explore``: only these steps draw noise (see :meth:`~refit.diffusion.GaussianDiffusion.sample`);
+        ``group_size``: each run of that many rows starts from one shared x_T."""
+        x_T = self.start_noise(h.shape[0], generator, rows, group_size)
+        return rl_diffusion(self, steps).sample(self.denoiser(h), x_T, noise=True, return_trajectory=return_trajectory,
+                                                keep_graph=keep_graph, generator=generator, temperature=temperature,
+                                                rows=rows, eta=eta, explore=explore)
 
     @torch.no_grad()
     def generate(self, history: torch.Tensor, lengths: torch.Tensor,
@@ -180,14 +193,18 @@ class SeqRecommender:
         return self.model
 
     def sample(self, users: torch.Tensor, inputs, *, generator: Optional[torch.Generator] = None,
-               temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None, keep_graph: bool = False):
+               temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None, keep_graph: bool = False,
+               steps: Optional[int] = None, eta: Optional[float] = None, explore: Optional[Tuple[int, int]] = None,
+               group_size: int = 1):
         """A trajectory from pure noise for the ``(history, lengths)`` windows ``inputs``: the guided
-        predictions are the policy's step outputs (see :mod:`refit.policy`)."""
+        predictions are the policy's step outputs (see :mod:`refit.policy`; ``steps``, ``eta``,
+        ``explore``, ``group_size``: see :meth:`sample_from`)."""
         history, lengths = inputs
         with torch.set_grad_enabled(keep_graph):
             h = self.guidance(history, lengths)
         return self.sample_from(h, generator=generator, return_trajectory=True, keep_graph=keep_graph,
-                                temperature=temperature, rows=rows)
+                                temperature=temperature, rows=rows, steps=steps, eta=eta, explore=explore,
+                                group_size=group_size)
 
     def outputs(self, users: torch.Tensor, inputs, traj) -> torch.Tensor:
         """(S, B, D) guided x0 predictions along ``traj``, with gradient (through the guidance too)."""
