@@ -21,13 +21,17 @@ What is the target? Two readings are offered:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
 import refit_kernels as rk
 
 TARGETS = ("hidden", "observed")
+#: What N_K is replaced by: "hit" (the count of positives in the top-K list), or a dense reward from
+#: each positive's rank over every item not excluded: "ndcg" (the full list's NDCG of the positives)
+#: or "rr" (the reciprocal rank of the best-ranked positive).
+REWARDS = ("hit", "ndcg", "rr")
 
 
 class Episode(NamedTuple):
@@ -132,6 +136,56 @@ def collaborative_reward(scores: torch.Tensor, episode: Episode, neighbors: torc
     return Reward(alpha * n_k / k + (1.0 - alpha) * n_sim_k / k, n_k, n_sim_k)
 
 
+def rank_metrics(ranks: torch.Tensor, indptr: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:
+    """Per-row metrics from the ranks of each row's positives, (B,) float32 each.
+
+    Args:
+        ranks: (nnz,) int64 0-based rank of each positive among its row's ranked items, -1 for a
+            positive that is never ranked (excluded), as :func:`refit_kernels.target_rank` gives them.
+        indptr: (B + 1,) int64 offsets of each row's positives in ``ranks``.
+        k: the cut-off of ``hits``.
+
+    Returns ``hits`` (the positives ranked above k: N_K), ``recall`` (hits over the row's positives),
+    ``ndcg`` (sum of 1 / log2(rank + 2) over the positives, over its ideal value for that many
+    positives, with no cut-off) and ``rr`` (1 / (rank + 1) of the best-ranked positive). A row without
+    positives scores 0 on each.
+    """
+    B = indptr.numel() - 1
+    n_pos = indptr.diff()
+    owner = torch.repeat_interleave(torch.arange(B, device=ranks.device), n_pos.to(ranks.device))
+    ranked = ranks >= 0
+    r = ranks.clamp_min(0).to(torch.float64)
+    zeros = torch.zeros(B, dtype=torch.float64, device=ranks.device)
+    hits = zeros.index_add(0, owner, (ranked & (ranks < k)).to(torch.float64))
+    dcg = zeros.index_add(0, owner, torch.where(ranked, 1.0 / torch.log2(r + 2.0), 0.0))
+    ideal = torch.cumsum(1.0 / torch.log2(torch.arange(int(n_pos.max()) if B else 0, dtype=torch.float64) + 2.0), 0)
+    n = n_pos.to(ranks.device)
+    idcg = torch.where(n > 0, ideal[(n - 1).clamp_min(0)] if ideal.numel() else zeros, 1.0)
+    rr = zeros.scatter_reduce(0, owner, torch.where(ranked, 1.0 / (r + 1.0), 0.0), reduce="amax")
+    safe = n.clamp_min(1).to(torch.float64)
+    return {"hits": hits.float(), "recall": (hits / safe).float(), "ndcg": (dcg / idcg).float(), "rr": rr.float()}
+
+
+def ranking_reward(scores: torch.Tensor, episode: Episode, neighbors: torch.Tensor, neighbor_sets, *,
+                   kind: str = "hit", k: int = 20, alpha: float = 0.5, backend: Optional[str] = None) -> Reward:
+    """``r = alpha * G + (1 - alpha) * N_simK / K`` with ``G`` the reward ``kind`` of :data:`REWARDS`.
+
+    ``kind="hit"`` is :func:`collaborative_reward` (G = N_K / K). The dense kinds take each
+    positive's rank over every item not excluded from :func:`refit_kernels.target_rank`, one pass
+    over each row, with topk_hits' tie rule, so that ``rank < K`` exactly when N_K counts it;
+    ``n_k`` is N_K either way. N_sim-K comes from one top-K selection per row as before.
+    Shapes as in :func:`collaborative_reward`.
+    """
+    if kind not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
+    base = collaborative_reward(scores, episode, neighbors, neighbor_sets, k=k, alpha=alpha, backend=backend)
+    if kind == "hit":
+        return base
+    ranks = rk.target_rank(scores.detach(), episode.positives, exclude=episode.exclude, backend=backend)
+    m = rank_metrics(ranks, episode.positives.indptr.to(ranks.device), k)
+    return Reward(alpha * m[kind] + (1.0 - alpha) * base.n_sim_k / k, base.n_k, base.n_sim_k)
+
+
 def _csr_rows(c: Optional[rk.CSR], rows: torch.Tensor) -> Optional[rk.CSR]:
     """Rows ``rows`` (int64, any order, repeats allowed) of a CSR, as a new CSR."""
     if c is None:
@@ -144,6 +198,13 @@ def _csr_rows(c: Optional[rk.CSR], rows: torch.Tensor) -> Optional[rk.CSR]:
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
     values = None if c.values is None else c.values[starts[owner] + offset]
     return rk.CSR(indptr, indices, values, c.n_cols)
+
+
+def select_episode(episode: Episode, rows: torch.Tensor) -> Episode:
+    """Rows ``rows`` ((n,) int64, CPU; any order, repeats allowed) of an episode: its ids, inputs (on
+    whatever device they are) and CSR targets."""
+    return Episode(episode.users[rows], map_inputs(episode.inputs, lambda x: x[rows.to(x.device)]),
+                   _csr_rows(episode.positives, rows), _csr_rows(episode.exclude, rows))
 
 
 def repeat_episode(episode: Episode, times: int) -> Episode:

@@ -1284,13 +1284,14 @@ def _rank(score_fn, data: SequenceData, t: Targets, ks: Tuple[int, ...], batch_s
         target = data.target_items(b).to(dev)
         positives = CSR(torch.arange(B + 1, dtype=torch.int64, device=dev), target, None, n_cols)
         ex = data.history_csr(b).to(dev) if exclude else None
-        out = rk.topk_hits(scores, ks, exclude=ex, positives=positives, backend=backend)
-        first = out.first_hit.cpu()
-        within = (first[:, None] >= 0) & (first[:, None] < ks_t[None, :])
-        rr = torch.where(within, 1.0 / (first.to(torch.float64)[:, None] + 1.0), 0.0)
-        sums[0] += out.hits.cpu().to(torch.float64).sum(0)
-        sums[1] += out.dcg.cpu().to(torch.float64).sum(0)  # one positive: IDCG = 1
-        sums[2] += rr.sum(0)
+        # One positive per row: its rank over the whole list gives every metric at every k, in one
+        # pass over the scores and without a top-K selection (rank < k exactly when topk_hits hits).
+        rank = rk.target_rank(scores, positives, exclude=ex, backend=backend).cpu()
+        within = (rank[:, None] >= 0) & (rank[:, None] < ks_t[None, :])  # -1: the target was history
+        r = rank.clamp_min(0).to(torch.float64)[:, None]
+        sums[0] += within.to(torch.float64).sum(0)
+        sums[1] += torch.where(within, 1.0 / torch.log2(r + 2.0), 0.0).sum(0)  # one positive: IDCG = 1
+        sums[2] += torch.where(within, 1.0 / (r + 1.0), 0.0).sum(0)
     means = (sums / n if n else sums).tolist()
     result: Dict[str, float] = {}
     for j, k in enumerate(ks):
@@ -1305,13 +1306,13 @@ def evaluate_sequences(score_fn, data: SequenceData, splits=("valid", "test"), *
                        batch_size: int = 1024, exclude_history: Optional[bool] = None, max_len: Optional[int] = None,
                        progress: Optional[bool] = False, backend: Optional[str] = None,
                        protocol: str = "full") -> Dict[str, Dict[str, float]]:
-    """Full-ranking HR@k (= Recall@k with one positive) and NDCG@k of each split, via ``topk_hits``.
+    """Full-ranking HR@k (= Recall@k with one positive) and NDCG@k of each split, via ``target_rank``.
 
     Two protocols:
 
     * ``"full"`` (default): every target of the split, in batches of
       ``batch_size``, is ranked against all ``n_items`` items with
-      ``refit_kernels.topk_hits`` (higher score first, equal scores by lower
+      ``refit_kernels.target_rank`` (higher score first, equal scores by lower
       item id, ``-inf`` allowed, NaN an error); the positive of a row is its
       target item and, when excluding, the row's history
       (:meth:`SequenceData.history_csr`) is never ranked. HR@k = 1 when the
