@@ -498,6 +498,7 @@ def cmd_baselines(args) -> int:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from .reward import REWARDS
     from .trainer import ANCHORS, BASELINES, METHODS, RW_LAMBDA, FinetuneConfig
 
     d = FinetuneConfig()
@@ -514,6 +515,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
     g = p.add_argument_group("reward")
+    g.add_argument("--reward", choices=list(REWARDS), default=d.reward,
+                   help="what the target term counts: hit (N_K / K, hits in the top-K list), or from each "
+                        "target's rank over every item not excluded: ndcg (1 / log2(rank + 2), normalised over "
+                        "a user's targets) or rr (1 / (rank + 1) of the best-ranked target)")
     g.add_argument("--k", type=_positive_int, default=d.k, help="length of the rewarded top-K list")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of N_K against N_sim-K")
     g.add_argument("--similar-users", type=_positive_int, default=d.similar_users)
@@ -526,6 +531,18 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--baseline", choices=list(BASELINES), default=d.baseline)
     g.add_argument("--group-size", type=_positive_int, default=d.group_size, help="trajectories per user")
     g.add_argument("--temperature", type=float, default=d.temperature, help="scale of the sampling noise")
+    g.add_argument("--rl-steps", type=_positive_int, default=d.rl_steps,
+                   help="sample trajectories with this many respaced reverse steps (default: the model's own); "
+                        "the log-likelihood covers exactly those steps, evaluation keeps the model's sampler")
+    g.add_argument("--rl-noise", type=float, default=d.rl_noise,
+                   help="DDIM's eta while fine-tuning (default: the posterior's noise, eta 1); above 1 explores "
+                        "with more noise and the same marginals; the log-likelihood is the one of that noise")
+    g.add_argument("--timestep-fraction", type=float, default=d.timestep_fraction,
+                   help="train each update on this random share of the stochastic steps")
+    g.add_argument("--explore-steps", type=_positive_int, default=d.explore_steps,
+                   help="only this many consecutive steps draw noise, a window placed at random each iteration; "
+                        "the others are deterministic (DDIM, eta 0) and a group shares its start, so each reward "
+                        "difference is credited to the steps that caused it (default: every step draws noise)")
     g.add_argument("--ema-decay", type=float, default=d.ema_decay)
     g.add_argument("--reduction", choices=["sum", "mean"], default=d.reduction,
                    help="log-likelihood summed or averaged over items")
@@ -535,8 +552,12 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-weight", type=float, default=d.anchor_weight)
     g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
     g.add_argument("--ppo-clip", type=float, default=d.ppo_clip)
+    g.add_argument("--minibatch-size", type=_positive_int, default=d.minibatch_size,
+                   help="PPO: trajectories per update within an inner epoch (default: the whole batch)")
     g.add_argument("--method", choices=list(METHODS), default=d.method,
-                   help="reinforce: ReFiT's policy gradient; reward-weighted: the model's own denoising loss "
+                   help="reinforce: ReFiT's policy gradient; grpo: the policy gradient with the advantages of "
+                        "each episode's --group-size trajectories (their mean and std), groups whose rewards "
+                        "all tie dropped and counted; reward-weighted: the model's own denoising loss "
                         "toward its sampled final states, weighted by softmax(reward / --rw-lambda) within each "
                         "user's --group-size trajectories; offline-reward-weighted: no sampling, the pretraining "
                         "loss on the logged rows with each logged item weighted by softmax(rating / --rw-lambda) "
@@ -548,6 +569,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="control run: shuffle each batch's advantages between trajectories, so updates keep "
                         "their size and noise but no longer follow the reward")
     g = p.add_argument_group("bookkeeping")
+    g.add_argument("--probe-size", type=int, default=d.probe_size,
+                   help="training episodes of the probe reward (fixed episodes and noise), measured at every "
+                        "evaluation; 0: no probe")
     g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
@@ -567,7 +591,10 @@ def _finetune_config(args, out: str):
         group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
-        placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda,
+        placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda, reward=args.reward,
+        rl_steps=args.rl_steps, rl_noise=args.rl_noise, timestep_fraction=args.timestep_fraction,
+        explore_steps=args.explore_steps,
+        minibatch_size=args.minibatch_size, probe_size=args.probe_size,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
         precision=args.precision, eval_batch_size=args.eval_batch_size,
         ks=tuple(args.ks) if args.ks else None, out=out, progress=_progress(args), plot=args.plot)
@@ -646,6 +673,13 @@ def cmd_demo(args) -> int:
     rows = [("DiffRec (pretrained)", fs["before"]["test"]), ("DiffRec + ReFiT", fs["test"]),
             (f"best baseline: {best.label}", base_rows[0][1])]
     say(format_table(rows, (10, 20)))
+    probe = fs.get("probe")
+    if probe and probe.get("start") and probe.get("end"):
+        r0, r1 = probe["start"]["probe_reward"], probe["end"]["probe_reward"]
+        change = f" ({(r1 - r0) / abs(r0):+.1%})" if r0 else ""
+        say(f"\nReFiT's own reward on {probe['episodes']} fixed training episodes (the probe): "
+            f"{r0:.4f} before, {r1:.4f} after {probe['end_iteration']} iterations{change}. A probe that does not "
+            f"rise means the fine-tuning did not learn; see benchmarks/learning_curves.py for its placebo.")
     say(f"\nrun folders: {os.path.abspath(out)} ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 

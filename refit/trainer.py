@@ -26,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source
-from .reward import TARGETS, collaborative_reward, map_inputs, repeat_episode, slice_episode
+from .reward import (REWARDS, TARGETS, Episode, map_inputs, ranking_reward, rank_metrics, repeat_episode,
+                     select_episode, slice_episode)
 from . import distributed as dist
 from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .similarity import shared_similar_users
@@ -47,13 +48,17 @@ from .similarity import shared_similar_users
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "mean-std", "ema", "group")
-METHODS = ("reinforce", "reward-weighted", "offline-reward-weighted")
+METHODS = ("reinforce", "grpo", "reward-weighted", "offline-reward-weighted")
+#: The methods that sample trajectories and take a policy gradient of their log-likelihood.
+POLICY_GRADIENT = ("reinforce", "grpo")
 #: Default lambda of the exponential weights, on each method's reward scale. The ReFiT reward lies
 #: in [0, 1]: 0.01 did best on ml-1m_seq's validation split (DreamRec, lr 1e-4, groups of 4; HR@20
 #: 0.2040 against 0.2030 and 0.2031 for 0.05 and 0.2, all within the evaluation's spread, README).
 #: MovieLens ratings run from 1 to 5: 1.0 is the scale of one rating step.
 RW_LAMBDA = {"reward-weighted": 0.01, "offline-reward-weighted": 1.0}
 ANCHORS = ("none", "kl", "elbo")
+#: The most trajectories of a batch the per-iteration KL diagnostic re-evaluates under the pretrained policy.
+KL_ROWS = 128
 
 
 @dataclass
@@ -68,6 +73,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # reward
+    reward: str = "hit"  # what N_K becomes: "hit" (N_K / K), "ndcg" or "rr" over the full ranking (refit.reward)
     k: int = 20
     alpha: float = 0.5
     similar_users: int = 10
@@ -79,6 +85,15 @@ class FinetuneConfig:
     # policy gradient
     group_size: int = 1  # trajectories per user in a batch; the "group" baseline compares them
     temperature: float = 1.0  # scale of the sampling noise (exploration)
+    # trajectories while fine-tuning: this many respaced reverse steps (None: the model's own T), DDIM's
+    # eta as the noise level (None: the posterior's; > 1 explores more with the marginals kept), and the
+    # share of their stochastic steps each update trains (a random subset, drawn per update)
+    rl_steps: Optional[int] = None
+    rl_noise: Optional[float] = None
+    timestep_fraction: float = 1.0
+    # only this many consecutive steps draw noise (a window placed at random each iteration); the others
+    # are DDIM's deterministic steps, and a group's trajectories share their start (None: every step)
+    explore_steps: Optional[int] = None
     baseline: str = "mean-std"
     ema_decay: float = 0.9
     reduction: str = "mean"  # of the log-likelihood over items: "sum" (exact) or "mean"
@@ -87,6 +102,7 @@ class FinetuneConfig:
     anchor_weight: float = 0.0
     ppo_epochs: int = 0  # 0: plain REINFORCE, one update per batch of trajectories
     ppo_clip: float = 0.2
+    minibatch_size: Optional[int] = None  # PPO: trajectories per update within an inner epoch (None: all)
     placebo: bool = False  # control: shuffle each batch's advantages between trajectories (breaks reward -> update)
     # "reinforce" (ReFiT's policy gradient); "reward-weighted": the model's own denoising loss toward its
     # sampled final states, weighted by softmax(reward / rw_lambda) within each user's group;
@@ -95,6 +111,7 @@ class FinetuneConfig:
     method: str = "reinforce"
     rw_lambda: Optional[float] = None  # None: RW_LAMBDA's value for the method
     # bookkeeping
+    probe_size: int = 1024  # episodes of the probe reward (fixed episodes, fixed noise) at every evaluation; 0: none
     eval_every: int = 20
     checkpoint_every: int = 20
     seed: int = 1
@@ -128,8 +145,39 @@ class FinetuneConfig:
         if not isinstance(self.group_size, int) or self.group_size < 1 or self.batch_size % self.group_size:
             raise ValueError(f"group_size must be a positive divisor of batch_size ({self.batch_size}), "
                              f"got {self.group_size!r}")
+        if self.method == "grpo":
+            if self.group_size < 2:
+                raise ValueError("grpo compares the trajectories of an episode: group_size must be >= 2")
+            self.baseline = "group"  # GRPO's advantages are the group's, whatever the baseline default says
         if self.baseline == "group" and self.group_size < 2:
             raise ValueError("the group baseline needs group_size >= 2")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.rl_steps is not None and (isinstance(self.rl_steps, bool) or not isinstance(self.rl_steps, int)
+                                          or self.rl_steps < 2):
+            raise ValueError(f"rl_steps must be an integer >= 2 (one stochastic step at least), got {self.rl_steps!r}")
+        if self.rl_noise is not None and not (isinstance(self.rl_noise, (int, float)) and math.isfinite(self.rl_noise)
+                                              and self.rl_noise > 0):
+            raise ValueError(f"rl_noise (DDIM's eta) must be a finite number > 0, got {self.rl_noise!r}")
+        if self.explore_steps is not None:
+            if isinstance(self.explore_steps, bool) or not isinstance(self.explore_steps, int) \
+                    or self.explore_steps < 1:
+                raise ValueError(f"explore_steps must be a positive integer, got {self.explore_steps!r}")
+            if self.rl_steps is not None and self.explore_steps > self.rl_steps - 1:
+                raise ValueError(f"explore_steps ({self.explore_steps}) must be at most rl_steps - 1 "
+                                 f"({self.rl_steps - 1}), the steps that can draw noise")
+            if self.method == "offline-reward-weighted":
+                raise ValueError("offline reward-weighted fine-tuning samples nothing: explore_steps does not apply")
+        if not (isinstance(self.timestep_fraction, (int, float)) and 0.0 < self.timestep_fraction <= 1.0):
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        if self.minibatch_size is not None:
+            if isinstance(self.minibatch_size, bool) or not isinstance(self.minibatch_size, int) \
+                    or self.minibatch_size < 1:
+                raise ValueError(f"minibatch_size must be a positive integer, got {self.minibatch_size!r}")
+            if self.ppo_epochs == 0:
+                raise ValueError("minibatch_size splits PPO's inner epochs: set ppo_epochs >= 1 too")
+        if isinstance(self.probe_size, bool) or not isinstance(self.probe_size, int) or self.probe_size < 0:
+            raise ValueError(f"probe_size must be an integer >= 0, got {self.probe_size!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -152,15 +200,18 @@ class FinetuneConfig:
                                  "be >= 2")
             if not self.rw_lambda > 0:
                 raise ValueError(f"rw_lambda must be > 0, got {self.rw_lambda}")
-            if self.ppo_epochs or self.reuse_sampling_graph:
-                raise ValueError("ppo_epochs and reuse_sampling_graph belong to the policy gradient, not to "
-                                 "reward-weighted fine-tuning")
+            if self.ppo_epochs or self.reuse_sampling_graph or self.timestep_fraction < 1.0:
+                raise ValueError("ppo_epochs, reuse_sampling_graph and timestep_fraction belong to the policy "
+                                 "gradient, not to reward-weighted fine-tuning")
         if self.method == "offline-reward-weighted":
             if not self.rw_lambda > 0:
                 raise ValueError(f"rw_lambda must be > 0, got {self.rw_lambda}")
             if self.group_size != 1 or self.ppo_epochs or self.reuse_sampling_graph or self.anchor == "kl":
                 raise ValueError("offline reward-weighted fine-tuning samples no trajectories: group_size must be 1, "
                                  "and ppo_epochs, reuse_sampling_graph and the kl anchor do not apply")
+        if self.reuse_sampling_graph and self.timestep_fraction < 1.0:
+            raise ValueError("reuse_sampling_graph takes every step's graph from the sampling pass: "
+                             "timestep_fraction must be 1")
         if self.ppo_epochs and self.reuse_sampling_graph:
             raise ValueError("PPO re-evaluates the trajectories each inner epoch: reuse_sampling_graph must be off")
         if self.precision not in PRECISIONS:
@@ -240,6 +291,22 @@ def _shuffle_within_rows(values: torch.Tensor, mask: torch.Tensor, generator: to
     return out
 
 
+class _Rows(NamedTuple):
+    """Some rows of an iteration's episode (inputs on the policy's device) and their trajectories."""
+
+    episode: Episode
+    traj: Trajectory
+
+
+def _select_rows(episode: Episode, traj: Trajectory, rows: torch.Tensor) -> Tuple[Episode, Trajectory]:
+    """Rows ``rows`` ((n,) int64, CPU) of an episode and of its (S+1, B, D) trajectory."""
+    if rows.numel() == episode.users.numel() and bool((rows == torch.arange(rows.numel())).all()):
+        return episode, traj
+    r = rows.to(traj.states.device)
+    return (select_episode(episode, rows),
+            traj._replace(states=traj.states[:, r], preds=traj.preds[:, r], final=traj.final[r]))
+
+
 class Baseline:
     """The reward baseline: batch mean (optionally / batch std), an exponential moving
     average, or the mean of the user's own group of trajectories (divided by its std)."""
@@ -304,6 +371,9 @@ class ReFiT:
         if self.world > 1 and n_users < self.world:
             raise ValueError(f"batch_size // group_size = {n_users} users per iteration cannot be shared by "
                              f"{self.world} processes: raise batch_size to at least {self.world * config.group_size}")
+        if self.world > 1 and config.minibatch_size is not None:
+            raise ValueError("minibatch_size is for one process: under torchrun each rank's share of the batch "
+                             "is already a minibatch of the global one; use ppo_epochs without it")
         self.episodes = episode_source(data, config.target, config.hide_fraction)
         self.train_csr = self.episodes.neighbor_sets
         self._neighbor_sets = None  # train_csr on the device of the scores (see rollout)
@@ -341,8 +411,37 @@ class ReFiT:
                 raise ValueError(f"neighbors: ids must be -1 (padding) or users in [0, {n_rows})")
         self.neighbors = neighbors
         self.candidates = getattr(self.episodes, "candidates", None)
+        self._sample_options = {}  # passed to policy.sample only when set: outside policies may lack them
+        if config.rl_steps is not None:
+            self._sample_options["steps"] = config.rl_steps
+        if config.rl_noise is not None:
+            self._sample_options["eta"] = config.rl_noise
+        self._stochastic_steps = None
+        if config.explore_steps is not None:
+            self._sample_options["group_size"] = config.group_size
+            self._sample_options["explore"] = None  # placed anew each iteration
+            T = config.rl_steps or getattr(getattr(policy, "diffusion", None), "steps", None)
+            if T is None:
+                raise ValueError(f"explore_steps needs rl_steps for {type(policy).__name__}, which has no "
+                                 f"diffusion.steps to count its steps from")
+            if config.explore_steps > T - 1:
+                raise ValueError(f"explore_steps ({config.explore_steps}) must be at most {T - 1}, the steps of "
+                                 f"the sampler that can draw noise")
+            self._stochastic_steps = T - 1
+        if self._sample_options:
+            import inspect
+
+            params = inspect.signature(policy.sample).parameters
+            missing = [k for k in self._sample_options if k not in params
+                       and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
+            if missing:
+                raise TypeError(f"{type(policy).__name__}.sample takes no {' or '.join(missing)}= keyword: "
+                                f"rl_steps, rl_noise and explore_steps need a policy that samples respaced, "
+                                f"DDIM or partly deterministic steps (see refit.policy)")
+        self._probe = None  # (episode, seed) of the probe reward, drawn on first use
+        # The pretrained policy, frozen: the KL anchor, and the KL diagnostic of the sampling methods.
         self.reference = None
-        if config.anchor == "kl":
+        if config.anchor == "kl" or config.method != "offline-reward-weighted":
             self.reference = copy.deepcopy(policy)
             self.reference.module.eval()
             for p in self.reference.module.parameters():
@@ -392,22 +491,83 @@ class ReFiT:
         inputs = map_inputs(episode.inputs, lambda x: x.to(policy.device))
         policy.module.eval()  # dropout off for sampling and for the log-probabilities alike
         # Noise for the whole global batch, this rank's rows kept: trajectories do not depend on the split.
+        options = dict(self._sample_options)
+        if cfg.explore_steps is not None:  # where the exploring window sits this iteration
+            first = int(torch.randint(0, self._stochastic_steps - cfg.explore_steps + 1, (1,),
+                                      generator=self.generator))
+            options["explore"] = (first, cfg.explore_steps)
         traj = policy.sample(episode.users, inputs, generator=self.generator, temperature=cfg.temperature,
-                             rows=(lo, n_global) if self.world > 1 else None, keep_graph=cfg.reuse_sampling_graph)
+                             rows=(lo, n_global) if self.world > 1 else None, keep_graph=cfg.reuse_sampling_graph,
+                             **options)
         scores = policy.final_scores(episode.users, inputs, traj.final)
-        # The reward's CSRs and neighbour table live on the CPU; topk_hits wants them with the scores.
+        reward = self._reward(scores, episode)
+        if self.world > 1:  # the global batch's rewards (B floats): the baseline is the global batch's
+            parts = dist.all_gather_rows(torch.stack([reward.reward, reward.n_k, reward.n_sim_k], 1))
+            reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
+        return inputs, traj, reward
+
+    def _on_scores_device(self, scores: torch.Tensor, episode):
+        """The episode's CSRs and the neighbour table (kept on the CPU) on the scores' device."""
         dev = scores.device
         if self._neighbor_sets is None or self._neighbor_sets.device != dev:
             self._neighbor_sets = self.train_csr.to(dev)
         on_dev = episode._replace(positives=episode.positives.to(dev),
                                   exclude=None if episode.exclude is None else episode.exclude.to(dev))
-        reward = collaborative_reward(scores, on_dev, self.neighbors[episode.users].to(dev), self._neighbor_sets,
-                                      k=cfg.k, alpha=cfg.alpha)
-        reward = type(reward)(*(r.cpu() for r in reward))
-        if self.world > 1:  # the global batch's rewards (B floats): the baseline is the global batch's
-            parts = dist.all_gather_rows(torch.stack([reward.reward, reward.n_k, reward.n_sim_k], 1))
-            reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
-        return inputs, traj, reward
+        return on_dev, self.neighbors[episode.users].to(dev)
+
+    def _reward(self, scores: torch.Tensor, episode):
+        """(B,) rewards of final scores (see :func:`refit.reward.ranking_reward`), on the CPU."""
+        cfg = self.config
+        on_dev, neighbors = self._on_scores_device(scores, episode)
+        reward = ranking_reward(scores, on_dev, neighbors, self._neighbor_sets, kind=cfg.reward, k=cfg.k,
+                                alpha=cfg.alpha)
+        return type(reward)(*(r.cpu() for r in reward))
+
+    @torch.no_grad()
+    def probe(self) -> Dict[str, float]:
+        """The probe: ``probe_size`` training episodes drawn once (seeded by the run's seed alone, so a
+        placebo run probes the same ones) and sampled with the same noise every time, with the
+        fine-tuning sampler. Returns the mean ``reward`` (the one optimised), and from the targets'
+        ranks over the full list ``ndcg``, ``rr`` and ``recall`` at K (HR@K for one target per
+        episode), and the KL to the pretrained policy along these trajectories (``kl``), each
+        prefixed ``probe_``. With ``explore_steps`` the probe follows the deterministic path the
+        exploration varies (no step draws noise: only the start is random, and fixed), and its KL is 0.
+        Every rank computes it alike; it draws nothing from the run's generator."""
+        cfg, policy = self.config, self.policy
+        if cfg.probe_size == 0:
+            return {}
+        if self._probe is None:
+            n = min(cfg.probe_size, len(self.episodes.targets) if hasattr(self.episodes, "targets")
+                    else self.episodes.candidates.numel())
+            self._probe = self.episodes.sample(n, torch.Generator().manual_seed(cfg.seed + 104_729))
+        episode = self._probe
+        gen = torch.Generator().manual_seed(cfg.seed + 15_485_863)
+        was = policy.module.training
+        policy.module.eval()
+        sums: Dict[str, float] = {}
+        n_total = episode.users.numel()
+        try:
+            for a in range(0, n_total, cfg.eval_batch_size):
+                part = slice_episode(episode, a, min(a + cfg.eval_batch_size, n_total))
+                inputs = map_inputs(part.inputs, lambda x: x.to(policy.device))
+                options = dict(self._sample_options)
+                if cfg.explore_steps is not None:  # the path the exploration varies: every step deterministic
+                    options.update(explore=(0, 0), group_size=1)
+                traj = policy.sample(part.users, inputs, generator=gen, temperature=cfg.temperature, **options)
+                scores = policy.final_scores(part.users, inputs, traj.final)
+                reward = self._reward(scores, part)
+                on_dev, _ = self._on_scores_device(scores, part)
+                ranks = rk.target_rank(scores.detach(), on_dev.positives, exclude=on_dev.exclude)
+                m = rank_metrics(ranks, on_dev.positives.indptr, cfg.k)
+                kl = self._kl_to_start(_Rows(part._replace(inputs=inputs), traj), all_ranks=False)
+                n = part.users.numel()
+                for key, v in (("reward", float(reward.reward.sum())), ("ndcg", float(m["ndcg"].sum())),
+                               ("rr", float(m["rr"].sum())), ("recall", float(m["recall"].sum())),
+                               ("kl", kl * n)):
+                    sums[key] = sums.get(key, 0.0) + v
+        finally:
+            policy.module.train(was)
+        return {f"probe_{k}": v / max(n_total, 1) for k, v in sums.items()}
 
     def _sampled(self):
         """One iteration's draw and rollout, timed: ``(t0, episode, lo, n_global, inputs, traj, reward,
@@ -423,44 +583,172 @@ class ReFiT:
             return self._reward_weighted_step()
         if self.config.method == "offline-reward-weighted":
             return self._offline_step()
+        return self._policy_gradient_step()
+
+    def _advantages(self, reward: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B,) advantages of the global batch's rewards and (B,) bool, the trajectories that enter the loss.
+
+        GRPO drops the groups whose rewards are all equal (their advantages are 0: nothing to compare);
+        every other method keeps every trajectory. The placebo permutes the advantages among the kept
+        trajectories, so the update keeps its size and noise but no longer follows the reward."""
+        cfg = self.config
+        adv = self.baseline.advantage(reward)
+        keep = torch.ones_like(reward, dtype=torch.bool)
+        if cfg.method == "grpo":
+            g = reward.view(-1, cfg.group_size)
+            keep = ((g.amax(1) - g.amin(1)) > 0).repeat_interleave(cfg.group_size)
+        if self.placebo_generator is not None:
+            idx = torch.nonzero(keep).flatten()
+            adv = adv.clone()
+            adv[idx] = adv[idx[torch.randperm(idx.numel(), generator=self.placebo_generator)]]
+        return adv, keep
+
+    def _policy_gradient_step(self) -> Dict[str, float]:
+        """REINFORCE / GRPO: the advantage-weighted log-likelihood of the batch's trajectories, over the
+        steps chosen by ``timestep_fraction``, in one update or in PPO's clipped inner epochs over
+        minibatches."""
         cfg, policy = self.config, self.policy
         t0, episode, lo, n_global, inputs, traj, reward, t_sample = self._sampled()
-        users, n_local = episode.users, episode.users.numel()
-        adv = self.baseline.advantage(reward.reward)
-        if self.placebo_generator is not None:  # the control: advantages no longer belong to their trajectories
-            adv = adv[torch.randperm(adv.numel(), generator=self.placebo_generator)]
-        adv = adv[lo:lo + n_local].to(policy.device)
-
-        if cfg.ppo_epochs == 0:
-            if cfg.reuse_sampling_graph:
-                logp = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                                           reduction=cfg.reduction)
+        n_local = episode.users.numel()
+        adv_all, keep_all = self._advantages(reward.reward)
+        stats = self._reward_stats(reward.reward, adv_all, keep_all)
+        n_kept = int(keep_all.sum())
+        adv = adv_all[lo:lo + n_local].to(policy.device)
+        if self.world == 1:  # dropped trajectories are not re-evaluated at all
+            rows = torch.nonzero(keep_all).flatten() if n_kept < n_local else torch.arange(n_local)
+            anchor_rows = (0, rows.numel())
+        else:  # every rank runs its rows (the ranks update in step); dropped ones weigh 0 (advantage 0)
+            rows = torch.arange(n_local)
+            adv = adv * keep_all[lo:lo + n_local].to(adv)
+            anchor_rows = (lo, n_global)
+        sub = _Rows(*_select_rows(episode._replace(inputs=inputs), traj, rows))
+        stats["kl"] = self._kl_to_start(sub)
+        steps = self._train_steps(traj.preds.shape[0])
+        loss, anchor, grad_norm, clip_frac = torch.zeros(()), 0.0, 0.0, 0.0
+        if n_kept:
+            adv = adv[rows.to(adv.device)]
+            if cfg.ppo_epochs == 0:
+                loss, anchor, grad_norm = self._reinforce_update(sub, adv, steps, n_kept, anchor_rows)
             else:
-                logp = trajectory_logprob(policy, users, inputs, traj, reduction=cfg.reduction)
-            loss = reinforce_loss(adv, logp, mean=lambda x: self._mean(x, n_global))
-            loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
-            grad_norm = self._update(loss)
-            clip_frac = 0.0
-        else:
-            with torch.no_grad():
-                old = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                                          reduction=cfg.reduction, per_step=True)
-            for _ in range(cfg.ppo_epochs):
-                new = trajectory_logprob(policy, users, inputs, traj, reduction=cfg.reduction, per_step=True)
-                ratio = torch.exp(new - old)
-                clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
-                loss = -self._mean(torch.minimum(ratio * adv, clipped * adv), n_global * new.shape[0])
-                loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
-                grad_norm = self._update(loss)
-            clipped_count = ((ratio - 1).abs() > cfg.ppo_clip).float()
-            clip_frac = float(clipped_count.mean()) if self.world == 1 else float(
-                dist.all_reduce_sum(clipped_count.sum().double().reshape(1))[0]) / clipped_count.shape[0] / n_global
-        return {
+                loss, anchor, grad_norm, clip_frac = self._ppo_updates(sub, adv, steps, n_kept, anchor_rows)
+        stats.update({
             "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
             "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
-            "grad_norm": grad_norm, "ppo_clip_fraction": clip_frac,
+            "grad_norm": grad_norm, "ppo_clip_fraction": clip_frac, "trained_steps": len(steps),
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
-        }
+        })
+        return stats
+
+    def _train_steps(self, S: int) -> List[int]:
+        """The stochastic steps whose log-likelihood this update trains: all S, or a random
+        ``timestep_fraction`` of them (at least one), in order."""
+        f = self.config.timestep_fraction
+        if f >= 1.0 or S == 0:
+            return list(range(S))
+        n = max(1, int(round(f * S)))
+        return sorted(torch.randperm(S, generator=self.generator)[:n].tolist())
+
+    def _logprob(self, sub: "_Rows", steps: List[int]) -> torch.Tensor:
+        """(S', B) log-likelihood of each chosen step of the rows ``sub`` under the current weights, with
+        gradient; with ``reuse_sampling_graph`` from the sampling pass itself."""
+        cfg, traj = self.config, sub.traj
+        users, inputs = sub.episode.users, sub.episode.inputs
+        S = traj.preds.shape[0]
+        if cfg.reuse_sampling_graph:
+            preds = traj.preds
+        elif len(steps) == S:
+            preds = self.policy.outputs(users, inputs, traj)
+        else:  # re-evaluate only the chosen steps; the others keep their sampled outputs (no gradient)
+            idx = torch.tensor(steps, dtype=torch.long, device=traj.preds.device)
+            part = traj._replace(states=torch.cat([traj.states[idx], traj.states[-1:]]), preds=traj.preds[idx],
+                                 timesteps=traj.timesteps[idx])
+            preds = traj.preds.detach().index_copy(0, idx, self.policy.outputs(users, inputs, part))
+        per_step = rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
+                                       reduction=cfg.reduction, per_step=True)
+        return per_step if len(steps) == S else per_step[steps]
+
+    def _reinforce_update(self, sub: "_Rows", adv: torch.Tensor, steps: List[int], n_kept: int, anchor_rows):
+        """One update on ``-mean(adv * L)`` over the kept trajectories (``n_kept`` in the global batch)."""
+        logp = self._logprob(sub, steps).sum(0)
+        loss = reinforce_loss(adv, logp, mean=lambda x: self._mean(x, n_kept))
+        loss, anchor = self._add_anchor(loss, sub.episode, sub.episode.inputs, sub.traj, *anchor_rows)
+        return loss, anchor, self._update(loss)
+
+    def _ppo_updates(self, sub: "_Rows", adv: torch.Tensor, steps: List[int], n_kept: int, anchor_rows):
+        """PPO's clipped surrogate over ``ppo_epochs`` inner epochs, each over the kept trajectories in
+        shuffled minibatches of ``minibatch_size`` (one update per minibatch); the ratios are per step
+        against the sampling pass's log-likelihoods."""
+        cfg, traj = self.config, sub.traj
+        B = sub.episode.users.numel()
+        with torch.no_grad():
+            old = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
+                                      reduction=cfg.reduction, per_step=True)[steps]
+        mb = min(cfg.minibatch_size or B, B)
+        clipped_n, count, norms = 0.0, 0, []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=self.generator) if mb < B else torch.arange(B)
+            for a in range(0, B, mb):
+                rows = order[a:a + mb]
+                part = _Rows(*_select_rows(sub.episode, traj, rows)) if mb < B else sub
+                new = self._logprob(part, steps)
+                ratio = torch.exp(new - old[:, rows.to(old.device)])
+                a_mb = adv[rows.to(adv.device)]
+                clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
+                # A minibatch's loss is its own mean, so each update has the size of a full-batch one.
+                n_mb, rows_mb = (n_kept, anchor_rows) if mb >= B else (rows.numel(), (0, rows.numel()))
+                loss = -self._mean(torch.minimum(ratio * a_mb, clipped * a_mb), n_mb * new.shape[0])
+                loss, anchor = self._add_anchor(loss, part.episode, part.episode.inputs, part.traj, *rows_mb)
+                norms.append(self._update(loss))
+                clipped_n += float(((ratio.detach() - 1).abs() > cfg.ppo_clip).double().sum())
+                count += ratio.numel()
+        if self.world > 1:
+            tot = dist.all_reduce_sum(torch.tensor([clipped_n, float(count)], dtype=torch.float64))
+            clipped_n, count = float(tot[0]), float(tot[1])
+        return loss, anchor, float(np.mean(norms)), clipped_n / max(count, 1)
+
+    def _reward_stats(self, reward: torch.Tensor, adv: Optional[torch.Tensor] = None,
+                      keep: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Diagnostics of one batch's (global) rewards: the advantages' spread, the share of trajectories
+        kept, and with groups the share of zero-variance groups and the reward's spread within groups
+        (mean of each group's standard deviation) against between them (standard deviation of the
+        group means)."""
+        G = self.config.group_size
+        out = {}
+        if adv is not None:
+            out["adv_std"] = float(adv.double().std(unbiased=False)) if adv.numel() else 0.0
+        if keep is not None:
+            out["kept_fraction"] = float(keep.double().mean())
+        if G > 1:
+            g = reward.double().view(-1, G)
+            out["zero_variance_groups"] = float(((g.amax(1) - g.amin(1)) == 0).double().mean())
+            out["reward_within"] = float(g.std(1, unbiased=False).mean())
+            out["reward_between"] = float(g.mean(1).std(unbiased=False)) if g.shape[0] > 1 else 0.0
+        return out
+
+    def _kl_to_start(self, sub: "_Rows", all_ranks: bool = True) -> float:
+        """KL from the pretrained policy to the current one along this batch's trajectories: the sum over
+        the stochastic steps of ``coef_pred^2 / (2 v) * |out_now - out_start|^2`` per trajectory (the
+        steps' Gaussians share their variance), averaged over the trajectories (and divided by the state
+        width with ``reduction="mean"``), over at most :data:`KL_ROWS` of them (the first). ``traj.preds``
+        are the current policy's outputs: sampling used these very weights with dropout off."""
+        traj = sub.traj
+        if self.reference is None or traj.preds.shape[0] == 0:
+            return 0.0
+        if traj.preds.shape[1] > KL_ROWS:  # a bounded share of the batch: the diagnostic's cost stays small
+            sub = _Rows(*_select_rows(sub.episode, traj, torch.arange(KL_ROWS)))
+            traj = sub.traj
+        with torch.no_grad():
+            kl = traj.preds.new_zeros((traj.preds.shape[1],), dtype=torch.float32)
+            if kl.numel():
+                start = self.reference.outputs(sub.episode.users, sub.episode.inputs, traj).float()
+                scale = (traj.coef_pred.float() ** 2 * torch.exp(-traj.log_var.float()) / 2)[:, None, None]
+                kl = (scale * (traj.preds.detach().float() - start) ** 2).sum(2).sum(0)
+                if self.config.reduction == "mean":
+                    kl = kl / traj.preds.shape[2]
+            total = torch.stack([kl.double().sum().cpu(), torch.tensor(float(kl.numel()), dtype=torch.float64)])
+        if self.world > 1 and all_ranks:
+            total = dist.all_reduce_sum(total)
+        return float(total[0] / total[1].clamp_min(1))
 
     def _reward_weighted_step(self) -> Dict[str, float]:
         """Reward-weighted fine-tuning: G trajectories per user, the model's own denoising loss toward each
@@ -473,6 +761,8 @@ class ReFiT:
         if self.placebo_generator is not None:  # the control: rewards no longer belong to their trajectories
             r = r[torch.randperm(r.numel(), generator=self.placebo_generator)]
         weights = group_weights(r, cfg.group_size, cfg.rw_lambda)
+        stats = self._reward_stats(reward.reward)
+        stats["kl"] = self._kl_to_start(_Rows(episode._replace(inputs=inputs), traj))
         w = weights[lo:lo + n_local].to(policy.device)
         target = policy.training_target(users, inputs, traj.final, exclude=episode.exclude, k=cfg.k)
         policy.module.eval()
@@ -483,12 +773,13 @@ class ReFiT:
         loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
         grad_norm = self._update(loss)
         ess = 1.0 / (weights.view(-1, cfg.group_size) ** 2).sum(1)
-        return {
+        stats.update({
             "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
             "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
             "grad_norm": grad_norm, "effective_group_size": float(ess.mean()),
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
-        }
+        })
+        return stats
 
     def _offline_step(self) -> Dict[str, float]:
         """Offline reward-weighted fine-tuning: the pretraining loss on the users' logged training rows,
@@ -572,6 +863,30 @@ class ReFiT:
             self.placebo_generator.set_state(state["placebo_rng"])
 
 
+#: The per-iteration diagnostics summarised in summary.json (means over the run's iterations).
+DIAGNOSTICS = ("zero_variance_groups", "reward_within", "reward_between", "adv_std", "kept_fraction", "grad_norm",
+               "kl", "ppo_clip_fraction")
+
+
+def _diagnostics_summary(records, probe_start: Dict[str, float], probe_episodes: int = 0) -> Dict[str, Any]:
+    """summary.json's view of the run's diagnostics: the probe at the start and at the last evaluation
+    (and the relative change of the probe reward), and the mean of each per-iteration diagnostic."""
+    out: Dict[str, Any] = {}
+    probes = [r for r in records if "probe_reward" in r]
+    if probe_start or probes:
+        end = {k: v for k, v in probes[-1].items() if k.startswith("probe_")} if probes else {}
+        out["probe"] = {"episodes": probe_episodes, "start": probe_start, "end": end,
+                        "end_iteration": probes[-1]["iteration"] if probes else 0}
+        r0, r1 = probe_start.get("probe_reward"), end.get("probe_reward")
+        if r0 and r1 is not None:
+            out["probe"]["reward_change"] = (r1 - r0) / abs(r0)
+    steps = [r for r in records if r.get("iteration", 0) > 0]
+    means = {k: float(np.mean([r[k] for r in steps if k in r])) for k in DIAGNOSTICS if any(k in r for r in steps)}
+    if means:
+        out["diagnostics"] = means
+    return out
+
+
 def _plot(run: RunDir) -> Optional[str]:
     """reward and validation Recall/NDCG@20 against iterations, as plot.png (None without matplotlib)."""
     try:
@@ -588,7 +903,8 @@ def _plot(run: RunDir) -> Optional[str]:
     it = [r["iteration"] for r in records if key in r]
     rw = [r[key] for r in records if key in r]
     ev = [r for r in records if "valid" in r]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    probes = [r for r in records if "probe_reward" in r]
+    fig, ax = plt.subplots(1, 3 if probes else 2, figsize=(15 if probes else 10, 3.6))
     ax[0].plot(it, rw, lw=0.8, color="tab:blue", alpha=0.5, label="batch")
     if len(rw) >= 5:
         w = max(1, len(rw) // 20)
@@ -605,6 +921,15 @@ def _plot(run: RunDir) -> Optional[str]:
         ax[1].plot(xs, [r["valid"]["ndcg@20"] for r in ev], "s-", label="NDCG@20")
         ax[1].set(xlabel="iteration", title="validation")
         ax[1].legend()
+    if probes:  # the optimiser's own objective on fixed episodes and noise: does it rise?
+        xs = [r["iteration"] for r in probes]
+        ax[2].plot(xs, [r["probe_reward"] for r in probes], "o-", label="reward")
+        twin = ax[2].twinx()
+        twin.plot(xs, [r["probe_ndcg"] for r in probes], "s--", color="tab:green", label="NDCG (full list)")
+        twin.set_ylabel("NDCG")
+        ax[2].set(xlabel="iteration", ylabel="reward", title="probe (fixed episodes and noise)")
+        ax[2].legend(loc="upper left")
+        twin.legend(loc="lower right")
     fig.tight_layout()
     path = run.file("plot.png")
     fig.savefig(path, dpi=110)
@@ -700,13 +1025,15 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         t = time.perf_counter()
         ks = config.ks or ((10, 20, 50) if hasattr(data, "targets") else (10, 20, 50, 100))
         metrics = rec.evaluate(data, ks=ks, batch_size=config.eval_batch_size)
-        return {"iteration": iteration, "valid": metrics["valid"], "test": metrics["test"],
+        probe = trainer.probe()
+        return {"iteration": iteration, "valid": metrics["valid"], "test": metrics["test"], **probe,
                 "eval_s": round(time.perf_counter() - t, 3)}
 
     if best is None:  # iteration 0: the pretrained model itself
         record = evaluate(0)
         best = {"iteration": 0, "value": record["valid"][selection], "valid": record["valid"],
-                "test": record["test"], "before": {"valid": record["valid"], "test": record["test"]}}
+                "test": record["test"], "before": {"valid": record["valid"], "test": record["test"]},
+                "probe_start": {k: v for k, v in record.items() if k.startswith("probe_")}}
         if main:
             run.log(record)
             save_checkpoint(run.file("best.pt"), ckpt(0))
@@ -719,6 +1046,8 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
 
     def summary_now(status: str) -> Dict[str, Any]:
         return {
+            **_diagnostics_summary(run.records() if main else [], best.get("probe_start", {}),
+                                   0 if trainer._probe is None else int(trainer._probe.users.numel())),
             "status": status,
             "stop_reason": None if status == "running" else stop_reason,
             "best_iteration": best["iteration"],
@@ -760,7 +1089,10 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
                                                   "elapsed": elapsed_before + time.perf_counter() - t_start})
         if main and evaluated and not last:
             run.write_json("summary.json", summary_now("running"))
-        bar.update(1, reward=f"{stats.get('reward', stats.get('weighted_rating', 0.0)):.3f}", best=f"{best['value']:.4f}@{best['iteration']}")
+        shown = {"reward": f"{stats.get('reward', stats.get('weighted_rating', 0.0)):.3f}"}
+        if "probe_reward" in record:
+            shown["probe"] = f"{record['probe_reward']:.4f}"
+        bar.update(1, **shown, best=f"{best['value']:.4f}@{best['iteration']}")
         if last:
             break
     bar.close()

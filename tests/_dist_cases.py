@@ -31,6 +31,9 @@ FINETUNE_CASES = {
     "dreamrec-group-kl": dict(batch_size=16, group_size=4, baseline="group", anchor="kl", anchor_weight=0.5),
     # Reward-weighted fine-tuning: group weights from the all-gathered rewards, each rank its users' losses.
     "dreamrec-reward-weighted": dict(batch_size=16, group_size=4, method="reward-weighted", rw_lambda=0.02),
+    # GRPO with the dense reward and one exploring window: groups share their start across the ranks' split.
+    "dreamrec-grpo-explore": dict(batch_size=16, group_size=4, method="grpo", reward="ndcg", rl_steps=6,
+                                  explore_steps=2, probe_size=0),
     # Offline reward-weighted: no sampling, the logged rows' rating-weighted loss, each rank its users.
     "offline-reward-weighted": dict(batch_size=16, method="offline-reward-weighted", rw_lambda=0.5),
 }
