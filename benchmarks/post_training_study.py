@@ -7,10 +7,11 @@ For every seed, starting from that seed's pretrained checkpoint (``{seed}``
 in ``--pretrained`` is replaced by the seed), it runs with ``refit`` in
 fresh processes (``OMP_NUM_THREADS=1``, ``--jobs`` at a time):
 
-* ``reinforce``: ``refit finetune`` (ReFiT's REINFORCE) with ``--finetune``'s flags;
+* ``reinforce`` (or ``--arm``'s name): ``refit finetune`` with ``--finetune``'s flags (ReFiT's
+  REINFORCE unless they name another method);
 * ``placebo``: the same with ``--placebo`` (each batch's advantages shuffled);
 * ``continued``: ``refit pretrain --init`` (the model's own pretraining
-  loss) for the wall time the ``reinforce`` run took, evaluated every epoch;
+  loss) for the wall time that run took, evaluated every epoch;
 * every ``--method`` given (e.g. ``--method "reward-weighted --group-size 4"``), as
   ``refit finetune --method NAME`` with ``--finetune``'s flags, then ``--method-flags``, then
   the method's own flags (later flags win).
@@ -83,10 +84,10 @@ def run_seed(seed, a, out):
     refit = [sys.executable, "-m", "refit", "-q"]
     finetune = shlex.split(a.finetune)
     res = {"pretrained": _pretrained_metrics(ckpt)}
-    folder = os.path.join(out, f"reinforce-s{seed}")
+    folder = os.path.join(out, f"{a.arm}-s{seed}")
     wall = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--out", folder,
                          *finetune], folder + ".log")
-    res["reinforce"] = {**_summary(folder), "wall_s": wall}
+    res[a.arm] = {**_summary(folder), "wall_s": wall}
     folder = os.path.join(out, f"placebo-s{seed}")
     wall_p = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--placebo",
                            "--out", folder, *finetune], folder + ".log")
@@ -102,7 +103,7 @@ def run_seed(seed, a, out):
     # The checkpoint's own model and data, read with the options it was trained on.
     cont = ["pretrain", "--model", _model_family(ckpt), *(["--data", a.data] if a.data else _data_flags(ckpt)),
             "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
-            "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res['reinforce']['seconds']:.1f}",
+            "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res[a.arm]['seconds']:.1f}",
             "--out", folder, *shlex.split(a.pretrain)]
     wall_c = _run(refit + cont, folder + ".log")
     res["continued"] = {**_summary(folder), "wall_s": wall_c}
@@ -190,6 +191,9 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--data", default=None, help="the data (default: the checkpoint's own source)")
     p.add_argument("--finetune", default="", help="flags for every refit finetune run")
+    p.add_argument("--arm", default="reinforce",
+                   help="the name of the main arm, run with --finetune's flags (e.g. grpo with --finetune "
+                        "\"--method grpo ...\"); its placebo and the equal-time continued pretraining follow it")
     p.add_argument("--pretrain", default="", help="extra flags for the continued-pretraining runs")
     p.add_argument("--method", action="append", default=[],
                    help='another post-training method to run, optionally with its own flags: "NAME [FLAGS]"')

@@ -397,3 +397,30 @@ def test_a_policy_without_respaced_sampling_is_refused(pretrained, data, tmp_pat
     with pytest.raises(TypeError, match="steps"):
         ReFiT(Plain(rec), d, _ft(pretrained, tmp_path, rl_steps=4))
     ReFiT(Plain(rec), d, _ft(pretrained, tmp_path))  # without the options it is a policy as before
+
+
+def test_learning_curves_runs_recipes_next_to_their_placebos(pretrained, tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import learning_curves
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "curves"
+    assert learning_curves.main(["--checkpoint", pretrained, "--out", str(out), "--jobs", "2",
+                                 "--common", "--iterations 4 --eval-every 2 --batch-size 16 --probe-size 16 --no-plot",
+                                 "--recipe", "rf=--lr 1e-3",
+                                 "--recipe", "grpo=--method grpo --group-size 4 --reward ndcg --rl-steps 4 "
+                                             "--explore-steps 1"]) == 0
+    table = json.load(open(out / "curves.json"))
+    assert list(table) == ["rf", "rf placebo", "grpo", "grpo placebo"]
+    for key, arm in table.items():
+        recs = [json.loads(line) for line in open(out / (key.replace(" placebo", "-s1-placebo")
+                                                          if "placebo" in key else f"{key}-s1") / "metrics.jsonl")]
+        probes = [r["probe_reward"] for r in recs if "probe_reward" in r]
+        assert arm["runs"][0]["probe_reward"] == probes and arm["runs"][0]["iterations"] == [0, 2, 4]
+        assert arm["probe_reward_change"][0] == pytest.approx((probes[-1] - probes[0]) / probes[0])
+    assert table["grpo"]["zero_variance_groups"][0] is not None and table["rf"]["zero_variance_groups"][0] is None
+    # a placebo run probes the same episodes with the same noise: it starts where the real run starts
+    assert table["grpo placebo"]["runs"][0]["probe_reward"][0] == table["grpo"]["runs"][0]["probe_reward"][0]
+    assert os.path.getsize(out / "curves.png") > 0 and "| grpo | placebo |" in open(out / "curves.md").read()
+    with pytest.raises(SystemExit, match="NAME"):
+        learning_curves.main(["--checkpoint", pretrained, "--out", str(out), "--recipe", "no flags"])
