@@ -424,3 +424,20 @@ def test_learning_curves_runs_recipes_next_to_their_placebos(pretrained, tmp_pat
     assert os.path.getsize(out / "curves.png") > 0 and "| grpo | placebo |" in open(out / "curves.md").read()
     with pytest.raises(SystemExit, match="NAME"):
         learning_curves.main(["--checkpoint", pretrained, "--out", str(out), "--recipe", "no flags"])
+
+
+def test_gradient_snr_compares_the_samplers(dreamrec, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gradient_snr
+
+    assert gradient_snr.main(["--checkpoint", dreamrec, "--targets", "4", "--draws", "2", "--explore", "0", "2",
+                              "--finetune", "--method grpo --group-size 4 --reward ndcg --alpha 1 --rl-steps 5"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cosine" in line]
+    assert [line.split("cosine")[0].strip() for line in lines] == [
+        "all steps", "all but the last", "one exploring step at 0", "one exploring step at 2"]
+    for line in lines:
+        cos = float(line.split("cosine")[1].split()[0])
+        assert -1.0 <= cos <= 1.0
+    with pytest.raises(SystemExit, match="positions"):
+        gradient_snr.main(["--checkpoint", dreamrec, "--targets", "2", "--draws", "2", "--explore", "9",
+                           "--finetune", "--method grpo --group-size 4 --rl-steps 5"])
