@@ -58,7 +58,7 @@ POLICY_GRADIENT = ("reinforce", "grpo")
 RW_LAMBDA = {"reward-weighted": 0.01, "offline-reward-weighted": 1.0}
 ANCHORS = ("none", "kl", "elbo")
 #: The most trajectories of a batch the per-iteration KL diagnostic re-evaluates under the pretrained policy.
-KL_ROWS = 128
+KL_ROWS = 32
 
 
 @dataclass
