@@ -83,22 +83,9 @@ def main(argv=None):
         t = ReFiT(policy, data, cfg)
         if not 0 <= first < t._stochastic_steps:
             raise SystemExit(f"--explore {first}: positions run from 0 to {t._stochastic_steps - 1}")
-        t.rollout = lambda ep, lo, n, first=first, t=t: _rollout_at(t, ep, lo, n, first)
+        t._explore_window = lambda first=first: (first, 1)  # the window at `first` every time
         report(f"one exploring step at {first}", t, episode)
     return 0
-
-
-def _rollout_at(trainer, episode, lo, n_global, first):
-    """ReFiT.rollout with the exploring window placed at ``first`` instead of at random."""
-    from refit.reward import map_inputs
-
-    cfg, policy = trainer.config, trainer.policy
-    inputs = map_inputs(episode.inputs, lambda x: x.to(policy.device))
-    policy.module.eval()
-    options = dict(trainer._sample_options, explore=(first, cfg.explore_steps))
-    traj = policy.sample(episode.users, inputs, generator=trainer.generator, temperature=cfg.temperature, **options)
-    scores = policy.final_scores(episode.users, inputs, traj.final)
-    return inputs, traj, trainer._reward(scores, episode)
 
 
 if __name__ == "__main__":

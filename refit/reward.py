@@ -167,7 +167,8 @@ def rank_metrics(ranks: torch.Tensor, indptr: torch.Tensor, k: int) -> Dict[str,
 
 
 def ranking_reward(scores: torch.Tensor, episode: Episode, neighbors: torch.Tensor, neighbor_sets, *,
-                   kind: str = "hit", k: int = 20, alpha: float = 0.5, backend: Optional[str] = None) -> Reward:
+                   kind: str = "hit", k: int = 20, alpha: float = 0.5, backend: Optional[str] = None,
+                   ranks: Optional[torch.Tensor] = None) -> Reward:
     """``r = alpha * G + (1 - alpha) * N_simK / K`` with ``G`` the reward ``kind`` of :data:`REWARDS`.
 
     ``kind="hit"`` is :func:`collaborative_reward` (G = N_K / K). The dense kinds take each
@@ -181,7 +182,8 @@ def ranking_reward(scores: torch.Tensor, episode: Episode, neighbors: torch.Tens
     base = collaborative_reward(scores, episode, neighbors, neighbor_sets, k=k, alpha=alpha, backend=backend)
     if kind == "hit":
         return base
-    ranks = rk.target_rank(scores.detach(), episode.positives, exclude=episode.exclude, backend=backend)
+    if ranks is None:  # a caller that already ranked these positives passes its ranks
+        ranks = rk.target_rank(scores.detach(), episode.positives, exclude=episode.exclude, backend=backend)
     m = rank_metrics(ranks, episode.positives.indptr.to(ranks.device), k)
     return Reward(alpha * m[kind] + (1.0 - alpha) * base.n_sim_k / k, base.n_k, base.n_sim_k)
 

@@ -492,10 +492,8 @@ class ReFiT:
         policy.module.eval()  # dropout off for sampling and for the log-probabilities alike
         # Noise for the whole global batch, this rank's rows kept: trajectories do not depend on the split.
         options = dict(self._sample_options)
-        if cfg.explore_steps is not None:  # where the exploring window sits this iteration
-            first = int(torch.randint(0, self._stochastic_steps - cfg.explore_steps + 1, (1,),
-                                      generator=self.generator))
-            options["explore"] = (first, cfg.explore_steps)
+        if cfg.explore_steps is not None:
+            options["explore"] = self._explore_window()
         traj = policy.sample(episode.users, inputs, generator=self.generator, temperature=cfg.temperature,
                              rows=(lo, n_global) if self.world > 1 else None, keep_graph=cfg.reuse_sampling_graph,
                              **options)
@@ -506,6 +504,11 @@ class ReFiT:
             reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
         return inputs, traj, reward
 
+    def _explore_window(self) -> Tuple[int, int]:
+        """``(first, explore_steps)``: where the exploring window sits this iteration, uniformly placed."""
+        E = self.config.explore_steps
+        return int(torch.randint(0, self._stochastic_steps - E + 1, (1,), generator=self.generator)), E
+
     def _on_scores_device(self, scores: torch.Tensor, episode):
         """The episode's CSRs and the neighbour table (kept on the CPU) on the scores' device."""
         dev = scores.device
@@ -515,12 +518,13 @@ class ReFiT:
                                   exclude=None if episode.exclude is None else episode.exclude.to(dev))
         return on_dev, self.neighbors[episode.users].to(dev)
 
-    def _reward(self, scores: torch.Tensor, episode):
-        """(B,) rewards of final scores (see :func:`refit.reward.ranking_reward`), on the CPU."""
+    def _reward(self, scores: torch.Tensor, episode, ranks: Optional[torch.Tensor] = None):
+        """(B,) rewards of final scores (see :func:`refit.reward.ranking_reward`; ``ranks``: the
+        positives' ranks when already taken), on the CPU."""
         cfg = self.config
         on_dev, neighbors = self._on_scores_device(scores, episode)
         reward = ranking_reward(scores, on_dev, neighbors, self._neighbor_sets, kind=cfg.reward, k=cfg.k,
-                                alpha=cfg.alpha)
+                                alpha=cfg.alpha, ranks=ranks)
         return type(reward)(*(r.cpu() for r in reward))
 
     @torch.no_grad()
@@ -555,9 +559,9 @@ class ReFiT:
                     options.update(explore=(0, 0), group_size=1)
                 traj = policy.sample(part.users, inputs, generator=gen, temperature=cfg.temperature, **options)
                 scores = policy.final_scores(part.users, inputs, traj.final)
-                reward = self._reward(scores, part)
                 on_dev, _ = self._on_scores_device(scores, part)
                 ranks = rk.target_rank(scores.detach(), on_dev.positives, exclude=on_dev.exclude)
+                reward = self._reward(scores, part, ranks)  # one ranking pass serves the reward and the metrics
                 m = rank_metrics(ranks, on_dev.positives.indptr, cfg.k)
                 kl = self._kl_to_start(_Rows(part._replace(inputs=inputs), traj), all_ranks=False)
                 n = part.users.numel()
