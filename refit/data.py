@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -81,6 +82,43 @@ class DataOptionsError(TypeError, ValueError):
     A TypeError, as for any unknown keyword argument, and a ValueError, so
     that the command line reports it as bad input rather than a crash.
     """
+
+
+# Limits checked before anything is read or allocated, so that a wrong path or value gets a sentence
+# instead of a MemoryError after minutes. The largest published sets these loaders read (ML-10M's
+# ratings.dat: 265 MB) are far below MAX_FILE_BYTES.
+MAX_FILE_BYTES = 4 << 30
+# The most memory one array a loader would build (the ids of a declared id space, the history windows of
+# every target) may claim. Data sets of the papers' size need a few GB at most (ml-1m_seq's 994,169
+# targets with windows of 200 items: 1.6 GB), and 32 GiB is a quarter of the machines it runs on.
+MAX_DATA_BYTES = 32 << 30
+
+
+def _bytes(n: int) -> str:
+    """n bytes in words: '8.0 TiB (8796093022208 bytes)'."""
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def _regular_file(path: str) -> int:
+    """The size of path, refused before any read when it is not a regular file (a device such as
+    /dev/zero, or a FIFO, would be read forever or block) or is larger than MAX_FILE_BYTES."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise DataFormatError(path, None, f"not a regular file ({kind}); data is read from regular files only")
+    if st.st_size > MAX_FILE_BYTES:
+        raise DataFormatError(path, None, f"the file holds {_bytes(st.st_size)}, more than the "
+                                          f"{_bytes(MAX_FILE_BYTES)} a data file may have "
+                                          "(refit.data.MAX_FILE_BYTES)")
+    return st.st_size
 
 
 def _refuse_unknown(where: str, options: Dict[str, Any], allowed: Sequence[str]) -> None:
@@ -332,6 +370,7 @@ def _detect_file(path: str) -> str:
     if base.endswith(".npy"):
         raise ValueError(f"{path}: a DiffRec split is a folder with train_list.npy, valid_list.npy and "
                          "test_list.npy; pass the folder")
+    _regular_file(path)
     with open(path, "rb") as f:
         head = f.read(4096)
     if b"::" in head:
@@ -618,6 +657,7 @@ def _read_u_info(path: str) -> Optional[Dict[str, int]]:
     """ML-100K's u.info: "943 users", "1682 items", "100000 ratings"."""
     if not os.path.exists(path):
         return None
+    _regular_file(path)
     declared = {}
     with open(path, "rb") as f:
         text = _decode(path, f.read())
@@ -770,6 +810,7 @@ def _log_summary(name: str, s: Dict[str, int], min_rating: Optional[float]) -> N
 
 def _load_file(path: str, kind: str, options: Dict[str, Any], name: Optional[str] = None) -> InteractionData:
     _refuse_unknown(f"{path} ({kind} file)", options, ("min_rating", "split", "split_mode", "seed"))
+    _regular_file(path)
     if kind == "recbole":
         rec = _read_recbole(path)
         declared = None
@@ -816,7 +857,7 @@ def _read_pairs(path: str) -> np.ndarray:
     the data it announces), so that nothing is allocated for a damaged file
     and nothing is ever unpickled.
     """
-    size = os.path.getsize(path)
+    size = _regular_file(path)
     if size == 0:
         raise DataFormatError(path, None, "the file is empty (0 bytes)")
     with open(path, "rb") as f:
@@ -891,6 +932,14 @@ def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Option
     for what, col, declared in (("user", 0, n_users), ("item", 1, n_items)):
         if declared is None:
             continue
+        if isinstance(declared, bool) or not isinstance(declared, (int, np.integer)) or declared < 1:
+            raise ValueError(f"{folder}: n_{what}s must be a positive int, got {declared!r}")
+        # Each split's CSR holds n_users + 1 row offsets and the data set n_users + n_items original ids,
+        # all int64: refused here rather than by a MemoryError inside scipy.
+        need = (4 * (int(declared) + 1) if col == 0 else int(declared) + 1) * 8
+        if need > MAX_DATA_BYTES:
+            raise ValueError(f"{folder}: n_{what}s={declared} would take {_bytes(need)} for the {what} id space "
+                             f"alone, more than {_bytes(MAX_DATA_BYTES)} (refit.data.MAX_DATA_BYTES)")
         for path, a in parts.values():
             bad = np.flatnonzero(a[:, col] >= declared)
             if len(bad):

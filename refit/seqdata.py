@@ -75,7 +75,8 @@ import torch
 import refit_kernels as rk
 from refit_kernels.sparse import CSR
 
-from .data import DataFormatError, _refuse_unknown, binary_csr
+from .data import (DENSE_ID_FACTOR, DENSE_ID_FLOOR, MAX_DATA_BYTES, MAX_FILE_BYTES, DataFormatError, _bytes,
+                   _refuse_unknown, _regular_file, binary_csr)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,17 @@ DREAMREC_TOPK = 100
 DREAMREC_BATCH = 100
 
 PANDAS_HINT = "reading DreamRec .df files needs pandas, which is not installed: pip install pandas"
+
+
+def check_window(max_len: int, rows: int, where: str = "", option: str = "max_len") -> None:
+    """Refuses a window length whose history windows, ``rows`` of them (rows x max_len int64), would
+    take more than ``refit.data.MAX_DATA_BYTES``: a ValueError naming the option, its value and the
+    bytes, instead of an allocation failure later. ``where`` (a file or data set) prefixes the message."""
+    need = int(rows) * int(max_len) * 8
+    if need > MAX_DATA_BYTES:
+        raise ValueError(f"{where + ': ' if where else ''}{option}={max_len} would take {_bytes(need)} for the "
+                         f"history windows ({rows} windows x {max_len} items x 8 bytes), more than "
+                         f"{_bytes(MAX_DATA_BYTES)} (refit.data.MAX_DATA_BYTES)")
 
 
 @dataclass
@@ -215,6 +227,7 @@ class SequenceData:
         if L < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         seq, pos = self._targets_args(seq, pos, allow_end=True)
+        check_window(L, seq.numel(), self.name)
         n = pos.clamp(max=L)
         first = self.offsets[seq] + pos - n  # flat index of the oldest item in the window
         slots = torch.arange(L, device=seq.device)
@@ -333,6 +346,9 @@ def _assemble(name: str, items: np.ndarray, offsets: np.ndarray, targets: Dict[s
               n_items: int, item_ids: np.ndarray, max_len: int, sequence_ids: np.ndarray,
               extra: Optional[Dict[str, object]] = None) -> SequenceData:
     """A SequenceData from dense item ids (N,), offsets (S + 1,) and per-split (seq, pos) targets."""
+    # Every target's window is what the models and SASRec's training windows build: the default
+    # window length is checked against the targets read, for any source and wherever max_len came from.
+    check_window(max_len, sum(len(targets[s][0]) for s in SPLITS), name)
     S = len(offsets) - 1
     lengths = np.diff(offsets)
     seq_of, within = _within(offsets)
@@ -399,6 +415,91 @@ class _Refused(pickle.UnpicklingError):
     """What the restricted unpicklers raise: the pickle asks for something outside the allow-list."""
 
 
+# How much a pickle may build. A pickle can make a list once and refer to it again at two bytes a
+# reference (a memo get), and the loaders expand every reference: a 53 KB dataset.pkl became 9 million
+# ids. So the unpicklers count what they build -- every item put into a list, tuple, dict or set, every
+# array element, every reference to an earlier object at that object's size (a list referenced N times
+# counts N times) -- and refuse a file that builds more than PICKLE_ELEMENTS_PER_BYTE elements per byte
+# of the file, or PICKLE_MIN_ELEMENTS for a small one. An honest pickle spends a byte or more on every
+# element (an id takes 2 to 9 bytes): ml-1m_seq's dataset.pkl counts 1,046,206 elements in 3,101,987
+# bytes (0.34 a byte), zhihu's train_data.df 1,356,180 in 3,069,766 (0.44; its other .df files the
+# same), 47 and 36 times below the bound. A crafted file of n bytes can still make the loaders hold
+# 16 n elements, some 50 bytes each as Python and NumPy objects: 800 MB for a 1 MB file.
+PICKLE_ELEMENTS_PER_BYTE = 16
+PICKLE_MIN_ELEMENTS = 1_000_000
+# Containers nested deeper than this are refused (the formats nest 3 deep; deeper nesting ends in a
+# RecursionError wherever the structure is walked, and a container that holds itself is infinitely deep).
+PICKLE_MAX_DEPTH = 100
+
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
+_SIZED = _CONTAINERS | {str, bytes, bytearray}
+
+
+class _Budget:
+    """The elements one pickle of ``size`` bytes may still build (see PICKLE_ELEMENTS_PER_BYTE)."""
+
+    __slots__ = ("size", "limit", "used")
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.limit = max(PICKLE_MIN_ELEMENTS, PICKLE_ELEMENTS_PER_BYTE * self.size)
+        self.used = 0
+
+    def spend(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise _Refused(f"it builds more than {self.limit} elements (items of lists, tuples, dicts and arrays, "
+                           "each reference to an earlier one counting its whole size again), the most a file of "
+                           f"{self.size} bytes may build: max({PICKLE_MIN_ELEMENTS}, {PICKLE_ELEMENTS_PER_BYTE} x "
+                           "its size)")
+
+
+def _weight(x: Any) -> int:
+    """What a reference to x costs: the elements a reader that expands it would go through."""
+    t = type(x)
+    if t in _CONTAINERS:
+        return len(x) + 1
+    if t in (str, bytes, bytearray):
+        return len(x) // 8 + 1  # a buffer referenced again may be copied into another array
+    if t is np.ndarray:
+        return x.size + 1
+    return 1
+
+
+def _counted_call(make: Callable, budget: _Budget) -> Callable:
+    """make, counting the size of its arguments: list(x) and dict(x) copy x, and a shared x costs the
+    pickle two bytes however large it is."""
+    def call(*args):
+        budget.spend(1 + sum(len(a) for a in args if type(a) in _SIZED))
+        return make(*args)
+
+    call.__qualname__ = getattr(make, "__qualname__", "call")
+    return call
+
+
+def _count_plain(obj: Any, budget: _Budget) -> None:
+    """Counts every container reachable from obj as the loader will go through it -- a shared one at
+    each reference -- and refuses nesting deeper than PICKLE_MAX_DEPTH. Iterative: no recursion, and
+    every step spends from the budget, so the walk itself stays bounded."""
+    stack = [(obj, 1)] if type(obj) in _CONTAINERS else []
+    while stack:
+        x, depth = stack.pop()
+        if depth > PICKLE_MAX_DEPTH:
+            raise _Refused(f"containers are nested more than {PICKLE_MAX_DEPTH} deep (or one holds itself); this "
+                           "format nests dicts and lists 3 deep")
+        budget.spend(len(x) + 1)
+        for part in ((x.keys(), x.values()) if type(x) is dict else (x,)):
+            try:
+                # A TypeError for any container (or str) in part, so lists of ids pass at C speed; fsum
+                # rather than sum, which would add huge ints (OverflowError here) at their full length.
+                math.fsum(part)
+                continue
+            except (TypeError, OverflowError, ValueError):
+                pass
+            if not _CONTAINERS.isdisjoint(set(map(type, part))):
+                stack.extend((v, depth + 1) for v in part if type(v) in _CONTAINERS)
+
+
 def _kind(x: Any) -> str:
     """What x is, in words, read from its type only (the attributes of a half-built object may fail)."""
     if isinstance(x, type):
@@ -410,13 +511,18 @@ def _kind(x: Any) -> str:
 
 class _PlainUnpickler(pickle.Unpickler):
     """dataset.pkl: dicts, lists and ints. No global but builtins dict / list / int can be named, so
-    no code can be reached (protocol opcodes build the containers themselves)."""
+    no code can be reached (protocol opcodes build the containers themselves). Calls of those three are
+    counted in ``budget`` (the C unpickler has no other hook; :func:`_count_plain` counts the rest)."""
+
+    def __init__(self, file, budget: _Budget):
+        super().__init__(file)
+        self._budget = budget
 
     def find_class(self, module, name):
         obj = _PLAIN_GLOBALS.get((module, name))
         if obj is None:
             raise _Refused(f"the pickle asks for {module}.{name}; this format holds only dicts, lists and ints")
-        return obj
+        return _counted_call(obj, self._budget)
 
     def persistent_load(self, pid):
         raise _Refused("the pickle refers to a persistent object; this format holds only dicts, lists and ints")
@@ -439,6 +545,10 @@ class _PlainPyUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
     for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
         dispatch[_op[0]] = _refuse_extension
+
+    def __init__(self, file, budget: _Budget):
+        super().__init__(file)
+        self._budget = budget
 
 # Exact types accepted as ids inside the ``seq`` lists of a .df file (DreamRec's own files mix Python ints
 # with NumPy int64 and, in YooChoose and KuaiRec, float64 scalars).
@@ -703,9 +813,10 @@ class _DataFrameRules:
 class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: every opcode that calls code is checked
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file, rules: _DataFrameRules):
+    def __init__(self, file, rules: _DataFrameRules, budget: _Budget):
         super().__init__(file)
         self._rules = rules
+        self._budget = budget
 
     def find_class(self, module, name):
         obj = self._rules.globals.get((module, name))
@@ -735,8 +846,55 @@ class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: ever
         raise _Refused("the pickle instantiates a class with arguments (INST / OBJ / NEWOBJ_EX)")
 
     def load_build(self):
-        self._rules.check_build(self.stack[-2], self.stack[-1])
+        inst, state = self.stack[-2], self.stack[-1]
+        if type(inst) is np.ndarray and type(state) is tuple and len(state) == 5:
+            shape, data = state[1], state[4]
+            if type(shape) is tuple and all(type(n) is int and n >= 0 for n in shape):
+                self._budget.spend(math.prod(shape))
+            if type(data) is list:
+                # The cells of an object array (the seq lists) are checked next and read item by item
+                # later: counted with repetition, and copied, so that a list the pickle still holds a
+                # reference to cannot be filled after its check.
+                kinds = set(map(type, data))
+                if kinds == {list}:
+                    cells = list(map(list.copy, data))
+                    self._budget.spend(sum(map(len, cells)))
+                    self.stack[-1] = state = state[:4] + (cells,)
+                elif list in kinds:
+                    self._budget.spend(sum(len(c) for c in data if type(c) is list))
+                    self.stack[-1] = state = state[:4] + ([list(c) if type(c) is list else c for c in data],)
+        self._rules.check_build(inst, state)
         super().load_build()
+
+    # Memo gets: a reference to an earlier object costs its size (see PICKLE_ELEMENTS_PER_BYTE).
+    def load_get(self):
+        super().load_get()
+        self._budget.spend(_weight(self.stack[-1]))
+
+    def load_binget(self):
+        super().load_binget()
+        self._budget.spend(_weight(self.stack[-1]))
+
+    def load_long_binget(self):
+        super().load_long_binget()
+        self._budget.spend(_weight(self.stack[-1]))
+
+    # Containers built from the items above a mark: their items count.
+    def load_tuple(self):
+        super().load_tuple()
+        self._budget.spend(len(self.stack[-1]) + 1)
+
+    def load_list(self):
+        super().load_list()
+        self._budget.spend(len(self.stack[-1]) + 1)
+
+    def load_dict(self):
+        super().load_dict()
+        self._budget.spend(len(self.stack[-1]) + 1)
+
+    def load_frozenset(self):
+        super().load_frozenset()
+        self._budget.spend(len(self.stack[-1]) + 1)
 
     def _target(self, index: int, kind: type, what: str):
         target = self.stack[index]
@@ -750,6 +908,7 @@ class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: ever
 
     def load_setitems(self):
         items = self.pop_mark()
+        self._budget.spend(len(items) // 2)
         d = self._target(-1, dict, "sets items of")
         for i in range(0, len(items), 2):
             d[items[i]] = items[i + 1]
@@ -760,10 +919,12 @@ class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: ever
 
     def load_appends(self):
         items = self.pop_mark()
+        self._budget.spend(len(items))
         self._target(-1, list, "appends to").extend(items)
 
     def load_additems(self):
         items = self.pop_mark()
+        self._budget.spend(len(items))
         self._target(-1, set, "adds items to").update(items)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -777,6 +938,13 @@ class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: ever
     dispatch[pickle.APPEND[0]] = load_append
     dispatch[pickle.APPENDS[0]] = load_appends
     dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.GET[0]] = load_get
+    dispatch[pickle.BINGET[0]] = load_binget
+    dispatch[pickle.LONG_BINGET[0]] = load_long_binget
+    dispatch[pickle.TUPLE[0]] = load_tuple
+    dispatch[pickle.LIST[0]] = load_list
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
     for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
         dispatch[_op[0]] = _refuse_extension
 
@@ -784,8 +952,12 @@ class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: ever
 def _read_bytes(path: str) -> bytes:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    _regular_file(path)  # a device or FIFO would be read forever; a huge file is refused unread
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:  # grew after the check
+        raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
+                                          "(refit.data.MAX_FILE_BYTES)")
     if not raw:
         raise DataFormatError(path, None, "the file is empty (0 bytes)")
     return raw
@@ -796,8 +968,12 @@ def read_plain_pickle(path: str) -> Any:
     pickle's own opcodes make); any class or function raises DataFormatError and nothing runs."""
     raw = _read_bytes(path)
     reader = _PlainPyUnpickler if copyreg._extension_registry else _PlainUnpickler
+    budget = _Budget(len(raw))
     try:
-        return reader(io.BytesIO(raw)).load()
+        obj = reader(io.BytesIO(raw), budget).load()
+        _count_plain(obj, budget)
+        log.debug("%s: %d elements of at most %d", path, budget.used, budget.limit)
+        return obj
     except _Refused as exc:
         raise DataFormatError(path, None, f"refused to unpickle: {exc}; nothing in the file was run") from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways, each gets the same sentence
@@ -822,8 +998,10 @@ def read_dataframe(path: str):
             _RULES = _DataFrameRules()
         except ImportError as exc:
             raise ImportError(f"{path}: {PANDAS_HINT} ({exc})") from None
+    budget = _Budget(len(raw))
     try:
-        obj = _DataFrameUnpickler(io.BytesIO(raw), _RULES).load()
+        obj = _DataFrameUnpickler(io.BytesIO(raw), _RULES, budget).load()
+        log.debug("%s: %d elements of at most %d", path, budget.used, budget.limit)
     except _Refused as exc:
         raise DataFormatError(path, None, f"refused to unpickle: {exc}; nothing in the file was run") from None
     except Exception as exc:  # noqa: BLE001
@@ -831,12 +1009,28 @@ def read_dataframe(path: str):
                                           f"{exc})") from None
     if type(obj) is not _RULES.DataFrame:
         raise DataFormatError(path, None, f"expected a pandas DataFrame, got {_kind(obj)}")
+    try:  # a DataFrame (or its BlockManager) the pickle never gave a state has no columns or rows
+        columns = list(obj.columns)
+        len(obj)
+    except Exception as exc:  # noqa: BLE001
+        raise DataFormatError(path, None, f"the pickle holds an incomplete DataFrame ({type(exc).__name__}: "
+                                          f"{exc})") from None
+    # Columns are looked up by name: a repeated name would give a DataFrame where a column is expected.
+    seen = set()
+    for c in columns:
+        if type(c) is not str and not isinstance(c, (int, np.integer)):
+            raise DataFormatError(path, None, f"a column name is {_kind(c)} (column names are strings)")
+        if c in seen:
+            raise DataFormatError(path, None, f"the column {c!r} appears more than once (column names must be "
+                                              "unique)")
+        seen.add(c)
     return obj
 
 
 # --- dataset.pkl --------------------------------------------------------------------------------------------
 
 _PKL_KEYS = ("train", "val", "test")
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def _int_list_error(path: str, where: str, values: list) -> DataFormatError:
@@ -868,6 +1062,9 @@ def _load_pkl(path: str, *, max_len: int = DEFAULT_MAX_LEN) -> SequenceData:
         bad = [u for u in part if type(u) is not int]
         if bad:
             raise DataFormatError(path, None, f"{key}: user id {bad[0]!r} is not an integer")
+        bad = [u for u in part if not _INT64_MIN <= u <= _INT64_MAX]
+        if bad:
+            raise DataFormatError(path, None, f"{key}: user id {bad[0]} does not fit in a 64-bit integer")
         if not part:
             raise DataFormatError(path, None, f"{key!r} holds no user")
         parts[key] = part
@@ -922,6 +1119,11 @@ def _load_pkl(path: str, *, max_len: int = DEFAULT_MAX_LEN) -> SequenceData:
             if type(m) is not dict or not all(type(v) is int for v in m.values()):
                 raise DataFormatError(path, None, f"{key!r} must be a dict of original id -> integer id")
     if "smap" in obj:
+        bad = [(k, v) for k, v in obj["smap"].items() if not 0 <= v <= _INT64_MAX]
+        if bad:
+            k, v = bad[0]
+            what = "is negative" if v < 0 else "does not fit in a 64-bit integer"
+            raise DataFormatError(path, None, f"'smap' maps {_show(k)} to the item id {v}, which {what}")
         ids = np.fromiter(obj["smap"].values(), dtype=np.int64, count=len(obj["smap"]))
         if len(np.unique(ids)) != len(ids):
             raise DataFormatError(path, None, "'smap' maps two original items to the same item id")
@@ -991,6 +1193,12 @@ def _read_statis(path: str) -> Tuple[int, int]:
         v = _as_ids(path, df[col].to_numpy()[:1], col)[0]
         if v < 1:
             raise DataFormatError(path, 0, f"{col} must be >= 1, got {int(v)}", what="row")
+        # item_num sizes the item ids (and every score row), seq_size every window: refused before the
+        # splits are read when even the ids alone could not be held.
+        if int(v) * 8 > MAX_DATA_BYTES:
+            raise DataFormatError(path, 0, f"{col} = {int(v)} would take {_bytes(int(v) * 8)} for "
+                                           f"{'its item ids' if col == 'item_num' else 'one window'} alone, more "
+                                           f"than {_bytes(MAX_DATA_BYTES)} (refit.data.MAX_DATA_BYTES)", what="row")
         out.append(int(v))
     return out[0], out[1]
 
@@ -1095,6 +1303,16 @@ def _load_dreamrec(folder: str, *, max_len: Optional[int] = None) -> SequenceDat
         n_seq += len(s.offsets) - 1
         extra[f"rows_{split}"] = int(len(s.seq))
         extra[f"sequences_{split}"] = int(len(s.offsets) - 1)
+    # item_num must exceed every id (checked row by row in _read_split) and, as DreamRec's ids are dense
+    # indices, not be far above them: the id space is allocated (ids, training matrix, every score row).
+    largest = max(int(a.max()) for a in items if len(a))
+    limit = max(DENSE_ID_FACTOR * (largest + 1), DENSE_ID_FLOOR)
+    if item_num > limit:
+        raise DataFormatError(stats, 0, f"item_num = {item_num} is far above the largest item id of the splits, "
+                                        f"{largest}: DreamRec's ids are dense indices 0..item_num-1, so item_num "
+                                        f"may be at most max({DENSE_ID_FACTOR} x (largest id + 1), {DENSE_ID_FLOOR})"
+                                        f" = {limit}; {item_num} items would take {_bytes(item_num * 8)} for their "
+                                        "ids alone", what="row")
     name = os.path.basename(os.path.normpath(folder))
     return _assemble(name, np.concatenate(items), np.asarray(offsets, dtype=np.int64), targets, item_num,
                      np.arange(item_num, dtype=np.int64), seq_size if max_len is None else max_len,
@@ -1240,6 +1458,8 @@ def load_sequences(path: str, **options) -> SequenceData:
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer))
                                 or max_len < 1):
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if max_len is not None:
+        check_window(max_len, 1, p)  # one window alone too large: refused before anything is read
     if kind == "dreamrec":
         return _load_dreamrec(p, max_len=None if max_len is None else int(max_len))
     return _load_pkl(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len))
