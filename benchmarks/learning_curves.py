@@ -209,8 +209,9 @@ def main(argv=None):
             for seed in args.seeds:
                 for placebo in (False, True):
                     folder = run_folder(args.out, name, seed, placebo)
+                    # A study run again replaces its runs: --overwrite.
                     cmd = [sys.executable, "-m", "refit", "-q", "finetune", "--checkpoint", args.checkpoint,
-                           *shlex.split(args.common), *flags, "--seed", str(seed), "--out", folder]
+                           *shlex.split(args.common), *flags, "--seed", str(seed), "--out", folder, "--overwrite"]
                     jobs.append(cmd + (["--placebo"] if placebo else []))
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(lambda c: _run(c, c[c.index("--out") + 1] + ".log"), jobs))

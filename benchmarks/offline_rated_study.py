@@ -51,7 +51,7 @@ UNIFORM_LAMBDA = 1e9  # exp(r / 1e9) is 1 to float32 precision for any rating: e
 def _finetune(checkpoint, out, seed, lam, iterations, extra, placebo=False):
     cmd = [sys.executable, "-m", "refit", "-q", "finetune", "--checkpoint", checkpoint,
            "--method", "offline-reward-weighted", "--rw-lambda", repr(lam), "--iterations", str(iterations),
-           "--eval-every", str(iterations), "--seed", str(seed), "--no-plot", "--out", out, *extra]
+           "--eval-every", str(iterations), "--seed", str(seed), "--no-plot", "--out", out, "--overwrite", *extra]
     if placebo:
         cmd.append("--placebo")
     wall = _run(cmd, out + ".log")

@@ -82,7 +82,7 @@ def _model_family(checkpoint):
 def run_seed(seed, a, out):
     ckpt = a.pretrained.replace("{seed}", str(seed))
     refit = [sys.executable, "-m", "refit", "-q"]
-    finetune = shlex.split(a.finetune)
+    finetune = ["--overwrite", *shlex.split(a.finetune)]  # a study run again replaces its runs
     res = {"pretrained": _pretrained_metrics(ckpt)}
     folder = os.path.join(out, f"{a.arm}-s{seed}")
     wall = _run(refit + ["finetune", "--checkpoint", ckpt, "--seed", str(seed), "--no-plot", "--out", folder,
@@ -104,7 +104,7 @@ def run_seed(seed, a, out):
     cont = ["pretrain", "--model", _model_family(ckpt), *(["--data", a.data] if a.data else _data_flags(ckpt)),
             "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
             "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res[a.arm]['seconds']:.1f}",
-            "--out", folder, *shlex.split(a.pretrain)]
+            "--out", folder, "--overwrite", *shlex.split(a.pretrain)]
     wall_c = _run(refit + cont, folder + ".log")
     res["continued"] = {**_summary(folder), "wall_s": wall_c}
     return seed, res

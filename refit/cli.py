@@ -62,6 +62,27 @@ def _finite_float(text: str, alternative: str = "") -> float:
     return v
 
 
+def _positive_float(text: str) -> float:
+    v = _finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+#: Seeds go to torch.manual_seed and numpy's RandomState, which take 0 .. 2**32 - 1.
+_SEED_MAX = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v <= _SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {_SEED_MAX}], got {v}")
+    return v
+
+
 def _min_rating(text: str):
     """'none' (keep every rating) or a finite number."""
     if text.strip().lower() == "none":
@@ -92,6 +113,38 @@ def _data_options(args) -> dict:
     return {"min_rating": value}
 
 
+def _check_folder_arg(flag: str, path: str) -> None:
+    """A run folder given by ``flag``: it may not exist yet, but it may not be a file, nor sit under one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a folder: give a run folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the first ancestor that exists must be a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r} is under {parent!r}, which is a file, not a folder")
+
+
+def _check_file_arg(flag: str, path: Optional[str], *, output: bool = False) -> None:
+    """A file given by ``flag``: it must exist and be a file (``output``: it may not exist yet, but it may not
+    be a folder, and its folder must be one)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file" +
+                         (" (e.g. best.pt inside it)" if os.path.exists(os.path.join(path, "best.pt")) else ""))
+    if output:
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise ValueError(f"{flag} {path!r} is under {parent!r}, which is a file, not a folder")
+        if not os.path.exists(parent):
+            _check_folder_arg(flag, parent)
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is not a regular file")
+
+
 #: Flags whose default depends on the model family: (DiffRec / CF-Diff default, DreamRec default).
 _FAMILY_DEFAULTS = {"dropout", "steps", "noise_schedule", "batch_size", "epochs", "eval_every", "patience",
                     "eval_batch_size", "ks", "lr"}
@@ -112,12 +165,15 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="dreamrec needs sequence data (ml-1m_seq's dataset.pkl, DreamRec's .df files)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (its files are removed first); without this or "
+                        "--resume a folder that holds a run is refused")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (continued pretraining)")
-    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--time-budget", type=_positive_float, default=None, help="stop after this many seconds")
     g = p.add_argument_group("DiffRec MLP")
     g.add_argument("--dims", type=_int_list, default=list(d.dims), help="encoder widths, e.g. 200,600")
     g.add_argument("--emb-size", type=_positive_int, default=d.emb_size)
-    g.add_argument("--dropout", type=float, default=None, help=both("dropout"))
+    g.add_argument("--dropout", type=_finite_float, default=None, help=both("dropout"))
     g = p.add_argument_group("CF-Diff")
     g.add_argument("--n-tokens", type=_positive_int, default=d.n_tokens)
     g.add_argument("--d-model", type=_positive_int, default=d.d_model)
@@ -128,32 +184,32 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len", type=_positive_int, default=q.max_len, help="history window (items)")
     g.add_argument("--heads", type=_positive_int, default=q.heads)
     g.add_argument("--diffuser", choices=["mlp1", "mlp2"], default=q.diffuser)
-    g.add_argument("--p-uncond", type=float, default=q.p_uncond, help="guidance dropout while training")
+    g.add_argument("--p-uncond", type=_finite_float, default=q.p_uncond, help="guidance dropout while training")
     g.add_argument("--detach-target", action=argparse.BooleanOptionalAction, default=q.detach_target,
                    help="the target item's embedding is a constant of the loss (DreamRec's code trains it too)")
-    g.add_argument("--w", type=float, default=q.w, help="classifier-free guidance weight")
-    g.add_argument("--beta-start", type=float, default=q.beta_start, help="ddpm-linear schedule")
-    g.add_argument("--beta-end", type=float, default=q.beta_end, help="ddpm-linear schedule")
+    g.add_argument("--w", type=_finite_float, default=q.w, help="classifier-free guidance weight")
+    g.add_argument("--beta-start", type=_finite_float, default=q.beta_start, help="ddpm-linear schedule")
+    g.add_argument("--beta-end", type=_finite_float, default=q.beta_end, help="ddpm-linear schedule")
     g.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="never rank the history's items (default: when items do not repeat in the data)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--mean-type", choices=["x0", "eps"], default=d.mean_type)
     g.add_argument("--steps", type=_positive_int, default=None, help=both("steps"))
     g.add_argument("--noise-schedule", choices=list(SCHEDULES), default=None, help=both("noise_schedule"))
-    g.add_argument("--noise-scale", type=float, default=d.noise_scale)
-    g.add_argument("--noise-min", type=float, default=d.noise_min)
-    g.add_argument("--noise-max", type=float, default=d.noise_max)
+    g.add_argument("--noise-scale", type=_finite_float, default=d.noise_scale)
+    g.add_argument("--noise-min", type=_finite_float, default=d.noise_min)
+    g.add_argument("--noise-max", type=_finite_float, default=d.noise_max)
     g.add_argument("--sampling-steps", type=int, default=d.sampling_steps)
     g.add_argument("--sampling-noise", action=argparse.BooleanOptionalAction, default=d.sampling_noise)
     g.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=d.reweight)
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=None, help=both("lr"))
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--lr", type=_finite_float, default=None, help=both("lr"))
+    g.add_argument("--weight-decay", type=_finite_float, default=d.weight_decay)
     g.add_argument("--batch-size", type=_positive_int, default=None, help=both("batch_size"))
     g.add_argument("--epochs", type=_positive_int, default=None, help=both("epochs"))
     g.add_argument("--eval-every", type=_positive_int, default=None, help=both("eval_every"))
     g.add_argument("--patience", type=_positive_int, default=None, help="epochs without improvement; " + both("patience"))
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=_seed, default=d.seed)
     g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
     g.add_argument("--eval-batch-size", type=_positive_int, default=None, help=both("eval_batch_size"))
     g.add_argument("--ks", type=_int_list, default=None, help="cut-offs, e.g. 10,20,50,100; " + both("ks"))
@@ -215,6 +271,8 @@ def cmd_pretrain(args) -> int:
 
     _fill_family_defaults(args)
     out = args.out or _default_out("pretrain", args.model, args.data)
+    _check_folder_arg("--out", out)
+    _check_file_arg("--init", args.init)
     try:
         common = dict(data=args.data, data_options=_data_options(args), model=args.model, dropout=args.dropout,
                       steps=args.steps,
@@ -239,9 +297,9 @@ def cmd_pretrain(args) -> int:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
     if args.model == "dreamrec":
-        summary = pretrain_dreamrec(config, resume=args.resume, device=_device())
+        summary = pretrain_dreamrec(config, resume=args.resume, overwrite=args.overwrite, device=_device())
     else:
-        summary = pretrain(config, resume=args.resume, device=_device())
+        summary = pretrain(config, resume=args.resume, overwrite=args.overwrite, device=_device())
     if not _main():
         return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
@@ -275,7 +333,7 @@ def _print_resume(summary, out: str) -> None:
 
     from . import distributed as dist
 
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
     if "--out" not in argv:
         argv += ["--out", out]
     launcher = " (under torchrun: the same torchrun command with --resume)" if dist.launched() else ""
@@ -295,7 +353,8 @@ def cmd_evaluate_sequential(args) -> int:
 
     options = _data_options(args)
     data = load_dataset(args.data, **options) if args.data else None
-    rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device())
+    rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device(),
+                                            allow_other_data=args.allow_other_data)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     ks = args.ks if args.ks is not None else list(SEQ_KS)
     if args.eval_steps is not None:
@@ -359,6 +418,7 @@ def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .pretrain import evaluate_recommender, load_recommender
 
+    _check_file_arg("--checkpoint", args.checkpoint)
     if _checkpoint_model(args.checkpoint) == "dreamrec":
         if args.min_target_rating is not None:
             raise ValueError("--min-target-rating needs interaction data with ratings; a dreamrec checkpoint's "
@@ -368,7 +428,8 @@ def cmd_evaluate(args) -> int:
         args.ks = [10, 20, 50, 100]
     options = _data_options(args)
     data = load_dataset(args.data, **options) if args.data else None
-    rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device())
+    rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device(),
+                                        allow_other_data=args.allow_other_data)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
                                    progress=_progress(args), min_target_rating=args.min_target_rating)
@@ -416,6 +477,8 @@ def cmd_import_diffrec(args) -> int:
     from .integrations.diffrec_paper import PaperCheckpointError, load_diffrec_paper_checkpoint
     from .runs import data_fingerprint, save_checkpoint
 
+    _check_file_arg("checkpoint", args.checkpoint)
+    _check_file_arg("--out", args.out, output=True)
     try:
         rec = load_diffrec_paper_checkpoint(
             args.checkpoint, mean_type=args.mean_type, steps=args.steps, noise_schedule=args.noise_schedule,
@@ -446,6 +509,8 @@ def cmd_baselines(args) -> int:
     from .data import load_dataset
     from .runs import RunDir, data_fingerprint
 
+    if args.out is not None:
+        _check_folder_arg("--out", args.out)
     data = load_dataset(args.data, **_data_options(args))
     sequences = hasattr(data, "targets")  # refit.seqdata.SequenceData: next-item targets, HR@k
     only = args.only or ("most-popular,sasrec" if sequences else "most-popular,itemknn,ease")
@@ -499,20 +564,26 @@ def cmd_baselines(args) -> int:
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     from .reward import REWARDS
-    from .trainer import ANCHORS, BASELINES, METHODS, RW_LAMBDA, FinetuneConfig
+    from .trainer import ANCHORS, BASELINES, GROUP_SIZE, METHODS, RW_LAMBDA, FinetuneConfig
 
     d = FinetuneConfig()
     p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
     _add_data_args(p, required=False)
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="use --data although the checkpoint records another data fingerprint, or none (a model "
+                        "saved without its data); a warning names both fingerprints")
     p.add_argument("--out", default=None, help="run folder (default: runs/finetune-<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (its files are removed first); without this or "
+                        "--resume a folder that holds a run is refused")
     g = p.add_argument_group("training")
     g.add_argument("--iterations", type=_positive_int, default=d.iterations)
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="trajectories per iteration")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--lr", type=_finite_float, default=d.lr)
+    g.add_argument("--weight-decay", type=_finite_float, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=_finite_float, default=d.grad_clip)
+    g.add_argument("--seed", type=_seed, default=d.seed)
     g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
     g = p.add_argument_group("reward")
     g.add_argument("--reward", choices=list(REWARDS), default=d.reward,
@@ -520,38 +591,40 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "target's rank over every item not excluded: ndcg (1 / log2(rank + 2), normalised over "
                         "a user's targets) or rr (1 / (rank + 1) of the best-ranked target)")
     g.add_argument("--k", type=_positive_int, default=d.k, help="length of the rewarded top-K list")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of N_K against N_sim-K")
+    g.add_argument("--alpha", type=_finite_float, default=d.alpha, help="weight of N_K against N_sim-K")
     g.add_argument("--similar-users", type=_positive_int, default=d.similar_users)
     g.add_argument("--similar-users-method", choices=["auto", "exact", "approximate"], default=d.similar_users_method,
                    help="the similar-user table behind N_sim-K: exact (time quadratic in the users), approximate "
                         "(pynndescent, the ann extra; about linear) or auto: exact up to 60,000 users")
     g.add_argument("--target", choices=["hidden", "observed"], default=d.target)
-    g.add_argument("--hide-fraction", type=float, default=d.hide_fraction)
+    g.add_argument("--hide-fraction", type=_finite_float, default=d.hide_fraction)
     g = p.add_argument_group("policy gradient")
     g.add_argument("--baseline", choices=list(BASELINES), default=d.baseline)
-    g.add_argument("--group-size", type=_positive_int, default=d.group_size, help="trajectories per user")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="scale of the sampling noise")
+    g.add_argument("--group-size", type=_positive_int, default=None,
+                   help="trajectories per user (default: " + ", ".join(f"{v} for {k}" for k, v in GROUP_SIZE.items())
+                        + ", else 1)")
+    g.add_argument("--temperature", type=_finite_float, default=d.temperature, help="scale of the sampling noise")
     g.add_argument("--rl-steps", type=_positive_int, default=d.rl_steps,
                    help="sample trajectories with this many respaced reverse steps (default: the model's own); "
                         "the log-likelihood covers exactly those steps, evaluation keeps the model's sampler")
-    g.add_argument("--rl-noise", type=float, default=d.rl_noise,
+    g.add_argument("--rl-noise", type=_finite_float, default=d.rl_noise,
                    help="DDIM's eta while fine-tuning (default: the posterior's noise, eta 1); above 1 explores "
                         "with more noise and the same marginals; the log-likelihood is the one of that noise")
-    g.add_argument("--timestep-fraction", type=float, default=d.timestep_fraction,
+    g.add_argument("--timestep-fraction", type=_finite_float, default=d.timestep_fraction,
                    help="train each update on this random share of the stochastic steps")
     g.add_argument("--explore-steps", type=_positive_int, default=d.explore_steps,
                    help="only this many consecutive steps draw noise, a window placed at random each iteration; "
                         "the others are deterministic (DDIM, eta 0) and a group shares its start, so each reward "
                         "difference is credited to the steps that caused it (default: every step draws noise)")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    g.add_argument("--ema-decay", type=_finite_float, default=d.ema_decay)
     g.add_argument("--reduction", choices=["sum", "mean"], default=d.reduction,
                    help="log-likelihood summed or averaged over items")
     g.add_argument("--reuse-sampling-graph", action=argparse.BooleanOptionalAction, default=d.reuse_sampling_graph,
                    help="take the log-probabilities from the sampling pass instead of one batched re-forward")
     g.add_argument("--anchor", choices=list(ANCHORS), default=d.anchor)
-    g.add_argument("--anchor-weight", type=float, default=d.anchor_weight)
+    g.add_argument("--anchor-weight", type=_finite_float, default=d.anchor_weight)
     g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
-    g.add_argument("--ppo-clip", type=float, default=d.ppo_clip)
+    g.add_argument("--ppo-clip", type=_finite_float, default=d.ppo_clip)
     g.add_argument("--minibatch-size", type=_positive_int, default=d.minibatch_size,
                    help="PPO: trajectories per update within an inner epoch (default: the whole batch)")
     g.add_argument("--method", choices=list(METHODS), default=d.method,
@@ -562,7 +635,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "user's --group-size trajectories; offline-reward-weighted: no sampling, the pretraining "
                         "loss on the logged rows with each logged item weighted by softmax(rating / --rw-lambda) "
                         "over the user's items (data with ratings only)")
-    g.add_argument("--rw-lambda", type=float, default=None,
+    g.add_argument("--rw-lambda", type=_finite_float, default=None,
                    help="the exponential weights' lambda, on the reward's scale (default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()) + ")")
     g.add_argument("--placebo", action="store_true",
@@ -583,7 +656,8 @@ def _finetune_config(args, out: str):
     from .trainer import FinetuneConfig
 
     return FinetuneConfig(
-        checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args), iterations=args.iterations,
+        checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args),
+        allow_other_data=args.allow_other_data, iterations=args.iterations,
         batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
         similar_users=args.similar_users, similar_users_method=args.similar_users_method, target=args.target,
@@ -603,14 +677,16 @@ def _finetune_config(args, out: str):
 def cmd_finetune(args) -> int:
     from .trainer import finetune
 
+    _check_file_arg("--checkpoint", args.checkpoint)
     out = args.out or os.path.join("runs", "finetune-" + os.path.basename(os.path.dirname(
         os.path.abspath(args.checkpoint))))
+    _check_folder_arg("--out", out)
     try:
         config = _finetune_config(args, out)
     except ValueError as exc:
         print(f"refit finetune: {exc}", file=sys.stderr)
         return 2
-    summary = finetune(config, resume=args.resume, device=_device())
+    summary = finetune(config, resume=args.resume, overwrite=args.overwrite, device=_device())
     if not _main():
         return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
@@ -631,9 +707,18 @@ def cmd_demo(args) -> int:
 
     from .data import RECBOLE_HINT, load_dataset
     from .pretrain import PretrainConfig, pretrain
+    from .runs import RUN_FILES
     from .trainer import FinetuneConfig, finetune
 
     t0 = time.perf_counter()
+    _check_folder_arg("--out", args.out)
+    # The demo has no --resume: a folder with an earlier demo's runs is refused here, in the demo's words.
+    earlier = [os.path.join(args.out, sub) for sub in ("pretrain", "finetune")
+               if any(os.path.exists(os.path.join(args.out, sub, name)) for name in RUN_FILES)]
+    if earlier and not args.overwrite:
+        print(f"refit demo: {os.path.abspath(args.out)} holds the runs of an earlier demo ({', '.join(earlier)}): "
+              "pass --overwrite to replace them, or choose another --out", file=sys.stderr)
+        return 2
     say = print if _main() else (lambda *a, **k: None)  # under torchrun, rank 0 speaks
     source = args.data
     if source is None:
@@ -654,13 +739,13 @@ def cmd_demo(args) -> int:
     pre = PretrainConfig(data=source, epochs=args.epochs, out=os.path.join(out, "pretrain"),
                          progress=_progress(args), seed=args.seed)
     say(f"1/2 pretraining DiffRec (at most {args.epochs} epochs, early stopping on validation Recall@20) ...")
-    ps = pretrain(pre, data, device=_device())
+    ps = pretrain(pre, data, overwrite=args.overwrite, device=_device())
     say(f"    best epoch {ps['best_epoch']}, {ps['seconds']:.0f} s")
     ft = FinetuneConfig(checkpoint=os.path.join(out, "pretrain", "best.pt"), data=source,
                         iterations=args.iterations, out=os.path.join(out, "finetune"), progress=_progress(args),
                         seed=args.seed)
     say(f"2/2 fine-tuning with ReFiT ({args.iterations} iterations) ...")
-    fs = finetune(ft, data, device=_device())
+    fs = finetune(ft, data, overwrite=args.overwrite, device=_device())
     say(f"    best iteration {fs['best_iteration']}, {fs['seconds']:.0f} s")
     if not _main():
         return 0
@@ -705,6 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress bars even when stderr is not a terminal (by default they are shown only "
                              "on a terminal, so logs and pipes are not flooded)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the data loaders filter")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show Python's traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="versions, what was built, which kernel backends are usable")
     p.set_defaults(func=cmd_info)
@@ -717,19 +804,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain DiffRec on the built-in data, fine-tune with ReFiT, compare")
     p.add_argument("--data", default=None, help="default: movielens-100k (from recbole), else synthetic")
     p.add_argument("--out", default=os.path.join("runs", "demo"))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs of an earlier demo in --out (its pretrain/ and finetune/ run folders); "
+                        "without it such a folder is refused")
     p.add_argument("--epochs", type=_positive_int, default=100, help="pretraining epochs at most")
     p.add_argument("--iterations", type=_positive_int, default=200, help="ReFiT iterations")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=_seed, default=1)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("evaluate", help="full-ranking metrics of a saved model")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by refit")
     _add_data_args(p, required=False)
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="use --data although the checkpoint records another data fingerprint, or none (a model "
+                        "saved without its data); a warning names both fingerprints")
     p.add_argument("--split", choices=["valid", "test", "both"], default="test")
     p.add_argument("--ks", type=_int_list, default=None, help="default: 10,20,50,100 (10,20,50 for dreamrec)")
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--seed", type=int, default=0, help="dreamrec: seed of the sampled embeddings")
+    p.add_argument("--seed", type=_seed, default=0, help="dreamrec: seed of the sampled embeddings")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="dreamrec: never rank the history's items (default: when items do not repeat)")
     p.add_argument("--protocol", choices=["full", "dreamrec"], default="full",
@@ -753,9 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-type", choices=["x0", "eps"], default="x0")
     p.add_argument("--steps", type=_positive_int, default=100)
     p.add_argument("--noise-schedule", choices=["linear", "linear-var", "cosine"], default="linear-var")
-    p.add_argument("--noise-scale", type=float, default=0.1)
-    p.add_argument("--noise-min", type=float, default=0.0001)
-    p.add_argument("--noise-max", type=float, default=0.02)
+    p.add_argument("--noise-scale", type=_finite_float, default=0.1)
+    p.add_argument("--noise-min", type=_finite_float, default=0.0001)
+    p.add_argument("--noise-max", type=_finite_float, default=0.02)
     p.add_argument("--sampling-steps", type=int, default=0)
     p.add_argument("--sampling-noise", action=argparse.BooleanOptionalAction, default=False)
     p.set_defaults(func=cmd_import_diffrec)
@@ -778,12 +871,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sasrec-max-len", type=_int_list, default=[50, 200])
     g.add_argument("--sasrec-dropout", type=_float_list, default=[0.2, 0.5])
     g.add_argument("--sasrec-max-epochs", type=_positive_int, default=200)
-    g.add_argument("--sasrec-budget", type=float, default=None, help="seconds per configuration (default: none)")
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--sasrec-budget", type=_positive_float, default=None, help="seconds per configuration (default: none)")
+    g.add_argument("--seed", type=_seed, default=1)
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_baselines)
     return parser
+
+
+#: Errors of the input (a file, a flag, a checkpoint, the machine's limits): one line, exit code 2. Anything
+#: else is a bug of refit: one line that says so, the traceback with --debug.
+_USER_ERRORS = (ValueError, OSError, IndexError, MemoryError)
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + str(exc) if str(exc) else ''} (a smaller --batch-size or model may fit)"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        # "[Errno 21] Is a directory: 'x'" -> "'x': is a directory"
+        target = f"{exc.filename!r}" + (f" -> {exc.filename2!r}" if exc.filename2 is not None else "")
+        return f"{target}: {exc.strerror[:1].lower()}{exc.strerror[1:]}"
+    text = str(exc)
+    if isinstance(exc, KeyError) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text.strip()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -802,9 +913,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return args.func(args)
         finally:
             dist.shutdown()
-    except (ValueError, FileNotFoundError, IndexError) as exc:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"refit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line; --debug keeps the traceback
+        if args.debug:
+            raise
         prefix = f"[rank {dist.rank()}] " if dist.is_distributed() else ""
-        print(f"{prefix}refit {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, _USER_ERRORS):
+            print(f"{prefix}refit {args.command}: {_error_line(exc)}", file=sys.stderr)
+        else:
+            print(f"{prefix}refit {args.command}: internal error ({type(exc).__name__}: {_error_line(exc)}); "
+                  "this is a bug in refit: rerun with --debug for the traceback and report it", file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from .limits import check_memory
+
 MEAN_TYPES = ("x0", "eps")
 SCHEDULES = ("linear", "linear-var", "cosine", "ddpm-linear", "ddpm-cosine", "exp", "custom")
 #: Schedules of the whole noise range (diffusion from pure noise): no noise_scale, no fixed first beta.
@@ -58,8 +60,15 @@ class DiffusionConfig:
             raise ValueError(f"mean_type must be one of {MEAN_TYPES}, got {self.mean_type!r}")
         if self.noise_schedule not in SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("noise_scale", "noise_min", "noise_max", "uniform_prob", "beta_start", "beta_end"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        # about 16 float64 schedule arrays of (steps,), their temporaries while they are computed (150 bytes a
+        # step measured at 1e6 steps, twice that at the peak) and DiffRec's (steps, history_per_step) loss history
+        check_memory(f"steps {self.steps}", self.steps * (48 + self.history_per_step) * 8, "the diffusion schedule")
         if self.noise_scale < 0:
             raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
         if (self.noise_schedule not in FULL_SCHEDULES and self.noise_scale > 0

@@ -31,9 +31,10 @@ from .evaluate import evaluate_many
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
 from .control import StopRequests
+from .limits import check_finite, check_seed
 from .loop import EpochTask, run_epochs
-from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
-                   set_rng_state)
+from .runs import (RunDir, check_finite_weights, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
+                   save_checkpoint, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ class PretrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_seed(self.seed)
+        check_finite(self, ("lr", "weight_decay", "dropout", "noise_scale", "noise_min", "noise_max", "time_budget"))
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if not self.ks or 20 not in self.ks:
@@ -192,7 +199,7 @@ def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint:
 
 
 def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, resume: bool = False,
-             device: Any = "cpu") -> Dict[str, Any]:
+             overwrite: bool = False, device: Any = "cpu") -> Dict[str, Any]:
     """Runs (or resumes) a pretraining run; returns the summary that is also written to summary.json.
 
     Under torch.distributed (``torchrun``) every rank calls this: each global batch of the epoch's
@@ -214,8 +221,13 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     evaluation), or at the end of the epoch during which SIGTERM or SIGINT
     arrived; ``summary.json`` (rewritten at every evaluation) says which in
     ``stop_reason`` and ``status``.
+
+    The run holds ``config.out`` from start to end (:meth:`refit.runs.RunDir.claim`): a second run in
+    it is refused, and so is a new run in a folder that holds one, unless ``resume`` (continue it) or
+    ``overwrite`` (remove its files first).
     """
-    with StopRequests() as stops:
+    with StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
+                                                          inputs=[config.init]):
         return _pretrain(config, data, resume, torch.device(device), stops)
 
 
@@ -238,7 +250,7 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
         if init_state["model"]["name"] != config.model or init_state["diffusion"] != config.diffusion_config().to_dict():
             raise ValueError(f"init checkpoint {config.init!r} has another model or diffusion than the settings "
                              "given: pass the settings it was trained with")
-        model = Recommender.from_state(init_state, train=data.train, device=device).model
+        model = Recommender.from_state(init_state, train=data.train, device=device, source=config.init).model
     else:
         model = build_model(config.model, config.model_config(data.n_items), train=data.train).to(device)
     diffusion = GaussianDiffusion(config.diffusion_config(), device=device)
@@ -253,6 +265,7 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
     if resume and os.path.exists(run.file("last.pt")):
         state = load_checkpoint(run.file("last.pt"))
         _check_resumable(state, config, fingerprint, run.file("last.pt"))
+        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {run.file('last.pt')!r}")
         model.load_state_dict(state["recommender"]["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         diffusion.loss_history[...] = state["loss_history"]
@@ -350,15 +363,19 @@ def _distributed_loss(rec: Recommender, diffusion: GaussianDiffusion, users: tor
 
 
 def load_recommender(path: str, data: Optional[InteractionData] = None, *, device: Any = "cpu",
-                     precision: Optional[str] = None) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
+                     precision: Optional[str] = None,
+                     allow_other_data: bool = False) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
     """A saved recommender with its data (loaded from the checkpoint's source unless given).
 
-    Raises ValueError when the data differs from what the model was trained on.
+    Raises ValueError when the data differs from what the model was trained on, or when data are given
+    and the checkpoint records no fingerprint to check them against, unless ``allow_other_data`` (see
+    :func:`refit.runs.checkpoint_data`); and when a weight is NaN or infinite.
     """
     state = load_checkpoint(path)
-    data = checkpoint_data(path, state, data)
+    data = checkpoint_data(path, state, data, allow_other_data=allow_other_data)
     n_items = state["recommender"]["model"]["config"].get("n_items")
     if n_items != data.n_items:
         raise ValueError(f"checkpoint {path!r} scores {n_items} items, the data has {data.n_items}")
-    rec = Recommender.from_state(state["recommender"], train=data.train, device=device, precision=precision)
+    rec = Recommender.from_state(state["recommender"], train=data.train, device=device, precision=precision,
+                                 source=path)
     return rec, data, state

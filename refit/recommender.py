@@ -191,19 +191,30 @@ class Recommender:
 
     @classmethod
     def from_state(cls, state: Dict[str, Any], train: Any = None, device="cpu",
-                   precision: Optional[str] = None) -> "Recommender":
-        """Rebuilds a recommender from :meth:`state` (CF-Diff needs the training matrix)."""
+                   precision: Optional[str] = None, *, source: Optional[str] = None) -> "Recommender":
+        """Rebuilds a recommender from :meth:`state` (CF-Diff needs the training matrix).
+
+        ``source``, the checkpoint the state was read from, is named in the errors. A state with a NaN
+        or infinite weight is refused (ValueError naming the tensor).
+        """
+        from .runs import check_finite_weights
+
+        what = f"checkpoint {source!r}" if source else "the checkpoint"
         try:
             m = state["model"]
-            model = build_model(m["name"], dict(m["config"]), train=train)
+            check_finite_weights(m["state_dict"], what)
+            try:
+                model = build_model(m["name"], dict(m["config"]), train=train)
+            except (ValueError, TypeError) as exc:  # settings the model refuses: say whose they are
+                raise ValueError(f"{what}: its model settings are refused: {exc}") from exc
             missing = model.load_state_dict(m["state_dict"], strict=True)
             del missing
             diffusion = GaussianDiffusion(DiffusionConfig(**state["diffusion"]), device=device)
             inf = dict(state["inference"])
         except KeyError as exc:
-            raise ValueError(f"checkpoint is missing its {exc.args[0]!r} entry") from exc
+            raise ValueError(f"{what} is missing its {exc.args[0]!r} entry") from exc
         except RuntimeError as exc:  # load_state_dict: shapes or names that do not fit the config
-            raise ValueError(f"checkpoint weights do not fit its model config: {exc}") from exc
+            raise ValueError(f"{what}: its weights do not fit its model config: {exc}") from exc
         if precision is not None:
             inf["precision"] = precision
         return cls(m["name"], model.to(device), diffusion, **inf)

@@ -30,6 +30,7 @@ import torch
 from . import distributed as dist
 from .control import StopRequests
 from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
+from .limits import check_finite, check_seed
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .recommender import PRECISIONS, autocast
@@ -275,19 +276,26 @@ class SeqRecommender:
         }
 
     @classmethod
-    def from_state(cls, state: Dict[str, Any], device="cpu", precision: Optional[str] = None) -> "SeqRecommender":
+    def from_state(cls, state: Dict[str, Any], device="cpu", precision: Optional[str] = None, *,
+                   source: Optional[str] = None) -> "SeqRecommender":
+        """Rebuilds a DreamRec from :meth:`state`; ``source``, the checkpoint it was read from, is named in
+        the errors. A state with a NaN or infinite weight is refused (ValueError naming the tensor)."""
+        from .runs import check_finite_weights
+
+        what = f"checkpoint {source!r}" if source else "the checkpoint"
         try:
             m = state["model"]
             if m["name"] != cls.model_name:
-                raise ValueError(f"checkpoint holds a {m['name']!r} model, not {cls.model_name!r}")
+                raise ValueError(f"{what} holds a {m['name']!r} model, not {cls.model_name!r}")
+            check_finite_weights(m["state_dict"], what)
             model = DreamRec(**dict(m["config"]))
             model.load_state_dict(m["state_dict"], strict=True)
             diffusion = GaussianDiffusion(DiffusionConfig(**state["diffusion"]), device=device)
             inf = dict(state["inference"])
         except KeyError as exc:
-            raise ValueError(f"checkpoint is missing its {exc.args[0]!r} entry") from exc
+            raise ValueError(f"{what} is missing its {exc.args[0]!r} entry") from exc
         except RuntimeError as exc:
-            raise ValueError(f"checkpoint weights do not fit its model config: {exc}") from exc
+            raise ValueError(f"{what}: its weights do not fit its model config: {exc}") from exc
         if precision is not None:
             inf["precision"] = precision
         return cls(model.to(device), diffusion, **inf)
@@ -390,6 +398,11 @@ class DreamRecConfig:
             raise ValueError(f"diffuser must be one of {DIFFUSERS}, got {self.diffuser!r}")
         if self.noise_schedule not in FULL_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {FULL_SCHEDULES} for DreamRec, got {self.noise_schedule!r}")
+        check_seed(self.seed)
+        check_finite(self, ("lr", "weight_decay", "w", "p_uncond", "dropout", "beta_start", "beta_end",
+                            "time_budget"))
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.lr <= 0 or self.weight_decay < 0 or self.w < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0 and w >= 0, got {self.lr}, {self.weight_decay}, {self.w}")
         self.ks = tuple(sorted(int(k) for k in self.ks))
@@ -463,16 +476,19 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
     return per_row if weights is None else per_row * weights
 
 
-def pretrain_dreamrec(config: DreamRecConfig, data=None, *, resume: bool = False, device: Any = "cpu") -> Dict[str, Any]:
+def pretrain_dreamrec(config: DreamRecConfig, data=None, *, resume: bool = False, overwrite: bool = False,
+                      device: Any = "cpu") -> Dict[str, Any]:
     """Runs (or resumes) a DreamRec pretraining run; returns the summary (also ``summary.json``).
 
     Each epoch visits every training target once in a seeded order
     (DreamRec's code draws its batches with replacement instead). Under
     torchrun each global batch is split into contiguous shares; the
     timesteps, noise and guidance drops are the global batch's draws, and the
-    ranks' gradients are averaged.
+    ranks' gradients are averaged. The run folder is held and checked as by
+    :func:`refit.pretrain.pretrain` (``resume`` / ``overwrite``).
     """
-    with StopRequests() as stops:
+    with StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
+                                                          inputs=[config.init]):
         return _pretrain_dreamrec(config, data, resume, torch.device(device), stops)
 
 
@@ -496,7 +512,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     generator = torch.Generator().manual_seed(config.seed)
     if config.init is not None:
         init = load_checkpoint(config.init)["recommender"]
-        model = SeqRecommender.from_state(init, device=device).model
+        model = SeqRecommender.from_state(init, device=device, source=config.init).model
         if model.config() != config.model_config(data.n_items):
             raise ValueError(f"init checkpoint {config.init!r} has other model settings than those given")
     else:
@@ -518,6 +534,9 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             raise ValueError(f"cannot resume {run.path}: started with other settings ({', '.join(diff)})")
         if state.get("data", {}).get("fingerprint") != fingerprint:
             raise ValueError(f"cannot resume {run.path}: it was trained on other data than {config.data!r}")
+        from .runs import check_finite_weights
+
+        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {run.file('last.pt')!r}")
         model.load_state_dict(state["recommender"]["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
@@ -585,11 +604,13 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
                                      "world_size": world})
 
 
-def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None):
-    """A saved DreamRec with its sequence data (loaded from the checkpoint's source unless given)."""
+def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,
+                         allow_other_data: bool = False):
+    """A saved DreamRec with its sequence data (loaded from the checkpoint's source unless given; data
+    other than those the checkpoint records need ``allow_other_data``, see :func:`refit.runs.checkpoint_data`)."""
     state = load_checkpoint(path)
-    data = checkpoint_data(path, state, data)
-    rec = SeqRecommender.from_state(state["recommender"], device=device, precision=precision)
+    data = checkpoint_data(path, state, data, allow_other_data=allow_other_data)
+    rec = SeqRecommender.from_state(state["recommender"], device=device, precision=precision, source=path)
     if rec.n_items != data.n_items:
         raise ValueError(f"checkpoint {path!r} scores {rec.n_items} items, the data has {data.n_items}")
     return rec, data, state

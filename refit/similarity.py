@@ -270,6 +270,10 @@ def similar_users(matrix: Any, m: int = 10, *, method: str = "auto", progress: O
     if method not in ("auto", "exact", "approximate"):
         raise ValueError(f"method must be 'auto', 'exact' or 'approximate', got {method!r}")
     n = rk.as_csr(matrix, "matrix").n_rows
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m < max(n, 2):
+        # a user has at most n - 1 others; a larger m only pads with -1, and a huge one allocates n x m ids
+        raise ValueError(f"similar users: m (--similar-users) must be an integer in [1, {max(n - 1, 1)}] for "
+                         f"these {n:,} users, got {m!r}")
     if method == "auto":
         method = "exact"
         if n > APPROXIMATE_ABOVE_USERS:

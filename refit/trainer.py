@@ -35,6 +35,7 @@ import refit_kernels as rk
 
 from .diffusion import Trajectory
 from .control import Progress, StopRequests
+from .limits import check_finite, check_seed
 from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
@@ -42,7 +43,7 @@ from .policy import check_policy, episode_source
 from .reward import (REWARDS, TARGETS, Episode, map_inputs, ranking_reward, rank_metrics, repeat_episode,
                      select_episode, slice_episode)
 from . import distributed as dist
-from .runs import RunDir, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .runs import RunDir, atomic_write, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .similarity import shared_similar_users
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ POLICY_GRADIENT = ("reinforce", "grpo")
 #: 0.2040 against 0.2030 and 0.2031 for 0.05 and 0.2, all within the evaluation's spread, README).
 #: MovieLens ratings run from 1 to 5: 1.0 is the scale of one rating step.
 RW_LAMBDA = {"reward-weighted": 0.01, "offline-reward-weighted": 1.0}
+#: Default trajectories per episode of the methods that compare them: GRPO's groups of ml-1m_seq's recipe
+#: (README, "Which method when"); reward-weighted's groups of 4 (its lambda was chosen with them).
+GROUP_SIZE = {"grpo": 16, "reward-weighted": 4}
 ANCHORS = ("none", "kl", "elbo")
 #: The most trajectories of a batch the per-iteration KL diagnostic re-evaluates under the pretrained policy.
 KL_ROWS = 32
@@ -67,6 +71,8 @@ class FinetuneConfig:
 
     checkpoint: str = ""
     data: Optional[str] = None  # default: the checkpoint's own data source
+    # take data the checkpoint records another fingerprint for, or none (refit.runs.checkpoint_data)
+    allow_other_data: bool = False
     iterations: int = 200
     batch_size: int = 64
     lr: float = 1e-5
@@ -83,7 +89,9 @@ class FinetuneConfig:
     target: str = "hidden"
     hide_fraction: float = 0.2
     # policy gradient
-    group_size: int = 1  # trajectories per user in a batch; the "group" baseline compares them
+    # trajectories per user in a batch; the "group" baseline compares them (None: GROUP_SIZE's value for the
+    # method, 1 for the others)
+    group_size: Optional[int] = None
     temperature: float = 1.0  # scale of the sampling noise (exploration)
     # trajectories while fine-tuning: this many respaced reverse steps (None: the model's own T), DDIM's
     # eta as the noise level (None: the posterior's; > 1 explores more with the marginals kept), and the
@@ -124,11 +132,16 @@ class FinetuneConfig:
     data_options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.group_size is None:
+            self.group_size = GROUP_SIZE.get(self.method, 1)
         for name in ("iterations", "batch_size", "k", "similar_users", "eval_every", "checkpoint_every",
                      "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_seed(self.seed)
+        check_finite(self, ("lr", "weight_decay", "grad_clip", "alpha", "hide_fraction", "temperature", "rl_noise",
+                            "timestep_fraction", "ema_decay", "anchor_weight", "ppo_clip", "rw_lambda"))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
         if self.similar_users_method not in ("auto", "exact", "approximate"):
@@ -936,13 +949,13 @@ def _plot(run: RunDir) -> Optional[str]:
         twin.legend(loc="lower right")
     fig.tight_layout()
     path = run.file("plot.png")
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 
 
-def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, device: Any = "cpu",
-             max_iterations_this_run: Optional[int] = None, policy=None) -> Dict[str, Any]:
+def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwrite: bool = False,
+             device: Any = "cpu", max_iterations_this_run: Optional[int] = None, policy=None) -> Dict[str, Any]:
     """Runs (or resumes) ReFiT from a pretrained checkpoint; returns the summary (also summary.json).
 
     ``config.checkpoint`` is any refit checkpoint (DiffRec, CF-Diff, DreamRec,
@@ -961,19 +974,26 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, device:
     folder. A run may be resumed with another number of processes: its
     checkpoint holds the global iteration, the optimiser and the generator
     state, which are the same on every rank.
+
+    The run holds ``config.out`` from start to end (:meth:`refit.runs.RunDir.claim`): a second run in
+    it is refused, and so is a new run in a folder that holds one, unless ``resume`` (continue it) or
+    ``overwrite`` (remove its files first; never the checkpoint it starts from).
     """
-    with StopRequests() as stops:
+    with StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
+                                                          inputs=[config.checkpoint]):
         return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy)
 
 
-def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None):
+def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,
+                allow_other_data: bool = False):
     """``(policy, data, state)`` of a saved refit checkpoint, whatever its model family."""
     state = load_checkpoint(path)
     if state.get("recommender", {}).get("model", {}).get("name") == "dreamrec":
         from .sequential import load_seq_recommender
 
-        return load_seq_recommender(path, data, device=device, precision=precision)
-    return load_recommender(path, data, device=device, precision=precision)
+        return load_seq_recommender(path, data, device=device, precision=precision,
+                                    allow_other_data=allow_other_data)
+    return load_recommender(path, data, device=device, precision=precision, allow_other_data=allow_other_data)
 
 
 def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_iterations_this_run: Optional[int],
@@ -984,10 +1004,12 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
     main = dist.is_main()
     from .data import load_dataset
 
+    own_source = data is None and config.data is None and policy is None  # the checkpoint's own data
     if data is None and config.data is not None:
         data = load_dataset(config.data, **config.data_options)
     if policy is None:
-        rec, data, pre_state = load_policy(config.checkpoint, data, device=device, precision=config.precision)
+        rec, data, pre_state = load_policy(config.checkpoint, data, device=device, precision=config.precision,
+                                           allow_other_data=config.allow_other_data)
     else:
         if data is None:
             raise ValueError("finetune(policy=...) needs the data (data=...)")
@@ -1001,13 +1023,19 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
     elapsed_before = 0.0
     if resume and os.path.exists(run.file("last.pt")):
         state = load_checkpoint(run.file("last.pt"))
-        saved = {k: v for k, v in state["config"].items() if k not in ("iterations", "progress", "out", "plot")}
-        mine = {k: v for k, v in config.to_dict().items() if k not in ("iterations", "progress", "out", "plot")}
+        # allow_other_data only lets the start checkpoint meet its data (checked again here by fingerprint);
+        # runs saved before the field existed resume as well.
+        skip = ("iterations", "progress", "out", "plot", "allow_other_data")
+        saved = {k: v for k, v in state["config"].items() if k not in skip}
+        mine = {k: v for k, v in config.to_dict().items() if k not in skip}
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             raise ValueError(f"cannot resume {run.path}: started with other settings ({', '.join(diff)})")
         if state["data"]["fingerprint"] != fingerprint:
             raise ValueError(f"cannot resume {run.path}: it was fine-tuned on other data")
+        from .runs import check_finite_weights
+
+        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {run.file('last.pt')!r}")
         rec.module.load_state_dict(state["recommender"]["model"]["state_dict"])
         trainer.load(state["trainer"])
         start, best, elapsed_before = state["iteration"] + 1, state["best"], state.get("elapsed", 0.0)
@@ -1019,9 +1047,16 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "pretrained": os.path.abspath(config.checkpoint) if config.checkpoint else None})
 
+    data_meta = dict(pre_state.get("data") or {})
+    if data_meta.get("fingerprint") != fingerprint and not own_source:
+        # Other data than the start checkpoint's (allow_other_data, or none recorded): its source would
+        # name data this run was not trained on.
+        data_meta.update(source=config.data, options=dict(config.data_options) if config.data else {},
+                         **{k: getattr(data, k) for k in ("n_users", "n_items") if hasattr(data, k)})
+
     def ckpt(iteration: int) -> Dict[str, Any]:
         return {"kind": "finetune", "recommender": rec.state(), "config": config.to_dict(),
-                "data": {**pre_state.get("data", {}), "fingerprint": fingerprint},
+                "data": {**data_meta, "fingerprint": fingerprint},
                 "iteration": iteration, "best": best,
                 "pretrained": os.path.abspath(config.checkpoint) if config.checkpoint else None}
 

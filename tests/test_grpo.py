@@ -357,7 +357,7 @@ def test_the_cli_runs_grpo(pretrained, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(method="grpo"), "group_size"),
+    (dict(method="grpo", group_size=1), "group_size"),
     (dict(reward="mrr"), "reward"),
     (dict(rl_steps=1), "rl_steps"),
     (dict(rl_steps=True), "rl_steps"),

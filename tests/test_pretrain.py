@@ -71,10 +71,10 @@ def test_resume_continues_to_the_same_result(tmp_path, data):
 
 
 def test_a_new_run_in_a_used_folder_logs_only_its_own_epochs(tmp_path, data):
-    """Started again without resume, a run replaces the folder's metrics log instead of appending to it."""
+    """Started again with overwrite, a run replaces the folder's metrics log instead of appending to it."""
     out = str(tmp_path / "run")
     pretrain(PretrainConfig(**SMALL, epochs=3, out=out), data)
-    pretrain(PretrainConfig(**SMALL, epochs=2, out=out), data)
+    pretrain(PretrainConfig(**SMALL, epochs=2, out=out), data, overwrite=True)
     epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert epochs == [1, 2]
 

@@ -195,6 +195,6 @@ def test_reward_weighted_runs_from_the_command_line(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     bad = subprocess.run([sys.executable, "-m", "refit", "-q", "finetune", "--checkpoint", str(tmp_path / "pre" /
-                          "best.pt"), "--method", "reward-weighted", "--out", str(tmp_path / "x")],
+                          "best.pt"), "--method", "reward-weighted", "--group-size", "1", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "group_size" in bad.stderr

@@ -84,7 +84,7 @@ def test_resume_continues_to_the_same_parameters(tmp_path, data):
 def test_a_new_run_in_a_used_folder_logs_only_its_own_epochs(tmp_path, data):
     cfg = dict(SMALL, eval_every=1)
     pretrain_dreamrec(DreamRecConfig(**cfg, epochs=2, out=str(tmp_path / "run")), data)
-    pretrain_dreamrec(DreamRecConfig(**cfg, epochs=1, out=str(tmp_path / "run")), data)
+    pretrain_dreamrec(DreamRecConfig(**cfg, epochs=1, out=str(tmp_path / "run")), data, overwrite=True)
     epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert epochs == [1]
 

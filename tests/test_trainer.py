@@ -183,7 +183,7 @@ def test_kl_anchor_starts_at_zero(pretrained, data):
 
 def test_a_new_run_in_a_used_folder_logs_only_its_own_iterations(pretrained, tmp_path):
     finetune(_ft(pretrained, tmp_path, iterations=4))
-    finetune(_ft(pretrained, tmp_path, iterations=2))
+    finetune(_ft(pretrained, tmp_path, iterations=2), overwrite=True)
     logged = [json.loads(line)["iteration"] for line in open(tmp_path / "ft" / "metrics.jsonl")]
     assert logged == [0, 1, 2]
 

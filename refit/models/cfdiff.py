@@ -29,6 +29,7 @@ from torch import nn
 
 import refit_kernels as rk
 
+from ..limits import check_memory
 from ..similarity import top_similar_users
 from .diffrec import _xavier_normal_, timestep_embedding
 
@@ -106,9 +107,15 @@ class CFDiff(nn.Module):
                         ("emb_size", emb_size), ("top_n", top_n)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0 <= dropout < 1:  # also refuses NaN
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.n_items, self.n_tokens, self.d_model = n_items, n_tokens, d_model
         self.n_heads, self.emb_size, self.top_n = n_heads, emb_size, top_n
         width = n_tokens * d_model
+        # the encoder and the decoder dominate: (n_items + emb_size) x width and width x n_items
+        check_memory(f"n_tokens {n_tokens} x d_model {d_model} over {n_items} items",
+                     ((n_items + emb_size + 1) * width + (width + 1) * n_items + 4 * d_model * d_model) * 4,
+                     "CF-Diff's weights (float32)")
         self.emb_layer = nn.Linear(emb_size, emb_size)
         self.encoder = nn.Linear(n_items + emb_size, width)  # shared by the row and both hops
         self.attention = nn.MultiheadAttention(d_model, n_heads, batch_first=True)

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..limits import check_memory
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) timesteps -> (B, dim) float32 sinusoidal embedding [cos | sin] (zero-padded when dim is odd)."""
@@ -45,9 +47,13 @@ class DiffRecMLP(nn.Module):
             raise ValueError(f"dims must be positive layer widths, got {dims}")
         if n_items < 1 or emb_size < 1:
             raise ValueError(f"n_items and emb_size must be positive, got {n_items}, {emb_size}")
+        if not 0 <= dropout < 1:  # also refuses NaN
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.n_items, self.dims, self.emb_size, self.norm = n_items, dims, emb_size, norm
         out_dims = dims + [n_items]
         in_dims = [n_items + emb_size] + out_dims[::-1][1:]
+        n_params = sum((a + 1) * b for dims_ in (in_dims, out_dims) for a, b in zip(dims_[:-1], dims_[1:]))
+        check_memory(f"dims {dims} over {n_items} items", n_params * 4, "DiffRec's weights (float32)")
         self.emb_layer = nn.Linear(emb_size, emb_size)
         self.in_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(in_dims[:-1], in_dims[1:]))
         self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(out_dims[:-1], out_dims[1:]))

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..limits import check_memory
+
 DIFFUSERS = ("mlp1", "mlp2")
 
 
@@ -61,6 +63,9 @@ class DreamRec(nn.Module):
             raise ValueError(f"diffuser must be one of {DIFFUSERS}, got {diffuser!r}")
         if not 0 <= p_uncond < 1 or not 0 <= dropout < 1:
             raise ValueError(f"p_uncond and dropout must be in [0, 1), got {p_uncond}, {dropout}")
+        # the item table, the positions and about 16 D x D layers (the attention, the diffuser's MLP)
+        check_memory(f"hidden {hidden}, max_len {max_len} over {n_items} items",
+                     ((n_items + 1 + max_len) * hidden + 16 * hidden * (hidden + 1)) * 4, "DreamRec's weights (float32)")
         self.n_items, self.hidden, self.max_len, self.heads = n_items, hidden, max_len, heads
         self.diffuser_type, self.p_uncond, self.dropout_p = diffuser, p_uncond, dropout
         # Training setting kept with the network (see refit.sequential.dreamrec_loss): whether the

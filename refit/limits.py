@@ -1,0 +1,104 @@
+"""Memory estimates checked before a declared size is allocated.
+
+A flag, a checkpoint or a data file can declare a size (diffusion steps,
+layer widths, history windows, neighbours per user) far beyond what the
+machine holds. Allocating it first ends in a MemoryError traceback, or worse,
+in a process the kernel kills after it has swapped everything else out.
+:func:`check_memory` compares an estimate of the bytes against the memory
+available now and raises a ValueError that names the setting and says how much
+it would take.
+
+``REFIT_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix) caps the estimate's
+budget below the machine's, for shared machines and for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover - the loop returns
+
+
+def _env_limit() -> Optional[int]:
+    text = os.environ.get("REFIT_MEMORY_LIMIT", "").strip().upper().removesuffix("B").removesuffix("I")
+    if not text:
+        return None
+    unit = text[-1] if text[-1] in _SUFFIX and not text[-1].isdigit() else ""
+    try:
+        value = float(text[: len(text) - len(unit)]) * _SUFFIX[unit]
+    except ValueError:
+        raise ValueError(f"REFIT_MEMORY_LIMIT must be a number of bytes (e.g. 8G), got "
+                         f"{os.environ['REFIT_MEMORY_LIMIT']!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"REFIT_MEMORY_LIMIT must be a positive number of bytes, got "
+                         f"{os.environ['REFIT_MEMORY_LIMIT']!r}")
+    return int(value)
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable (Linux), else the physical memory, capped by
+    ``REFIT_MEMORY_LIMIT``."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not POSIX: no estimate, only the explicit cap
+            avail = 1 << 62
+    cap = _env_limit()
+    return min(avail, cap) if cap is not None else avail
+
+
+def check_memory(setting: str, nbytes: float, what: str) -> None:
+    """Raises ValueError when ``nbytes`` (the estimate for ``what``, allocated because of ``setting``)
+    exceeds the memory available.
+
+    ``setting`` names what the user can change, e.g. ``"steps 100000000"``;
+    ``what`` says what would be allocated, e.g. ``"the diffusion schedule"``.
+    """
+    avail = available_memory()
+    if not nbytes <= avail:  # also refuses a NaN estimate
+        raise ValueError(f"{setting}: {what} would take {format_bytes(nbytes)}, more than the "
+                         f"{format_bytes(avail)} of memory available")
+
+
+
+
+def check_finite(config, names) -> None:
+    """ValueError naming the first of ``config``'s fields ``names`` that is not a finite real number (None
+    passes: an unset optional setting). NaN slips through every ``<``/``>`` range check, and inf turns the
+    weights to NaN an update later, so settings are checked for both before any range."""
+    for name in names:
+        v = getattr(config, name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
+def check_seed(seed) -> None:
+    """torch.manual_seed and NumPy's RandomState take a seed in [0, 2**32 - 1]; outside it, NumPy's error does
+    not say which setting was wrong."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise ValueError(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}")
+
+
+__all__ = ["available_memory", "check_finite", "check_memory", "check_seed", "format_bytes"]
