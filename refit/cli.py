@@ -479,6 +479,9 @@ def cmd_import_diffrec(args) -> int:
 
     _check_file_arg("checkpoint", args.checkpoint)
     _check_file_arg("--out", args.out, output=True)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} exists (a checkpoint of a run?): pass --overwrite to replace it, "
+                         "or choose another file")
     try:
         rec = load_diffrec_paper_checkpoint(
             args.checkpoint, mean_type=args.mean_type, steps=args.steps, noise_schedule=args.noise_schedule,
@@ -782,8 +785,16 @@ def _progress(args) -> Optional[bool]:
     return True if args.progress else None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line (argparse prints the whole usage first): the flag,
+    what is wrong, and where the usage is. Exit code 2, as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refit", description="ReFiT: RL fine-tuning of diffusion recommenders.")
+    parser = _Parser(prog="refit", description="ReFiT: RL fine-tuning of diffusion recommenders.")
     parser.add_argument("--version", action="version", version=f"refit {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--progress", action="store_true",
@@ -842,7 +853,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "checkpoint; the diffusion settings come from the flags")
     p.add_argument("checkpoint", help="the .pth file DiffRec's main.py saved (torch.save(model, ...))")
     _add_data_args(p, required=True)
-    p.add_argument("--out", required=True, help="the refit checkpoint to write")
+    p.add_argument("--out", required=True, help="the refit checkpoint to write (an existing file only with "
+                                                 "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     p.add_argument("--mean-type", choices=["x0", "eps"], default="x0")
     p.add_argument("--steps", type=_positive_int, default=100)
     p.add_argument("--noise-schedule", choices=["linear", "linear-var", "cosine"], default="linear-var")

@@ -47,6 +47,7 @@ import pickle
 import socket
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
 from typing import Any, Dict, Iterable, List, Optional
@@ -332,7 +333,10 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     is_zip = _check_archive(path)
     try:
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+        # torch warns about files it then refuses (e.g. a pickle of protocol 5): the refusal below says it
+        # in refit's words, naming the file, so its warnings would only add lines.
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _unsafe_globals(path) if is_zip else []

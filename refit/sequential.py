@@ -30,7 +30,7 @@ import torch
 from . import distributed as dist
 from .control import StopRequests
 from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
-from .limits import check_finite, check_seed
+from .limits import check_finite, check_memory, check_seed
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .recommender import PRECISIONS, autocast
@@ -409,6 +409,11 @@ class DreamRecConfig:
         if 20 not in self.ks:
             raise ValueError(f"ks must include 20 (model selection uses {SEQ_SELECTION}), got {self.ks}")
         self.diffusion_config()
+        # Before the network is built for its checks: the positions and layers alone (the item table's
+        # size waits for the data, and DreamRec's own check then names the items).
+        check_memory(f"hidden {self.hidden}, max_len {self.max_len}",
+                     (self.max_len * self.hidden + 16 * self.hidden * (self.hidden + 1)) * 4,
+                     "DreamRec's positions and layers (float32)")
         DreamRec(2, **self._net())  # validates the network settings
 
     def _net(self) -> Dict[str, Any]:

@@ -380,6 +380,14 @@ class ReFiT:
         self.policy = self.rec = policy  # ``rec``: the former name
         self.data, self.config = data, config
         self.world = dist.world_size()
+        n_items = getattr(data, "n_items", None)
+        if n_items is not None and config.k > n_items:
+            raise ValueError(f"k (--k) is {config.k}: the rewarded top-K list cannot be longer than the "
+                             f"{n_items} items")
+        T_policy = getattr(getattr(policy, "diffusion", None), "steps", None)
+        if config.rl_steps is not None and T_policy is not None and config.rl_steps > T_policy:
+            raise ValueError(f"rl_steps (--rl-steps) is {config.rl_steps}: the model's diffusion has {T_policy} "
+                             f"steps to respace, so at most {T_policy}")
         n_users = config.batch_size // config.group_size
         if self.world > 1 and n_users < self.world:
             raise ValueError(f"batch_size // group_size = {n_users} users per iteration cannot be shared by "

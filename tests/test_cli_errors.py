@@ -67,6 +67,7 @@ def test_every_number_flag_refuses_nan_and_inf_naming_the_flag(cmd, flag, value,
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "finite" in err
+    assert err.count("\n") == 1, err  # one line: no usage block before it
 
 
 @pytest.mark.parametrize("cmd", ["pretrain", "finetune", "demo", "evaluate", "baselines"])
@@ -133,12 +134,14 @@ def test_declared_sizes_beyond_memory_are_refused_before_allocation(monkeypatch)
     monkeypatch.setenv("REFIT_MEMORY_LIMIT", "256M")
     with pytest.raises(ValueError, match=r"steps 100000000: the diffusion schedule would take .*GiB"):
         DiffusionConfig(steps=100_000_000)
-    with pytest.raises(ValueError, match=r"dims \[1000000000000, 32\] over 50 items: DiffRec's weights"):
+    with pytest.raises(ValueError, match=r"dims \[1000000000000, 32\], emb_size 10 over 50 items: DiffRec's weights"):
         DiffRecMLP(50, dims=(10**12, 32))
     with pytest.raises(ValueError, match=r"max_len 100000000 over 50 items: DreamRec's weights"):
         DreamRec(50, max_len=100_000_000)
-    with pytest.raises(ValueError, match="max_len 100000000"):
+    with pytest.raises(ValueError, match=r"hidden 64, max_len 100000000: DreamRec's positions and layers"):
         DreamRecConfig(max_len=100_000_000)
+    with pytest.raises(ValueError, match=r"dims \[32\], emb_size 1000000000000 over 50 items"):
+        DiffRecMLP(50, dims=(32,), emb_size=10**12)
     DiffusionConfig(steps=1000)  # ordinary sizes pass
     DiffRecMLP(50, dims=(32,))
 
@@ -250,3 +253,39 @@ def test_os_errors_name_the_path(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", patched)
     assert cli.main(["info"]) == 2
     assert capsys.readouterr().err.strip() == "refit info: '/nonexistent-folder/file': no such file or directory"
+
+
+def test_argparse_errors_are_one_line_that_points_to_help():
+    res = _refit("pretrain", "--data", "synthetic", "--lr", "nan")
+    line = _one_line_error(res, "argument --lr", "expected a finite number")
+    assert line.endswith("(see refit pretrain --help)")
+
+
+def test_import_diffrec_does_not_replace_an_existing_file_without_overwrite(tmp_path):
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"a model")
+    res = _refit("import-diffrec", str(target), "--data", "synthetic", "--out", str(target))
+    _one_line_error(res, "--out", "exists", "--overwrite")
+    assert target.read_bytes() == b"a model"
+
+
+def test_a_reward_list_longer_than_the_items_names_the_flag(pretrained, tmp_path):
+    config = FinetuneConfig(checkpoint=pretrained, k=10**9, iterations=1, out=str(tmp_path / "k"),
+                            progress=False, plot=False)
+    with pytest.raises(ValueError, match=r"k \(--k\) is 1000000000: .* 150 items"):
+        finetune(config)
+
+
+def test_rl_steps_beyond_the_models_steps_names_the_flag(pretrained, tmp_path):
+    config = FinetuneConfig(checkpoint=pretrained, rl_steps=10**8, iterations=1, out=str(tmp_path / "r"),
+                            progress=False, plot=False)
+    with pytest.raises(ValueError, match=r"rl_steps \(--rl-steps\) is 100000000: the model's diffusion has 8"):
+        finetune(config)
+
+
+def test_a_pickle_given_as_checkpoint_is_one_line_without_torch_warnings(tmp_path):
+    import pickle
+
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps({"train": [1, 2]}, protocol=5))
+    _one_line_error(_refit("evaluate", "--checkpoint", str(path)), "checkpoint", "data.pkl")

@@ -114,7 +114,8 @@ class CFDiff(nn.Module):
         width = n_tokens * d_model
         # the encoder and the decoder dominate: (n_items + emb_size) x width and width x n_items
         check_memory(f"n_tokens {n_tokens} x d_model {d_model} over {n_items} items",
-                     ((n_items + emb_size + 1) * width + (width + 1) * n_items + 4 * d_model * d_model) * 4,
+                     ((n_items + emb_size + 1) * width + (width + 1) * n_items + 4 * d_model * d_model
+                      + emb_size * (emb_size + 1)) * 4,
                      "CF-Diff's weights (float32)")
         self.emb_layer = nn.Linear(emb_size, emb_size)
         self.encoder = nn.Linear(n_items + emb_size, width)  # shared by the row and both hops

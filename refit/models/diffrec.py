@@ -53,7 +53,9 @@ class DiffRecMLP(nn.Module):
         out_dims = dims + [n_items]
         in_dims = [n_items + emb_size] + out_dims[::-1][1:]
         n_params = sum((a + 1) * b for dims_ in (in_dims, out_dims) for a, b in zip(dims_[:-1], dims_[1:]))
-        check_memory(f"dims {dims} over {n_items} items", n_params * 4, "DiffRec's weights (float32)")
+        n_params += (emb_size + 1) * emb_size  # the time embedding's layer
+        check_memory(f"dims {dims}, emb_size {emb_size} over {n_items} items", n_params * 4,
+                     "DiffRec's weights (float32)")
         self.emb_layer = nn.Linear(emb_size, emb_size)
         self.in_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(in_dims[:-1], in_dims[1:]))
         self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(out_dims[:-1], out_dims[1:]))
