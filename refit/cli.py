@@ -567,7 +567,7 @@ def cmd_baselines(args) -> int:
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     from .reward import REWARDS
-    from .trainer import ANCHORS, BASELINES, GROUP_SIZE, METHODS, RW_LAMBDA, FinetuneConfig
+    from .trainer import ANCHORS, BASELINES, GROUP_SIZE, LR_SCHEDULES, METHODS, RW_LAMBDA, FinetuneConfig
 
     d = FinetuneConfig()
     p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
@@ -584,6 +584,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations", type=_positive_int, default=d.iterations)
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="trajectories per iteration")
     g.add_argument("--lr", type=_finite_float, default=d.lr)
+    g.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=d.lr_schedule,
+                   help="constant, or cosine: from --lr down to near 0 over --iterations")
     g.add_argument("--weight-decay", type=_finite_float, default=d.weight_decay)
     g.add_argument("--grad-clip", type=_finite_float, default=d.grad_clip)
     g.add_argument("--seed", type=_seed, default=d.seed)
@@ -662,7 +664,7 @@ def _finetune_config(args, out: str):
         checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args),
         allow_other_data=args.allow_other_data, iterations=args.iterations,
         batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
+        lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
         similar_users=args.similar_users, similar_users_method=args.similar_users_method, target=args.target,
         hide_fraction=args.hide_fraction,
         group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,

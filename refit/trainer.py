@@ -61,6 +61,7 @@ RW_LAMBDA = {"reward-weighted": 0.01, "offline-reward-weighted": 1.0}
 #: (README, "Which method when"); reward-weighted's groups of 4 (its lambda was chosen with them).
 GROUP_SIZE = {"grpo": 16, "reward-weighted": 4}
 ANCHORS = ("none", "kl", "elbo")
+LR_SCHEDULES = ("constant", "cosine")
 #: The most trajectories of a batch the per-iteration KL diagnostic re-evaluates under the pretrained policy.
 KL_ROWS = 32
 
@@ -76,6 +77,10 @@ class FinetuneConfig:
     iterations: int = 200
     batch_size: int = 64
     lr: float = 1e-5
+    # "constant", or "cosine": lr * (1 + cos(pi * (i - 1) / iterations)) / 2 at iteration i, from lr down to near 0.
+    # An update is mostly noise (the probe's plateau, benchmarks/RESULTS.md): a smaller step late lets the
+    # signal keep what it gained.
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # reward
@@ -144,6 +149,8 @@ class FinetuneConfig:
                             "timestep_fraction", "ema_decay", "anchor_weight", "ppo_clip", "rw_lambda"))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.similar_users_method not in ("auto", "exact", "approximate"):
             raise ValueError(f"similar_users_method must be 'auto', 'exact' or 'approximate', "
                              f"got {self.similar_users_method!r}")
@@ -602,6 +609,20 @@ class ReFiT:
         inputs, traj, reward = self.rollout(episode, lo, n_global)
         return t0, episode, lo, n_global, inputs, traj, reward, time.perf_counter() - t0
 
+    def lr_at(self, iteration: int) -> float:
+        """The learning rate of iteration ``iteration`` (1-based) under ``config.lr_schedule``."""
+        cfg = self.config
+        if cfg.lr_schedule == "cosine":
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / cfg.iterations))
+        return cfg.lr
+
+    def set_iteration(self, iteration: int) -> None:
+        """Sets the optimiser's learning rate for ``iteration``. Computed from the iteration alone, so a
+        resumed run continues the schedule exactly."""
+        lr = self.lr_at(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def step(self) -> Dict[str, float]:
         """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
         if self.config.method == "reward-weighted":
@@ -1034,7 +1055,8 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         # allow_other_data only lets the start checkpoint meet its data (checked again here by fingerprint);
         # runs saved before the field existed resume as well.
         skip = ("iterations", "progress", "out", "plot", "allow_other_data")
-        saved = {k: v for k, v in state["config"].items() if k not in skip}
+        saved = {"lr_schedule": "constant",  # runs saved before the schedule existed ran a constant one
+                 **{k: v for k, v in state["config"].items() if k not in skip}}
         mine = {k: v for k, v in config.to_dict().items() if k not in skip}
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
@@ -1115,6 +1137,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         if max_iterations_this_run is not None and iteration - start >= max_iterations_this_run:
             bar.close()
             return {"stopped_at": iteration - 1}
+        trainer.set_iteration(iteration)
         stats = trainer.step()
         step_times.append(stats["step_s"])
         last = iteration == config.iterations

@@ -16,6 +16,7 @@ from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.reward import collaborative_reward, make_episode, rank_metrics, ranking_reward
 from refit.sequential import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
+from refit.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, ReFiT, finetune
 
 DATA = {"n_users": 200, "n_items": 150}
@@ -441,3 +442,37 @@ def test_gradient_snr_compares_the_samplers(dreamrec, capsys):
     with pytest.raises(SystemExit, match="positions"):
         gradient_snr.main(["--checkpoint", dreamrec, "--targets", "2", "--draws", "2", "--explore", "9",
                            "--finetune", "--method grpo --group-size 4 --rl-steps 5"])
+
+
+# --- the learning-rate schedule -------------------------------------------------------------------
+
+def test_cosine_schedule_values_and_refusal(pretrained):
+    from refit.trainer import ReFiT
+
+    config = FinetuneConfig(checkpoint=pretrained, lr=1e-3, lr_schedule="cosine", iterations=4)
+    trainer = ReFiT.__new__(ReFiT)  # lr_at reads the config alone
+    trainer.config = config
+    assert [round(trainer.lr_at(i), 12) for i in (1, 2, 3, 4)] == [
+        1e-3, round(1e-3 * (1 + math.cos(math.pi / 4)) / 2, 12), 5e-4, round(1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2, 12)]
+    trainer.config = FinetuneConfig(checkpoint=pretrained, lr=1e-3, iterations=4)
+    assert trainer.lr_at(3) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        FinetuneConfig(checkpoint=pretrained, lr_schedule="linear")
+
+
+def test_a_resumed_cosine_run_ends_where_an_uninterrupted_one_does(pretrained, data, tmp_path):
+    kw = dict(method="grpo", group_size=4, lr=1e-3, lr_schedule="cosine", checkpoint_every=1)
+    finetune(_ft(pretrained, tmp_path, out=str(tmp_path / "full"), **kw), data)
+    finetune(_ft(pretrained, tmp_path, out=str(tmp_path / "cut"), **kw), data, max_iterations_this_run=2)
+    finetune(_ft(pretrained, tmp_path, out=str(tmp_path / "cut"), **kw), data, resume=True)
+    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    for name, t in a["recommender"]["model"]["state_dict"].items():
+        assert torch.equal(t, b["recommender"]["model"]["state_dict"][name]), name
+    lr_last = 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2
+    assert a["trainer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr_last)
+    # the schedule moved the parameters: a constant rate ends elsewhere
+    finetune(_ft(pretrained, tmp_path, out=str(tmp_path / "const"), **{**kw, "lr_schedule": "constant"}), data)
+    c = load_checkpoint(str(tmp_path / "const" / "last.pt"))
+    assert any(not torch.equal(t, c["recommender"]["model"]["state_dict"][n])
+               for n, t in a["recommender"]["model"]["state_dict"].items())
