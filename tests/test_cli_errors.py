@@ -36,11 +36,26 @@ def _refit(*argv, **env):
                           env=_env(**env), timeout=600)
 
 
+def _commands(parser):
+    """The parser's sub-command parsers by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _run_info_as(monkeypatch, func):
+    """`refit info` runs ``func(args)`` instead: an error raised from inside a command."""
+    real = cli.build_parser
+
+    def patched():
+        parser = real()
+        _commands(parser)["info"].set_defaults(func=func)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", patched)
+
+
 def _number_flags():
     """(command, flag, type) of every flag of every command that takes a number."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name, p in sub.choices.items():
+    for name, p in _commands(cli.build_parser()).items():
         for action in p._actions:
             if action.type in (float, *FLOAT_TYPES):
                 yield name, action.option_strings[-1], action.type
@@ -221,15 +236,7 @@ def test_an_unexpected_exception_is_one_line_and_debug_shows_the_traceback(monke
     def broken(args):
         raise TypeError("something inside went wrong")
 
-    real = cli.build_parser
-
-    def patched():
-        parser = real()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices["info"].set_defaults(func=broken)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", patched)
+    _run_info_as(monkeypatch, broken)
     assert cli.main(["info"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error (TypeError: something inside went wrong)" in err
@@ -242,15 +249,7 @@ def test_os_errors_name_the_path(monkeypatch, capsys):
     def missing(args):
         open("/nonexistent-folder/file")
 
-    real = cli.build_parser
-
-    def patched():
-        parser = real()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices["info"].set_defaults(func=missing)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", patched)
+    _run_info_as(monkeypatch, missing)
     assert cli.main(["info"]) == 2
     assert capsys.readouterr().err.strip() == "refit info: '/nonexistent-folder/file': no such file or directory"
 
