@@ -644,8 +644,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="the exponential weights' lambda, on the reward's scale (default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()) + ")")
     g.add_argument("--placebo", action="store_true",
-                   help="control run: shuffle each batch's advantages between trajectories, so updates keep "
-                        "their size and noise but no longer follow the reward")
+                   help="control run: shuffle each batch's advantages between trajectories (reward-weighted: "
+                        "the rewards within each user's group), so updates keep their size and noise but no "
+                        "longer follow the reward")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--probe-size", type=int, default=d.probe_size,
                    help="training episodes of the probe reward (fixed episodes and noise), measured at every "

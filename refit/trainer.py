@@ -311,6 +311,14 @@ def _shuffle_within_rows(values: torch.Tensor, mask: torch.Tensor, generator: to
     return out
 
 
+def _shuffle_within_groups(values: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(B,) ``values`` with each run of ``group_size`` consecutive entries permuted among themselves
+    (a uniform random permutation per group, from ``generator``)."""
+    g = values.view(-1, group_size)
+    order = torch.rand(g.shape, generator=generator).argsort(dim=1).to(values.device)
+    return g.gather(1, order).reshape(-1)
+
+
 class _Rows(NamedTuple):
     """Some rows of an iteration's episode (inputs on the policy's device) and their trajectories."""
 
@@ -804,8 +812,12 @@ class ReFiT:
         t0, episode, lo, n_global, inputs, traj, reward, t_sample = self._sampled()
         users, n_local = episode.users, episode.users.numel()
         r = reward.reward
-        if self.placebo_generator is not None:  # the control: rewards no longer belong to their trajectories
-            r = r[torch.randperm(r.numel(), generator=self.placebo_generator)]
+        if self.placebo_generator is not None:
+            # The control: rewards no longer belong to their trajectories. They are permuted within each
+            # user's group, not across the batch: rewards spread about 14x more between users than within
+            # a group, so a batch-wide shuffle would give peaked weights where the real run's are nearly
+            # flat, and the two arms would differ in update size, not only in whether updates follow the reward.
+            r = _shuffle_within_groups(r, cfg.group_size, self.placebo_generator)
         weights = group_weights(r, cfg.group_size, cfg.rw_lambda)
         stats = self._reward_stats(reward.reward)
         stats["kl"] = self._kl_to_start(_Rows(episode._replace(inputs=inputs), traj))

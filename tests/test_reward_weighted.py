@@ -92,6 +92,27 @@ def test_a_huge_lambda_is_plain_fine_tuning_on_the_samples():
     torch.testing.assert_close((w * per_row * 4).mean(), plain)
 
 
+def test_the_placebo_permutes_rewards_within_each_group(monkeypatch):
+    # The control must keep each group's weights (their spread sets the update's size) and only
+    # break which trajectory gets which: a batch-wide shuffle would mix in the spread between users.
+    import refit.trainer as trainer_module
+
+    seen = {}
+    real_weights = trainer_module.group_weights
+
+    def spy(r, g, lam):
+        seen.setdefault(arm, []).append(r.clone())
+        return real_weights(r, g, lam)
+
+    monkeypatch.setattr(trainer_module, "group_weights", spy)
+    for arm in ("real", "placebo"):
+        policy, data = _policy()
+        ReFiT(policy, data, _cfg(placebo=arm == "placebo")).step()
+    real, placebo = seen["real"][0].view(-1, 4), seen["placebo"][0].view(-1, 4)
+    assert not torch.equal(real, placebo)
+    torch.testing.assert_close(real.sort(1).values, placebo.sort(1).values, rtol=0, atol=0)
+
+
 def _pretrained_policy():
     """A DreamRec briefly trained on the synthetic sequences (its samples mean something)."""
     from refit.sequential import dreamrec_loss
