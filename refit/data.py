@@ -323,7 +323,18 @@ def load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceDat
     Raises:
         DataFormatError (a ValueError) naming the file and line of malformed
         input; FileNotFoundError for an unknown name or a missing path.
+
+    The returned data carry ``source`` (``name_or_path``) and ``source_options`` (``options``).
     """
+    data = _load_dataset(name_or_path, **options)
+    if isinstance(name_or_path, (str, os.PathLike)):
+        # What a checkpoint records of its data when a run is given the data object itself
+        # (finetune(policy=..., data=...)): commands reload the data from it.
+        data.source, data.source_options = os.fspath(name_or_path), dict(options)
+    return data
+
+
+def _load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceData":
     from .seqdata import is_sequence_source, load_sequences  # seqdata imports this module
 
     if is_sequence_source(name_or_path):

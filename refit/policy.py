@@ -42,7 +42,11 @@ model (``inputs`` are an :class:`~refit.reward.Episode`'s policy inputs,
 refit's :class:`~refit.recommender.Recommender` (DiffRec, CF-Diff) and
 :class:`~refit.sequential.SeqRecommender` (DreamRec) implement it;
 :class:`ScheduleDenoiser` adapts any ``denoiser(x_t, t)`` with a beta schedule
-written the way DiffRec's paper code is.
+written the way DiffRec's paper code is, and
+:func:`refit.latent_adapter.LatentScheduleDenoiser` a guided latent sequence
+model written the way DreamRec's published code is. :class:`DiffusionPolicy`
+states the protocol with its signatures; :func:`check_policy` checks a policy
+against it (and, given data, the shapes it returns) before a run starts.
 
 Where episodes come from depends on the data, not on the model:
 :func:`episode_source` gives interaction data's (a user's training row with a
@@ -53,7 +57,9 @@ data's (a training target and the window before it:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence
+import contextlib
+import inspect
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -61,20 +67,214 @@ import torch
 import refit_kernels as rk
 
 from .diffusion import MEAN_TYPES, GaussianDiffusion, Trajectory
-from .reward import Episode, make_episode, sequence_episode
+from .reward import Episode, make_episode, map_inputs, sequence_episode
 
 #: The protocol's method names (what :func:`check_policy` looks for).
 PROTOCOL = ("sample", "outputs", "final_scores", "pretraining_loss", "denoising_loss", "training_target", "evaluate",
             "state", "module",
             "selection_metric", "precision", "device")
 
+#: What each method must accept beyond its positional arguments (the trainer passes these by keyword).
+_KEYWORDS = {
+    "sample": (2, ("generator", "temperature", "rows", "keep_graph")),
+    "outputs": (3, ()),
+    "final_scores": (3, ()),
+    "pretraining_loss": (1, ("generator", "rows")),
+    "denoising_loss": (3, ("generator", "rows")),
+    "training_target": (3, ("exclude", "k")),
+    "evaluate": (1, ("ks", "batch_size")),
+    "state": (0, ()),
+}
 
-def check_policy(policy: Any) -> None:
-    """Raises TypeError naming what a would-be policy lacks."""
-    missing = [name for name in PROTOCOL if not hasattr(policy, name)]
+#: The kinds of data a policy can be fine-tuned on (its optional ``data_kind`` attribute).
+DATA_KINDS = ("interactions", "sequences")
+
+
+@runtime_checkable
+class DiffusionPolicy(Protocol):
+    """What the trainer calls on a diffusion recommender (the module docstring has the details).
+
+    Shapes: B rows, S stochastic steps, D the dimension of a state (the item
+    count for row models, the embedding width for latent ones), I the item
+    count. Every tensor the trainer gets back is float32 unless said.
+    ``data_kind`` ("interactions" or "sequences") is optional: when given,
+    data of the other kind are refused before anything runs.
+    """
+
+    selection_metric: str  # the validation metric that selects the best model ("recall@20", "hr@20")
+    precision: str  # "fp32" or "bf16" (autocast)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """Every trained parameter; switched between train and eval mode by the trainer."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def sample(self, users: torch.Tensor, inputs: Any, *, generator: Optional[torch.Generator] = None,
+               temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None, keep_graph: bool = False,
+               **options: Any) -> Trajectory:
+        """A noisy reverse trajectory: states (S+1, B, D), preds (S, B, D), final (B, D). ``options``:
+        ``steps``, ``eta``, ``explore``, ``group_size`` when the run's settings use them."""
+
+    def outputs(self, users: torch.Tensor, inputs: Any, traj: Trajectory) -> torch.Tensor:
+        """(S, B, D) denoiser outputs along ``traj``, with gradient."""
+
+    def final_scores(self, users: torch.Tensor, inputs: Any, final: torch.Tensor) -> torch.Tensor:
+        """(B, I) ranking scores of the (B, D) final states."""
+
+    def pretraining_loss(self, episode: Episode, *, generator: Optional[torch.Generator] = None,
+                         rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B,) the model's own training loss on the episode, one value per row."""
+
+    def denoising_loss(self, users: torch.Tensor, inputs: Any, x0: torch.Tensor, *,
+                       generator: Optional[torch.Generator] = None,
+                       rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B,) each row's own denoising loss toward its (B, D) clean state ``x0`` (never a batch mean)."""
+
+    def training_target(self, users: torch.Tensor, inputs: Any, final: torch.Tensor, *, exclude: Any = None,
+                        k: int = 20) -> torch.Tensor:
+        """(B, D) the clean state a sampled final state stands for, as a target of ``denoising_loss``."""
+
+    def evaluate(self, data: Any, *, ks: Sequence[int], batch_size: int) -> Dict[str, Dict[str, float]]:
+        """``{"valid": metrics, "test": metrics}`` with ``selection_metric`` among the metrics."""
+
+    def state(self) -> Dict[str, Any]:
+        """Everything a checkpoint holds of the policy (``["model"]["state_dict"]``: the module's)."""
+
+
+def data_kind(data: Any) -> str:
+    """"sequences" for sequence data (windows before targets), else "interactions"."""
+    return "sequences" if hasattr(data, "targets") and hasattr(data, "windows") else "interactions"
+
+
+def _bindable(fn: Callable, n_positional: int, keywords: Sequence[str]) -> Optional[str]:
+    """None when ``fn`` can be called with ``n_positional`` arguments and ``keywords``, else why not."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return None
+    try:
+        sig.bind(*([None] * n_positional), **{k: None for k in keywords})
+    except TypeError as exc:
+        return (f"{sig} cannot take {n_positional} positional argument(s) and the keywords "
+                f"{', '.join(keywords) or '(none)'} ({exc})")
+    return None
+
+
+def check_policy(policy: Any, data: Any = None, *, sample_options: Optional[Dict[str, Any]] = None,
+                 smoke_test: bool = True) -> None:
+    """Checks a would-be policy before any training: first its attributes and signatures, then, given
+    ``data``, that it is a policy over that kind of data and that it returns the protocol's shapes.
+
+    The shape test samples 4 episodes of ``data`` (the trainer's ``sample_options`` passed to
+    ``sample``) in eval mode, with its own generator and with the global RNG restored afterwards, so a
+    run's draws are not changed by it; the module's train/eval mode is restored too.
+
+    Raises:
+        TypeError naming what a policy lacks, the method whose signature does not fit, or the method
+        whose result has the wrong shape (and what it returned); ValueError when the data are of
+        another kind than the policy's ``data_kind``.
+    """
+    name = type(policy).__name__
+    missing = [m for m in PROTOCOL if not hasattr(policy, m)]
     if missing:
-        raise TypeError(f"{type(policy).__name__} is not a diffusion policy: it lacks {', '.join(missing)} "
-                        "(see refit.policy)")
+        raise TypeError(f"{name} is not a diffusion policy: it lacks {', '.join(missing)} "
+                        "(see refit.policy.DiffusionPolicy)")
+    for method, (n_pos, keywords) in _KEYWORDS.items():
+        fn = getattr(policy, method)
+        if not callable(fn):
+            raise TypeError(f"{name}.{method} must be a method (see refit.policy.DiffusionPolicy), got "
+                            f"{type(fn).__name__}")
+        if method == "sample":
+            keywords = tuple(keywords) + tuple(sample_options or ())
+        why = _bindable(fn, n_pos, keywords)
+        if why:
+            raise TypeError(f"{name}.{method}: the signature {why}; see refit.policy.DiffusionPolicy")
+    if not isinstance(policy.module, torch.nn.Module):
+        raise TypeError(f"{name}.module must be the torch.nn.Module holding the trained parameters, got "
+                        f"{type(policy.module).__name__}")
+    if data is None:
+        return
+    kind, declared = data_kind(data), getattr(policy, "data_kind", None)
+    if declared is not None and declared != kind:
+        raise ValueError(f"{name} is a policy over {declared} data, and these data are {kind}"
+                         + (": for sequence models use refit.latent_adapter.LatentScheduleDenoiser, not "
+                            "ScheduleDenoiser (a row model)" if kind == "sequences" else ""))
+    if smoke_test:
+        _smoke_test(policy, data, dict(sample_options or {}))
+
+
+def _smoke_test(policy: Any, data: Any, options: Dict[str, Any]) -> None:
+    """Runs the protocol's methods on 4 episodes and checks the shapes they return (see check_policy)."""
+    name = type(policy).__name__
+    n_items = getattr(data, "n_items", None)
+    episode = episode_source(data).sample(4, torch.Generator().manual_seed(0))
+    B = int(episode.users.numel())
+    if options.get("explore", 0) is None:  # the trainer places the window anew each iteration
+        options["explore"] = (0, 1)
+    if "group_size" in options:  # 4 episodes, not 4 groups
+        options["group_size"] = 1
+    module = policy.module
+    device = policy.device
+    devices = [] if torch.device(device).type == "cpu" else [torch.device(device)]
+
+    def call(method, *args, **kwargs):
+        try:
+            return getattr(policy, method)(*args, **kwargs)
+        except Exception as exc:  # say which call of the check failed, keep the cause
+            raise TypeError(f"{name}.{method} failed on {B} {data_kind(data)} episodes: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+    def want(method, value, shape, what):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        if got != tuple(shape):
+            raise TypeError(f"{name}.{method} must return {what} {tuple(shape)}, got {got}")
+
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), kept_modes(module, eval_mode=True):
+        g = torch.Generator().manual_seed(0)
+        inputs = map_inputs(episode.inputs, lambda x: x.to(device))
+        traj = call("sample", episode.users, inputs, generator=g, **options)
+        if not isinstance(getattr(traj, "states", None), torch.Tensor) or traj.states.dim() != 3:
+            raise TypeError(f"{name}.sample must return a refit.diffusion.Trajectory whose states are "
+                            f"(S+1, B, D), got {type(traj).__name__}")
+        S1, B_, D = traj.states.shape
+        want("sample", traj.states, (S1, B, D), "states")
+        want("sample", traj.preds, (S1 - 1, B, D), "preds")
+        want("sample", traj.final, (B, D), "final")
+        if n_items is not None:
+            want("final_scores", call("final_scores", episode.users, inputs, traj.final), (B, n_items),
+                 "(B, n_items) scores")
+        want("outputs", call("outputs", episode.users, inputs, traj), (S1 - 1, B, D), "(S, B, D) outputs")
+        on_dev = None if episode.exclude is None else episode.exclude.to(device)
+        target = call("training_target", episode.users, inputs, traj.final, exclude=on_dev,
+                      k=min(20, n_items or 20))
+        want("training_target", target, (B, D), "(B, D) targets")
+        loss = call("denoising_loss", episode.users, inputs, target, generator=g)
+        want("denoising_loss", loss, (B,), "(B,) per-row losses")
+        if B >= 3 and bool((loss == loss[0]).all()) and not bool((target == target[0]).all()):
+            raise TypeError(f"{name}.denoising_loss returned the same value for each of {B} rows with "
+                            f"different targets ({float(loss[0].detach()):.6g}): it must be each row's own loss, not "
+                            "a batch mean broadcast to (B,); with one value every weighting of the rows "
+                            "(reward-weighted fine-tuning) would be ignored")
+
+
+@contextlib.contextmanager
+def kept_modes(module: torch.nn.Module, eval_mode: bool = False) -> Iterator[None]:
+    """Restores the train/eval flag of every submodule of ``module`` on exit, exactly as found.
+
+    ``module.train(was)`` would overwrite a mixed state (a module in training mode with a part the
+    user froze in eval mode); each flag is put back one by one instead. ``eval_mode``: switch the
+    whole module to eval mode inside the block.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    if eval_mode:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 def batched_outputs(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], traj: Trajectory) -> torch.Tensor:
@@ -153,11 +353,29 @@ def episode_source(data, target: str = "hidden", hide_fraction: float = 0.2):
 # --- an adapter for outside models -------------------------------------------------------------------
 
 class _Wrapped(torch.nn.Module):
-    """An outside ``denoiser(x_t, t)`` behind refit's denoiser interface ``model(x_t, t, cond)``."""
+    """An outside ``denoiser(x_t, t)`` behind refit's denoiser interface ``model(x_t, t, cond)``.
+
+    Its train/eval mode is the outside module's own: refit saves a model's mode before scoring and
+    restores it afterwards, and a wrapper with a mode of its own (a new Module starts in train mode)
+    would put the user's module back into train mode, dropout on, after every score.
+    """
 
     def __init__(self, denoiser: torch.nn.Module, n_items: int):
         super().__init__()
         self.denoiser, self.n_items = denoiser, n_items
+
+    @property
+    def training(self) -> bool:
+        d = self.__dict__.get("_modules", {}).get("denoiser")
+        return d.training if d is not None else self.__dict__.get("_own_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        d = self.__dict__.get("_modules", {}).get("denoiser")
+        if d is not None:
+            d.training = mode
+        else:  # nn.Module.__init__ sets it before the outside module is attached
+            self.__dict__["_own_training"] = mode
 
     def condition(self, users, rows):
         return None
@@ -194,11 +412,89 @@ def ScheduleDenoiser(denoiser: torch.nn.Module, betas: Sequence[float], *, n_ite
                        sampling_noise=sampling_noise, precision=precision)
 
 
+#: The model names of checkpoints written by outside policies: refit cannot rebuild their module.
+OUTSIDE_MODELS = ("external", "external-latent")
+
+
+def import_factory(spec: str) -> Callable[[Any], Any]:
+    """The function ``spec`` names, as ``"package.module:function"`` (``--policy`` on the command line).
+
+    The module is imported as Python imports it (this runs its code: name only your own modules),
+    with the working directory first on the path, so a module beside the run is found. The function
+    takes the loaded data and returns a policy (e.g. a :func:`ScheduleDenoiser`).
+
+    Raises:
+        ValueError naming ``spec`` when it is not ``module:function``, the module cannot be imported,
+        or it has no such callable.
+    """
+    import importlib
+    import os
+    import sys
+
+    mod_name, sep, fn_name = str(spec).partition(":")
+    if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
+            or not all(p.isidentifier() for p in fn_name.split(".")):
+        raise ValueError(f"--policy must be MODULE:FUNCTION (e.g. mymodels:make_policy), got {spec!r}")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"--policy {spec}: cannot import {mod_name!r} ({exc}); run from the folder that holds "
+                         "it, or put it on PYTHONPATH") from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+    fn: Any = module
+    for part in fn_name.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise ValueError(f"--policy {spec}: {mod_name} has no function {fn_name!r}")
+    return fn
+
+
+def load_outside_policy(path: str, state: Dict[str, Any], data: Any, factory: Callable[[Any], Any]):
+    """A policy from ``factory(data)`` with the weights of the outside-policy checkpoint ``state`` (read
+    from ``path``, named in errors) loaded into its module, strictly and after a finiteness check."""
+    from .runs import check_finite_weights
+
+    policy = factory(data)
+    check_policy(policy)
+    sd = state["recommender"]["model"]["state_dict"]
+    check_finite_weights(sd, f"checkpoint {path!r}")
+    try:
+        policy.module.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit the module the factory built "
+                         f"({type(policy.module).__name__}): {exc}") from exc
+    return policy
+
+
 def outside_state_dict(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The outside module's own ``state_dict`` from a checkpoint of a :func:`ScheduleDenoiser` policy."""
-    sd = state["recommender"]["model"]["state_dict"] if "recommender" in state else state["model"]["state_dict"]
-    return {k[len("denoiser."):]: v for k, v in sd.items() if k.startswith("denoiser.")}
+    """The outside module's own ``state_dict`` from a checkpoint of an outside policy (a
+    :func:`ScheduleDenoiser` run's ``best.pt`` / ``last.pt``, loaded with
+    :func:`refit.runs.load_checkpoint`, or a policy's ``state()``).
+
+    Raises:
+        ValueError when the checkpoint holds no outside module's weights (a refit model's checkpoint,
+        or an imported one), naming the model it does hold.
+    """
+    try:
+        model = state["recommender"]["model"] if "recommender" in state else state["model"]
+        sd = model["state_dict"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError("outside_state_dict: not a refit checkpoint or policy state (it has no "
+                         "['recommender']['model']['state_dict'] nor ['model']['state_dict'])") from exc
+    out = {k[len("denoiser."):]: v for k, v in sd.items() if k.startswith("denoiser.")}
+    if not out:
+        raise ValueError(f"outside_state_dict: the checkpoint holds a {model.get('name', 'refit')!r} model, not an "
+                         "outside module's weights (only runs of a ScheduleDenoiser or LatentScheduleDenoiser "
+                         "policy hold them); load it with refit.trainer.load_policy instead")
+    return out
 
 
-__all__ = ["PROTOCOL", "check_policy", "batched_outputs", "InteractionEpisodes", "SequenceEpisodes",
-           "episode_source", "ScheduleDenoiser", "outside_state_dict"]
+__all__ = ["PROTOCOL", "DATA_KINDS", "DiffusionPolicy", "data_kind", "check_policy", "batched_outputs", "InteractionEpisodes", "SequenceEpisodes",
+           "episode_source", "kept_modes", "ScheduleDenoiser", "outside_state_dict", "OUTSIDE_MODELS", "import_factory",
+           "load_outside_policy"]

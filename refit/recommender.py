@@ -98,6 +98,7 @@ class Recommender:
     # --- the diffusion-policy protocol (refit.policy) -------------------------------------------
 
     selection_metric = "recall@20"
+    data_kind = "interactions"  # DiffRec-style models start from the user's row
 
     @property
     def module(self) -> torch.nn.Module:

@@ -188,6 +188,7 @@ class SeqRecommender:
     # --- the diffusion-policy protocol (refit.policy) -------------------------------------------
 
     selection_metric = "hr@20"
+    data_kind = "sequences"
 
     @property
     def module(self) -> torch.nn.Module:

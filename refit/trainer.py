@@ -19,6 +19,7 @@ and bf16 autocast for the denoiser.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -39,7 +40,7 @@ from .limits import check_finite, check_seed
 from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
-from .policy import check_policy, episode_source
+from .policy import check_policy, episode_source, kept_modes
 from .reward import (REWARDS, TARGETS, Episode, map_inputs, ranking_reward, rank_metrics, repeat_episode,
                      select_episode, slice_episode)
 from . import distributed as dist
@@ -71,6 +72,8 @@ class FinetuneConfig:
     """Everything a ReFiT run depends on."""
 
     checkpoint: str = ""
+    # "module:function" building an outside policy from the data, for a checkpoint of one (load_policy)
+    policy_factory: Optional[str] = None
     data: Optional[str] = None  # default: the checkpoint's own data source
     # take data the checkpoint records another fingerprint for, or none (refit.runs.checkpoint_data)
     allow_other_data: bool = False
@@ -474,6 +477,9 @@ class ReFiT:
                 raise TypeError(f"{type(policy).__name__}.sample takes no {' or '.join(missing)}= keyword: "
                                 f"rl_steps, rl_noise and explore_steps need a policy that samples respaced, "
                                 f"DDIM or partly deterministic steps (see refit.policy)")
+        # Before any training: a policy over other data, or one whose methods return the wrong shapes
+        # (a loss that is a batch mean, scores with a padding column), fails here, naming the method.
+        check_policy(policy, data, sample_options=self._sample_options)
         self._probe = None  # (episode, seed) of the probe reward, drawn on first use
         # The pretrained policy, frozen: the KL anchor, and the KL diagnostic of the sampling methods.
         self.reference = None
@@ -1004,7 +1010,8 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwri
     policy built in this process (e.g. an outside model wrapped by
     :func:`refit.policy.ScheduleDenoiser`), with ``data`` given.
 
-    ``max_iterations_this_run`` stops early without finishing (as a killed run would).
+    ``max_iterations_this_run`` stops early without finishing (as a killed run would). A ``policy``
+    is checked first (:func:`refit.policy.check_policy`) and returned to the train/eval mode it had.
 
     SIGTERM or SIGINT stops the run at the end of the current iteration: it
     writes ``last.pt`` and a ``summary.json`` with ``status: "stopped"`` and
@@ -1020,15 +1027,45 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwri
     it is refused, and so is a new run in a folder that holds one, unless ``resume`` (continue it) or
     ``overwrite`` (remove its files first; never the checkpoint it starts from).
     """
-    with StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
-                                                          inputs=[config.checkpoint]):
+    # A policy of the caller's goes back in the train/eval modes it came in, submodule by submodule
+    # (the trainer samples and evaluates in eval mode).
+    modes = (kept_modes(policy.module) if isinstance(getattr(policy, "module", None), torch.nn.Module)
+             else contextlib.nullcontext())
+    with modes, StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
+                                                                  inputs=[config.checkpoint]):
         return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy)
 
 
 def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,
-                allow_other_data: bool = False):
-    """``(policy, data, state)`` of a saved refit checkpoint, whatever its model family."""
+                allow_other_data: bool = False, factory: Optional[str] = None):
+    """``(policy, data, state)`` of a saved refit checkpoint, whatever its model family.
+
+    A checkpoint of an outside policy (:func:`refit.policy.ScheduleDenoiser`,
+    :func:`refit.latent_adapter.LatentScheduleDenoiser`) holds the outside module's weights but not
+    its code: ``factory``, ``"module:function"`` (see :func:`refit.policy.import_factory`), builds the
+    policy from the data, and the checkpoint's weights are loaded into it. ValueError without one.
+    """
+    from .policy import OUTSIDE_MODELS, import_factory, load_outside_policy
+    from .runs import checkpoint_data
+
     state = load_checkpoint(path)
+    model = state.get("recommender", {}).get("model", {})
+    if model.get("name") in OUTSIDE_MODELS:
+        config = model.get("config", {})
+        what = config.get("external") or config.get("outside") or "an outside module"
+        if factory is None:
+            raise ValueError(f"checkpoint {path!r} holds an outside policy's weights ({what}), not a model refit "
+                             "can rebuild: name a function that builds the policy from the data with --policy "
+                             "MODULE:FUNCTION (Python: factory=), or load "
+                             "refit.policy.outside_state_dict(state) into your module")
+        data = checkpoint_data(path, state, data, allow_other_data=allow_other_data)
+        policy = load_outside_policy(path, state, data, import_factory(factory))
+        if precision is not None and hasattr(policy, "precision"):
+            policy.precision = precision
+        return policy, data, state
+    if factory is not None:
+        raise ValueError(f"--policy is for checkpoints of outside policies; {path!r} holds refit's own "
+                         f"{model.get('name')!r} model, which refit rebuilds itself")
     if state.get("recommender", {}).get("model", {}).get("name") == "dreamrec":
         from .sequential import load_seq_recommender
 
@@ -1050,10 +1087,11 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         data = load_dataset(config.data, **config.data_options)
     if policy is None:
         rec, data, pre_state = load_policy(config.checkpoint, data, device=device, precision=config.precision,
-                                           allow_other_data=config.allow_other_data)
+                                           allow_other_data=config.allow_other_data, factory=config.policy_factory)
     else:
         if data is None:
             raise ValueError("finetune(policy=...) needs the data (data=...)")
+        check_policy(policy)  # before any attribute of it is read
         rec, pre_state = policy, {}
     fingerprint = data_fingerprint(data)
     selection = rec.selection_metric
@@ -1093,7 +1131,10 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
     if data_meta.get("fingerprint") != fingerprint and not own_source:
         # Other data than the start checkpoint's (allow_other_data, or none recorded): its source would
         # name data this run was not trained on.
-        data_meta.update(source=config.data, options=dict(config.data_options) if config.data else {},
+        # Given the data object itself (finetune(policy=..., data=...)), the source it was loaded from.
+        source, options = ((config.data, dict(config.data_options)) if config.data else
+                           (getattr(data, "source", None), dict(getattr(data, "source_options", {}))))
+        data_meta.update(source=source, options=options,
                          **{k: getattr(data, k) for k in ("n_users", "n_items") if hasattr(data, k)})
 
     def ckpt(iteration: int) -> Dict[str, Any]:

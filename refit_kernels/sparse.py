@@ -113,7 +113,7 @@ def _is_scipy_sparse(x: Any) -> bool:
     return type(x).__module__.startswith("scipy.sparse") and hasattr(x, "tocsr")
 
 
-def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
+def as_csr(x: Any, name: str = "matrix", *, n_cols: Optional[int] = None, device=None,
            values_dtype: Optional[torch.dtype] = None,
            index_dtype: Optional[torch.dtype] = torch.int64, check: bool = True) -> CSR:
     """Converts any accepted CSR form into a :class:`CSR`, checking its structure.
@@ -122,7 +122,7 @@ def as_csr(x: Any, name: str, *, n_cols: Optional[int] = None, device=None,
         x: ``torch.sparse_csr_tensor``, scipy sparse matrix/array (converted
             with ``tocsr()``), ``(indptr, indices)`` / ``(indptr, indices,
             values)`` of tensors or numpy arrays, or a :class:`CSR`.
-        name: the argument's name, for error messages.
+        name: the argument's name; it only labels error messages (default "matrix").
         n_cols: expected number of columns; checked against the matrix's own
             when it has one, and used when it has none.
         device: move the result there (no copy when already there).

@@ -215,6 +215,216 @@ def test_check_policy_names_what_is_missing():
         check_policy(object())
 
 
+def test_the_users_module_keeps_its_mode_through_scoring_and_fine_tuning(data, tmp_path):
+    # The wrapper had a mode of its own (train, as every new Module): restoring it after a score put
+    # the user's module into train mode, dropout on, and the user's next comparison was off.
+    dnn = make_dnn(data.n_items).eval()
+    policy = ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items)
+    rows = torch.from_numpy(data.train[:8].toarray())
+    a = policy.scores(torch.arange(8), rows)
+    assert not dnn.training
+    torch.testing.assert_close(policy.scores(torch.arange(8), rows), a)  # no dropout in either
+    policy.evaluate(data, ks=(20,))
+    assert not dnn.training
+    dnn.train()
+    policy.evaluate(data, ks=(20,))
+    assert dnn.training
+    cfg = FinetuneConfig(iterations=2, batch_size=8, eval_every=2, out=str(tmp_path / "ft"), progress=False,
+                         plot=False)
+    finetune(cfg, data, policy=policy)
+    assert dnn.training
+    dnn.eval()
+    finetune(FinetuneConfig(**{**cfg.to_dict(), "out": str(tmp_path / "ft2")}), data, policy=policy)
+    assert not dnn.training
+
+
+def test_outside_state_dict_refuses_a_checkpoint_without_outside_weights(data):
+    from refit.diffusion import GaussianDiffusion
+    from refit.models import build_model
+    from refit.recommender import Recommender
+
+    dnn = make_dnn(data.n_items)
+    state = ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items).state()
+    assert outside_state_dict(state).keys() == dnn.state_dict().keys()
+    own = Recommender("diffrec", build_model("diffrec", {"n_items": data.n_items, "dims": [16]}),
+                      GaussianDiffusion.from_betas(paper_betas()))
+    with pytest.raises(ValueError, match="holds a 'diffrec' model, not an outside module's weights"):
+        outside_state_dict({"recommender": own.state()})
+    with pytest.raises(ValueError, match="not a refit checkpoint"):
+        outside_state_dict({"weights": {}})
+
+
+def test_an_unwrapped_module_is_refused_before_anything_reads_it(data, tmp_path):
+    # Passing the outside module itself failed deep in the trainer with "'PaperDNN' object has no
+    # attribute 'selection_metric'"; the protocol's check names everything it lacks, first.
+    cfg = FinetuneConfig(iterations=1, batch_size=8, out=str(tmp_path / "ft"), progress=False, plot=False)
+    with pytest.raises(TypeError, match="PaperDNN is not a diffusion policy: it lacks sample, outputs"):
+        finetune(cfg, data, policy=make_dnn(data.n_items))
+
+
+def test_a_row_adapter_is_refused_on_sequence_data(tmp_path):
+    seq = load_dataset("synthetic-seq", n_users=40, n_items=30, mean_length=6, seed=1)
+    policy = ScheduleDenoiser(make_dnn(seq.n_items), paper_betas(), n_items=seq.n_items)
+    cfg = FinetuneConfig(iterations=1, batch_size=8, out=str(tmp_path / "ft"), progress=False, plot=False)
+    with pytest.raises(ValueError, match="a policy over interactions data, and these data are sequences"):
+        finetune(cfg, seq, policy=policy)
+    assert not os.path.exists(tmp_path / "ft" / "metrics.jsonl")
+
+
+class _Delegate:
+    """A policy that forwards every protocol call to a real one, so one method can be broken."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def sample(self, users, inputs, *, generator=None, temperature=1.0, rows=None, keep_graph=False, **options):
+        return self._inner.sample(users, inputs, generator=generator, temperature=temperature, rows=rows,
+                                  keep_graph=keep_graph, **options)
+
+    def outputs(self, users, inputs, traj):
+        return self._inner.outputs(users, inputs, traj)
+
+    def final_scores(self, users, inputs, final):
+        return self._inner.final_scores(users, inputs, final)
+
+    def pretraining_loss(self, episode, *, generator=None, rows=None):
+        return self._inner.pretraining_loss(episode, generator=generator, rows=rows)
+
+    def denoising_loss(self, users, inputs, x0, *, generator=None, rows=None):
+        return self._inner.denoising_loss(users, inputs, x0, generator=generator, rows=rows)
+
+    def training_target(self, users, inputs, final, *, exclude=None, k=20):
+        return self._inner.training_target(users, inputs, final, exclude=exclude, k=k)
+
+    def evaluate(self, data, *, ks=(20,), batch_size=64):
+        return self._inner.evaluate(data, ks=ks, batch_size=batch_size)
+
+    def state(self):
+        return self._inner.state()
+
+
+class _BatchMeanLoss(_Delegate):
+    def denoising_loss(self, users, inputs, x0, *, generator=None, rows=None):
+        per_row = self._inner.denoising_loss(users, inputs, x0, generator=generator, rows=rows)
+        return per_row.mean().expand(per_row.shape[0])  # the model's scalar loss, broadcast
+
+
+class _PaddingColumn(_Delegate):
+    def final_scores(self, users, inputs, final):
+        s = self._inner.final_scores(users, inputs, final)
+        return torch.cat([s, s[:, :1]], 1)
+
+
+class _NoKeepGraph(_Delegate):
+    def sample(self, users, inputs, *, generator=None, temperature=1.0, rows=None):
+        return self._inner.sample(users, inputs, generator=generator, temperature=temperature, rows=rows)
+
+
+@pytest.mark.parametrize("broken, message", [
+    (_BatchMeanLoss, "denoising_loss returned the same value for each of 4 rows"),
+    (_PaddingColumn, r"final_scores must return \(B, n_items\) scores \(4, 120\), got \(4, 121\)"),
+    (_NoKeepGraph, r"sample: the signature .* keep_graph"),
+])
+def test_check_policy_refuses_wrong_signatures_and_shapes(data, tmp_path, broken, message):
+    dnn = make_dnn(data.n_items)
+    policy = broken(ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items))
+    check_policy(_Delegate(policy._inner), data)  # the unbroken delegate passes
+    with pytest.raises(TypeError, match=message):
+        check_policy(policy, data)
+    cfg = FinetuneConfig(method="reward-weighted", group_size=4, iterations=1, batch_size=8,
+                         out=str(tmp_path / "ft"), progress=False, plot=False)
+    with pytest.raises(TypeError, match=message):
+        finetune(cfg, data, policy=policy)
+
+
+def test_the_shape_check_leaves_the_runs_random_draws_alone(data):
+    dnn = make_dnn(data.n_items)
+    dnn.train()
+    policy = ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    check_policy(policy, data, sample_options={"steps": 5})
+    assert torch.equal(torch.get_rng_state(), before)
+    assert dnn.training
+
+
+def test_a_run_given_loaded_data_records_their_source(tmp_path):
+    data = load_dataset("synthetic", **DATA)
+    assert data.source == "synthetic" and data.source_options == DATA
+    policy = ScheduleDenoiser(make_dnn(data.n_items), paper_betas(), n_items=data.n_items)
+    cfg = FinetuneConfig(iterations=1, batch_size=8, out=str(tmp_path / "ft"), progress=False, plot=False)
+    finetune(cfg, data, policy=policy)
+    meta = load_checkpoint(str(tmp_path / "ft" / "best.pt"))["data"]
+    assert meta["source"] == "synthetic" and meta["options"] == DATA
+
+
+OUTSIDE_MODULE = """
+import torch
+from torch import nn
+
+from refit.policy import ScheduleDenoiser
+
+
+class Net(nn.Module):
+    def __init__(self, n_items, hidden=16):
+        super().__init__()
+        self.n_items = n_items
+        self.inp = nn.Linear(n_items + 1, hidden)
+        self.out = nn.Linear(hidden, n_items)
+
+    def forward(self, x, t):
+        return self.out(torch.tanh(self.inp(torch.cat([x, t[:, None].float() / 10], 1))))
+
+
+def make(data):
+    torch.manual_seed(0)
+    return ScheduleDenoiser(Net(data.n_items), [1e-4 * (i + 1) for i in range(10)], n_items=data.n_items)
+"""
+
+
+def test_an_outside_checkpoint_round_trips_through_the_cli(tmp_path, monkeypatch):
+    # The CLI read only refit's own models: an outside policy's checkpoint failed with "unknown model
+    # 'external'". A factory named with --policy rebuilds the policy, and the weights are loaded into it.
+    (tmp_path / "outside_net.py").write_text(OUTSIDE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import outside_net
+
+    data = load_dataset("synthetic", **DATA)
+    summary = finetune(FinetuneConfig(iterations=2, batch_size=8, eval_every=2, lr=1e-2, out=str(tmp_path / "ft"),
+                                      progress=False, plot=False), data, policy=outside_net.make(data))
+
+    def refit(*args):
+        return subprocess.run([sys.executable, "-m", "refit", "-q", *args], capture_output=True, text=True,
+                              env=_env(), timeout=300, cwd=tmp_path)
+
+    bare = refit("evaluate", "--checkpoint", "ft/best.pt", "--json")
+    assert bare.returncode == 2 and "holds an outside policy's weights (Net)" in bare.stderr
+    assert "--policy MODULE:FUNCTION" in bare.stderr
+    ev = refit("evaluate", "--checkpoint", "ft/best.pt", "--policy", "outside_net:make", "--json")
+    assert ev.returncode == 0, ev.stderr
+    got = json.loads(ev.stdout)["test"]
+    assert got["recall@20"] == pytest.approx(summary["test"]["recall@20"], abs=1e-6)
+    ft = refit("finetune", "--checkpoint", "ft/best.pt", "--policy", "outside_net:make", "--iterations", "2",
+               "--batch-size", "8", "--eval-every", "2", "--no-plot", "--out", "ft2")
+    assert ft.returncode == 0, ft.stderr
+    state = load_checkpoint(str(tmp_path / "ft2" / "last.pt"))
+    assert state["iteration"] == 2 and state["config"]["policy_factory"] == "outside_net:make"
+    resumed = refit("finetune", "--checkpoint", "ft/best.pt", "--policy", "outside_net:make", "--iterations", "3",
+                    "--batch-size", "8", "--eval-every", "2", "--no-plot", "--out", "ft2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr  # a run continues to more iterations
+    assert load_checkpoint(str(tmp_path / "ft2" / "last.pt"))["iteration"] == 3
+    for spec, message in [("outside_net:nope", "outside_net has no function 'nope'"),
+                          ("no_such_module:make", "cannot import 'no_such_module'"),
+                          ("outside_net", "--policy must be MODULE:FUNCTION")]:
+        bad = refit("evaluate", "--checkpoint", "ft/best.pt", "--policy", spec)
+        assert bad.returncode == 2 and message in bad.stderr, (spec, bad.stderr)
+    own = refit("evaluate", "--checkpoint", "ft2/best.pt", "--policy", "outside_net:make", "--json")
+    assert own.returncode == 0, own.stderr
+
+
 # --- DreamRec through the same trainer -----------------------------------------------------------
 
 SEQ = {"n_users": 100, "n_items": 50, "mean_length": 10, "seed": 2}

@@ -28,6 +28,12 @@ def test_scipy_matrix_and_array():
     _check(as_csr(sp.coo_matrix(DENSE), "m"))  # converted with tocsr()
 
 
+def test_the_name_is_optional_and_only_labels_errors():
+    _check(as_csr(sp.csr_matrix(DENSE)))
+    with pytest.raises(ValueError, match="^matrix: expected 5 columns"):
+        as_csr(sp.csr_matrix(DENSE), n_cols=5)
+
+
 def test_torch_sparse_csr():
     _check(as_csr(torch.from_numpy(DENSE).to_sparse_csr(), "m"))
 
