@@ -414,11 +414,45 @@ def _sequence_baseline_rows(args, data, state, splits, ks):
     return rows
 
 
+def cmd_evaluate_outside(args) -> int:
+    """``refit evaluate`` of an outside policy's checkpoint: ``--policy MODULE:FUNCTION`` rebuilds the
+    policy from the data, the checkpoint's weights are loaded into it, and the policy evaluates itself."""
+    from .data import load_dataset
+    from .trainer import load_policy
+
+    if args.min_target_rating is not None:
+        raise ValueError("--min-target-rating is not available for outside policies: they evaluate themselves")
+    data = load_dataset(args.data, **_data_options(args)) if args.data else None
+    policy, data, state = load_policy(args.checkpoint, data, device=_device(), precision=args.precision,
+                                      allow_other_data=args.allow_other_data, factory=args.policy)
+    sequences = hasattr(data, "targets")
+    ks = args.ks if args.ks is not None else ([10, 20, 50] if sequences else [10, 20, 50, 100])
+    results = policy.evaluate(data, ks=tuple(ks), batch_size=args.batch_size)
+    splits = ["valid", "test"] if args.split == "both" else [args.split]
+    results = {s: results[s] for s in splits}
+    if not _main():
+        return 0
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        return 0
+    config = state["recommender"]["model"].get("config", {})
+    what = config.get("external") or config.get("outside") or "outside model"
+    print(f"{args.checkpoint}: {what} (built by {args.policy}) on {state.get('data', {}).get('source', '?')} "
+          f"({data.n_items} items)")
+    print(format_table([(s, results[s]) for s in splits], ks,
+                       ("hr", "ndcg", "mrr") if sequences else ("recall", "ndcg", "precision", "mrr")))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .pretrain import evaluate_recommender, load_recommender
 
     _check_file_arg("--checkpoint", args.checkpoint)
+    from .policy import OUTSIDE_MODELS
+
+    if args.policy is not None or _checkpoint_model(args.checkpoint) in OUTSIDE_MODELS:
+        return cmd_evaluate_outside(args)
     if _checkpoint_model(args.checkpoint) == "dreamrec":
         if args.min_target_rating is not None:
             raise ValueError("--min-target-rating needs interaction data with ratings; a dreamrec checkpoint's "
@@ -571,6 +605,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
     d = FinetuneConfig()
     p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
+    p.add_argument("--policy", default=None, metavar="MODULE:FUNCTION",
+                   help="for a checkpoint of an outside policy: the function that builds the policy from the data "
+                        "(see refit evaluate --policy)")
     _add_data_args(p, required=False)
     p.add_argument("--allow-other-data", action="store_true",
                    help="use --data although the checkpoint records another data fingerprint, or none (a model "
@@ -662,7 +699,7 @@ def _finetune_config(args, out: str):
     from .trainer import FinetuneConfig
 
     return FinetuneConfig(
-        checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args),
+        checkpoint=args.checkpoint, policy_factory=args.policy, data=args.data, data_options=_data_options(args),
         allow_other_data=args.allow_other_data, iterations=args.iterations,
         batch_size=args.batch_size,
         lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
@@ -827,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("evaluate", help="full-ranking metrics of a saved model")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by refit")
+    p.add_argument("--policy", default=None, metavar="MODULE:FUNCTION",
+                   help="for a checkpoint of an outside policy (ScheduleDenoiser, LatentScheduleDenoiser): the "
+                        "function that builds the policy from the data; the checkpoint's weights are loaded into "
+                        "it (the module is imported, with the working directory on the path)")
     _add_data_args(p, required=False)
     p.add_argument("--allow-other-data", action="store_true",
                    help="use --data although the checkpoint records another data fingerprint, or none (a model "
