@@ -316,6 +316,9 @@ class InteractionEpisodes:
         """The training interactions whose rows N_sim-K counts (n_users x n_items)."""
         return self.train
 
+    def __len__(self) -> int:
+        return int(self.candidates.numel())
+
     def sample(self, n: int, generator: torch.Generator) -> Episode:
         pick = torch.randperm(self.candidates.numel(), generator=generator)[:n]
         return make_episode(self.train, self.candidates[pick], self.target, self.hide_fraction, generator)
@@ -337,6 +340,9 @@ class SequenceEpisodes:
     @property
     def neighbor_sets(self) -> rk.CSR:
         return self.train
+
+    def __len__(self) -> int:
+        return len(self.targets)
 
     def sample(self, n: int, generator: torch.Generator) -> Episode:
         pick = torch.randperm(len(self.targets), generator=generator)[:n]

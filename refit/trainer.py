@@ -27,7 +27,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source, kept_modes
-from .reward import (REWARDS, TARGETS, Episode, map_inputs, ranking_reward, rank_metrics, repeat_episode,
-                     select_episode, slice_episode)
+from .reward import (REWARDS, TARGETS, Episode, Reward, collaborative_reward, map_inputs, ranking_reward, rank_metrics,
+                     repeat_episode, select_episode, slice_episode)
 from . import distributed as dist
 from .runs import RunDir, atomic_write, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .similarity import shared_similar_users
@@ -390,11 +390,28 @@ class ReFiT:
     identical on every rank, does not depend on N.
     """
 
-    def __init__(self, policy, data, config: FinetuneConfig, *, neighbors: Optional[torch.Tensor] = None):
+    def __init__(self, policy, data, config: FinetuneConfig, *, neighbors: Optional[torch.Tensor] = None,
+                 reward_fn: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None, episodes=None):
         """``neighbors``: an (n_users, config.similar_users) int64 similar-user table (-1 padded, as
         from :func:`refit.similarity.similar_users`) to use instead of computing one, e.g. to share
-        one table between runs on the same training data."""
+        one table between runs on the same training data.
+
+        ``reward_fn(scores, episode) -> (B,)``: the reward to optimise instead of the collaborative one
+        (``config.reward``, ``k``, ``alpha``). ``scores`` are the (B, n_items) float32 final scores,
+        ``episode`` the :class:`~refit.reward.Episode` of those rows (its CSRs on the scores' device);
+        it returns (B,) finite floats, higher is better. The probe reward is then this reward too; the
+        logged ``n_k`` and ``n_sim_k`` still count the collaborative parts.
+
+        ``episodes``: where episodes come from instead of :func:`refit.policy.episode_source`: an
+        object with ``sample(n, generator) -> Episode`` (n distinct episodes, drawn with the
+        generator alone), ``neighbor_sets`` (the n_users x n_items CSR whose rows N_sim-K counts) and
+        ``len()`` (how many distinct episodes it draws from).
+        """
         check_policy(policy)
+        if reward_fn is not None and not callable(reward_fn):
+            raise TypeError(f"reward_fn must be a function (scores, episode) -> (B,) rewards, got "
+                            f"{type(reward_fn).__name__}")
+        self.reward_fn = reward_fn
         self.policy = self.rec = policy  # ``rec``: the former name
         self.data, self.config = data, config
         self.world = dist.world_size()
@@ -413,7 +430,14 @@ class ReFiT:
         if self.world > 1 and config.minibatch_size is not None:
             raise ValueError("minibatch_size is for one process: under torchrun each rank's share of the batch "
                              "is already a minibatch of the global one; use ppo_epochs without it")
-        self.episodes = episode_source(data, config.target, config.hide_fraction)
+        if episodes is None:
+            episodes = episode_source(data, config.target, config.hide_fraction)
+        else:
+            missing = [a for a in ("sample", "neighbor_sets", "__len__") if not hasattr(episodes, a)]
+            if missing:
+                raise TypeError(f"episodes ({type(episodes).__name__}) must have sample(n, generator), "
+                                f"neighbor_sets and len(); it lacks {', '.join(missing)}")
+        self.episodes = episodes
         self.train_csr = self.episodes.neighbor_sets
         self._neighbor_sets = None  # train_csr on the device of the scores (see rollout)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -565,6 +589,16 @@ class ReFiT:
         positives' ranks when already taken), on the CPU."""
         cfg = self.config
         on_dev, neighbors = self._on_scores_device(scores, episode)
+        if self.reward_fn is not None:
+            parts = collaborative_reward(scores, on_dev, neighbors, self._neighbor_sets, k=cfg.k, alpha=cfg.alpha)
+            r = self.reward_fn(scores, on_dev)
+            B = scores.shape[0]
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != (B,) or not r.is_floating_point():
+                got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(f"reward_fn must return a ({B},) float tensor (one reward per row), got {got}")
+            if not bool(torch.isfinite(r).all()):
+                raise ValueError("reward_fn returned a NaN or infinite reward")
+            return Reward(r.detach().float().cpu(), parts.n_k.cpu(), parts.n_sim_k.cpu())
         reward = ranking_reward(scores, on_dev, neighbors, self._neighbor_sets, kind=cfg.reward, k=cfg.k,
                                 alpha=cfg.alpha, ranks=ranks)
         return type(reward)(*(r.cpu() for r in reward))
@@ -583,8 +617,7 @@ class ReFiT:
         if cfg.probe_size == 0:
             return {}
         if self._probe is None:
-            n = min(cfg.probe_size, len(self.episodes.targets) if hasattr(self.episodes, "targets")
-                    else self.episodes.candidates.numel())
+            n = min(cfg.probe_size, len(self.episodes))
             self._probe = self.episodes.sample(n, torch.Generator().manual_seed(cfg.seed + 104_729))
         episode = self._probe
         gen = torch.Generator().manual_seed(cfg.seed + 15_485_863)
@@ -1002,13 +1035,17 @@ def _plot(run: RunDir) -> Optional[str]:
 
 
 def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwrite: bool = False,
-             device: Any = "cpu", max_iterations_this_run: Optional[int] = None, policy=None) -> Dict[str, Any]:
+             device: Any = "cpu", max_iterations_this_run: Optional[int] = None, policy=None,
+             reward_fn: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None, episodes=None) -> Dict[str, Any]:
     """Runs (or resumes) ReFiT from a pretrained checkpoint; returns the summary (also summary.json).
 
     ``config.checkpoint`` is any refit checkpoint (DiffRec, CF-Diff, DreamRec,
     or a model imported into refit's format); ``policy`` instead fine-tunes a
     policy built in this process (e.g. an outside model wrapped by
     :func:`refit.policy.ScheduleDenoiser`), with ``data`` given.
+
+    ``reward_fn`` and ``episodes`` replace the collaborative reward and the data's episodes (see
+    :class:`ReFiT`); neither is recorded, so a resumed run must be given them again.
 
     ``max_iterations_this_run`` stops early without finishing (as a killed run would). A ``policy``
     is checked first (:func:`refit.policy.check_policy`) and returned to the train/eval mode it had.
@@ -1033,7 +1070,7 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwri
              else contextlib.nullcontext())
     with modes, StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
                                                                   inputs=[config.checkpoint]):
-        return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy)
+        return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy, reward_fn, episodes)
 
 
 def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,
@@ -1075,7 +1112,7 @@ def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optiona
 
 
 def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_iterations_this_run: Optional[int],
-              stops: StopRequests, policy=None) -> Dict[str, Any]:
+              stops: StopRequests, policy=None, reward_fn=None, episodes=None) -> Dict[str, Any]:
     t_start = time.perf_counter()
     dist.warn_if_not_joined("finetune")
     run = RunDir(config.out)
@@ -1096,7 +1133,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
     fingerprint = data_fingerprint(data)
     selection = rec.selection_metric
     torch.manual_seed(config.seed)
-    trainer = ReFiT(rec, data, config)
+    trainer = ReFiT(rec, data, config, reward_fn=reward_fn, episodes=episodes)
 
     start, best = 1, None
     elapsed_before = 0.0
@@ -1145,7 +1182,9 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
 
     def evaluate(iteration: int) -> Dict[str, Any]:
         t = time.perf_counter()
-        ks = config.ks or ((10, 20, 50) if hasattr(data, "targets") else (10, 20, 50, 100))
+        # The default cut-offs that fit the item count (a small catalogue has no top 100).
+        ks = config.ks or tuple(k for k in ((10, 20, 50) if hasattr(data, "targets") else (10, 20, 50, 100))
+                                if k <= data.n_items)
         metrics = rec.evaluate(data, ks=ks, batch_size=config.eval_batch_size)
         probe = trainer.probe()
         return {"iteration": iteration, "valid": metrics["valid"], "test": metrics["test"], **probe,
