@@ -478,6 +478,48 @@ def load_outside_policy(path: str, state: Dict[str, Any], data: Any, factory: Ca
     return policy
 
 
+def _check_plain(value: Any, where: str) -> None:
+    """TypeError naming ``where`` unless ``value`` is made of None, bool, int, float, str, lists and
+    str-keyed dicts (what a checkpoint may hold besides tensors, read back without running code)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: keys must be strings, got {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} must be a plain value (None, bool, int, float, str, list, dict), got "
+                    f"{type(value).__name__}")
+
+
+def policy_state(module: torch.nn.Module, name: str, **meta: Any) -> Dict[str, Any]:
+    """What an outside policy's ``state()`` returns, in the checkpoint layout refit reads
+    (:mod:`refit.runs`): ``{"model": {"name": "external", "config": {"external": name, **meta},
+    "state_dict": ...}}``.
+
+    ``module`` is the policy's module (every trained parameter; its ``state_dict`` is copied to the
+    CPU, detached); ``name`` labels the model in messages; ``meta`` are plain values (numbers,
+    strings, lists, dicts) the policy wants kept. Resume restores the module from this state_dict;
+    ``refit evaluate --policy MODULE:FUNCTION`` rebuilds the policy and loads it.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"policy_state: module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"policy_state: name must be a non-empty string, got {name!r}")
+    _check_plain(meta, "policy_state meta")
+    if "weights_prefix" in meta:
+        raise TypeError("policy_state: 'weights_prefix' is refit's own key (where the module's weights sit in the "
+                        "state_dict); choose another name")
+    # weights_prefix "": the state_dict is the module's own (an adapter's sits under "denoiser.").
+    return {"model": {"name": "external", "config": {"external": name, **meta, "weights_prefix": ""},
+                      "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}}
+
+
 def outside_state_dict(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The outside module's own ``state_dict`` from a checkpoint of an outside policy (a
     :func:`ScheduleDenoiser` run's ``best.pt`` / ``last.pt``, loaded with
@@ -493,8 +535,9 @@ def outside_state_dict(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     except (KeyError, TypeError) as exc:
         raise ValueError("outside_state_dict: not a refit checkpoint or policy state (it has no "
                          "['recommender']['model']['state_dict'] nor ['model']['state_dict'])") from exc
-    out = {k[len("denoiser."):]: v for k, v in sd.items() if k.startswith("denoiser.")}
-    if not out:
+    prefix = str((model.get("config") or {}).get("weights_prefix", "denoiser."))
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if model.get("name") not in OUTSIDE_MODELS or not out:
         raise ValueError(f"outside_state_dict: the checkpoint holds a {model.get('name', 'refit')!r} model, not an "
                          "outside module's weights (only runs of a ScheduleDenoiser or LatentScheduleDenoiser "
                          "policy hold them); load it with refit.trainer.load_policy instead")
@@ -503,4 +546,4 @@ def outside_state_dict(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 __all__ = ["PROTOCOL", "DATA_KINDS", "DiffusionPolicy", "data_kind", "check_policy", "batched_outputs", "InteractionEpisodes", "SequenceEpisodes",
            "episode_source", "kept_modes", "ScheduleDenoiser", "outside_state_dict", "OUTSIDE_MODELS", "import_factory",
-           "load_outside_policy"]
+           "load_outside_policy", "policy_state"]

@@ -20,8 +20,12 @@ The layout of a checkpoint (a ``torch.save`` dict of plain values)::
     version      1
     kind         "pretrain" | "finetune" | "import" | "model"
     recommender  what rebuilds the model (Recommender.state() / SeqRecommender.state()):
-        model        {"name": "diffrec" | "cfdiff" | "dreamrec" | "external", "config": {...},
-                      "state_dict": {name: tensor}}
+        model        {"name": "diffrec" | "cfdiff" | "dreamrec" | "external" | "external-latent",
+                      "config": {...}, "state_dict": {name: tensor}}; the two outside kinds hold
+                      a module refit cannot rebuild (refit.policy.ScheduleDenoiser and
+                      refit.latent_adapter.LatentScheduleDenoiser; refit.policy.policy_state
+                      writes this entry for a policy of one's own): refit.policy.outside_state_dict
+                      gives the module's weights, --policy MODULE:FUNCTION rebuilds it
         diffusion    DiffusionConfig fields (steps, schedule, mean type, ...)
         inference    sampling settings (DiffRec: sampling_steps, sampling_noise; DreamRec: w,
                      eval_steps) and precision
@@ -102,6 +106,12 @@ def atomic_write(path: str, write) -> None:
 RECOMMENDER_KEYS = ("model", "diffusion", "inference")
 
 
+def _is_outside_model(state: Dict[str, Any]) -> bool:
+    """Whether ``state`` is a bare outside policy's state (its ``model`` entry only)."""
+    model = state.get("model")
+    return isinstance(model, dict) and model.get("name") in ("external", "external-latent") and "kind" not in state
+
+
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     """Saves a checkpoint dict (tagged with the format and version) atomically.
 
@@ -112,13 +122,16 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     """
     if not isinstance(state, dict):
         raise ValueError(f"a checkpoint is a dict, got {type(state).__name__}")
-    if "recommender" not in state and all(k in state for k in RECOMMENDER_KEYS):
+    if "recommender" not in state and (all(k in state for k in RECOMMENDER_KEYS) or _is_outside_model(state)):
         state = {"kind": "model", "recommender": state}
     rec = state.get("recommender")
     if not isinstance(rec, dict):
         raise ValueError("a refit checkpoint needs a 'recommender' entry (a recommender's state(): "
                          f"{', '.join(RECOMMENDER_KEYS)}); got the keys {sorted(state)}")
-    missing = [k for k in RECOMMENDER_KEYS if k not in rec]
+    # An outside policy's entry (refit.policy.policy_state) needs only its model: refit rebuilds
+    # nothing else of it.
+    outside = isinstance(rec.get("model"), dict) and rec["model"].get("name") in ("external", "external-latent")
+    missing = [k for k in (("model",) if outside else RECOMMENDER_KEYS) if k not in rec]
     if missing:
         raise ValueError(f"the checkpoint's 'recommender' entry lacks {', '.join(missing)} (see refit.runs)")
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}

@@ -278,6 +278,8 @@ class _Delegate:
         self._inner = inner
 
     def __getattr__(self, name):
+        if name == "_inner":  # not set yet (copy.deepcopy builds the object before its __dict__)
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     def sample(self, users, inputs, *, generator=None, temperature=1.0, rows=None, keep_graph=False, **options):
@@ -359,6 +361,45 @@ def test_a_run_given_loaded_data_records_their_source(tmp_path):
     finetune(cfg, data, policy=policy)
     meta = load_checkpoint(str(tmp_path / "ft" / "best.pt"))["data"]
     assert meta["source"] == "synthetic" and meta["options"] == DATA
+
+
+class _OwnState(_Delegate):
+    """A policy of one's own that writes its checkpoint entry with policy_state."""
+
+    def state(self):
+        from refit.policy import policy_state
+
+        return policy_state(self.module, "my-policy", steps=10, note="kept")
+
+
+def test_policy_state_writes_a_checkpoint_refit_resumes_and_reloads(data, tmp_path):
+    from refit.policy import load_outside_policy, policy_state
+
+    def make(d):
+        return _OwnState(ScheduleDenoiser(make_dnn(d.n_items, seed=3), paper_betas(), n_items=d.n_items))
+
+    policy = make(data)
+    cfg = FinetuneConfig(iterations=4, batch_size=8, eval_every=2, checkpoint_every=2, lr=1e-2,
+                         out=str(tmp_path / "ft"), progress=False, plot=False)
+    finetune(cfg, data, policy=policy, max_iterations_this_run=2)
+    resumed = make(data)  # fresh weights: only a real resume gives the uninterrupted run's
+    finetune(cfg, data, policy=resumed, resume=True)
+    whole = make(data)
+    finetune(FinetuneConfig(**{**cfg.to_dict(), "out": str(tmp_path / "whole")}), data, policy=whole)
+    for k, v in whole.module.state_dict().items():
+        torch.testing.assert_close(resumed.module.state_dict()[k], v, msg=k)
+    state = load_checkpoint(str(tmp_path / "ft" / "last.pt"))
+    model = state["recommender"]["model"]
+    assert model["name"] == "external" and model["config"] == {"external": "my-policy", "steps": 10,
+                                                                 "note": "kept", "weights_prefix": ""}
+    assert outside_state_dict(state).keys() == resumed.module.state_dict().keys()
+    again = load_outside_policy("last.pt", state, data, make)
+    for k, v in resumed.module.state_dict().items():
+        assert torch.equal(again.module.state_dict()[k], v), k
+    with pytest.raises(TypeError, match=r"policy_state meta\['table'\] must be a plain value"):
+        policy_state(policy.module, "x", table=torch.zeros(2))
+    with pytest.raises(TypeError, match="name must be a non-empty string"):
+        policy_state(policy.module, "")
 
 
 OUTSIDE_MODULE = """
