@@ -715,7 +715,11 @@ class ReFiT:
             adv = adv * keep_all[lo:lo + n_local].to(adv)
             anchor_rows = (lo, n_global)
         sub = _Rows(*_select_rows(episode._replace(inputs=inputs), traj, rows))
-        stats["kl"] = self._kl_to_start(sub)
+        # The diagnostic over the kept trajectories, whatever the number of processes (under torchrun
+        # ``sub`` also holds the dropped groups' rows, which weigh 0 in the update).
+        kept_local = torch.nonzero(keep_all[lo:lo + n_local]).flatten()
+        stats["kl"] = self._kl_to_start(sub if self.world == 1 else
+                                        _Rows(*_select_rows(episode._replace(inputs=inputs), traj, kept_local)))
         steps = self._train_steps(traj.preds.shape[0])
         loss, anchor, grad_norm, clip_frac = torch.zeros(()), 0.0, 0.0, 0.0
         if n_kept:

@@ -171,3 +171,86 @@ def dreamrec_pretrain_run(out: str):
     return {"summary": summary, "params": state["recommender"]["model"]["state_dict"],
             "generator": state["rng"]["generator"]}
 
+
+
+# --- an outside latent model (LatentScheduleDenoiser) under torchrun -------------------------------------
+
+#: Fine-tuning cases of an outside DreamRec-style model (tests/test_latent_adapter.py's Tenc, wrapped by
+#: refit.latent_adapter.LatentScheduleDenoiser), started from a checkpoint of it and rebuilt by the factory
+#: below, as ``refit finetune --policy _dist_cases:latent_policy`` would. Run by this file's ``__main__``
+#: under torchrun, and by the test in one process.
+LATENT_CASES = {
+    # GRPO, groups of 4: the groups' advantages from the all-gathered rewards, each rank its users' rows.
+    "latent-grpo": dict(batch_size=16, group_size=4, method="grpo"),
+}
+LATENT_FACTORY = "_dist_cases:latent_policy"
+
+
+def latent_policy(data):
+    """The outside latent policy over ``data``: a Tenc (hidden 16, windows of 6) and a 10-step schedule in
+    DreamRec's published style, seeded (the same weights in every process)."""
+    from refit.latent_adapter import LatentScheduleDenoiser
+    from test_latent_adapter import Tenc, diffusion, parts
+
+    torch.manual_seed(0)
+    model = Tenc(16, data.n_items, 6)
+    diff = diffusion(10, 1e-4, 0.2, 2.0)
+    return LatentScheduleDenoiser(model, diff.betas, n_items=data.n_items, max_len=6, w=diff.w, **parts())
+
+
+def latent_checkpoint(path: str) -> str:
+    """A checkpoint of :func:`latent_policy` on :func:`seq_data` (what a run of it would start from)."""
+    from refit.runs import data_fingerprint, save_checkpoint
+
+    d = seq_data()
+    save_checkpoint(path, {"kind": "model", "recommender": latent_policy(d).state(),
+                           "data": {"source": "synthetic-seq", "options": dict(SEQ_DATA),
+                                    "fingerprint": data_fingerprint(d)}})
+    return path
+
+
+def latent_finetune_step(checkpoint: str, name: str):
+    """:func:`finetune_step` of a :data:`LATENT_CASES` case: the outside policy rebuilt by its factory with
+    the checkpoint's weights (refit.trainer.load_policy), then two ReFiT steps, recorded alike."""
+    cfg = FinetuneConfig(checkpoint=checkpoint, policy_factory=LATENT_FACTORY, lr=1e-3, grad_clip=1e9, seed=5,
+                         progress=False, plot=False, **LATENT_CASES[name])
+    rec, d, _ = load_policy(checkpoint, seq_data(), factory=cfg.policy_factory)
+    torch.manual_seed(cfg.seed)
+    trainer = ReFiT(rec, d, cfg)
+    grads = []
+    names = {id(p): n for n, p in rec.module.named_parameters()}
+
+    def record(optimizer, args, kwargs):
+        grads.append({names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups
+                      for p in group["params"] if p.grad is not None})
+
+    trainer.optimizer.register_step_pre_hook(record)
+    first = trainer.step()
+    second = trainer.step()
+    # The guided x0 predictions of the trained policy along fixed trajectories: the function its
+    # parameters compute, compared across process counts where single parameters are ill-posed.
+    episode = trainer.episodes.sample(8, torch.Generator().manual_seed(17))
+    traj = rec.sample(episode.users, episode.inputs, generator=torch.Generator().manual_seed(18))
+    with torch.no_grad():
+        outputs = rec.outputs(episode.users, episode.inputs, traj)
+    return {"stats": [first, second], "grads": grads,
+            "params": {k: v.detach().clone() for k, v in rec.module.state_dict().items()},
+            "generator": trainer.generator.get_state(), "ema": trainer.baseline.ema,
+            "optimizer": {k: v for k, v in trainer.optimizer.defaults.items() if k in ("lr", "weight_decay")},
+            "outputs": outputs, "final": traj.final}
+
+
+if __name__ == "__main__":
+    # python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_cases.py OUT CHECKPOINT
+    # runs LATENT_CASES on every rank; rank 0 saves {"world": ..., "finetune": {name: result}} to OUT/results.pt.
+    import os
+    import sys
+
+    out, checkpoint = sys.argv[1], sys.argv[2]
+    info = dist.init()
+    assert info.distributed and info.world_size == 2 and info.backend == "gloo", info
+    results = {"world": (info.rank, info.world_size, info.backend),
+               "finetune": {name: latent_finetune_step(checkpoint, name) for name in LATENT_CASES}}
+    dist.shutdown()
+    if info.rank == 0:
+        torch.save(results, os.path.join(out, "results.pt"))

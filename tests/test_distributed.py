@@ -360,3 +360,76 @@ def test_distributed_dreamrec_pretraining_equals_one_process(two_ranks, tmp_path
         torch.testing.assert_close(nets[1].encode(history, lengths), nets[0].encode(history, lengths),
                                    rtol=1e-4, atol=1e-4)
 
+
+
+# --- an outside latent model (LatentScheduleDenoiser) under torchrun -------------------------------------
+
+@pytest.fixture(scope="module")
+def latent_start(tmp_path_factory):
+    """A checkpoint of the outside latent policy of tests/_dist_cases.py (its factory rebuilds it)."""
+    return cases.latent_checkpoint(str(tmp_path_factory.mktemp("latent") / "start.pt"))
+
+
+@pytest.fixture(scope="module")
+def latent_two_ranks(tmp_path_factory, latent_start):
+    """tests/_dist_cases.py's LATENT_CASES run by 2 processes."""
+    out = tmp_path_factory.mktemp("dist-latent")
+    torchrun(os.path.join(HERE, "_dist_cases.py"), str(out), latent_start, cwd=str(out))
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def latent_one_process(latent_start):
+    """The same LATENT_CASES in this process."""
+    return {name: cases.latent_finetune_step(latent_start, name) for name in cases.LATENT_CASES}
+
+
+@pytest.mark.parametrize("name", list(cases.LATENT_CASES))
+def test_distributed_outside_latent_finetune_equals_one_process(latent_two_ranks, latent_one_process, latent_start,
+                                                                name):
+    """An outside DreamRec-style model through LatentScheduleDenoiser, rebuilt by its factory from a
+    checkpoint: 2 ranks take the steps one process takes (the same checks as the refit models' cases)."""
+    assert latent_two_ranks["world"] == (0, 2, "gloo")
+    single = latent_one_process[name]
+    multi = latent_two_ranks["finetune"][name]
+    assert torch.equal(multi["generator"], single["generator"])
+    for a, b in zip(multi["stats"], single["stats"]):
+        for key in ("reward", "n_k", "n_sim_k", "kept_fraction", "zero_variance_groups"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
+    assert all(s["kept_fraction"] > 0 and s["grad_norm"] > 0 for s in single["stats"])  # GRPO had groups to compare
+    assert min(s["kept_fraction"] for s in single["stats"]) < 1  # and dropped tied ones (each rank its own)
+    assert len(multi["grads"]) == len(single["grads"]) == 2
+    for step, (gm, gs) in enumerate(zip(multi["grads"], single["grads"])):
+        assert gm.keys() == gs.keys()
+        assert {"denoiser.q.weight", "denoiser.diffuser.0.weight", "denoiser.none_embedding.weight"} <= gs.keys()
+        scale = max(float(g.abs().max()) for g in gs.values())
+        for n, g in gs.items():
+            torch.testing.assert_close(gm[n], g, rtol=1e-3, atol=1e-3 * max(float(g.abs().max()), 1e-3 * scale),
+                                       msg=(step, n))
+    pre = load_checkpoint(latent_start)["recommender"]["model"]["state_dict"]
+    assert pre.keys() == single["params"].keys() == multi["params"].keys()
+    for run in (single, multi):  # the parameters are exactly AdamW's steps on those gradients
+        replayed = cases.replay_adamw(pre, run["grads"], run["optimizer"])
+        for k, v in replayed.items():
+            torch.testing.assert_close(run["params"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    moved = max(float((single["params"][k] - pre[k]).abs().max()) for k in pre)
+    assert moved > 1e-4
+    # The parameters themselves, to float32 rounding: all but the attention's key bias, whose gradient is
+    # rounding noise alone (softmax ignores a shift shared by every key) that Adam scales to steps of lr;
+    # and the function they compute, key bias included: the guided x0 predictions along fixed trajectories.
+    for k, v in single["params"].items():
+        if k != "denoiser.k.bias":
+            torch.testing.assert_close(multi["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(multi["outputs"], single["outputs"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(multi["final"], single["final"], rtol=1e-4, atol=1e-4)
+
+
+def test_distributed_grpo_kl_diagnostic_equals_one_process(latent_two_ranks, latent_one_process):
+    # It was taken over the kept trajectories in one process but over all of a rank's trajectories
+    # (dropped GRPO groups included) under torchrun.
+    single, multi = latent_one_process["latent-grpo"], latent_two_ranks["finetune"]["latent-grpo"]
+    assert single["stats"][1]["kept_fraction"] < 1  # a tied group was dropped at the second step
+    for a, b in zip(multi["stats"], single["stats"]):
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-4)
