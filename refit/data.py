@@ -330,7 +330,10 @@ def load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceDat
     if isinstance(name_or_path, (str, os.PathLike)):
         # What a checkpoint records of its data when a run is given the data object itself
         # (finetune(policy=..., data=...)): commands reload the data from it.
-        data.source, data.source_options = os.fspath(name_or_path), dict(options)
+        # A path is recorded absolute, so the checkpoint finds its data from any working directory.
+        source = os.fspath(name_or_path)
+        data.source = os.path.abspath(source) if os.path.exists(source) else source
+        data.source_options = dict(options)
     return data
 
 

@@ -140,7 +140,10 @@ class DiffusionPolicy(Protocol):
         """``{"valid": metrics, "test": metrics}`` with ``selection_metric`` among the metrics."""
 
     def state(self) -> Dict[str, Any]:
-        """Everything a checkpoint holds of the policy (``["model"]["state_dict"]``: the module's)."""
+        """Everything a checkpoint holds of the policy: ``{"model": {"name", "config", "state_dict"},
+        "diffusion": ..., "inference": ...}`` as refit's own policies write it, or, for a policy of
+        one's own, :func:`policy_state` (``model`` alone, named "external"). Resume loads
+        ``["model"]["state_dict"]`` into ``module``."""
 
 
 def data_kind(data: Any) -> str:
@@ -252,11 +255,28 @@ def _smoke_test(policy: Any, data: Any, options: Dict[str, Any]) -> None:
         want("training_target", target, (B, D), "(B, D) targets")
         loss = call("denoising_loss", episode.users, inputs, target, generator=g)
         want("denoising_loss", loss, (B,), "(B,) per-row losses")
+        _check_state(name, call("state"), module)
         if B >= 3 and bool((loss == loss[0]).all()) and not bool((target == target[0]).all()):
             raise TypeError(f"{name}.denoising_loss returned the same value for each of {B} rows with "
                             f"different targets ({float(loss[0].detach()):.6g}): it must be each row's own loss, not "
                             "a batch mean broadcast to (B,); with one value every weighting of the rows "
                             "(reward-weighted fine-tuning) would be ignored")
+
+
+def _check_state(name: str, state: Any, module: torch.nn.Module) -> None:
+    """TypeError unless ``state`` is a checkpoint entry refit can save and resume (see
+    :meth:`DiffusionPolicy.state`)."""
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("state_dict"), dict):
+        raise TypeError(f"{name}.state() must return a dict whose 'model' entry holds the module's 'state_dict' "
+                        "(use refit.policy.policy_state(module, name) for a policy of your own)")
+    if model.get("name") not in OUTSIDE_MODELS and not all(k in state for k in ("diffusion", "inference")):
+        raise TypeError(f"{name}.state() names its model {model.get('name')!r}, which refit would rebuild, but has "
+                        "no 'diffusion' and 'inference' entries; a policy of your own returns "
+                        "refit.policy.policy_state(module, name) instead")
+    if set(model["state_dict"]) != set(module.state_dict()):
+        raise TypeError(f"{name}.state()['model']['state_dict'] must be the module's own state_dict (resume loads it "
+                        "into policy.module)")
 
 
 @contextlib.contextmanager

@@ -337,8 +337,12 @@ def test_finetune_on_other_data_needs_the_flag_and_records_its_data(tmp_path, da
         finetune(FinetuneConfig(**cfg, out=str(tmp_path / "refused")), other)
     finetune(FinetuneConfig(**cfg, allow_other_data=True, out=str(tmp_path / "ft")), other)
     saved = load_checkpoint(str(tmp_path / "ft" / "best.pt"))["data"]
-    assert saved["fingerprint"] == data_fingerprint(other) and saved["source"] is None
+    # The data object's own source and options: reloaded from them, the data are the run's again.
+    assert saved["fingerprint"] == data_fingerprint(other)
+    assert saved["source"] == "synthetic" and saved["options"] == {**SIZES, "seed": 2}
     load_recommender(str(tmp_path / "ft" / "best.pt"), other)  # the data it was fine-tuned on, no flag
+    rec, reloaded, _ = load_recommender(str(tmp_path / "ft" / "best.pt"))  # and without any data given
+    assert data_fingerprint(reloaded) == data_fingerprint(other)
 
 
 def test_refit_evaluate_takes_other_data_only_with_the_flag(tmp_path):

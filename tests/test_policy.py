@@ -320,6 +320,11 @@ class _PaddingColumn(_Delegate):
         return torch.cat([s, s[:, :1]], 1)
 
 
+class _UnsavableState(_Delegate):
+    def state(self):  # refit's layout without diffusion / inference: save_checkpoint would refuse it
+        return {"model": {"name": "mine", "config": {}, "state_dict": self.module.state_dict()}}
+
+
 class _NoKeepGraph(_Delegate):
     def sample(self, users, inputs, *, generator=None, temperature=1.0, rows=None):
         return self._inner.sample(users, inputs, generator=generator, temperature=temperature, rows=rows)
@@ -329,6 +334,7 @@ class _NoKeepGraph(_Delegate):
     (_BatchMeanLoss, "denoising_loss returned the same value for each of 4 rows"),
     (_PaddingColumn, r"final_scores must return \(B, n_items\) scores \(4, 120\), got \(4, 121\)"),
     (_NoKeepGraph, r"sample: the signature .* keep_graph"),
+    (_UnsavableState, r"state\(\) names its model 'mine', which refit would rebuild"),
 ])
 def test_check_policy_refuses_wrong_signatures_and_shapes(data, tmp_path, broken, message):
     dnn = make_dnn(data.n_items)
