@@ -12,7 +12,7 @@ from torch import nn
 from refit.data import load_dataset
 from refit.diffusion import Trajectory
 from refit.evaluate import evaluate_many
-from refit.policy import batched_outputs, check_policy, episode_source
+from refit.policy import batched_outputs, check_policy, episode_source, policy_state
 from refit.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, finetune, trajectory_logprob
 
@@ -104,11 +104,7 @@ class ScratchPolicy:
                                      "test": (data.test, [data.train, data.valid])}, ks=ks, batch_size=batch_size)
 
     def state(self):
-        # "diffusion" and "inference" are not in the protocol's docstring, but refit.runs.save_checkpoint
-        # refuses a policy state without them (see the report).
-        return {"model": {"name": "scratch", "config": {"n_items": self.n_items},
-                          "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()}},
-                "diffusion": {}, "inference": {}}
+        return policy_state(self.net, "scratch", n_items=self.n_items)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +141,7 @@ def test_every_sampling_method_fine_tunes_the_scratch_policy(data, tmp_path, met
     moved = max(float((policy.net.state_dict()[k] - v).abs().max()) for k, v in before.items())
     assert moved > 1e-4  # lr 1e-2: Adam's first steps move each weight by about lr
     last = load_checkpoint(str(tmp_path / method / "last.pt"))
-    assert last["iteration"] == 2 and last["recommender"]["model"]["name"] == "scratch"
+    assert last["iteration"] == 2 and last["recommender"]["model"]["config"]["external"] == "scratch"
     for k, v in policy.net.state_dict().items():
         assert torch.equal(last["recommender"]["model"]["state_dict"][k], v), k
 
