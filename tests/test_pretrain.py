@@ -123,9 +123,39 @@ def test_cfdiff_trains_and_its_hop_inputs_are_exact(tmp_path, data):
     assert isinstance(rec.model, CFDiff) and rec.model.graph is not None
 
 
-def test_bf16_precision_runs(tmp_path, data):
-    s = pretrain(PretrainConfig(**SMALL, epochs=2, precision="bf16", out=str(tmp_path / "run")), data)
-    assert s["test"]["recall@20"] > 0
+def test_bf16_precision_runs(tmp_path, data, monkeypatch):
+    """bf16 pretraining runs the denoiser under bfloat16 autocast, in training and in evaluation, and ends
+    near the fp32 run of the same seed."""
+    import refit.pretrain as pretrain_module
+
+    seen = {"fp32": set(), "bf16": set()}  # (module.training, output dtype) of every Linear layer call
+    now = []
+    build = pretrain_module.build_model
+
+    def watched_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(lambda m, args, out: seen[now[-1]].add((m.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(pretrain_module, "build_model", watched_build)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        now.append(precision)
+        runs[precision] = pretrain(PretrainConfig(**SMALL, epochs=2, precision=precision,
+                                                  out=str(tmp_path / precision)), data)
+    assert seen["fp32"] == {(True, torch.float32), (False, torch.float32)}
+    assert seen["bf16"] == {(True, torch.bfloat16), (False, torch.bfloat16)}
+    # bf16 arithmetic changed the training: other weights than fp32's ...
+    w32, w16 = (load_checkpoint(str(tmp_path / p / "last.pt"))["recommender"]["model"]["state_dict"]
+                for p in ("fp32", "bf16"))
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32)
+    # ... but about the same model. Measured on these data (seeds 1-8, 2 epochs): the validation Recall@20
+    # of bf16 and fp32 differ by at most 0.0026 (0.0014 at seed 1, this test's), around 0.35; a model that
+    # did not train scores far lower. 0.01 leaves room for other CPUs' bf16 kernels.
+    a, b = runs["fp32"]["valid"]["recall@20"], runs["bf16"]["valid"]["recall@20"]
+    assert b > 0 and abs(b - a) <= 0.01, (a, b)
 
 
 def test_bad_configs():
