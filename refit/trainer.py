@@ -1052,7 +1052,8 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwri
     :class:`ReFiT`); neither is recorded, so a resumed run must be given them again.
 
     ``max_iterations_this_run`` stops early without finishing (as a killed run would). A ``policy``
-    is checked first (:func:`refit.policy.check_policy`) and returned to the train/eval mode it had.
+    is checked first (:func:`refit.policy.check_policy`) and returned to the train/eval mode it had;
+    ``config.precision`` sets its precision, as for a checkpoint's.
 
     SIGTERM or SIGINT stops the run at the end of the current iteration: it
     writes ``last.pt`` and a ``summary.json`` with ``status: "stopped"`` and
@@ -1133,6 +1134,8 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         if data is None:
             raise ValueError("finetune(policy=...) needs the data (data=...)")
         check_policy(policy)  # before any attribute of it is read
+        if hasattr(policy, "precision"):  # config.precision applies, as to a checkpoint's policy (load_policy)
+            policy.precision = config.precision
         rec, pre_state = policy, {}
     fingerprint = data_fingerprint(data)
     selection = rec.selection_metric

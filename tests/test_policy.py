@@ -238,6 +238,18 @@ def test_the_users_module_keeps_its_mode_through_scoring_and_fine_tuning(data, t
     assert not dnn.training
 
 
+def test_the_configs_precision_applies_to_a_given_policy(data, tmp_path):
+    # It was applied to a checkpoint's policy only: finetune(policy=..., precision="bf16") ran in fp32.
+    dnn = make_dnn(data.n_items)
+    dtypes = set()
+    dnn.out_layers[-1].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    policy = ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items)
+    cfg = FinetuneConfig(iterations=1, batch_size=8, precision="bf16", out=str(tmp_path / "ft"), progress=False,
+                         plot=False)
+    finetune(cfg, data, policy=policy)
+    assert policy.precision == "bf16" and torch.bfloat16 in dtypes
+
+
 def test_outside_state_dict_refuses_a_checkpoint_without_outside_weights(data):
     from refit.diffusion import GaussianDiffusion
     from refit.models import build_model
