@@ -250,7 +250,14 @@ def test_scipy_indices_are_used_without_conversion():
     assert as_csr(mixed, "matrix", index_dtype=None, n_cols=8).indices.dtype == torch.int64
 
 
-def test_cpu_threads_give_identical_results():
+@pytest.fixture
+def small_grain(monkeypatch):
+    """Tasks of a thousandth of the usual work, so these small inputs take the threaded paths (a
+    region runs on one thread below about 1 ms of work; see csrc/cpu/common.h)."""
+    monkeypatch.setenv("REFIT_CPU_GRAIN_SCALE", "0.001")
+
+
+def test_cpu_threads_give_identical_results(small_grain):
     if rk.available_backends()["cpu"] is not None:
         pytest.skip(rk.available_backends()["cpu"])
     indptr, indices, _ = random_csr(300, 500, density=0.1, seed=13, empty_every=0)
@@ -273,7 +280,7 @@ def test_cpu_threads_give_identical_results():
     assert_same(results[1][1], truth(indptr, indices, values, plain, None, None, 500, torch.bfloat16))
 
 
-def test_cpu_threads_check_everything_before_anyone_writes():
+def test_cpu_threads_check_everything_before_anyone_writes(small_grain):
     """A bad row id in the last thread's share stops every thread before it writes."""
     if rk.available_backends()["cpu"] is not None:
         pytest.skip(rk.available_backends()["cpu"])

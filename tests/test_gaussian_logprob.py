@@ -252,7 +252,10 @@ def test_double_backward_through_the_gradient_weights():
                               (grad, pred.clone().requires_grad_(True), traj, cp, cx, lv, True, per_step))
 
 
-def test_cpu_threads_give_identical_results():
+def test_cpu_threads_give_identical_results(monkeypatch):
+    # Tasks of a thousandth of the usual work, so this small input takes the threaded path (a region
+    # runs on one thread below about 1 ms of work; see csrc/cpu/common.h).
+    monkeypatch.setenv("REFIT_CPU_GRAIN_SCALE", "0.001")
     if rk.available_backends()["cpu"] is not None:
         pytest.skip(rk.available_backends()["cpu"])
     pred, traj, cp, cx, lv = make_trajectory(6, 40, 700, seed=11)

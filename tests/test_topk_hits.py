@@ -326,7 +326,10 @@ def test_cpu_structured_rows(pattern):
         assert_matches(rk.topk_hits(ks=ks, return_indices=True, backend="cpu", **case), truth(case, ks), f"{pattern} {ks}")
 
 
-def test_cpu_threads_give_identical_results():
+def test_cpu_threads_give_identical_results(monkeypatch):
+    # Tasks of a thousandth of the usual work, so this small input takes the threaded path (a region
+    # runs on one thread below about 1 ms of work; see csrc/cpu/common.h).
+    monkeypatch.setenv("REFIT_CPU_GRAIN_SCALE", "0.001")
     if rk.available_backends()["cpu"] is not None:
         pytest.skip(rk.available_backends()["cpu"])
     case = make_case(200, 300, M=5, seed=9, continuous=True, p_excl=0.1)

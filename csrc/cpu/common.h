@@ -1,6 +1,8 @@
 // Helpers shared by the CPU kernels (torch-side; not for the CUDA sources).
 #pragma once
 
+#include <cstdlib>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -74,14 +76,43 @@ inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOpt
 // traj[s+1] rows, read as the next states of step s, are still cached when
 // step s+1 reads them as its current states, so every plane of a trajectory
 // comes from memory once.
+// How much single-thread work a thread task must carry before a region is
+// split over threads: about 1 ms. An OpenMP region ends when every thread of
+// its team has finished, and on a shared machine one of them may be
+// descheduled for a whole time slice (several ms): a 200 us region split over
+// two threads then takes 30x longer than on one (benchmarks/RESULTS.md,
+// "Contention"). Below that, a region runs on the calling thread; above it,
+// the slice a late thread holds up is small next to the region. Each kernel
+// states its work in the unit of one of these rates, measured on one thread:
+constexpr int64_t kStreamBytesPerMs = int64_t(8) << 20;  // reading or writing memory, ~8 GB/s
+constexpr int64_t kScoresRankedPerMs = int64_t(4) << 20;  // target_rank: one compare per score
+constexpr int64_t kScoresSelectedPerMs = int64_t(1) << 20;  // topk_hits: a selection per row
+
+// REFIT_CPU_GRAIN_SCALE (a factor in (0, 1e6], default 1) scales every task's
+// work: tests set it small so that small inputs still take the threaded paths.
+// Read at each call (a few tens of ns next to a region of ~1 ms or more).
+inline double grain_scale() {
+  const char* s = std::getenv("REFIT_CPU_GRAIN_SCALE");
+  if (s == nullptr) return 1.0;
+  char* end = nullptr;
+  const double v = std::strtod(s, &end);
+  return (end != s && v > 0.0 && v <= 1e6) ? v : 1.0;
+}
+
+// at::parallel_for's grain: items per task for about 1 ms of work per task.
+inline int64_t grain_for(int64_t work_per_item, int64_t work_per_ms) {
+  const double items = grain_scale() * static_cast<double>(work_per_ms) / static_cast<double>(std::max<int64_t>(1, work_per_item));
+  return std::max<int64_t>(1, static_cast<int64_t>(items));
+}
+
 template <typename F>
 void for_each_step_row(int64_t S, int64_t B, int64_t row_bytes, const F& fn) {
   if (S == 0 || B == 0) return;
   constexpr int64_t kBlockBytes = 4 << 20;
   row_bytes = std::max<int64_t>(1, row_bytes);
   const int64_t block = std::clamp<int64_t>(kBlockBytes / row_bytes, 1, B);
-  // At least ~256 KiB of rows per task, so small problems stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(256) << 10) / row_bytes);
+  // About 1 ms of rows per task (see grain_for), so small problems stay on one thread.
+  const int64_t grain = grain_for(row_bytes, kStreamBytesPerMs);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t nb = std::min(block, B - b0);
     at::parallel_for(0, S * nb, grain, [&](int64_t r0, int64_t r1) {

@@ -27,6 +27,9 @@
 namespace refit {
 namespace {
 
+using cpu::grain_for;
+using cpu::kStreamBytesPerMs;
+
 template <typename index_t>
 struct Csr {
   const index_t* indptr;
@@ -142,7 +145,8 @@ template <typename index_t>
 void validate(const Csr<index_t>& A, const Batch& g) {
   std::atomic<int64_t> first_bad{kNoProblem};
   std::atomic<int64_t> entries{0};
-  at::parallel_for(0, g.n, 2048, [&](int64_t j0, int64_t j1) {
+  // Grains: about 1 ms of work per task (see cpu::grain_for); a row id check reads ~16 bytes.
+  at::parallel_for(0, g.n, grain_for(16, kStreamBytesPerMs), [&](int64_t j0, int64_t j1) {
     int64_t sum = 0;
     for (int64_t j = j0; j < j1; ++j) {
       int64_t p0 = 0, p1 = 0;
@@ -158,12 +162,13 @@ void validate(const Csr<index_t>& A, const Batch& g) {
 
   if (entries.load() > A.nnz) {
     std::atomic<bool> matrix_ok{true};
-    at::parallel_for(0, A.nnz, int64_t(1) << 16, [&](int64_t k0, int64_t k1) {
+    at::parallel_for(0, A.nnz, grain_for(sizeof(index_t), kStreamBytesPerMs), [&](int64_t k0, int64_t k1) {
       if (columns_out_of_range(A.indices, k0, k1, A.n_cols)) matrix_ok = false;
     });
     if (matrix_ok.load()) return;
   }
-  at::parallel_for(0, g.n, 64, [&](int64_t j0, int64_t j1) {
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(index_t)) * std::max<int64_t>(1, A.nnz / std::max<int64_t>(1, A.n_rows));
+  at::parallel_for(0, g.n, grain_for(row_bytes, kStreamBytesPerMs), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t r = g.rows[j];
       if (columns_out_of_range(A.indices, A.indptr[r], A.indptr[r + 1], A.n_cols)) {
@@ -249,9 +254,9 @@ REFIT_INLINE int64_t segment_begin(const Batch& g, int64_t b) {
   return g.segments == nullptr ? b : g.segments[b];
 }
 
-// Output rows per thread task: at least ~32K output elements, since starting
-// a thread costs more than zeroing and filling a few short rows.
-int64_t row_grain(int64_t n_cols) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, n_cols)); }
+// Output rows per thread task: about 1 ms of zeroing and filling (see
+// cpu::grain_for); a row writes n_cols floats.
+int64_t row_grain(int64_t n_cols) { return grain_for(4 * n_cols, kStreamBytesPerMs); }
 
 // Validation and filling in one parallel region: every thread checks the
 // gathered rows of its own output rows, all meet at a barrier, and only then,

@@ -301,8 +301,8 @@ void target_rank_rows(const TargetRankArgs& a, int64_t* out, const int64_t* star
   const int64_t* users = a.users.defined() ? a.users.const_data_ptr<int64_t>() : nullptr;
   const CsrView excl = view_of(a.exclude), pos = view_of(a.positives);
 
-  // At least ~64K scores per task, so small batches stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(I, 1));
+  // About 1 ms of scores per task (see cpu::grain_for), so small batches stay on one thread.
+  const int64_t grain = cpu::grain_for(I, cpu::kScoresRankedPerMs);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     SortedScratch<acc_t> work;
     std::vector<int32_t> cnt;

@@ -342,8 +342,8 @@ void topk_hits_rows(const TopKHitsArgs& a, at::Tensor& hits, at::Tensor& dcg, at
   std::vector<double> disc(static_cast<size_t>(kmax));
   for (int64_t r = 0; r < kmax; ++r) disc[r] = topk::discount(r);
 
-  // At least ~64K scores per task, so small batches stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(I, 1));
+  // About 1 ms of scores per task (see cpu::grain_for), so small batches stay on one thread.
+  const int64_t grain = cpu::grain_for(I, cpu::kScoresSelectedPerMs);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf(static_cast<size_t>(I));
     std::vector<int32_t> rank(static_cast<size_t>(I), -1);
