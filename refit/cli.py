@@ -955,11 +955,21 @@ def _error_line(exc: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one ``refit`` command; the exit code. Run as a command (``argv`` None), it first lowers
+    torch's thread count to the cores the machine's load leaves free, unless OMP_NUM_THREADS is
+    set, and says so (:func:`refit.limits.adapt_threads`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from . import distributed as dist
+
+    if argv is None:  # run as a command (not called from Python, whose threads are its own)
+        from .limits import adapt_threads
+
+        changed = adapt_threads()
+        if changed and not args.quiet:
+            print(f"refit: {changed}", file=sys.stderr)
 
     try:
         if dist.launched():  # under torchrun: join the process group first

@@ -102,3 +102,49 @@ def check_seed(seed) -> None:
 
 
 __all__ = ["available_memory", "check_finite", "check_memory", "check_seed", "format_bytes"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_for_load(current: int, cores: int, load: float) -> int:
+    """How many threads to use beside a 1-minute load average of ``load`` on ``cores`` cores,
+    at most ``current``: the cores the load leaves free, at least 1.
+
+    A CPU kernel splits large calls over threads, and a split call waits for each of its threads;
+    a thread on a core another process holds is descheduled for whole time slices, so a call
+    can take several times longer than on fewer threads (benchmarks/RESULTS.md, "Contention").
+    """
+    busy = int(math.floor(max(0.0, load) + 0.5))
+    return max(1, min(current, cores - busy))
+
+
+def adapt_threads(env=None, *, loadavg=None, cores: Optional[int] = None) -> Optional[str]:
+    """Lowers torch's thread count to the cores the machine's load leaves free, unless the thread
+    count was chosen (``OMP_NUM_THREADS`` set). Returns a line saying what changed, or None.
+
+    ``env``, ``loadavg`` and ``cores`` stand in for the process's environment, ``os.getloadavg``
+    and :func:`usable_cores` (tests).
+    """
+    import torch
+
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        load = (loadavg or os.getloadavg)()[0]
+    except (AttributeError, OSError):  # no load average on this OS
+        return None
+    cores = usable_cores() if cores is None else cores
+    current = torch.get_num_threads()
+    want = threads_for_load(current, cores, load)
+    if want >= current:
+        return None
+    torch.set_num_threads(want)
+    return (f"the machine is busy (1-minute load {load:.2f} on {cores} cores): using {want} thread"
+            f"{'s' if want != 1 else ''} instead of {current}; set OMP_NUM_THREADS to choose")
