@@ -363,7 +363,7 @@ class DreamRecConfig:
     heads: int = 1
     diffuser: str = "mlp1"
     p_uncond: float = 0.1
-    detach_target: bool = True  # chosen on ml-1m_seq's validation split (see the README)
+    detach_target: bool = True  # chosen on ml-1m_seq's validation split (see docs/models.md)
     steps: int = 500
     noise_schedule: str = "ddpm-linear"
     beta_start: float = 1e-4

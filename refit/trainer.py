@@ -55,11 +55,11 @@ METHODS = ("reinforce", "grpo", "reward-weighted", "offline-reward-weighted")
 POLICY_GRADIENT = ("reinforce", "grpo")
 #: Default lambda of the exponential weights, on each method's reward scale. The ReFiT reward lies
 #: in [0, 1]: 0.01 did best on ml-1m_seq's validation split (DreamRec, lr 1e-4, groups of 4; HR@20
-#: 0.2040 against 0.2030 and 0.2031 for 0.05 and 0.2, all within the evaluation's spread, README).
+#: 0.2040 against 0.2030 and 0.2031 for 0.05 and 0.2, all within the evaluation's spread, docs/post-training.md).
 #: MovieLens ratings run from 1 to 5: 1.0 is the scale of one rating step.
 RW_LAMBDA = {"reward-weighted": 0.01, "offline-reward-weighted": 1.0}
 #: Default trajectories per episode of the methods that compare them: GRPO's groups of ml-1m_seq's recipe
-#: (README, "Which method when"); reward-weighted's groups of 4 (its lambda was chosen with them).
+#: (docs/post-training.md, "Which method when"); reward-weighted's groups of 4 (its lambda was chosen with them).
 GROUP_SIZE = {"grpo": 16, "reward-weighted": 4}
 ANCHORS = ("none", "kl", "elbo")
 LR_SCHEDULES = ("constant", "cosine")

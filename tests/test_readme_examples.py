@@ -1,9 +1,10 @@
-"""README.md's examples of the policy protocol run as written.
+"""The policy protocol's examples in docs/drop-in.md run as written (they lived in README.md before
+the README was split into docs/ pages, hence this file's name).
 
 The section "## Any diffusion recommender: the policy protocol (`refit.policy`)" holds two Python
 blocks (an outside row model through ScheduleDenoiser on ml-1m_clean, an outside latent sequence model
 through LatentScheduleDenoiser on ml-1m_seq) and a bash block (`--policy mymodels:make_policy`). Each
-block is read from README.md by the section's heading and run unchanged: only the objects it assumes
+block is read from docs/drop-in.md by the section's heading and run unchanged: only the objects it assumes
 the reader has (their module, betas, schedule) are provided, and the run length is cut (iterations,
 eval_every) by a wrapper around ``refit.trainer.finetune`` or by flags added to the command.
 
@@ -27,6 +28,7 @@ from refit.policy import outside_state_dict
 from refit.runs import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join("docs", "drop-in.md")  # the page that holds SECTION, relative to ROOT
 SECTION = "## Any diffusion recommender: the policy protocol (`refit.policy`)"
 SHARED_DATA = os.environ.get("REFIT_DATA") or os.path.join(ROOT, "..", "shared", "data")
 NEEDED = ("ml-1m_clean", "ml-1m_seq")
@@ -34,13 +36,13 @@ SHORT = dict(iterations=2, eval_every=2)  # what the wrapper changes of each run
 
 needs_data = pytest.mark.skipif(
     not all(os.path.isdir(os.path.join(SHARED_DATA, n)) for n in NEEDED),
-    reason=f"README's examples read ../shared/data/{{{','.join(NEEDED)}}}: not found under {SHARED_DATA} "
+    reason=f"{DOC}'s examples read ../shared/data/{{{','.join(NEEDED)}}}: not found under {SHARED_DATA} "
            "(set REFIT_DATA to the folder holding them)")
 
 
-def readme_blocks():
-    """{"python": [...], "bash": [...]}: the fenced blocks of README.md's policy-protocol section."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def doc_blocks():
+    """{"python": [...], "bash": [...]}: the fenced blocks of docs/drop-in.md's policy-protocol section."""
+    text = open(os.path.join(ROOT, DOC), encoding="utf-8").read()
     start = text.index("\n" + SECTION + "\n")  # ValueError when the heading is renamed
     end = text.find("\n## ", start + len(SECTION) + 2)
     section = text[start:end if end >= 0 else len(text)]
@@ -159,12 +161,12 @@ def run_block(block, namespace, workdir):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         mp.setattr(refit.trainer, "finetune", short_finetune)
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, DOC, "exec"), namespace)
     return seen
 
 
 def test_the_section_holds_the_examples_this_file_runs():
-    blocks = readme_blocks()
+    blocks = doc_blocks()
     assert len(blocks["python"]) == 2
     assert "ScheduleDenoiser(dnn, betas" in blocks["python"][0]
     assert "LatentScheduleDenoiser(" in blocks["python"][1]
@@ -174,8 +176,8 @@ def test_the_section_holds_the_examples_this_file_runs():
 
 @pytest.fixture(scope="module")
 def row_run(workdir, mymodels):
-    """README's row-model block, run once: its namespace, the configs of its runs, the starting weights."""
-    block = readme_blocks()["python"][0]
+    """The row-model block, run once: its namespace, the configs of its runs, the starting weights."""
+    block = doc_blocks()["python"][0]
     dnn = mymodels.make_dnn(2810)  # ml-1m_clean's items (checked below against the loaded data)
     start = {k: v.clone() for k, v in dnn.state_dict().items()}
     namespace = {"dnn": dnn, "betas": mymodels.get_betas()}
@@ -212,7 +214,7 @@ def test_the_row_model_block_runs_as_written(row_run, workdir):
 def test_the_latent_model_block_runs_as_written(workdir):
     from test_latent_adapter import Tenc, diffusion
 
-    block = readme_blocks()["python"][1]
+    block = doc_blocks()["python"][1]
     torch.manual_seed(0)
     model = Tenc(32, 3706, 10)  # ml-1m_seq's items; max_len=10 is the block's (DreamRec's state_size)
     diff = diffusion(20, 1e-4, 0.02, 2.0)
@@ -248,7 +250,7 @@ def _env():
 def test_the_command_line_block_runs_as_written(row_run, workdir):
     # row_run wrote runs/mine/best.pt (the row block's short run) with mymodels' network: the checkpoint
     # the commands name. Only the run length of `refit finetune` is added.
-    block = next(b for b in readme_blocks()["bash"] if "--policy mymodels:make_policy" in b)
+    block = next(b for b in doc_blocks()["bash"] if "--policy mymodels:make_policy" in b)
     commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert [shlex.split(c)[:2] for c in commands] == [["refit", "evaluate"], ["refit", "finetune"]]
     outputs = []

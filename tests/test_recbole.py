@@ -112,7 +112,7 @@ else:  # evaluate a checkpoint with RecBole's own loading and evaluator
 
 def _recbole_skip_reason():
     if importlib.util.find_spec("recbole") is None:
-        return "RecBole is not installed (see README: RecBole drop-in)"
+        return "RecBole is not installed (see docs/drop-in.md: RecBole drop-in)"
     probe = subprocess.run([sys.executable, "-c", _SHIM + "\nimport recbole.config, recbole.data, recbole.trainer\n"
                             "import recbole.model.general_recommender"], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:

@@ -130,7 +130,7 @@ SPEC = {"n_items": 17, "max_len": 8, "hidden": 16, "inner": 24, "n_layers": 2, "
 def recbole_run(tmp_path_factory):
     """RecBole's SASRec on SPEC: its state_dict, full_sort_predict scores and CE losses."""
     if importlib.util.find_spec("recbole") is None:
-        pytest.skip("RecBole is not installed (see README: RecBole drop-in)")
+        pytest.skip("RecBole is not installed (see docs/drop-in.md: RecBole drop-in)")
     tmp = tmp_path_factory.mktemp("recbole_sasrec")
     spec = {**SPEC, "out": str(tmp / "out.pt")}
     (tmp / "spec.json").write_text(json.dumps(spec))
