@@ -676,10 +676,16 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "toward its sampled final states, weighted by softmax(reward / --rw-lambda) within each "
                         "user's --group-size trajectories; offline-reward-weighted: no sampling, the pretraining "
                         "loss on the logged rows with each logged item weighted by softmax(rating / --rw-lambda) "
-                        "over the user's items (data with ratings only)")
+                        "over the user's items (data with ratings only); reward-backprop: the targets' log-softmax "
+                        "over the items, differentiated through the last --backprop-steps reverse steps")
     g.add_argument("--rw-lambda", type=_finite_float, default=None,
                    help="the exponential weights' lambda, on the reward's scale (default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()) + ")")
+    g.add_argument("--backprop-steps", type=_positive_int, default=d.backprop_steps,
+                   help="reward-backprop: the last K reverse steps that keep their graph (the reward's gradient "
+                        "flows through them; memory grows with K)")
+    g.add_argument("--rb-temperature", type=_positive_float, default=d.rb_temperature,
+                   help="reward-backprop: the scores are divided by this before the targets' log-softmax")
     g.add_argument("--placebo", action="store_true",
                    help="control run: shuffle each batch's advantages between trajectories (reward-weighted: "
                         "the rewards within each user's group), so updates keep their size and noise but no "
@@ -709,6 +715,7 @@ def _finetune_config(args, out: str):
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
         placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda, reward=args.reward,
+        backprop_steps=args.backprop_steps, rb_temperature=args.rb_temperature,
         rl_steps=args.rl_steps, rl_noise=args.rl_noise, timestep_fraction=args.timestep_fraction,
         explore_steps=args.explore_steps,
         minibatch_size=args.minibatch_size, probe_size=args.probe_size,

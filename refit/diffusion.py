@@ -419,7 +419,7 @@ class GaussianDiffusion:
                return_trajectory: bool = False, keep_graph: bool = False,
                generator: Optional[torch.Generator] = None, temperature: float = 1.0,
                rows: Optional[BatchSlice] = None, eta: Optional[float] = None,
-               explore: Optional[Tuple[int, int]] = None):
+               explore: Optional[Tuple[int, int]] = None, grad_steps: int = 0):
         """Runs the reverse process from a user's row; returns the final (B, I) scores.
 
         Args:
@@ -446,6 +446,11 @@ class GaussianDiffusion:
                 holds just the exploring steps (``states[0]`` the state they
                 start from). A policy gradient then credits each reward
                 difference to the few steps that caused it.
+            grad_steps: the last ``grad_steps`` reverse steps keep their autograd graph: the
+                returned final state is differentiable in the model's parameters through them
+                (and only them: the state they start from is a constant), as reward
+                backpropagation needs. Memory grows with ``grad_steps``, not with T. Not with
+                ``return_trajectory``.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -453,6 +458,9 @@ class GaussianDiffusion:
             raise ValueError(f"sampling_steps must be in [0, {self.steps}], got {sampling_steps}")
         if return_trajectory and not noise:
             raise ValueError("a trajectory has stochastic steps only with noise=True")
+        if grad_steps and (return_trajectory or keep_graph or explore is not None or not 0 < grad_steps <= self.steps):
+            raise ValueError(f"grad_steps must be in [1, {self.steps}] and excludes return_trajectory, keep_graph "
+                             f"and explore, got {grad_steps}")
         B = x_start.shape[0]
         dev = x_start.device
         x = x_start
@@ -485,6 +493,15 @@ class GaussianDiffusion:
                 if return_trajectory and s == first:
                     states[0] = x
                 t = step_t[i].expand(B)
+                if grad_steps and i < grad_steps:  # the last grad_steps steps: with graph, nothing detached
+                    with torch.enable_grad():
+                        out = model(x, t)
+                        if noise and i > 0:
+                            eps = _normal(x.shape, x.dtype, dev, generator, rows)
+                            x = cp[i] * out + cx[i] * x + torch.exp(0.5 * lv[i]) * eps
+                        else:
+                            x = cp[i] * out + cx[i] * x
+                    continue
                 out = model(x, t)
                 if noise and i > 0 and first <= s < first + count:
                     # States are sampled without gradient; only `preds` may keep it.

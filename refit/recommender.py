@@ -115,6 +115,18 @@ class Recommender:
             self.denoiser(users, inputs), inputs, noise=True, return_trajectory=True, keep_graph=keep_graph,
             generator=generator, temperature=temperature, rows=rows, eta=eta, explore=explore)
 
+    def sample_final(self, users: torch.Tensor, inputs: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                     temperature: float = 1.0, rows=None, grad_steps: int = 1, steps: Optional[int] = None,
+                     eta: Optional[float] = None) -> torch.Tensor:
+        """(B, I) final score rows from the (B, I) start rows ``inputs``, the last ``grad_steps`` reverse
+        steps with their graph (reward backpropagation); the state they start from is a constant."""
+        return rl_diffusion(self, steps).sample(self.denoiser(users, inputs), inputs, noise=True, generator=generator,
+                                                temperature=temperature, rows=rows, eta=eta, grad_steps=grad_steps)
+
+    def differentiable_scores(self, users: torch.Tensor, inputs: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """The final state is the (B, I) score row itself."""
+        return final
+
     def outputs(self, users: torch.Tensor, inputs: torch.Tensor, traj) -> torch.Tensor:
         """(S, B, I) denoiser outputs along ``traj``, with gradient, in one batched forward pass."""
         from .policy import batched_outputs

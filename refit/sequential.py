@@ -208,6 +208,24 @@ class SeqRecommender:
                                 temperature=temperature, rows=rows, steps=steps, eta=eta, explore=explore,
                                 group_size=group_size)
 
+    def sample_final(self, users: torch.Tensor, inputs, *, generator: Optional[torch.Generator] = None,
+                     temperature: float = 1.0, rows: Optional[Tuple[int, int]] = None, grad_steps: int = 1,
+                     steps: Optional[int] = None, eta: Optional[float] = None) -> torch.Tensor:
+        """(B, D) generated embeddings whose last ``grad_steps`` reverse steps keep their graph (reward
+        backpropagation): differentiable in the denoiser's weights and, through the guidance, in the
+        encoder's; the state those steps start from is a constant. The same noise as :meth:`sample_from`
+        with the same generator (``steps``, ``eta``: as there)."""
+        history, lengths = inputs
+        with torch.enable_grad():
+            h = self.guidance(history, lengths)
+        x_T = self.start_noise(h.shape[0], generator, rows)
+        return rl_diffusion(self, steps).sample(self.denoiser(h), x_T, noise=True, generator=generator,
+                                                temperature=temperature, rows=rows, eta=eta, grad_steps=grad_steps)
+
+    def differentiable_scores(self, users: torch.Tensor, inputs, final: torch.Tensor) -> torch.Tensor:
+        """(B, n_items) inner products with every item embedding, with gradient (the item table's too)."""
+        return self.model.item_scores(final).float()
+
     def outputs(self, users: torch.Tensor, inputs, traj) -> torch.Tensor:
         """(S, B, D) guided x0 predictions along ``traj``, with gradient (through the guidance too)."""
         from .policy import batched_outputs

@@ -41,6 +41,7 @@ from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source, kept_modes
+from .posttrain import METHOD_CLASSES
 from .reward import (REWARDS, TARGETS, Episode, Reward, collaborative_reward, map_inputs, ranking_reward, rank_metrics,
                      repeat_episode, select_episode, slice_episode)
 from . import distributed as dist
@@ -50,7 +51,8 @@ from .similarity import shared_similar_users
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "mean-std", "ema", "group")
-METHODS = ("reinforce", "grpo", "reward-weighted", "offline-reward-weighted")
+# The methods written as strategies (refit.posttrain) follow the four branches of ReFiT.step.
+METHODS = ("reinforce", "grpo", "reward-weighted", "offline-reward-weighted") + tuple(METHOD_CLASSES)
 #: The methods that sample trajectories and take a policy gradient of their log-likelihood.
 POLICY_GRADIENT = ("reinforce", "grpo")
 #: Default lambda of the exponential weights, on each method's reward scale. The ReFiT reward lies
@@ -126,6 +128,10 @@ class FinetuneConfig:
     # interaction's error weighted by softmax(rating / rw_lambda) over the user's items
     method: str = "reinforce"
     rw_lambda: Optional[float] = None  # None: RW_LAMBDA's value for the method
+    # reward-backprop (refit.posttrain.reward_backprop): the last K reverse steps keep their graph, and the
+    # targets' log-softmax over the items (scores / rb_temperature) is ascended through them
+    backprop_steps: int = 1
+    rb_temperature: float = 1.0
     # bookkeeping
     probe_size: int = 1024  # episodes of the probe reward (fixed episodes, fixed noise) at every evaluation; 0: none
     eval_every: int = 20
@@ -215,6 +221,8 @@ class FinetuneConfig:
             raise ValueError("ppo_epochs must be >= 0 and ppo_clip in (0, 1)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method in METHOD_CLASSES:
+            METHOD_CLASSES[self.method].check_config(self)
         if self.rw_lambda is None:
             self.rw_lambda = RW_LAMBDA.get(self.method, 1.0)
         if self.method == "reward-weighted":
@@ -504,6 +512,8 @@ class ReFiT:
         # Before any training: a policy over other data, or one whose methods return the wrong shapes
         # (a loss that is a batch mean, scores with a padding column), fails here, naming the method.
         check_policy(policy, data, sample_options=self._sample_options)
+        # A method written as a strategy (refit.posttrain) runs the iterations; None: ReFiT.step's branches.
+        self.method = METHOD_CLASSES[config.method](self) if config.method in METHOD_CLASSES else None
         self._probe = None  # (episode, seed) of the probe reward, drawn on first use
         # The pretrained policy, frozen: the KL anchor, and the KL diagnostic of the sampling methods.
         self.reference = None
@@ -672,6 +682,8 @@ class ReFiT:
 
     def step(self) -> Dict[str, float]:
         """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
+        if self.method is not None:
+            return self.method.step()
         if self.config.method == "reward-weighted":
             return self._reward_weighted_step()
         if self.config.method == "offline-reward-weighted":
@@ -1150,6 +1162,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         # runs saved before the field existed resume as well.
         skip = ("iterations", "progress", "out", "plot", "allow_other_data")
         saved = {"lr_schedule": "constant",  # runs saved before the schedule existed ran a constant one
+                 "backprop_steps": 1, "rb_temperature": 1.0,  # nor had these settings (their defaults)
                  **{k: v for k, v in state["config"].items() if k not in skip}}
         mine = {k: v for k, v in config.to_dict().items() if k not in skip}
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))

@@ -36,6 +36,10 @@ FINETUNE_CASES = {
                                   explore_steps=2, probe_size=0),
     # Offline reward-weighted: no sampling, the logged rows' rating-weighted loss, each rank its users.
     "offline-reward-weighted": dict(batch_size=16, method="offline-reward-weighted", rw_lambda=0.5),
+    # Reward backpropagation: the last steps' graph, the targets' log-softmax, on each backbone.
+    "reward-backprop": dict(batch_size=16, method="reward-backprop", backprop_steps=2, probe_size=0),
+    "dreamrec-reward-backprop": dict(batch_size=16, method="reward-backprop", backprop_steps=2, rl_steps=6,
+                                     probe_size=0),
 }
 
 

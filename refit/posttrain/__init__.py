@@ -1,0 +1,60 @@
+"""Post-training methods as strategies of one trainer.
+
+A method decides what one iteration does: which episodes and samples it
+draws, what loss it builds from them, and which diagnostics it logs. The
+trainer (:class:`refit.trainer.ReFiT`) owns everything the methods share: the
+episodes and their generator, the optimiser and its update (gradient
+averaging under torchrun, clipping), the anchors, the probe, checkpoints,
+resume and the controls. A method registers itself under its ``name`` with
+:func:`register`; ``FinetuneConfig(method=name)`` then selects it, and
+``refit finetune --method NAME`` offers it.
+
+Methods written this way so far: ``reward-backprop``
+(:mod:`refit.posttrain.reward_backprop`). REINFORCE/GRPO/PPO and the two
+reward-weighted methods are still branches of :meth:`refit.trainer.ReFiT.step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Type
+
+
+class PostTrainingMethod:
+    """One post-training method: ``step()`` runs one iteration on the trainer it was given.
+
+    Subclasses set ``name`` and implement :meth:`step`; :meth:`check_config` refuses settings that do
+    not apply to them and :meth:`check_policy` what their policy must offer beyond the protocol.
+    """
+
+    name: str = ""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.check_policy(trainer.policy)
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """ValueError naming a setting of ``config`` (a FinetuneConfig) this method cannot honour."""
+
+    def check_policy(self, policy: Any) -> None:
+        """TypeError naming what ``policy`` lacks for this method."""
+
+    def step(self) -> Dict[str, float]:
+        """One iteration: draw, roll out, build the loss, update; returns the iteration's statistics."""
+        raise NotImplementedError
+
+
+METHOD_CLASSES: Dict[str, Type[PostTrainingMethod]] = {}
+
+
+def register(cls: Type[PostTrainingMethod]) -> Type[PostTrainingMethod]:
+    """Class decorator: makes ``cls`` selectable as ``method=cls.name``."""
+    if not cls.name or cls.name in METHOD_CLASSES:
+        raise ValueError(f"a post-training method needs a new name, got {cls.name!r}")
+    METHOD_CLASSES[cls.name] = cls
+    return cls
+
+
+from . import reward_backprop  # noqa: E402,F401  (registers itself)
+
+__all__ = ["PostTrainingMethod", "METHOD_CLASSES", "register"]
