@@ -116,7 +116,15 @@ def finetune_step(pretrained: str, name: str):
         d.train_ratings = seeded_ratings(d.train)
     torch.manual_seed(cfg.seed)
     trainer = ReFiT(rec, d, cfg)
-    grads = []  # one {name: gradient} per optimiser step, as the optimiser saw it
+    return two_recorded_steps(trainer)
+
+
+def two_recorded_steps(trainer) -> dict:
+    """Two steps of ``trainer``: the gradients each optimiser step consumed (one {name: gradient} per
+    step, as the optimiser saw it), both steps' stats, the parameters and generator after, and the
+    optimiser's settings (to replay the steps from the recorded gradients)."""
+    rec = trainer.policy
+    grads = []
     names = {id(p): n for n, p in rec.module.named_parameters()}
 
     def record(optimizer, args, kwargs):
@@ -221,27 +229,14 @@ def latent_finetune_step(checkpoint: str, name: str):
     rec, d, _ = load_policy(checkpoint, seq_data(), factory=cfg.policy_factory)
     torch.manual_seed(cfg.seed)
     trainer = ReFiT(rec, d, cfg)
-    grads = []
-    names = {id(p): n for n, p in rec.module.named_parameters()}
-
-    def record(optimizer, args, kwargs):
-        grads.append({names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups
-                      for p in group["params"] if p.grad is not None})
-
-    trainer.optimizer.register_step_pre_hook(record)
-    first = trainer.step()
-    second = trainer.step()
+    result = two_recorded_steps(trainer)
     # The guided x0 predictions of the trained policy along fixed trajectories: the function its
     # parameters compute, compared across process counts where single parameters are ill-posed.
     episode = trainer.episodes.sample(8, torch.Generator().manual_seed(17))
     traj = rec.sample(episode.users, episode.inputs, generator=torch.Generator().manual_seed(18))
     with torch.no_grad():
         outputs = rec.outputs(episode.users, episode.inputs, traj)
-    return {"stats": [first, second], "grads": grads,
-            "params": {k: v.detach().clone() for k, v in rec.module.state_dict().items()},
-            "generator": trainer.generator.get_state(), "ema": trainer.baseline.ema,
-            "optimizer": {k: v for k, v in trainer.optimizer.defaults.items() if k in ("lr", "weight_decay")},
-            "outputs": outputs, "final": traj.final}
+    return {**result, "outputs": outputs, "final": traj.final}
 
 
 if __name__ == "__main__":

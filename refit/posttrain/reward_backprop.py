@@ -22,6 +22,7 @@ import torch
 
 import refit_kernels as rk
 
+from ..reward import map_inputs
 from . import PostTrainingMethod, register
 
 
@@ -91,7 +92,7 @@ class RewardBackprop(PostTrainingMethod):
         cfg, policy = tr.config, tr.policy
         t0 = time.perf_counter()
         episode, lo, n_global = tr.draw()
-        inputs = _on_device(episode.inputs, policy.device)
+        inputs = map_inputs(episode.inputs, lambda x: x.to(policy.device))
         n_local = episode.users.numel()
         policy.module.eval()  # dropout off, as for every sampling method
         options = {k: v for k, v in tr._sample_options.items() if k in ("steps", "eta")}
@@ -119,9 +120,3 @@ class RewardBackprop(PostTrainingMethod):
             "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
         }
 
-
-def _on_device(inputs, device):
-    """The episode's policy inputs on ``device``."""
-    from ..reward import map_inputs
-
-    return map_inputs(inputs, lambda x: x.to(device))
