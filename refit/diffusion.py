@@ -357,17 +357,18 @@ class GaussianDiffusion:
         mse = (sq if weight is None else weight * sq).mean(dim=1)
         loss = mse
         if reweight and self.betas is not None:
+            # ``step_weight``: the ELBO's weight of each timestep (``weight`` stays the per-item one)
             if self.config.mean_type == "x0":
-                weight = self.snr(t - 1) - self.snr(t)
+                step_weight = self.snr(t - 1) - self.snr(t)
             else:
                 ac, ac_prev, b = (v.to(t.device)[t] for v in (self.alphas_cumprod, self.alphas_cumprod_prev, self.betas))
-                weight = (1.0 - ac) / ((1.0 - ac_prev) ** 2 * (1.0 - b))
+                step_weight = (1.0 - ac) / ((1.0 - ac_prev) ** 2 * (1.0 - b))
                 x0_hat = self._at("sqrt_recip_alphas_cumprod", t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t) * output
                 sq0 = (x0 - x0_hat) ** 2 / 2.0
                 likelihood = (sq0 if weight is None else weight * sq0).mean(dim=1)
                 loss = torch.where(t == 0, likelihood, mse)
-            weight = torch.where(t == 0, torch.ones_like(weight), weight).to(loss.dtype)
-            loss = weight * loss
+            step_weight = torch.where(t == 0, torch.ones_like(step_weight), step_weight).to(loss.dtype)
+            loss = step_weight * loss
         if record:
             self.record_losses(t, loss)
         if return_parts:

@@ -190,3 +190,27 @@ def test_bad_configs():
         d.sample(m, x, sampling_steps=99)
     with pytest.raises(ValueError, match="noise=True"):
         d.sample(m, x, return_trajectory=True)
+
+
+def test_eps_mode_elbo_loss_by_hand_with_more_items_than_rows():
+    """The reweighted loss of an eps model: the MSE to the noise, times (1 - ac) / ((1 - ac_prev)^2 (1 - b)),
+    and at t = 0 the x0 likelihood term (a batch of 3 rows over 5 items: the step weights are per row)."""
+    d = GaussianDiffusion(DiffusionConfig(mean_type="eps", steps=4, noise_scale=0.3, noise_min=0.01, noise_max=0.1))
+    x0 = torch.rand(3, 5, generator=torch.Generator().manual_seed(1))
+
+    def model(x, t):
+        return 0.5 * x
+
+    loss = d.training_loss(model, x0, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t, importance = d.sample_timesteps(3, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    ac, ac_prev, b = d.alphas_cumprod[t], d.alphas_cumprod_prev[t], d.betas[t]
+    x_t = ac.sqrt().float()[:, None] * x0 + (1 - ac).sqrt().float()[:, None] * noise
+    out = model(x_t, t)
+    mse = ((noise - out) ** 2).mean(1)
+    x0_hat = (1 / ac).sqrt().float()[:, None] * x_t - (1 / ac - 1).sqrt().float()[:, None] * out
+    likelihood = ((x0 - x0_hat) ** 2 / 2).mean(1)
+    w = torch.where(t == 0, torch.ones_like(ac), (1 - ac) / ((1 - ac_prev) ** 2 * (1 - b))).float()
+    want = w * torch.where(t == 0, likelihood, mse) / importance
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
