@@ -677,7 +677,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "user's --group-size trajectories; offline-reward-weighted: no sampling, the pretraining "
                         "loss on the logged rows with each logged item weighted by softmax(rating / --rw-lambda) "
                         "over the user's items (data with ratings only); reward-backprop: the targets' log-softmax "
-                        "over the items, differentiated through the last --backprop-steps reverse steps")
+                        "over the items, differentiated through the last --backprop-steps reverse steps; nft: "
+                        "negative-aware fine-tuning, a regression on the noised samples of an old policy toward a "
+                        "positive and away from an implicit negative policy, weighted by the reward (no likelihood)")
     g.add_argument("--rw-lambda", type=_finite_float, default=None,
                    help="the exponential weights' lambda, on the reward's scale (default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()) + ")")
@@ -686,6 +688,19 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "flows through them; memory grows with K)")
     g.add_argument("--rb-temperature", type=_positive_float, default=d.rb_temperature,
                    help="reward-backprop: the scores are divided by this before the targets' log-softmax")
+    g.add_argument("--nft-beta", type=_positive_float, default=d.nft_beta,
+                   help="nft: the positive policy's step from the old one (its inverse is the strength of the "
+                        "trust region around the old policy)")
+    g.add_argument("--nft-ema", type=_finite_float, default=d.nft_ema,
+                   help="nft: the old (sampling) policy follows the trained one with this moving-average decay "
+                        "after every update, in [0, 1); 0: it is the trained one")
+    g.add_argument("--nft-timesteps", type=_positive_int, default=d.nft_timesteps,
+                   help="nft: noise levels each sample is trained at (one per equal stratum of the schedule)")
+    g.add_argument("--nft-normalize", choices=["group", "batch"], default=d.nft_normalize,
+                   help="nft: rewards are centred within each episode's --group-size samples, or over the batch, "
+                        "before they become weights in [0, 1]")
+    g.add_argument("--nft-adv-clip", type=_positive_float, default=d.nft_adv_clip,
+                   help="nft: centred rewards are clipped at this many standard deviations (weight 0 or 1)")
     g.add_argument("--placebo", action="store_true",
                    help="control run: shuffle each batch's advantages between trajectories (reward-weighted: "
                         "the rewards within each user's group), so updates keep their size and noise but no "
@@ -716,6 +731,8 @@ def _finetune_config(args, out: str):
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
         placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda, reward=args.reward,
         backprop_steps=args.backprop_steps, rb_temperature=args.rb_temperature,
+        nft_beta=args.nft_beta, nft_ema=args.nft_ema, nft_timesteps=args.nft_timesteps,
+        nft_normalize=args.nft_normalize, nft_adv_clip=args.nft_adv_clip,
         rl_steps=args.rl_steps, rl_noise=args.rl_noise, timestep_fraction=args.timestep_fraction,
         explore_steps=args.explore_steps,
         minibatch_size=args.minibatch_size, probe_size=args.probe_size,

@@ -62,7 +62,7 @@ POLICY_GRADIENT = ("reinforce", "grpo")
 RW_LAMBDA = {"reward-weighted": 0.01, "offline-reward-weighted": 1.0}
 #: Default trajectories per episode of the methods that compare them: GRPO's groups of ml-1m_seq's recipe
 #: (docs/post-training.md, "Which method when"); reward-weighted's groups of 4 (its lambda was chosen with them).
-GROUP_SIZE = {"grpo": 16, "reward-weighted": 4}
+GROUP_SIZE = {"grpo": 16, "reward-weighted": 4, "nft": 8}
 ANCHORS = ("none", "kl", "elbo")
 LR_SCHEDULES = ("constant", "cosine")
 #: The most trajectories of a batch the per-iteration KL diagnostic re-evaluates under the pretrained policy.
@@ -132,6 +132,14 @@ class FinetuneConfig:
     # targets' log-softmax over the items (scores / rb_temperature) is ascended through them
     backprop_steps: int = 1
     rb_temperature: float = 1.0
+    # nft (refit.posttrain.nft): beta (the trust region around the old policy), the old policy's moving-average
+    # decay, the noise levels trained per sample, how rewards become weights in [0, 1] (centred within each
+    # group or over the batch; clipped at nft_adv_clip standard deviations)
+    nft_beta: float = 1.0
+    nft_ema: float = 0.5
+    nft_timesteps: int = 4
+    nft_normalize: str = "group"
+    nft_adv_clip: float = 5.0
     # bookkeeping
     probe_size: int = 1024  # episodes of the probe reward (fixed episodes, fixed noise) at every evaluation; 0: none
     eval_every: int = 20
@@ -155,7 +163,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         check_seed(self.seed)
         check_finite(self, ("lr", "weight_decay", "grad_clip", "alpha", "hide_fraction", "temperature", "rl_noise",
-                            "timestep_fraction", "ema_decay", "anchor_weight", "ppo_clip", "rw_lambda"))
+                            "timestep_fraction", "ema_decay", "anchor_weight", "ppo_clip", "rw_lambda", "rb_temperature",
+                            "nft_beta", "nft_ema", "nft_adv_clip"))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -560,10 +569,11 @@ class ReFiT:
             episode = repeat_episode(episode, cfg.group_size)
         return episode, lo * cfg.group_size, n_global
 
-    def rollout(self, episode, lo: int, n_global: int):
+    def rollout(self, episode, lo: int, n_global: int, policy=None):
         """Trajectories of the episode (dropout off) and their rewards: ``(inputs, traj, reward)``, the
-        reward being the global batch's (all-gathered) under torch.distributed."""
-        cfg, policy = self.config, self.policy
+        reward being the global batch's (all-gathered) under torch.distributed. ``policy``: the one that
+        samples, when not the trained one (NFT's old policy)."""
+        cfg, policy = self.config, (self.policy if policy is None else policy)
         inputs = map_inputs(episode.inputs, lambda x: x.to(policy.device))
         policy.module.eval()  # dropout off for sampling and for the log-probabilities alike
         # Noise for the whole global batch, this rank's rows kept: trajectories do not depend on the split.
@@ -966,6 +976,9 @@ class ReFiT:
                  "rng": rng_state(self.generator)}
         if self.placebo_generator is not None:
             state["placebo_rng"] = self.placebo_generator.get_state()
+        method = self.method.state() if self.method is not None else {}
+        if method:
+            state["method"] = method
         return state
 
     def load(self, state: Dict[str, Any]) -> None:
@@ -974,11 +987,13 @@ class ReFiT:
         set_rng_state(state["rng"], self.generator)
         if self.placebo_generator is not None and "placebo_rng" in state:
             self.placebo_generator.set_state(state["placebo_rng"])
+        if self.method is not None and "method" in state:
+            self.method.load(state["method"])
 
 
 #: The per-iteration diagnostics summarised in summary.json (means over the run's iterations).
 DIAGNOSTICS = ("zero_variance_groups", "reward_within", "reward_between", "adv_std", "kept_fraction", "grad_norm",
-               "kl", "ppo_clip_fraction")
+               "kl", "ppo_clip_fraction", "old_deviation", "r_std")
 
 
 def _diagnostics_summary(records, probe_start: Dict[str, float], probe_episodes: int = 0) -> Dict[str, Any]:
@@ -1163,6 +1178,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         skip = ("iterations", "progress", "out", "plot", "allow_other_data")
         saved = {"lr_schedule": "constant",  # runs saved before the schedule existed ran a constant one
                  "backprop_steps": 1, "rb_temperature": 1.0,  # nor had these settings (their defaults)
+                 "nft_beta": 1.0, "nft_ema": 0.5, "nft_timesteps": 4, "nft_normalize": "group", "nft_adv_clip": 5.0,
                  **{k: v for k, v in state["config"].items() if k not in skip}}
         mine = {k: v for k, v in config.to_dict().items() if k not in skip}
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))

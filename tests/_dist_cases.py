@@ -40,6 +40,11 @@ FINETUNE_CASES = {
     "reward-backprop": dict(batch_size=16, method="reward-backprop", backprop_steps=2, probe_size=0),
     "dreamrec-reward-backprop": dict(batch_size=16, method="reward-backprop", backprop_steps=2, rl_steps=6,
                                      probe_size=0),
+    # NFT: the old policy samples, group weights from the all-gathered rewards, noise of the global batch,
+    # and the old policy's moving average after each update (the second step samples with it).
+    "nft": dict(batch_size=16, group_size=4, method="nft", nft_timesteps=3, probe_size=0),
+    "dreamrec-nft": dict(batch_size=16, group_size=4, method="nft", nft_timesteps=3, nft_beta=0.5, rl_steps=6,
+                         reward="ndcg", probe_size=0),
 }
 
 

@@ -10,7 +10,7 @@ resume and the controls. A method registers itself under its ``name`` with
 ``refit finetune --method NAME`` offers it.
 
 Methods written this way so far: ``reward-backprop``
-(:mod:`refit.posttrain.reward_backprop`). REINFORCE/GRPO/PPO and the two
+(:mod:`refit.posttrain.reward_backprop`) and ``nft`` (:mod:`refit.posttrain.nft`). REINFORCE/GRPO/PPO and the two
 reward-weighted methods are still branches of :meth:`refit.trainer.ReFiT.step`.
 """
 
@@ -39,6 +39,13 @@ class PostTrainingMethod:
     def check_policy(self, policy: Any) -> None:
         """TypeError naming what ``policy`` lacks for this method."""
 
+    def state(self) -> Dict[str, Any]:
+        """What a checkpoint must hold of the method itself for an exact resume (beyond the trainer's)."""
+        return {}
+
+    def load(self, state: Dict[str, Any]) -> None:
+        """Restores :meth:`state`."""
+
     def step(self) -> Dict[str, float]:
         """One iteration: draw, roll out, build the loss, update; returns the iteration's statistics."""
         raise NotImplementedError
@@ -55,6 +62,6 @@ def register(cls: Type[PostTrainingMethod]) -> Type[PostTrainingMethod]:
     return cls
 
 
-from . import reward_backprop  # noqa: E402,F401  (registers itself)
+from . import nft, reward_backprop  # noqa: E402,F401  (register themselves)
 
 __all__ = ["PostTrainingMethod", "METHOD_CLASSES", "register"]
