@@ -349,6 +349,7 @@ def _checkpoint_model(path: str) -> str:
 
 def cmd_evaluate_sequential(args) -> int:
     from .data import load_dataset
+    from .seqdata import PREFERDIFF_KS
     from .sequential import SEQ_KS, evaluate_dreamrec, load_seq_recommender
 
     options = _data_options(args)
@@ -356,7 +357,7 @@ def cmd_evaluate_sequential(args) -> int:
     rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device(),
                                             allow_other_data=args.allow_other_data)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
-    ks = args.ks if args.ks is not None else list(SEQ_KS)
+    ks = args.ks if args.ks is not None else list(PREFERDIFF_KS if args.protocol == "preferdiff" else SEQ_KS)
     if args.eval_steps is not None:
         rec.set_eval_steps(args.eval_steps)
     results = evaluate_dreamrec(rec, data, splits, ks=ks, batch_size=args.batch_size,
@@ -377,7 +378,8 @@ def cmd_evaluate_sequential(args) -> int:
     rows = [(s, results[s]) for s in splits]
     rows += [(f"{label}: {s}" if len(splits) > 1 else label, metrics.get(s)) for label, metrics in base
              for s in splits]
-    print(format_table(rows, ks, ("hr", "ndcg", "mrr")))
+    # PreferDiff reports Recall@k (= HR@k with one target) and NDCG@k
+    print(format_table(rows, ks, ("recall", "ndcg") if args.protocol == "preferdiff" else ("hr", "ndcg", "mrr")))
     return 0
 
 
@@ -897,16 +899,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use --data although the checkpoint records another data fingerprint, or none (a model "
                         "saved without its data); a warning names both fingerprints")
     p.add_argument("--split", choices=["valid", "test", "both"], default="test")
-    p.add_argument("--ks", type=_int_list, default=None, help="default: 10,20,50,100 (10,20,50 for dreamrec)")
+    p.add_argument("--ks", type=_int_list, default=None,
+                   help="default: 10,20,50,100 (10,20,50 for dreamrec; 5,10 with --protocol preferdiff)")
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--seed", type=_seed, default=0, help="dreamrec: seed of the sampled embeddings")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="dreamrec: never rank the history's items (default: when items do not repeat)")
-    p.add_argument("--protocol", choices=["full", "dreamrec"], default="full",
+    p.add_argument("--protocol", choices=["full", "dreamrec", "preferdiff"], default="full",
                    help="dreamrec: evaluate as DreamRec's own code does (dropout on, padding ranked, no "
-                        "exclusion, batches of 100 with the last partial one dropped), for comparison")
+                        "exclusion, batches of 100 with the last partial one dropped), for comparison; "
+                        "preferdiff: as PreferDiff's code does (Recall and NDCG at 5 and 10 unless --ks, every "
+                        "item ranked, the history not excluded)")
     p.add_argument("--eval-steps", type=_positive_int, default=None,
                    help="dreamrec: sample with this many respaced reverse steps instead of all of them")
     p.add_argument("--min-target-rating", type=_finite_float, default=None, metavar="R",

@@ -22,6 +22,13 @@ models see the last ``max_len`` of them (a window).
   every target of a training-file session is a training target, and so on.
   A row whose window does not continue the previous row starts a new
   sequence, so any file loads.
+* PreferDiff ``.txt`` folders (``train_data.txt``, ``valid_data.txt``,
+  ``test_data.txt``): one user per line, item ids separated by whitespace,
+  oldest first, each user in one file (split by user, not leave-one-out).
+  The target of a line is its last id; by default a training-file line gives
+  one training target, its last id, as PreferDiff trains (``train_targets=
+  "all"``: every id after the first); validation and test targets are the
+  last id of each line of their file.
 
 Item ids are re-indexed to 0 .. n_items - 1 (``item_ids`` maps back);
 ``n_items`` is the padding id of history windows.
@@ -41,6 +48,10 @@ Details of the loaders (:func:`load_sequences`):
   an all-padding window; :meth:`SequenceData.windows` says 0 there. Two
   training sessions of DreamRec's Zhihu repeat an item, so its ``repeats`` is
   True and evaluation keeps the history in the ranking by default.
+* PreferDiff folders keep PreferDiff's id space: ids are 1-based (0 pads in
+  its code), item i is the id i + 1, ``n_items`` is the largest id (its
+  ``item_num``) and ids that never occur stay; a file that holds the id 0 is
+  read as 0-based. See :func:`load_sequences` for what is refused.
 * ``"synthetic-seq"``: :func:`synthetic_sequences` with a leave-one-out split.
 
 Pickles are never read with plain ``pickle``: ``dataset.pkl`` goes through
@@ -64,6 +75,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -76,7 +88,7 @@ import refit_kernels as rk
 from refit_kernels.sparse import CSR
 
 from .data import (DENSE_ID_FACTOR, DENSE_ID_FLOOR, MAX_DATA_BYTES, MAX_FILE_BYTES, DataFormatError, _bytes,
-                   _refuse_unknown, _regular_file, binary_csr)
+                   _decode, _refuse_unknown, _regular_file, binary_csr)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +97,15 @@ SYNTHETIC = "synthetic-seq"
 PKL_NAME = "dataset.pkl"
 DREAMREC_FILES = {"train": "train_data.df", "valid": "val_data.df", "test": "test_data.df"}
 DREAMREC_STATS = "data_statis.df"
+PREFERDIFF_FILES = {"train": "train_data.txt", "valid": "valid_data.txt", "test": "test_data.txt"}
+#: What a PreferDiff folder's training split holds as targets: ``"last"`` (PreferDiff's: the last id of each
+#: line, predicted from the ids before it) or ``"all"`` (every id after the first of each line).
+PREFERDIFF_TRAIN_TARGETS = ("last", "all")
+#: PreferDiff reports Recall and NDCG at 5 and 10 (``topk: [5,10]`` of its ``default.yaml``).
+PREFERDIFF_KS = (5, 10)
+#: The ks of the "full" and "dreamrec" protocols when none are given.
+DEFAULT_KS = (10, 20, 50)
+PROTOCOLS = ("full", "dreamrec", "preferdiff")
 DEFAULT_MAX_LEN = 10
 #: DreamRec ranks the top 100 items of every row (``prediction.topk(100)``) and scores batches of 100 rows.
 DREAMREC_TOPK = 100
@@ -1319,6 +1340,137 @@ def _load_dreamrec(folder: str, *, max_len: Optional[int] = None) -> SequenceDat
                      np.concatenate(seq_ids), extra)
 
 
+# --- PreferDiff text folders --------------------------------------------------------------------------------
+
+# One line: ids separated by whitespace (str.split, as PreferDiff's ``line.split()``), each ASCII digits with
+# an optional sign, as refit.data reads integer fields.
+_ID_LINE = re.compile(r"(?:[+-]?[0-9]+ )*[+-]?[0-9]+")
+_ID_TOKEN = re.compile(r"[+-]?[0-9]+")
+
+
+@dataclass
+class _TextSplit:
+    ids: np.ndarray      # (N,) int64 the ids of every line, as in the file, concatenated
+    lengths: np.ndarray  # (S,) int64 ids per line (>= 2)
+    lines: np.ndarray    # (S,) int64 1-based line number of each sequence
+
+
+def _read_text_split(path: str) -> _TextSplit:
+    """Reads one PreferDiff split: one sequence per line, ids separated by whitespace, oldest first.
+
+    Every line must hold at least two integer ids >= 0 (a target and some history); blank lines
+    may only end the file. Anything else raises DataFormatError naming the file and line.
+    """
+    if not os.path.exists(path):
+        raise DataFormatError(path, None, "no such file: a PreferDiff folder holds "
+                                          f"{', '.join(PREFERDIFF_FILES.values())} (one sequence per line)")
+    _regular_file(path)  # a device or FIFO would be read forever; a huge file is refused unread
+    with open(path, "rb") as f:
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:  # grew after the check
+        raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
+                                          "(refit.data.MAX_FILE_BYTES)")
+    text = _decode(path, raw)
+    del raw
+    # Lines as Python's text files give them (PreferDiff iterates over its open file): \n, \r\n or \r.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    del text
+    tokens = [line.split() for line in lines]
+    n = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    used = np.flatnonzero(n)
+    if not len(used):
+        raise DataFormatError(path, None, "the file holds no sequence (it is empty or blank)")
+    end = int(used[-1]) + 1  # blank lines after the last sequence are not lines of data
+    n, tokens = n[:end], tokens[:end]
+    blank = np.flatnonzero(n == 0)
+    if len(blank):
+        raise DataFormatError(path, int(blank[0]) + 1, "empty line: every line is one user's sequence (PreferDiff "
+                                                        "reads it as such, and an empty one has no target)")
+    flat = list(itertools.chain.from_iterable(tokens))
+    if not _ID_LINE.fullmatch(" ".join(flat)):
+        for no, toks in enumerate(tokens, 1):
+            for tok in toks:
+                if not _ID_TOKEN.fullmatch(tok):
+                    raise DataFormatError(path, no, f"item id {tok[:40]!r} is not an integer")
+        raise AssertionError("unreachable: a token that is not an integer lies on some line")
+    line_of = np.repeat(np.arange(1, end + 1, dtype=np.int64), n)
+    try:
+        ids = np.array(list(map(int, flat)), dtype=np.int64)
+    except OverflowError:
+        i = next(i for i, tok in enumerate(flat) if not -(2 ** 63) <= int(tok) < 2 ** 63)
+        raise DataFormatError(path, int(line_of[i]), f"item id {flat[i][:40]} does not fit in a 64-bit "
+                                                     "integer") from None
+    del flat, tokens
+    neg = np.flatnonzero(ids < 0)
+    if len(neg):
+        raise DataFormatError(path, int(line_of[neg[0]]), f"negative item id {int(ids[neg[0]])}")
+    short = np.flatnonzero(n == 1)
+    if len(short):
+        no = int(short[0]) + 1
+        raise DataFormatError(path, no, f"the line holds one id only ({int(ids[line_of == no][0])}): a target "
+                                        "without history, which PreferDiff cannot use (its models read the "
+                                        "history's last item at seq_lengths - 1 = -1, a padding slot)")
+    return _TextSplit(ids, n, np.arange(1, end + 1, dtype=np.int64))
+
+
+def _is_preferdiff_folder(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in PREFERDIFF_FILES.values())
+
+
+def _load_preferdiff(folder: str, *, max_len: int = DEFAULT_MAX_LEN, train_targets: str = "last") -> SequenceData:
+    """A PreferDiff folder (see :func:`load_sequences`): the lines of train_data.txt, then of
+    valid_data.txt, then of test_data.txt, one sequence each; the target of a line is its last id."""
+    if train_targets not in PREFERDIFF_TRAIN_TARGETS:
+        raise ValueError(f"train_targets must be one of {', '.join(map(repr, PREFERDIFF_TRAIN_TARGETS))}, got "
+                         f"{train_targets!r}")
+    parts = {split: _read_text_split(os.path.join(folder, fname)) for split, fname in PREFERDIFF_FILES.items()}
+    ids = np.concatenate([parts[s].ids for s in SPLITS])
+    # PreferDiff's ids start at 1 (0 pads its windows) and it ranks 1..item_num, item_num the largest id
+    # (recdata.py): the id space is kept, items that never occur included. A file that uses the id 0 is
+    # taken as 0-based.
+    base = 0 if int(ids.min()) == 0 else 1
+    largest = int(ids.max())
+    n_items = largest + 1 - base
+    distinct = len(np.unique(ids))
+    limit = max(DENSE_ID_FACTOR * distinct, DENSE_ID_FLOOR)
+    if n_items > limit:
+        for split in SPLITS:
+            s = parts[split]
+            far = np.flatnonzero(s.ids - base >= limit)
+            if len(far):
+                line = int(np.repeat(s.lines, s.lengths)[far[0]])
+                raise DataFormatError(
+                    os.path.join(folder, PREFERDIFF_FILES[split]), line,
+                    f"item id {int(s.ids[far[0]])} is far above the {distinct} distinct ids of the three files: "
+                    f"PreferDiff's ids are dense ({base}..largest id, every one ranked), so ids may span at most "
+                    f"max({DENSE_ID_FACTOR} x distinct ids, {DENSE_ID_FLOOR}) = {limit} items; {n_items} would "
+                    f"take {_bytes(n_items * 8)} for their ids alone")
+        raise AssertionError("unreachable: the largest id lies in one of the files")
+    lengths = np.concatenate([parts[s].lengths for s in SPLITS])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    targets, extra, first = {}, {"source": "preferdiff", "id_base": base, "train_targets": train_targets}, 0
+    for split in SPLITS:
+        k = len(parts[split].lengths)
+        seq = np.arange(first, first + k, dtype=np.int64)
+        last = lengths[first:first + k] - 1
+        if split == "train" and train_targets == "all":
+            tseq = np.repeat(seq, last)  # positions 1 .. length - 1 of each line
+            pos = np.arange(int(last.sum()), dtype=np.int64) - np.repeat(np.cumsum(last) - last, last) + 1
+            targets[split] = (tseq, pos)
+        else:
+            targets[split] = (seq, last)
+        extra[f"lines_{split}"] = k
+        first += k
+    longer = int((lengths - 1 > max_len).sum())
+    if longer:
+        log.info("%s: %d lines hold more than max_len = %d history items; windows keep the last %d", folder, longer,
+                 max_len, max_len)
+    extra["history_max"] = int(lengths.max()) - 1
+    name = os.path.basename(os.path.normpath(folder))
+    return _assemble(name, ids - base, offsets, targets, n_items, np.arange(base, largest + 1, dtype=np.int64),
+                     max_len, np.concatenate([parts[s].lines for s in SPLITS]), extra)
+
+
 # --- synthetic sequences --------------------------------------------------------------------------------------
 
 def synthetic_sequences(n_users: int = 500, n_items: int = 300, *, mean_length: float = 20.0, n_clusters: int = 10,
@@ -1402,7 +1554,9 @@ def _is_dreamrec_folder(path: str) -> bool:
 
 def is_sequence_source(name_or_path: Any) -> bool:
     """Whether :func:`load_sequences` (rather than an interaction loader) reads this name or path:
-    ``"synthetic-seq"``, a ``.pkl`` or ``.df`` file, a folder holding ``dataset.pkl`` or a DreamRec split."""
+    ``"synthetic-seq"``, a ``.pkl`` or ``.df`` file, a folder holding ``dataset.pkl``, a DreamRec split or
+    a PreferDiff split (any of ``train_data.txt``, ``valid_data.txt``, ``test_data.txt``; the loader
+    names a missing one), or one of those three files."""
     if isinstance(name_or_path, str) and name_or_path.lower() == SYNTHETIC:
         return True
     try:
@@ -1410,31 +1564,79 @@ def is_sequence_source(name_or_path: Any) -> bool:
     except TypeError:
         return False
     if os.path.isdir(path):
-        return os.path.exists(os.path.join(path, PKL_NAME)) or _is_dreamrec_folder(path)
-    return os.path.isfile(path) and path.endswith((".pkl", ".df"))
+        return (os.path.exists(os.path.join(path, PKL_NAME)) or _is_dreamrec_folder(path)
+                or _is_preferdiff_folder(path))
+    return os.path.isfile(path) and (path.endswith((".pkl", ".df"))
+                                     or os.path.basename(path) in PREFERDIFF_FILES.values())
 
 
 def load_sequences(path: str, **options) -> SequenceData:
-    """Reads ml-1m_seq's ``dataset.pkl`` (a file or its folder) or a DreamRec ``.df`` folder.
+    """Reads ml-1m_seq's ``dataset.pkl`` (a file or its folder), a DreamRec ``.df`` folder or a
+    PreferDiff ``.txt`` folder.
 
     Pickles are read with an unpickler that admits only what these formats
     need; anything else raises ``refit.data.DataFormatError`` and nothing in
     the file runs.
 
+    PreferDiff folders (``train_data.txt``, ``valid_data.txt``,
+    ``test_data.txt``, as PreferDiff's ``recdata.py`` reads them): one user per
+    line, item ids separated by whitespace, oldest first; users are split
+    between the files (not leave-one-out). The last id of a line is its
+    target, the ids before it its history; models see the last ``max_len``
+    (10, PreferDiff's ``max_seq_length``) of them.
+
+    * Training targets: by default (``train_targets="last"``) exactly what
+      PreferDiff trains on, one example per line of ``train_data.txt``: its
+      last id, predicted from the ids before it (PreferDiff's
+      ``SequenceDataset.__getitem__`` takes ``seq[:-1]`` as the history and
+      ``seq[-1]`` as the label of each line, and its training loader iterates
+      over the lines; no prefix of a line is an example of its own).
+      ``train_targets="all"`` makes every id after the first of each training
+      line a target (prefix augmentation, as DreamRec's files hold it).
+    * Validation / test targets: the last id of each line of
+      ``valid_data.txt`` / ``test_data.txt``, in line order (target i of
+      ``"valid"`` is line i + 1 of the file). Their histories are not
+      training data (``SequenceData.train`` holds the lines of
+      ``train_data.txt`` only).
+    * Ids: PreferDiff's are 1-based (0 pads) and it ranks every id up to the
+      largest (``item_num``), so the id space is kept as in the DreamRec
+      loader: item ``i`` is the id ``i + 1``, ``n_items`` is the largest id,
+      ``item_ids`` is ``arange(1, largest + 1)``, and ids that never occur stay
+      items. Files that use the id 0 are taken as 0-based (item ``i`` is the
+      id ``i``). The id space may be at most max(``DENSE_ID_FACTOR`` x the
+      distinct ids, ``DENSE_ID_FLOOR``) items.
+    * The sequences of ``train_data.txt`` come first, then those of
+      ``valid_data.txt`` and ``test_data.txt``; ``sequence_ids`` holds each
+      one's 1-based line number in its file. ``summary`` adds ``source``
+      ("preferdiff"), ``id_base`` (1 or 0), ``train_targets``,
+      ``lines_train`` / ``lines_valid`` / ``lines_test`` and ``history_max``.
+    * Lines may hold more than ``max_len + 1`` ids (PreferDiff's own files
+      never do): the windows keep the last ``max_len``.
+    * Refused with a DataFormatError naming the file and its 1-based line:
+      a token that is not an integer (ASCII digits, an optional sign), an id
+      below 0 or beyond 64 bits, an empty line (blank lines after the last
+      sequence are accepted), a line of one id (a target without history:
+      PreferDiff's models would read the history's last item at index -1, a
+      padding slot), a file without any sequence, and a missing file of the
+      three (without a line), or one that is not UTF-8.
+
     Args:
         path: a ``dataset.pkl``-format file (any name) or a folder holding
             ``dataset.pkl``; a DreamRec folder (or one of its ``.df`` files);
-            or ``"synthetic-seq"``.
+            a PreferDiff folder (or one of its three ``.txt`` files); or
+            ``"synthetic-seq"``.
         max_len: the default window length (``SequenceData.max_len``): 10, or
             the ``seq_size`` of a DreamRec folder.
+        train_targets: PreferDiff folders only: ``"last"`` (default) or
+            ``"all"`` (see above).
         Options of ``"synthetic-seq"``: ``n_users``, ``n_items``,
             ``mean_length``, ``seed`` and the others of :func:`synthetic_sequences`.
 
     Raises:
         DataFormatError (a ValueError) naming the file (and row, for ``.df``
-        files) of malformed or refused input; FileNotFoundError for a missing
-        path; ImportError for a ``.df`` file without pandas installed;
-        TypeError for an option the source does not take.
+        files, or line, for ``.txt`` files) of malformed or refused input;
+        FileNotFoundError for a missing path; ImportError for a ``.df`` file
+        without pandas installed; TypeError for an option the source does not take.
     """
     if isinstance(path, str) and path.lower() == SYNTHETIC:
         return _load_synthetic(**options)
@@ -1446,14 +1648,20 @@ def load_sequences(path: str, **options) -> SequenceData:
             kind, p = "pkl", os.path.join(p, PKL_NAME)
         elif _is_dreamrec_folder(p):
             kind = "dreamrec"
+        elif _is_preferdiff_folder(p):
+            kind = "preferdiff"
         else:
-            raise FileNotFoundError(f"{p}: no sequence data found (expected {PKL_NAME}, or DreamRec's "
-                                    f"{', '.join(DREAMREC_FILES.values())} and {DREAMREC_STATS})")
+            raise FileNotFoundError(f"{p}: no sequence data found (expected {PKL_NAME}, DreamRec's "
+                                    f"{', '.join(DREAMREC_FILES.values())} and {DREAMREC_STATS}, or PreferDiff's "
+                                    f"{', '.join(PREFERDIFF_FILES.values())})")
     elif p.endswith(".df"):
         kind, p = "dreamrec", os.path.dirname(os.path.abspath(p))
+    elif os.path.basename(p) in PREFERDIFF_FILES.values():
+        kind, p = "preferdiff", os.path.dirname(os.path.abspath(p))
     else:
         kind = "pkl"
-    _refuse_unknown(f"{p} ({'a DreamRec folder' if kind == 'dreamrec' else 'dataset.pkl'})", options, ("max_len",))
+    what = {"dreamrec": "a DreamRec folder", "preferdiff": "a PreferDiff folder", "pkl": "dataset.pkl"}[kind]
+    _refuse_unknown(f"{p} ({what})", options, ("max_len", "train_targets") if kind == "preferdiff" else ("max_len",))
     max_len = options.get("max_len")
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer))
                                 or max_len < 1):
@@ -1462,6 +1670,9 @@ def load_sequences(path: str, **options) -> SequenceData:
         check_window(max_len, 1, p)  # one window alone too large: refused before anything is read
     if kind == "dreamrec":
         return _load_dreamrec(p, max_len=None if max_len is None else int(max_len))
+    if kind == "preferdiff":
+        return _load_preferdiff(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len),
+                                train_targets=options.get("train_targets", "last"))
     return _load_pkl(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len))
 
 
@@ -1522,13 +1733,13 @@ def _rank(score_fn, data: SequenceData, t: Targets, ks: Tuple[int, ...], batch_s
     return result
 
 
-def evaluate_sequences(score_fn, data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
+def evaluate_sequences(score_fn, data: SequenceData, splits=("valid", "test"), *, ks=None,
                        batch_size: int = 1024, exclude_history: Optional[bool] = None, max_len: Optional[int] = None,
                        progress: Optional[bool] = False, backend: Optional[str] = None,
                        protocol: str = "full") -> Dict[str, Dict[str, float]]:
     """Full-ranking HR@k (= Recall@k with one positive) and NDCG@k of each split, via ``target_rank``.
 
-    Two protocols:
+    Three protocols:
 
     * ``"full"`` (default): every target of the split, in batches of
       ``batch_size``, is ranked against all ``n_items`` items with
@@ -1545,38 +1756,61 @@ def evaluate_sequences(score_fn, data: SequenceData, splits=("valid", "test"), *
       columns (the padding id is ranked like an item), targets are scored in
       batches of 100 in split order and a last partial batch is dropped;
       ``batch_size`` is ignored, every k must be <= 100.
+    * ``"preferdiff"``: PreferDiff's evaluation (``Evaluator`` of its
+      ``evaluator.py``, ``predict`` of its models): every target of the split
+      ranked against all ``n_items`` items (``score_fn`` returns ``n_items``
+      columns; PreferDiff scores ids 1..item_num, its padding id 0 is not
+      ranked), nothing masked: the history is never excluded, so an item of
+      the history can take a place in the top k and a target that occurred
+      in its history can be hit. Ranking and metrics as for ``"full"``
+      (Recall@k = HR@k with one positive, NDCG@k = 1 / log2(rank + 2)),
+      averaged over every target; ks default to 5 and 10 (PreferDiff's
+      ``topk``), and the results also hold ``"recall@k"`` (equal to ``"hr@k"``),
+      PreferDiff's name. Ties rank by lower item id, where PreferDiff's
+      ``torch.topk`` orders them as its kernel happens to.
 
     Args:
         score_fn: ``score_fn(history (B, L), lengths (B,), seq (B,)) -> (B, n_items)`` float scores of
             every item for a batch of targets (history windows as :meth:`SequenceData.windows` gives them).
+        ks: the cutoffs, ascending; default (10, 20, 50), or (5, 10) for ``"preferdiff"``.
         exclude_history: never rank the items before the target in its sequence (all of them, not
-            only the window). Default: exclude exactly when ``data.repeats`` is False.
+            only the window). Default: exclude exactly when ``data.repeats`` is False ("full"), never
+            ("dreamrec", "preferdiff", which refuse True).
         max_len: window length handed to ``score_fn`` (default ``data.max_len``).
-        protocol: ``"full"`` or ``"dreamrec"`` (see above).
+        protocol: ``"full"``, ``"dreamrec"`` or ``"preferdiff"`` (see above).
 
     Returns:
         {split: {"hr@k": ..., "ndcg@k": ..., "mrr@k": ..., "n": number of targets}} averaged over
         every target of the split (each target counts once; a target excluded as history counts as
-        a miss).
+        a miss); with ``"preferdiff"`` also "recall@k".
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {protocol!r}")
+    if ks is None:
+        ks = PREFERDIFF_KS if protocol == "preferdiff" else DEFAULT_KS
     if protocol == "dreamrec":
         if exclude_history:
             raise ValueError("DreamRec's protocol never excludes the history; pass exclude_history=None or False")
         return evaluate_like_dreamrec(score_fn, data, splits, ks=ks, max_len=max_len, progress=progress,
                                       backend=backend)
-    if protocol != "full":
-        raise ValueError(f"protocol must be 'full' or 'dreamrec', got {protocol!r}")
+    if protocol == "preferdiff" and exclude_history:
+        raise ValueError("PreferDiff's protocol never excludes the history; pass exclude_history=None or False")
     ks = _check_ks(ks)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    exclude = (not data.repeats) if exclude_history is None else bool(exclude_history)
+    if protocol == "preferdiff":
+        exclude = False
+    else:
+        exclude = (not data.repeats) if exclude_history is None else bool(exclude_history)
     results = {}
     for split in ([splits] if isinstance(splits, str) else splits):
         if split not in data.targets:
             raise ValueError(f"unknown split {split!r} (splits: {', '.join(data.targets)})")
         results[split] = _rank(score_fn, data, data.targets[split], ks, batch_size, exclude=exclude,
                                max_len=max_len, n_cols=data.n_items, backend=backend, progress=progress,
-                               desc=f"evaluate {split}")
+                               desc=f"evaluate {split}" + (" (PreferDiff)" if protocol == "preferdiff" else ""))
+        if protocol == "preferdiff":
+            results[split].update({f"recall@{k}": results[split][f"hr@{k}"] for k in ks})
     return results
 
 
@@ -1628,5 +1862,6 @@ def evaluate_like_dreamrec(score_fn, data: SequenceData, splits=("valid", "test"
     return results
 
 
-__all__ = ["SequenceBatches", "SequenceData", "Targets", "evaluate_like_dreamrec", "evaluate_sequences",
-           "is_sequence_source", "load_sequences", "read_dataframe", "read_plain_pickle", "synthetic_sequences"]
+__all__ = ["PREFERDIFF_KS", "SequenceBatches", "SequenceData", "Targets", "evaluate_like_dreamrec",
+           "evaluate_sequences", "is_sequence_source", "load_sequences", "read_dataframe", "read_plain_pickle",
+           "synthetic_sequences"]
