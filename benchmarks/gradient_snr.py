@@ -45,7 +45,8 @@ def main(argv=None):
 
     from refit.cli import _finetune_config, build_parser
     from refit.reward import repeat_episode
-    from refit.trainer import ReFiT, _Rows, load_policy
+    from refit.posttrain.common import Rows
+    from refit.trainer import ReFiT, load_policy
 
     args = build_parser().parse_args(["finetune", "--checkpoint", a.checkpoint, *shlex.split(a.finetune)])
     cfg = _finetune_config(args, out=os.devnull)
@@ -57,10 +58,10 @@ def main(argv=None):
     def estimate(trainer, episode, seed, drop_last=False):
         trainer.generator.manual_seed(seed)
         inputs, traj, reward = trainer.rollout(episode, 0, episode.users.numel())
-        adv, _ = trainer._advantages(reward.reward)
+        adv, _ = trainer.method._advantages(reward.reward)
         S = traj.preds.shape[0]
         steps = list(range(S - 1 if drop_last and S > 1 else S))
-        logp = trainer._logprob(_Rows(episode._replace(inputs=inputs), traj), steps).sum(0)
+        logp = trainer.method._logprob(Rows(episode._replace(inputs=inputs), traj), steps).sum(0)
         grads = torch.autograd.grad(-(adv * logp).mean(), params, allow_unused=True)
         flat = torch.cat([(g if g is not None else torch.zeros_like(q)).flatten() for g, q in zip(grads, params)])
         within = float(reward.reward.view(-1, G).std(1, unbiased=False).mean())

@@ -27,14 +27,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 import refit_kernels as rk
 
-from .diffusion import Trajectory
 from .control import Progress, StopRequests
 from .limits import check_finite, check_seed
 from .loop import peak_memory_mb
@@ -42,8 +41,11 @@ from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source, kept_modes
 from .posttrain import METHOD_CLASSES
+# The shared helpers of the methods, importable from here as before.
+from .posttrain.common import (Baseline, Rows as _Rows, group_weights, rating_weights,  # noqa: F401
+                               reinforce_loss, select_rows as _select_rows, trajectory_logprob)
 from .reward import (REWARDS, TARGETS, Episode, Reward, collaborative_reward, map_inputs, ranking_reward, rank_metrics,
-                     repeat_episode, select_episode, slice_episode)
+                     repeat_episode, slice_episode)
 from . import distributed as dist
 from .runs import RunDir, atomic_write, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .similarity import shared_similar_users
@@ -51,10 +53,8 @@ from .similarity import shared_similar_users
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "mean-std", "ema", "group")
-# The methods written as strategies (refit.posttrain) follow the four branches of ReFiT.step.
-METHODS = ("reinforce", "grpo", "reward-weighted", "offline-reward-weighted") + tuple(METHOD_CLASSES)
-#: The methods that sample trajectories and take a policy gradient of their log-likelihood.
-POLICY_GRADIENT = ("reinforce", "grpo")
+#: Every post-training method, each a strategy of refit.posttrain (in the order they registered).
+METHODS = tuple(METHOD_CLASSES)
 #: Default lambda of the exponential weights, on each method's reward scale. The ReFiT reward lies
 #: in [0, 1]: 0.01 did best on ml-1m_seq's validation split (DreamRec, lr 1e-4, groups of 4; HR@20
 #: 0.2040 against 0.2030 and 0.2031 for 0.05 and 0.2, all within the evaluation's spread, docs/post-training.md).
@@ -183,10 +183,6 @@ class FinetuneConfig:
         if not isinstance(self.group_size, int) or self.group_size < 1 or self.batch_size % self.group_size:
             raise ValueError(f"group_size must be a positive divisor of batch_size ({self.batch_size}), "
                              f"got {self.group_size!r}")
-        if self.method == "grpo":
-            if self.group_size < 2:
-                raise ValueError("grpo compares the trajectories of an episode: group_size must be >= 2")
-            self.baseline = "group"  # GRPO's advantages are the group's, whatever the baseline default says
         if self.baseline == "group" and self.group_size < 2:
             raise ValueError("the group baseline needs group_size >= 2")
         if self.reward not in REWARDS:
@@ -204,8 +200,6 @@ class FinetuneConfig:
             if self.rl_steps is not None and self.explore_steps > self.rl_steps - 1:
                 raise ValueError(f"explore_steps ({self.explore_steps}) must be at most rl_steps - 1 "
                                  f"({self.rl_steps - 1}), the steps that can draw noise")
-            if self.method == "offline-reward-weighted":
-                raise ValueError("offline reward-weighted fine-tuning samples nothing: explore_steps does not apply")
         if not (isinstance(self.timestep_fraction, (int, float)) and 0.0 < self.timestep_fraction <= 1.0):
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
         if self.minibatch_size is not None:
@@ -230,30 +224,9 @@ class FinetuneConfig:
             raise ValueError("ppo_epochs must be >= 0 and ppo_clip in (0, 1)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method in METHOD_CLASSES:
-            METHOD_CLASSES[self.method].check_config(self)
         if self.rw_lambda is None:
             self.rw_lambda = RW_LAMBDA.get(self.method, 1.0)
-        if self.method == "reward-weighted":
-            if self.group_size < 2:
-                raise ValueError("reward-weighted fine-tuning compares the trajectories of a user: group_size must "
-                                 "be >= 2")
-            if not self.rw_lambda > 0:
-                raise ValueError(f"rw_lambda must be > 0, got {self.rw_lambda}")
-            if self.ppo_epochs or self.reuse_sampling_graph or self.timestep_fraction < 1.0:
-                raise ValueError("ppo_epochs, reuse_sampling_graph and timestep_fraction belong to the policy "
-                                 "gradient, not to reward-weighted fine-tuning")
-        if self.method == "offline-reward-weighted":
-            if not self.rw_lambda > 0:
-                raise ValueError(f"rw_lambda must be > 0, got {self.rw_lambda}")
-            if self.group_size != 1 or self.ppo_epochs or self.reuse_sampling_graph or self.anchor == "kl":
-                raise ValueError("offline reward-weighted fine-tuning samples no trajectories: group_size must be 1, "
-                                 "and ppo_epochs, reuse_sampling_graph and the kl anchor do not apply")
-        if self.reuse_sampling_graph and self.timestep_fraction < 1.0:
-            raise ValueError("reuse_sampling_graph takes every step's graph from the sampling pass: "
-                             "timestep_fraction must be 1")
-        if self.ppo_epochs and self.reuse_sampling_graph:
-            raise ValueError("PPO re-evaluates the trajectories each inner epoch: reuse_sampling_graph must be off")
+        METHOD_CLASSES[self.method].check_config(self)  # what the method itself refuses (and may settle)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ks is not None:
@@ -263,125 +236,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def group_weights(reward: torch.Tensor, group_size: int, lam: float) -> torch.Tensor:
-    """(B,) self-normalised exponential weights: ``softmax(reward / lam)`` within each run of
-    ``group_size`` consecutive rows (one user's group), so every group's weights sum to 1.
-
-    ``reward`` is (B,) with B a multiple of ``group_size``; float64 inside, float32 out.
-    """
-    if reward.numel() % group_size:
-        raise ValueError(f"{reward.numel()} rewards do not split into groups of {group_size}")
-    g = reward.detach().double().view(-1, group_size) / lam
-    return torch.softmax(g, dim=1).reshape(-1).float()
-
-
-def rating_weights(present: torch.Tensor, ratings: torch.Tensor, lam: float) -> torch.Tensor:
-    """(B, I) weights of offline reward-weighted fine-tuning for each item's error in a user's row.
-
-    ``present`` (B, I) marks the logged interactions (nonzero) and ``ratings`` (B, I) holds their
-    ratings. A user's n logged items get ``n * softmax(rating / lam)`` over those items (the
-    self-normalised exp(rating / lam), scaled so they average 1, as in plain pretraining); every
-    other item keeps weight 1. ``lam -> inf`` is plain pretraining. float64 inside, float32 out.
-    """
-    if present.shape != ratings.shape or present.dim() != 2:
-        raise ValueError(f"present and ratings must be (B, I) alike, got {tuple(present.shape)} and "
-                         f"{tuple(ratings.shape)}")
-    mask = present != 0
-    z = torch.where(mask, ratings.detach().double() / lam, torch.full_like(ratings, -math.inf, dtype=torch.float64))
-    n = mask.sum(1, keepdim=True)
-    soft = torch.softmax(z, dim=1).nan_to_num(0.0)  # a user without logged items: no weights to share
-    return torch.where(mask, soft * n, torch.ones_like(soft)).float()
-
-
-def reinforce_loss(adv: torch.Tensor, logp: torch.Tensor, mean=torch.mean) -> torch.Tensor:
-    """REINFORCE's surrogate loss ``-mean_b(adv[b] * logp[b])``: (B,) advantages (no gradient) and
-    (B,) trajectory log-likelihoods (with gradient) -> scalar whose gradient estimates -grad E[reward].
-
-    ``mean`` takes the mean over the batch (under torchrun: this rank's share of the global mean).
-    """
-    return -mean(adv.detach() * logp)
-
-
-def trajectory_logprob(policy, users: torch.Tensor, inputs, traj: Trajectory, *,
-                       reduction: str = "mean", per_step: bool = False) -> torch.Tensor:
-    """Log-likelihood of sampled trajectories under the current weights, with gradient.
-
-    The policy re-evaluates its denoiser along the trajectory
-    (``policy.outputs``: all stochastic steps in one batched forward pass)
-    and ``gaussian_logprob`` scores them: (B,) or, with ``per_step``, (S, B).
-    ``reduction="mean"`` divides by the state's dimension (items, or the
-    embedding width).
-    """
-    S, B = traj.preds.shape[:2]
-    if S == 0:
-        return traj.final.new_zeros((S, B) if per_step else (B,))
-    preds = policy.outputs(users, inputs, traj)
-    return rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                               reduction=reduction, per_step=per_step)
-
-
-def _shuffle_within_rows(values: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``values`` with each row's masked entries permuted among themselves (the others untouched)."""
-    out = values.clone()
-    for b in range(values.shape[0]):
-        idx = torch.nonzero(mask[b]).flatten()
-        out[b, idx] = values[b, idx[torch.randperm(idx.numel(), generator=generator)]]
-    return out
-
-
-def _shuffle_within_groups(values: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
-    """(B,) ``values`` with each run of ``group_size`` consecutive entries permuted among themselves
-    (a uniform random permutation per group, from ``generator``)."""
-    g = values.view(-1, group_size)
-    order = torch.rand(g.shape, generator=generator).argsort(dim=1).to(values.device)
-    return g.gather(1, order).reshape(-1)
-
-
-class _Rows(NamedTuple):
-    """Some rows of an iteration's episode (inputs on the policy's device) and their trajectories."""
-
-    episode: Episode
-    traj: Trajectory
-
-
-def _select_rows(episode: Episode, traj: Trajectory, rows: torch.Tensor) -> Tuple[Episode, Trajectory]:
-    """Rows ``rows`` ((n,) int64, CPU) of an episode and of its (S+1, B, D) trajectory."""
-    if rows.numel() == episode.users.numel() and bool((rows == torch.arange(rows.numel())).all()):
-        return episode, traj
-    r = rows.to(traj.states.device)
-    return (select_episode(episode, rows),
-            traj._replace(states=traj.states[:, r], preds=traj.preds[:, r], final=traj.final[r]))
-
-
-class Baseline:
-    """The reward baseline: batch mean (optionally / batch std), an exponential moving
-    average, or the mean of the user's own group of trajectories (divided by its std)."""
-
-    def __init__(self, kind: str, decay: float = 0.9, group_size: int = 1):
-        self.kind, self.decay, self.ema, self.group_size = kind, decay, None, group_size
-
-    def advantage(self, reward: torch.Tensor) -> torch.Tensor:
-        if self.kind == "group":  # rows come as group_size consecutive samples per user
-            g = reward.view(-1, self.group_size)
-            adv = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-6)
-            return adv.reshape(-1)
-        if self.kind == "ema":
-            batch_mean = float(reward.mean())
-            base = batch_mean if self.ema is None else self.ema
-            self.ema = batch_mean if self.ema is None else self.decay * self.ema + (1 - self.decay) * batch_mean
-            return reward - base
-        adv = reward - reward.mean()
-        if self.kind == "mean-std":
-            adv = adv / (reward.std(unbiased=False) + 1e-8)
-        return adv
-
-    def state(self):
-        return {"ema": self.ema}
-
-    def load(self, state):
-        self.ema = state.get("ema")
 
 
 class ReFiT:
@@ -462,20 +316,6 @@ class ReFiT:
         self.placebo_generator = torch.Generator().manual_seed(config.seed + 7_654_321) if config.placebo else None
         self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
-        # Computed once, each rank a block of users, then shared (identical on every rank).
-        self._ratings = None
-        if config.method == "offline-reward-weighted":
-            import inspect
-
-            ratings = getattr(data, "train_ratings", None)
-            if ratings is None:
-                raise ValueError(f"offline reward-weighted fine-tuning takes the logged ratings as rewards, and "
-                                 f"{getattr(data, 'name', 'these data')!r} carry none: use a source with ratings "
-                                 f"(ratings.dat, u.data, a .inter file with a rating column, ml-100k)")
-            if "weight" not in inspect.signature(policy.denoising_loss).parameters:
-                raise TypeError(f"{type(policy).__name__}.denoising_loss takes no per-item weights (weight=): "
-                                f"offline reward-weighted fine-tuning needs them")
-            self._ratings = rk.as_csr(ratings, "train_ratings")
         if neighbors is None:
             neighbors = shared_similar_users(self.train_csr, m=config.similar_users,
                                              method=config.similar_users_method)
@@ -521,12 +361,12 @@ class ReFiT:
         # Before any training: a policy over other data, or one whose methods return the wrong shapes
         # (a loss that is a batch mean, scores with a padding column), fails here, naming the method.
         check_policy(policy, data, sample_options=self._sample_options)
-        # A method written as a strategy (refit.posttrain) runs the iterations; None: ReFiT.step's branches.
-        self.method = METHOD_CLASSES[config.method](self) if config.method in METHOD_CLASSES else None
+        # The method (a strategy of refit.posttrain) runs the iterations.
+        self.method = METHOD_CLASSES[config.method](self)
         self._probe = None  # (episode, seed) of the probe reward, drawn on first use
         # The pretrained policy, frozen: the KL anchor, and the KL diagnostic of the sampling methods.
         self.reference = None
-        if config.anchor == "kl" or config.method != "offline-reward-weighted":
+        if config.anchor == "kl" or self.method.samples:
             self.reference = copy.deepcopy(policy)
             self.reference.module.eval()
             for p in self.reference.module.parameters():
@@ -691,139 +531,8 @@ class ReFiT:
             group["lr"] = lr
 
     def step(self) -> Dict[str, float]:
-        """One iteration: a batch of episodes, their rewards, and the policy update(s)."""
-        if self.method is not None:
-            return self.method.step()
-        if self.config.method == "reward-weighted":
-            return self._reward_weighted_step()
-        if self.config.method == "offline-reward-weighted":
-            return self._offline_step()
-        return self._policy_gradient_step()
-
-    def _advantages(self, reward: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B,) advantages of the global batch's rewards and (B,) bool, the trajectories that enter the loss.
-
-        GRPO drops the groups whose rewards are all equal (their advantages are 0: nothing to compare);
-        every other method keeps every trajectory. The placebo permutes the advantages among the kept
-        trajectories, so the update keeps its size and noise but no longer follows the reward."""
-        cfg = self.config
-        adv = self.baseline.advantage(reward)
-        keep = torch.ones_like(reward, dtype=torch.bool)
-        if cfg.method == "grpo":
-            g = reward.view(-1, cfg.group_size)
-            keep = ((g.amax(1) - g.amin(1)) > 0).repeat_interleave(cfg.group_size)
-        if self.placebo_generator is not None:
-            idx = torch.nonzero(keep).flatten()
-            adv = adv.clone()
-            adv[idx] = adv[idx[torch.randperm(idx.numel(), generator=self.placebo_generator)]]
-        return adv, keep
-
-    def _policy_gradient_step(self) -> Dict[str, float]:
-        """REINFORCE / GRPO: the advantage-weighted log-likelihood of the batch's trajectories, over the
-        steps chosen by ``timestep_fraction``, in one update or in PPO's clipped inner epochs over
-        minibatches."""
-        cfg, policy = self.config, self.policy
-        t0, episode, lo, n_global, inputs, traj, reward, t_sample = self._sampled()
-        n_local = episode.users.numel()
-        adv_all, keep_all = self._advantages(reward.reward)
-        stats = self._reward_stats(reward.reward, adv_all, keep_all)
-        n_kept = int(keep_all.sum())
-        adv = adv_all[lo:lo + n_local].to(policy.device)
-        if self.world == 1:  # dropped trajectories are not re-evaluated at all
-            rows = torch.nonzero(keep_all).flatten() if n_kept < n_local else torch.arange(n_local)
-            anchor_rows = (0, rows.numel())
-        else:  # every rank runs its rows (the ranks update in step); dropped ones weigh 0 (advantage 0)
-            rows = torch.arange(n_local)
-            adv = adv * keep_all[lo:lo + n_local].to(adv)
-            anchor_rows = (lo, n_global)
-        sub = _Rows(*_select_rows(episode._replace(inputs=inputs), traj, rows))
-        # The diagnostic over the kept trajectories, whatever the number of processes (under torchrun
-        # ``sub`` also holds the dropped groups' rows, which weigh 0 in the update).
-        kept_local = torch.nonzero(keep_all[lo:lo + n_local]).flatten()
-        stats["kl"] = self._kl_to_start(sub if self.world == 1 else
-                                        _Rows(*_select_rows(episode._replace(inputs=inputs), traj, kept_local)))
-        steps = self._train_steps(traj.preds.shape[0])
-        loss, anchor, grad_norm, clip_frac = torch.zeros(()), 0.0, 0.0, 0.0
-        if n_kept:
-            adv = adv[rows.to(adv.device)]
-            if cfg.ppo_epochs == 0:
-                loss, anchor, grad_norm = self._reinforce_update(sub, adv, steps, n_kept, anchor_rows)
-            else:
-                loss, anchor, grad_norm, clip_frac = self._ppo_updates(sub, adv, steps, n_kept, anchor_rows)
-        stats.update({
-            "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
-            "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
-            "grad_norm": grad_norm, "ppo_clip_fraction": clip_frac, "trained_steps": len(steps),
-            "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
-        })
-        return stats
-
-    def _train_steps(self, S: int) -> List[int]:
-        """The stochastic steps whose log-likelihood this update trains: all S, or a random
-        ``timestep_fraction`` of them (at least one), in order."""
-        f = self.config.timestep_fraction
-        if f >= 1.0 or S == 0:
-            return list(range(S))
-        n = max(1, int(round(f * S)))
-        return sorted(torch.randperm(S, generator=self.generator)[:n].tolist())
-
-    def _logprob(self, sub: "_Rows", steps: List[int]) -> torch.Tensor:
-        """(S', B) log-likelihood of each chosen step of the rows ``sub`` under the current weights, with
-        gradient; with ``reuse_sampling_graph`` from the sampling pass itself."""
-        cfg, traj = self.config, sub.traj
-        users, inputs = sub.episode.users, sub.episode.inputs
-        S = traj.preds.shape[0]
-        if cfg.reuse_sampling_graph:
-            preds = traj.preds
-        elif len(steps) == S:
-            preds = self.policy.outputs(users, inputs, traj)
-        else:  # re-evaluate only the chosen steps; the others keep their sampled outputs (no gradient)
-            idx = torch.tensor(steps, dtype=torch.long, device=traj.preds.device)
-            part = traj._replace(states=torch.cat([traj.states[idx], traj.states[-1:]]), preds=traj.preds[idx],
-                                 timesteps=traj.timesteps[idx])
-            preds = traj.preds.detach().index_copy(0, idx, self.policy.outputs(users, inputs, part))
-        per_step = rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                                       reduction=cfg.reduction, per_step=True)
-        return per_step if len(steps) == S else per_step[steps]
-
-    def _reinforce_update(self, sub: "_Rows", adv: torch.Tensor, steps: List[int], n_kept: int, anchor_rows):
-        """One update on ``-mean(adv * L)`` over the kept trajectories (``n_kept`` in the global batch)."""
-        logp = self._logprob(sub, steps).sum(0)
-        loss = reinforce_loss(adv, logp, mean=lambda x: self._mean(x, n_kept))
-        loss, anchor = self._add_anchor(loss, sub.episode, sub.episode.inputs, sub.traj, *anchor_rows)
-        return loss, anchor, self._update(loss)
-
-    def _ppo_updates(self, sub: "_Rows", adv: torch.Tensor, steps: List[int], n_kept: int, anchor_rows):
-        """PPO's clipped surrogate over ``ppo_epochs`` inner epochs, each over the kept trajectories in
-        shuffled minibatches of ``minibatch_size`` (one update per minibatch); the ratios are per step
-        against the sampling pass's log-likelihoods."""
-        cfg, traj = self.config, sub.traj
-        B = sub.episode.users.numel()
-        with torch.no_grad():
-            old = rk.gaussian_logprob(traj.preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                                      reduction=cfg.reduction, per_step=True)[steps]
-        mb = min(cfg.minibatch_size or B, B)
-        clipped_n, count, norms = 0.0, 0, []
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.generator) if mb < B else torch.arange(B)
-            for a in range(0, B, mb):
-                rows = order[a:a + mb]
-                part = _Rows(*_select_rows(sub.episode, traj, rows)) if mb < B else sub
-                new = self._logprob(part, steps)
-                ratio = torch.exp(new - old[:, rows.to(old.device)])
-                a_mb = adv[rows.to(adv.device)]
-                clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
-                # A minibatch's loss is its own mean, so each update has the size of a full-batch one.
-                n_mb, rows_mb = (n_kept, anchor_rows) if mb >= B else (rows.numel(), (0, rows.numel()))
-                loss = -self._mean(torch.minimum(ratio * a_mb, clipped * a_mb), n_mb * new.shape[0])
-                loss, anchor = self._add_anchor(loss, part.episode, part.episode.inputs, part.traj, *rows_mb)
-                norms.append(self._update(loss))
-                clipped_n += float(((ratio.detach() - 1).abs() > cfg.ppo_clip).double().sum())
-                count += ratio.numel()
-        if self.world > 1:
-            tot = dist.all_reduce_sum(torch.tensor([clipped_n, float(count)], dtype=torch.float64))
-            clipped_n, count = float(tot[0]), float(tot[1])
-        return loss, anchor, float(np.mean(norms)), clipped_n / max(count, 1)
+        """One iteration of the run's method: a batch of episodes, their rewards, and the update(s)."""
+        return self.method.step()
 
     def _reward_stats(self, reward: torch.Tensor, adv: Optional[torch.Tensor] = None,
                       keep: Optional[torch.Tensor] = None) -> Dict[str, float]:
@@ -869,76 +578,6 @@ class ReFiT:
             total = dist.all_reduce_sum(total)
         return float(total[0] / total[1].clamp_min(1))
 
-    def _reward_weighted_step(self) -> Dict[str, float]:
-        """Reward-weighted fine-tuning: G trajectories per user, the model's own denoising loss toward each
-        sampled final state, weighted by the self-normalised ``softmax(reward / rw_lambda)`` of the user's
-        group (see :func:`group_weights`)."""
-        cfg, policy = self.config, self.policy
-        t0, episode, lo, n_global, inputs, traj, reward, t_sample = self._sampled()
-        users, n_local = episode.users, episode.users.numel()
-        r = reward.reward
-        if self.placebo_generator is not None:
-            # The control: rewards no longer belong to their trajectories. They are permuted within each
-            # user's group, not across the batch: rewards spread about 14x more between users than within
-            # a group, so a batch-wide shuffle would give peaked weights where the real run's are nearly
-            # flat, and the two arms would differ in update size, not only in whether updates follow the reward.
-            r = _shuffle_within_groups(r, cfg.group_size, self.placebo_generator)
-        weights = group_weights(r, cfg.group_size, cfg.rw_lambda)
-        stats = self._reward_stats(reward.reward)
-        stats["kl"] = self._kl_to_start(_Rows(episode._replace(inputs=inputs), traj))
-        w = weights[lo:lo + n_local].to(policy.device)
-        target = policy.training_target(users, inputs, traj.final, exclude=episode.exclude, k=cfg.k)
-        policy.module.eval()
-        per_row = policy.denoising_loss(users, inputs, target, generator=self.generator,
-                                        rows=(lo, n_global) if self.world > 1 else None)
-        # sum_g w_g = 1 per user: the loss is the mean over users of their weighted denoising losses.
-        loss = self._mean(w * per_row * cfg.group_size, n_global)
-        loss, anchor = self._add_anchor(loss, episode, inputs, traj, lo, n_global)
-        grad_norm = self._update(loss)
-        ess = 1.0 / (weights.view(-1, cfg.group_size) ** 2).sum(1)
-        stats.update({
-            "reward": float(reward.reward.mean()), "n_k": float(reward.n_k.mean()),
-            "n_sim_k": float(reward.n_sim_k.mean()), "loss": self._global_value(loss), "anchor": anchor,
-            "grad_norm": grad_norm, "effective_group_size": float(ess.mean()),
-            "sample_s": round(t_sample, 4), "step_s": round(time.perf_counter() - t0, 4),
-        })
-        return stats
-
-    def _offline_step(self) -> Dict[str, float]:
-        """Offline reward-weighted fine-tuning: the pretraining loss on the users' logged training rows,
-        each logged item's error weighted by :func:`rating_weights` of its rating. Nothing is sampled."""
-        cfg, policy = self.config, self.policy
-        t0 = time.perf_counter()
-        episode, lo, n_global = self.draw()
-        users = episode.users
-        dev = policy.device
-        rows = rk.gather_rows(self.train_csr, users).to(dev)
-        ratings = rk.gather_rows(self._ratings, users).to(dev)
-        weight = rating_weights(rows, ratings, cfg.rw_lambda)
-        if self.placebo_generator is not None:  # the control: each user's weights moved to random logged items
-            weight = _shuffle_within_rows(weight, rows != 0, self.placebo_generator)
-        policy.module.eval()
-        per_row = policy.denoising_loss(users, rows, rows, generator=self.generator,
-                                        rows=(lo, n_global) if self.world > 1 else None, record=True, weight=weight)
-        loss = self._mean(per_row, n_global)
-        loss, anchor = self._add_anchor(loss, episode, rows, None, lo, n_global)
-        grad_norm = self._update(loss)
-        logged = rows != 0
-        w_logged = torch.where(logged, weight, torch.zeros_like(weight))
-        # The mean logged rating, and the mean rating as the weights see it (their gap is what lambda
-        # does), over the global batch: sums and counts from every rank.
-        sums = torch.stack([(ratings * logged).sum(), logged.sum(), (w_logged * ratings).sum(),
-                            w_logged.sum()]).to(torch.float64)
-        if self.world > 1:
-            sums = dist.all_reduce_sum(sums)
-        sums = sums.tolist()
-        return {
-            "loss": self._global_value(loss), "anchor": anchor, "grad_norm": grad_norm,
-            "rating": sums[0] / sums[1] if sums[1] > 0 else 0.0,
-            "weighted_rating": sums[2] / sums[3] if sums[3] > 0 else 0.0,
-            "sample_s": 0.0, "step_s": round(time.perf_counter() - t0, 4),
-        }
-
     def _add_anchor(self, loss, episode, inputs, traj, lo: int = 0, n_global: Optional[int] = None):
         """loss + anchor_weight * anchor (its gradient is averaged over the ranks with the rest)."""
         cfg, policy = self.config, self.policy
@@ -976,7 +615,7 @@ class ReFiT:
                  "rng": rng_state(self.generator)}
         if self.placebo_generator is not None:
             state["placebo_rng"] = self.placebo_generator.get_state()
-        method = self.method.state() if self.method is not None else {}
+        method = self.method.state()
         if method:
             state["method"] = method
         return state
@@ -987,7 +626,7 @@ class ReFiT:
         set_rng_state(state["rng"], self.generator)
         if self.placebo_generator is not None and "placebo_rng" in state:
             self.placebo_generator.set_state(state["placebo_rng"])
-        if self.method is not None and "method" in state:
+        if "method" in state:
             self.method.load(state["method"])
 
 

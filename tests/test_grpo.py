@@ -244,7 +244,7 @@ def test_grpo_drops_the_groups_whose_rewards_tie(pretrained, data, tmp_path):
     rec, d, _ = load_recommender(pretrained, data)
     t = ReFiT(rec, d, _ft(pretrained, tmp_path, method="grpo", group_size=4, placebo=True))
     reward = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 2.0, 2.0, 2.0, 2.0, 0.3, 0.1, 0.2, 0.4])
-    adv, keep = t._advantages(reward)
+    adv, keep = t.method._advantages(reward)
     assert keep.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
     assert torch.equal(adv[~keep], torch.zeros(8))  # the placebo moved advantages among kept rows only
     g = reward.view(4, 4)[[1, 3]]
@@ -295,13 +295,13 @@ def test_timestep_fraction_trains_a_subset_of_the_steps(pretrained, data, tmp_pa
     users = torch.arange(4)
     rows = rk.gather_rows(rk.as_csr(d.train, "train"), users)
     traj = rec.sample(users, rows, generator=torch.Generator().manual_seed(0), steps=5)
-    chosen = t._train_steps(traj.preds.shape[0])
+    chosen = t.method._train_steps(traj.preds.shape[0])
     assert len(chosen) == 2 and chosen == sorted(set(chosen))
     from refit.reward import Episode
-    from refit.trainer import _Rows
+    from refit.posttrain.common import Rows
 
-    sub = _Rows(Episode(users, rows, None, None), traj)
-    part = t._logprob(sub, chosen)
+    sub = Rows(Episode(users, rows, None, None), traj)
+    part = t.method._logprob(sub, chosen)
     full = rk.gaussian_logprob(rec.outputs(users, rows, traj), traj.states, traj.coef_pred, traj.coef_x,
                                traj.log_var, per_step=True, reduction="mean")
     torch.testing.assert_close(part, full[chosen], rtol=1e-5, atol=1e-3)

@@ -95,7 +95,7 @@ def test_a_huge_lambda_is_plain_fine_tuning_on_the_samples():
 def test_the_placebo_permutes_rewards_within_each_group(monkeypatch):
     # The control must keep each group's weights (their spread sets the update's size) and only
     # break which trajectory gets which: a batch-wide shuffle would mix in the spread between users.
-    import refit.trainer as trainer_module
+    import refit.posttrain.reward_weighted as trainer_module
 
     seen = {}
     real_weights = trainer_module.group_weights

@@ -179,7 +179,7 @@ def _watch(trainer, steps):
     """
     params = list(trainer.policy.module.parameters())
     step, opt_step, outputs, rollout, advantages = (trainer.step, trainer.optimizer.step, trainer.policy.outputs,
-                                                    trainer.rollout, trainer._advantages)
+                                                    trainer.rollout, trainer.method._advantages)
     inside = [False]
 
     def on_step():
@@ -200,8 +200,8 @@ def _watch(trainer, steps):
             steps[-1]["outputs"].append((traj.preds.shape[0], users.clone()))
         return outputs(users, inputs, traj)
 
-    def on_rollout(episode, lo, n_global):
-        inputs, traj, reward = rollout(episode, lo, n_global)
+    def on_rollout(episode, lo, n_global, **kw):
+        inputs, traj, reward = rollout(episode, lo, n_global, **kw)
         steps[-1].update(episode=episode, traj=traj, reward=reward.reward.clone())
         return inputs, traj, reward
 
@@ -211,7 +211,7 @@ def _watch(trainer, steps):
         return adv, keep
 
     trainer.step, trainer.optimizer.step, trainer.policy.outputs = on_step, on_opt_step, on_outputs
-    trainer.rollout, trainer._advantages = on_rollout, on_advantages
+    trainer.rollout, trainer.method._advantages = on_rollout, on_advantages
     trainer.policy.module.register_forward_hook(
         lambda module, args, out: steps[-1]["dtypes"].add(out.dtype) if inside[0] else None)
 

@@ -9,9 +9,12 @@ resume and the controls. A method registers itself under its ``name`` with
 :func:`register`; ``FinetuneConfig(method=name)`` then selects it, and
 ``refit finetune --method NAME`` offers it.
 
-Methods written this way so far: ``reward-backprop``
-(:mod:`refit.posttrain.reward_backprop`) and ``nft`` (:mod:`refit.posttrain.nft`). REINFORCE/GRPO/PPO and the two
-reward-weighted methods are still branches of :meth:`refit.trainer.ReFiT.step`.
+The methods: ``reinforce`` and ``grpo`` (:mod:`refit.posttrain.policy_gradient`), ``reward-weighted``
+and ``offline-reward-weighted`` (:mod:`refit.posttrain.reward_weighted`), ``reward-backprop``
+(:mod:`refit.posttrain.reward_backprop`) and ``nft`` (:mod:`refit.posttrain.nft`). What they share
+(rows of an iteration, the controls' shuffles, the baseline, their weights) is in
+:mod:`refit.posttrain.common`. Adding a method is a module here with one registered class (and its
+config fields on :class:`refit.trainer.FinetuneConfig`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class PostTrainingMethod:
     """
 
     name: str = ""
+    #: Whether the method samples trajectories (the trainer then keeps a frozen copy of the start policy
+    #: for the KL diagnostic).
+    samples: bool = True
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
@@ -62,6 +68,7 @@ def register(cls: Type[PostTrainingMethod]) -> Type[PostTrainingMethod]:
     return cls
 
 
-from . import nft, reward_backprop  # noqa: E402,F401  (register themselves)
+# Registered in this order (refit finetune --method lists them so).
+from . import policy_gradient, reward_weighted, reward_backprop, nft  # noqa: E402,F401,I001
 
 __all__ = ["PostTrainingMethod", "METHOD_CLASSES", "register"]

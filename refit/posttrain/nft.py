@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
 from ..diffusion import Trajectory, _normal
-from ..reward import map_inputs
 from . import PostTrainingMethod, register
+from .common import Rows
 
 NORMALIZE = ("group", "batch")
 
@@ -183,7 +183,7 @@ class NFT(PostTrainingMethod):
         if tr.placebo_generator is not None:  # the control: the weights no longer belong to their samples
             r_all = r_all[torch.randperm(r_all.numel(), generator=tr.placebo_generator)]
         stats = tr._reward_stats(reward.reward)
-        stats["kl"] = tr._kl_to_start(_rows(episode, inputs, traj))  # of the sampling (old) policy
+        stats["kl"] = tr._kl_to_start(Rows(episode._replace(inputs=inputs), traj))  # of the sampling (old) policy
         noised, target = self._noised(traj.final, lo, n_global)
         policy.module.eval()
         with torch.no_grad():
@@ -210,8 +210,3 @@ class NFT(PostTrainingMethod):
         })
         return stats
 
-
-def _rows(episode, inputs, traj: Trajectory):
-    from ..trainer import _Rows
-
-    return _Rows(episode._replace(inputs=inputs), traj)
