@@ -689,7 +689,12 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="reward-backprop: the last K reverse steps that keep their graph (the reward's gradient "
                         "flows through them; memory grows with K)")
     g.add_argument("--rb-temperature", type=_positive_float, default=d.rb_temperature,
-                   help="reward-backprop: the scores are divided by this before the targets' log-softmax")
+                   help="reward-backprop: the scores are divided by this before the targets' log-softmax (for "
+                        "ndcg and topk: the sigmoids' temperature of the smooth ranks)")
+    g.add_argument("--rb-reward", choices=["log-softmax", "ndcg", "topk"], default=d.rb_reward,
+                   help="reward-backprop: what is ascended: the targets' log-softmax over the items, a smooth NDCG "
+                        "of the targets (each rank a sum of sigmoids of score differences), or a soft top-K (the "
+                        "share of the targets whose smooth rank lies within --k)")
     g.add_argument("--nft-beta", type=_positive_float, default=d.nft_beta,
                    help="nft: the positive policy's step from the old one (its inverse is the strength of the "
                         "trust region around the old policy)")
@@ -732,7 +737,7 @@ def _finetune_config(args, out: str):
         ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
         anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
         placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda, reward=args.reward,
-        backprop_steps=args.backprop_steps, rb_temperature=args.rb_temperature,
+        backprop_steps=args.backprop_steps, rb_temperature=args.rb_temperature, rb_reward=args.rb_reward,
         nft_beta=args.nft_beta, nft_ema=args.nft_ema, nft_timesteps=args.nft_timesteps,
         nft_normalize=args.nft_normalize, nft_adv_clip=args.nft_adv_clip,
         rl_steps=args.rl_steps, rl_noise=args.rl_noise, timestep_fraction=args.timestep_fraction,

@@ -132,6 +132,8 @@ class FinetuneConfig:
     # targets' log-softmax over the items (scores / rb_temperature) is ascended through them
     backprop_steps: int = 1
     rb_temperature: float = 1.0
+    # the differentiable reward: "log-softmax", "ndcg" (smooth ranks) or "topk" (soft recall at k)
+    rb_reward: str = "log-softmax"
     # nft (refit.posttrain.nft): beta (the trust region around the old policy), the old policy's moving-average
     # decay, the noise levels trained per sample, how rewards become weights in [0, 1] (centred within each
     # group or over the batch; clipped at nft_adv_clip standard deviations)
@@ -816,7 +818,7 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
         # runs saved before the field existed resume as well.
         skip = ("iterations", "progress", "out", "plot", "allow_other_data")
         saved = {"lr_schedule": "constant",  # runs saved before the schedule existed ran a constant one
-                 "backprop_steps": 1, "rb_temperature": 1.0,  # nor had these settings (their defaults)
+                 "backprop_steps": 1, "rb_temperature": 1.0, "rb_reward": "log-softmax",  # nor had these
                  "nft_beta": 1.0, "nft_ema": 0.5, "nft_timesteps": 4, "nft_normalize": "group", "nft_adv_clip": 5.0,
                  **{k: v for k, v in state["config"].items() if k not in skip}}
         mine = {k: v for k, v in config.to_dict().items() if k not in skip}

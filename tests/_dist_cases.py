@@ -38,6 +38,8 @@ FINETUNE_CASES = {
     "offline-reward-weighted": dict(batch_size=16, method="offline-reward-weighted", rw_lambda=0.5),
     # Reward backpropagation: the last steps' graph, the targets' log-softmax, on each backbone.
     "reward-backprop": dict(batch_size=16, method="reward-backprop", backprop_steps=2, probe_size=0),
+    "reward-backprop-ndcg": dict(batch_size=16, method="reward-backprop", rb_reward="ndcg", rb_temperature=0.5,
+                                 probe_size=0),
     "dreamrec-reward-backprop": dict(batch_size=16, method="reward-backprop", backprop_steps=2, rl_steps=6,
                                      probe_size=0),
     # NFT: the old policy samples, group weights from the all-gathered rewards, noise of the global batch,

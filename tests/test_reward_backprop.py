@@ -11,7 +11,8 @@ from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
 from refit.models.dreamrec import DreamRec
 from refit.posttrain import METHOD_CLASSES, PostTrainingMethod
-from refit.posttrain.reward_backprop import listwise_logprob
+from refit.posttrain.reward_backprop import listwise_logprob, smooth_metric, soft_ranks
+from refit.reward import rank_metrics
 from refit.runs import load_checkpoint
 from refit.sequential import DreamRecConfig, SeqRecommender
 from refit.trainer import FinetuneConfig, ReFiT, finetune
@@ -47,6 +48,41 @@ def test_the_reward_is_the_targets_log_softmax_over_the_rankable_items():
     assert got.tolist() == pytest.approx(want, rel=1e-6)
     got.sum().backward()
     assert s.grad[2].abs().sum() == 0 and s.grad[0, 3] == 0  # no positive, an excluded item: no gradient
+
+
+def _ranking_case(seed=0, B=4, I=30):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, I, generator=g, dtype=torch.float64).float() * 3
+    pos = rk.as_csr((torch.tensor([0, 3, 4, 4, 9]), torch.tensor([1, 5, 7, 2, 0, 3, 4, 11, 20])), n_cols=I)
+    excl = rk.as_csr((torch.tensor([0, 2, 2, 3, 5]), torch.tensor([0, 5, 3, 4, 29])), n_cols=I)
+    return scores, pos, excl
+
+
+def test_soft_ranks_tend_to_the_exact_ranks():
+    """Row 0's positive 5 is excluded: never ranked (nan); row 2 has no positive; row 3's 4 is excluded."""
+    scores, pos, excl = _ranking_case()
+    exact = rk.target_rank(scores, pos, exclude=excl)
+    soft = soft_ranks(scores, pos, excl, temperature=1e-4)
+    assert torch.equal(torch.isnan(soft), exact < 0)
+    ok = exact >= 0
+    torch.testing.assert_close(soft[ok], exact[ok].float(), rtol=0, atol=1e-3)
+    warm = soft_ranks(scores, pos, excl, temperature=1.0)
+    assert (warm[ok] - exact[ok].float()).abs().max() > 0.1  # a real smoothing at temperature 1
+
+
+@pytest.mark.parametrize("kind, metric", [("ndcg", "ndcg"), ("topk", "recall")])
+def test_the_smooth_metrics_tend_to_the_exact_ones(kind, metric):
+    scores, pos, excl = _ranking_case(1)
+    k = 5
+    exact = rank_metrics(rk.target_rank(scores, pos, exclude=excl), pos.indptr, k)[metric]
+    if kind == "topk":  # recall over min(positives, k): the rows here have at most 5 positives
+        assert int(pos.indptr.diff().max()) <= k
+    got = smooth_metric(scores, pos, excl, kind, temperature=1e-4, k=k)
+    torch.testing.assert_close(got, exact, rtol=0, atol=2e-3)
+    s = scores.clone().requires_grad_(True)
+    smooth_metric(s, pos, excl, kind, temperature=0.5, k=k).sum().backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    assert s.grad[2].abs().sum() == 0  # the row without positives
 
 
 def test_the_method_is_a_registered_strategy():
@@ -127,6 +163,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(data, tmp_path):
     (dict(explore_steps=1, rl_steps=4), "explore_steps"),
     (dict(backprop_steps=0), "backprop_steps must be an int >= 1"),
     (dict(rb_temperature=0.0), "rb_temperature must be > 0"),
+    (dict(rb_reward="mrr"), "rb_reward must be one of"),
 ])
 def test_settings_that_do_not_apply_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -149,19 +186,22 @@ def test_a_policy_without_a_differentiable_sample_is_refused(data):
         ReFiT(_policy(data), data, _cfg(backprop_steps=9))
 
 
-def test_a_row_model_fine_tunes_from_the_command_line(tmp_path):
+@pytest.mark.parametrize("reward", ["log-softmax", "topk", "ndcg"])
+def test_a_row_model_fine_tunes_from_the_command_line(tmp_path, reward):
     from refit.cli import main
     from refit.pretrain import PretrainConfig, pretrain
 
     pretrain(PretrainConfig(data="synthetic", data_options={"n_users": 120, "n_items": 80}, epochs=2, dims=(32,),
                             ks=(10, 20), progress=False, out=str(tmp_path / "pre")))
     code = main(["-q", "finetune", "--checkpoint", str(tmp_path / "pre" / "best.pt"), "--method", "reward-backprop",
-                 "--backprop-steps", "2", "--rb-temperature", "0.5", "--iterations", "6", "--eval-every", "3",
+                 "--backprop-steps", "2", "--rb-temperature", "0.5", "--rb-reward", reward, "--iterations", "6",
+                 "--eval-every", "3",
                  "--batch-size", "16", "--lr", "1e-3", "--probe-size", "32", "--ks", "10,20", "--no-plot",
                  "--out", str(tmp_path / "ft")])
     assert code == 0
     state = load_checkpoint(str(tmp_path / "ft" / "last.pt"))
     assert state["config"]["method"] == "reward-backprop" and state["config"]["rb_temperature"] == 0.5
+    assert state["config"]["rb_reward"] == reward
     import json
 
     records = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]

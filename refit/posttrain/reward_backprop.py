@@ -9,6 +9,13 @@ over a row's positives, of their log-softmax over the row's items that are not e
 item table, so the item embeddings and the guidance encoder get gradients too; for a row model
 (DiffRec) the final row is the scores. No likelihood ratio is used.
 
+``rb_reward`` chooses the differentiable reward: ``"log-softmax"`` (above), ``"ndcg"`` (a smooth NDCG of
+the row's positives: each positive's rank over the row's items that are not excluded is replaced by
+the sum of sigmoids of the score differences, ``sum_j sigmoid((s_j - s_i) / rb_temperature)``; ApproxNDCG)
+or ``"topk"`` (a soft top-K: the share of the row's positives whose smooth rank lies in the run's top
+``k``, each ``sigmoid((k - 1/2 - rank) / rb_temperature)``, over ``min(positives, k)``). Both tend to the exact NDCG and
+recall at K (:func:`refit.reward.rank_metrics`) as the temperature goes to 0.
+
 The placebo replaces each row's targets with one item drawn uniformly at random (from its own
 generator, for the global batch): the same updates in size and kind, toward nothing in the data.
 """
@@ -50,6 +57,59 @@ def listwise_logprob(scores: torch.Tensor, positives: rk.CSR, exclude: Optional[
     return total / counts.clamp_min(1).to(s.dtype)
 
 
+#: The differentiable rewards reward-backprop can ascend (see the module docstring).
+RB_REWARDS = ("log-softmax", "ndcg", "topk")
+
+
+def soft_ranks(scores: torch.Tensor, positives: rk.CSR, exclude: Optional[rk.CSR] = None, *,
+               temperature: float = 1.0) -> torch.Tensor:
+    """(nnz,) smooth 0-based ranks of each row's positives among the row's items that are not excluded:
+    ``sum over those items j != i of sigmoid((s_j - s_i) / temperature)``, differentiable in ``scores``
+    (B, I). An excluded positive gets ``nan`` (it is never ranked). Memory: one (nnz, I) float32 block.
+    """
+    B, I = scores.shape
+    dev = scores.device
+    s = scores.float()
+    counts = positives.indptr.diff().to(dev)
+    owner = torch.repeat_interleave(torch.arange(B, device=dev), counts)
+    cols = positives.indices.to(dev)
+    mine = s[owner, cols]
+    ranked = torch.ones(B, I, dtype=torch.bool, device=dev)
+    if exclude is not None and exclude.nnz:
+        rows = torch.repeat_interleave(torch.arange(B, device=dev), exclude.indptr.diff().to(dev))
+        ranked[rows, exclude.indices.to(dev)] = False
+    keep = ranked[owner]
+    keep[torch.arange(cols.numel(), device=dev), cols] = False  # a positive does not outrank itself
+    above = torch.sigmoid((s[owner] - mine[:, None]) / temperature) * keep
+    rank = above.sum(1)
+    return torch.where(ranked[owner, cols], rank, torch.full_like(rank, float("nan")))
+
+
+def smooth_metric(scores: torch.Tensor, positives: rk.CSR, exclude: Optional[rk.CSR], kind: str, *,
+                  temperature: float, k: int) -> torch.Tensor:
+    """(B,) the smooth ``"ndcg"`` (no cut-off, over the ideal DCG of the row's positives) or ``"topk"``
+    (soft recall at k) of each row, differentiable in ``scores``; 0 for a row without positives, and an
+    excluded positive adds nothing (as in :func:`refit.reward.rank_metrics`)."""
+    B = scores.shape[0]
+    dev = scores.device
+    rank = soft_ranks(scores, positives, exclude, temperature=temperature)
+    counts = positives.indptr.diff().to(dev)
+    owner = torch.repeat_interleave(torch.arange(B, device=dev), counts)
+    ok = ~torch.isnan(rank)
+    r = torch.where(ok, rank, torch.zeros_like(rank))
+    if kind == "ndcg":
+        gain = torch.where(ok, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
+        n_max = int(counts.max()) if B else 0
+        ideal = torch.cumsum(1.0 / torch.log2(torch.arange(n_max, device=dev, dtype=torch.float32) + 2.0), 0)
+        norm = torch.where(counts > 0, ideal[(counts - 1).clamp_min(0)] if n_max else torch.ones(B, device=dev),
+                           torch.ones(B, device=dev))
+    else:
+        gain = torch.where(ok, torch.sigmoid((k - 0.5 - r) / temperature), torch.zeros_like(r))
+        norm = counts.clamp(min=1, max=k).float()
+    total = torch.zeros(B, device=dev, dtype=gain.dtype).index_add(0, owner, gain)
+    return total / norm
+
+
 @register
 class RewardBackprop(PostTrainingMethod):
     name = "reward-backprop"
@@ -66,6 +126,8 @@ class RewardBackprop(PostTrainingMethod):
             raise ValueError(f"backprop_steps must be an int >= 1, got {config.backprop_steps!r}")
         if not config.rb_temperature > 0:
             raise ValueError(f"rb_temperature must be > 0, got {config.rb_temperature}")
+        if config.rb_reward not in RB_REWARDS:
+            raise ValueError(f"rb_reward must be one of {RB_REWARDS}, got {config.rb_reward!r}")
 
     def check_policy(self, policy: Any) -> None:
         missing = [m for m in ("sample_final", "differentiable_scores") if not callable(getattr(policy, m, None))]
@@ -103,7 +165,11 @@ class RewardBackprop(PostTrainingMethod):
         scores = policy.differentiable_scores(episode.users, inputs, final)
         on_dev, _ = tr._on_scores_device(scores, episode)
         targets = self._targets(on_dev.positives, lo, n_local, n_global, scores.shape[1])
-        surrogate = listwise_logprob(scores / cfg.rb_temperature, targets, on_dev.exclude)
+        if cfg.rb_reward == "log-softmax":
+            surrogate = listwise_logprob(scores / cfg.rb_temperature, targets, on_dev.exclude)
+        else:
+            surrogate = smooth_metric(scores, targets, on_dev.exclude, cfg.rb_reward, temperature=cfg.rb_temperature,
+                                      k=cfg.k)
         loss = tr._mean(-surrogate, n_global)
         loss, anchor = tr._add_anchor(loss, episode, inputs, None, lo, n_global)
         grad_norm = tr._update(loss)
