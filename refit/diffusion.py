@@ -529,6 +529,22 @@ class GaussianDiffusion:
         return Trajectory(states, preds, cp[ts], cx[ts], lv[ts], self.model_timesteps(ts), x)
 
 
+def batched_outputs(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], traj: Trajectory) -> torch.Tensor:
+    """(S, B, D) outputs of ``forward(x (S*B, D), t (S*B,))`` along a trajectory, in one call.
+
+    Every stochastic step is re-evaluated in one forward pass over S * B rows
+    (larger matrix products than S passes of B rows); ``forward`` repeats any
+    per-row conditioning S times itself.
+    """
+    S, B, D = traj.preds.shape
+    if S == 0:
+        return traj.preds.new_zeros((0, B, D))
+    t = traj.timesteps.repeat_interleave(B)
+    with torch.enable_grad():
+        out = forward(traj.states[:-1].reshape(S * B, D), t)
+    return out.float().view(S, B, D)
+
+
 def rl_diffusion(policy, steps: Optional[int]) -> GaussianDiffusion:
     """``policy.diffusion`` respaced to ``steps`` reverse steps for sampling trajectories (None or T: the
     full schedule), built once per step count and kept on the policy."""

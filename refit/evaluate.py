@@ -19,7 +19,9 @@ them unrounded.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Sequence, Union
+import math
+import numbers
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +31,10 @@ from refit_kernels.sparse import CSR, as_csr
 
 from . import distributed as dist
 from .control import progress_enabled
+
+if TYPE_CHECKING:  # annotations only: refit.recommender imports this module
+    from .data import InteractionData
+    from .recommender import Recommender
 
 DEFAULT_KS = (10, 20, 50, 100)
 METRICS = ("recall", "ndcg", "precision", "mrr")
@@ -300,3 +306,67 @@ def evaluate_many(
         result["n_users"] = count
         results[name] = result
     return results
+
+
+# --- DiffRec-style recommenders (refit.recommender.Recommender) ------------------------------------------
+
+def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test"),
+                       min_target_rating: Optional[float] = None):
+    """(positives, exclude) per split: validation masks train; test masks train + valid (DiffRec).
+
+    min_target_rating: count only the held-out interactions rated at least this
+    (data with ratings only, e.g. read with ``min_rating=None``). The split's other
+    items are neither hits nor masked: ranking a held-out item the user rated low
+    takes a slot like any miss. (:func:`evaluate_recommender` then leaves the
+    users with no such item out of the split's means.)
+    """
+    targets = {}
+    for split in splits:
+        if split == "valid":
+            positives, exclude = data.valid, [data.train]
+        elif split == "test":
+            positives, exclude = data.test, [data.train, data.valid]
+        else:
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        if min_target_rating is not None:
+            positives = _rated_at_least(data, split, min_target_rating)
+        targets[split] = (positives, exclude)
+    return targets
+
+
+def _rated_at_least(data: InteractionData, split: str, min_rating: float):
+    """The binary CSR of ``split``'s interactions rated >= min_rating (ValueError without ratings)."""
+    if isinstance(min_rating, bool) or not isinstance(min_rating, numbers.Real) or not math.isfinite(min_rating):
+        raise ValueError(f"min_target_rating must be a finite number, got {min_rating!r}")
+    ratings = getattr(data, f"{split}_ratings", None)
+    if ratings is None:
+        raise ValueError(f"min_target_rating needs data with ratings ({data.name!r} carries none for its "
+                         f"{split} split; read ratings.dat, u.data, a .inter with ratings or ml-100k)")
+    liked = ratings.copy()
+    liked.data = (liked.data >= min_rating).astype(np.float32)
+    liked.eliminate_zeros()
+    return liked
+
+
+def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequence[str] = ("valid", "test"), *,
+                         ks: Sequence[int] = (10, 20, 50, 100), batch_size: int = 1024,
+                         progress: bool = False, min_target_rating: Optional[float] = None
+                         ) -> Dict[str, Dict[str, float]]:
+    """Metrics of ``rec`` on each split, from one reverse pass per batch of users.
+
+    Every user is scored from their training row (densified per batch with
+    ``gather_rows``); no users x items matrix is built. min_target_rating: see
+    :func:`evaluation_targets`.
+    """
+    device = rec.device
+    train = rk.as_csr(data.train, "train", index_dtype=None).to(device)  # rows are gathered where the model is
+
+    def score_fn(users: torch.Tensor) -> torch.Tensor:
+        users = users.to(device)
+        rows = rk.gather_rows(train, users)
+        return rec.scores(users, rows)
+
+    # Users with no held-out item rated that high have nothing to recall: left out, not counted as 0.
+    return evaluate_many(score_fn, evaluation_targets(data, splits, min_target_rating), ks=ks,
+                         batch_size=batch_size, progress=progress, desc="evaluate",
+                         exclude_users_without_positives=min_target_rating is not None)

@@ -66,7 +66,7 @@ import torch
 
 import refit_kernels as rk
 
-from .diffusion import MEAN_TYPES, GaussianDiffusion, Trajectory
+from .diffusion import MEAN_TYPES, GaussianDiffusion, Trajectory, batched_outputs  # noqa: F401  (importable from here)
 from .reward import Episode, make_episode, map_inputs, sequence_episode
 
 #: The protocol's method names (what :func:`check_policy` looks for).
@@ -295,22 +295,6 @@ def kept_modes(module: torch.nn.Module, eval_mode: bool = False) -> Iterator[Non
     finally:
         for m, was in modes:
             m.training = was
-
-
-def batched_outputs(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], traj: Trajectory) -> torch.Tensor:
-    """(S, B, D) outputs of ``forward(x (S*B, D), t (S*B,))`` along a trajectory, in one call.
-
-    Every stochastic step is re-evaluated in one forward pass over S * B rows
-    (larger matrix products than S passes of B rows); ``forward`` repeats any
-    per-row conditioning S times itself.
-    """
-    S, B, D = traj.preds.shape
-    if S == 0:
-        return traj.preds.new_zeros((0, B, D))
-    t = traj.timesteps.repeat_interleave(B)
-    with torch.enable_grad():
-        out = forward(traj.states[:-1].reshape(S * B, D), t)
-    return out.float().view(S, B, D)
 
 
 # --- where episodes come from ------------------------------------------------------------------------

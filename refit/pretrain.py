@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-import refit_kernels as rk
-
 from . import distributed as dist
 from .data import InteractionData, load_dataset
 from .diffusion import DiffusionConfig, GaussianDiffusion
-from .evaluate import evaluate_many
+from .evaluate import evaluate_many, evaluate_recommender, evaluation_targets  # noqa: F401  (importable from here)
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
 from .control import StopRequests
@@ -119,68 +115,6 @@ class PretrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test"),
-                       min_target_rating: Optional[float] = None):
-    """(positives, exclude) per split: validation masks train; test masks train + valid (DiffRec).
-
-    min_target_rating: count only the held-out interactions rated at least this
-    (data with ratings only, e.g. read with ``min_rating=None``). The split's other
-    items are neither hits nor masked: ranking a held-out item the user rated low
-    takes a slot like any miss. (:func:`evaluate_recommender` then leaves the
-    users with no such item out of the split's means.)
-    """
-    targets = {}
-    for split in splits:
-        if split == "valid":
-            positives, exclude = data.valid, [data.train]
-        elif split == "test":
-            positives, exclude = data.test, [data.train, data.valid]
-        else:
-            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        if min_target_rating is not None:
-            positives = _rated_at_least(data, split, min_target_rating)
-        targets[split] = (positives, exclude)
-    return targets
-
-
-def _rated_at_least(data: InteractionData, split: str, min_rating: float):
-    """The binary CSR of ``split``'s interactions rated >= min_rating (ValueError without ratings)."""
-    if isinstance(min_rating, bool) or not isinstance(min_rating, numbers.Real) or not math.isfinite(min_rating):
-        raise ValueError(f"min_target_rating must be a finite number, got {min_rating!r}")
-    ratings = getattr(data, f"{split}_ratings", None)
-    if ratings is None:
-        raise ValueError(f"min_target_rating needs data with ratings ({data.name!r} carries none for its "
-                         f"{split} split; read ratings.dat, u.data, a .inter with ratings or ml-100k)")
-    liked = ratings.copy()
-    liked.data = (liked.data >= min_rating).astype(np.float32)
-    liked.eliminate_zeros()
-    return liked
-
-
-def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequence[str] = ("valid", "test"), *,
-                         ks: Sequence[int] = (10, 20, 50, 100), batch_size: int = 1024,
-                         progress: bool = False, min_target_rating: Optional[float] = None
-                         ) -> Dict[str, Dict[str, float]]:
-    """Metrics of ``rec`` on each split, from one reverse pass per batch of users.
-
-    Every user is scored from their training row (densified per batch with
-    ``gather_rows``); no users x items matrix is built. min_target_rating: see
-    :func:`evaluation_targets`.
-    """
-    device = rec.device
-    train = rk.as_csr(data.train, "train", index_dtype=None).to(device)  # rows are gathered where the model is
-
-    def score_fn(users: torch.Tensor) -> torch.Tensor:
-        users = users.to(device)
-        rows = rk.gather_rows(train, users)
-        return rec.scores(users, rows)
-
-    # Users with no held-out item rated that high have nothing to recall: left out, not counted as 0.
-    return evaluate_many(score_fn, evaluation_targets(data, splits, min_target_rating), ks=ks,
-                         batch_size=batch_size, progress=progress, desc="evaluate",
-                         exclude_users_without_positives=min_target_rating is not None)
 
 
 def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint: str, path: str) -> None:

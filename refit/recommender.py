@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent, rl_diffusion
+from .diffusion import DiffusionConfig, GaussianDiffusion, batched_outputs, reverse_in_latent, rl_diffusion
 from .models import build_model
 
 PRECISIONS = ("fp32", "bf16")
@@ -129,8 +129,6 @@ class Recommender:
 
     def outputs(self, users: torch.Tensor, inputs: torch.Tensor, traj) -> torch.Tensor:
         """(S, B, I) denoiser outputs along ``traj``, with gradient, in one batched forward pass."""
-        from .policy import batched_outputs
-
         cond = self.model.condition(users, inputs)
         S = traj.preds.shape[0]
         if cond is not None:
@@ -188,7 +186,7 @@ class Recommender:
         return target
 
     def evaluate(self, data, *, ks=(10, 20, 50, 100), batch_size: int = 1024) -> Dict[str, Dict[str, float]]:
-        from .pretrain import evaluate_recommender
+        from .evaluate import evaluate_recommender
 
         return evaluate_recommender(self, data, ks=ks, batch_size=batch_size)
 

@@ -87,8 +87,8 @@ import torch
 import refit_kernels as rk
 from refit_kernels.sparse import CSR
 
-from .data import (DENSE_ID_FACTOR, DENSE_ID_FLOOR, MAX_DATA_BYTES, MAX_FILE_BYTES, DataFormatError, _bytes,
-                   _decode, _refuse_unknown, _regular_file, binary_csr)
+from .formats import (DENSE_ID_FACTOR, DENSE_ID_FLOOR, MAX_DATA_BYTES, MAX_FILE_BYTES, DataFormatError, _bytes,
+                      _decode, _refuse_unknown, _regular_file, binary_csr)
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,13 @@ PANDAS_HINT = "reading DreamRec .df files needs pandas, which is not installed: 
 
 def check_window(max_len: int, rows: int, where: str = "", option: str = "max_len") -> None:
     """Refuses a window length whose history windows, ``rows`` of them (rows x max_len int64), would
-    take more than ``refit.data.MAX_DATA_BYTES``: a ValueError naming the option, its value and the
+    take more than ``refit.formats.MAX_DATA_BYTES``: a ValueError naming the option, its value and the
     bytes, instead of an allocation failure later. ``where`` (a file or data set) prefixes the message."""
     need = int(rows) * int(max_len) * 8
     if need > MAX_DATA_BYTES:
         raise ValueError(f"{where + ': ' if where else ''}{option}={max_len} would take {_bytes(need)} for the "
                          f"history windows ({rows} windows x {max_len} items x 8 bytes), more than "
-                         f"{_bytes(MAX_DATA_BYTES)} (refit.data.MAX_DATA_BYTES)")
+                         f"{_bytes(MAX_DATA_BYTES)} (refit.formats.MAX_DATA_BYTES)")
 
 
 @dataclass
@@ -978,7 +978,7 @@ def _read_bytes(path: str) -> bytes:
         raw = f.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:  # grew after the check
         raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
-                                          "(refit.data.MAX_FILE_BYTES)")
+                                          "(refit.formats.MAX_FILE_BYTES)")
     if not raw:
         raise DataFormatError(path, None, "the file is empty (0 bytes)")
     return raw
@@ -1219,7 +1219,7 @@ def _read_statis(path: str) -> Tuple[int, int]:
         if int(v) * 8 > MAX_DATA_BYTES:
             raise DataFormatError(path, 0, f"{col} = {int(v)} would take {_bytes(int(v) * 8)} for "
                                            f"{'its item ids' if col == 'item_num' else 'one window'} alone, more "
-                                           f"than {_bytes(MAX_DATA_BYTES)} (refit.data.MAX_DATA_BYTES)", what="row")
+                                           f"than {_bytes(MAX_DATA_BYTES)} (refit.formats.MAX_DATA_BYTES)", what="row")
         out.append(int(v))
     return out[0], out[1]
 
@@ -1369,7 +1369,7 @@ def _read_text_split(path: str) -> _TextSplit:
         raw = f.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:  # grew after the check
         raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
-                                          "(refit.data.MAX_FILE_BYTES)")
+                                          "(refit.formats.MAX_FILE_BYTES)")
     text = _decode(path, raw)
     del raw
     # Lines as Python's text files give them (PreferDiff iterates over its open file): \n, \r\n or \r.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _testing import shared_dataset
-import refit.data as data_module
+import refit.formats as formats_module
 import refit.seqdata as seqdata
 from refit.data import DataFormatError, load_dataset
 from refit.seqdata import load_sequences
@@ -255,9 +255,9 @@ def test_a_fifo_is_refused_unopened(tmp_path, name):
 def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     path = tmp_path / "ratings.dat"
     path.write_text("1::10::5::100\n" * 20)
-    monkeypatch.setattr(data_module, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(formats_module, "MAX_FILE_BYTES", 100)
     with pytest.raises(DataFormatError, match=r"ratings\.dat: the file holds 280 bytes, more than the 100 bytes a "
-                                              r"data file may have \(refit\.data\.MAX_FILE_BYTES\)"):
+                                              r"data file may have \(refit\.formats\.MAX_FILE_BYTES\)"):
         load_dataset(str(path))
 
 

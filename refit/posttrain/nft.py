@@ -38,7 +38,7 @@ from typing import Any, Dict
 import torch
 
 from ..diffusion import Trajectory, _normal
-from . import PostTrainingMethod, register
+from .base import PostTrainingMethod, register
 from .common import Rows
 
 NORMALIZE = ("group", "batch")

@@ -18,7 +18,7 @@ import torch
 import refit_kernels as rk
 
 from .. import distributed as dist
-from . import PostTrainingMethod, register
+from .base import PostTrainingMethod, register
 from .common import Rows, reinforce_loss, select_rows
 
 

@@ -30,7 +30,7 @@ import torch
 import refit_kernels as rk
 
 from ..reward import map_inputs
-from . import PostTrainingMethod, register
+from .base import PostTrainingMethod, register
 
 
 def listwise_logprob(scores: torch.Tensor, positives: rk.CSR, exclude: Optional[rk.CSR] = None) -> torch.Tensor:
