@@ -26,7 +26,9 @@ standard deviation over seeds. A fine-tuning run's own iteration-0
 evaluation uses the same batches and sampling seeds as its later ones, so
 its change is paired. DreamRec's sampled evaluation moves test HR@20 by about
 0.0015 between sampling seeds, which is as large as the effects measured.
-``--report`` rewrites the table from an existing ``OUT/study.json``. On data
+``OUT/study.json`` is rewritten after every finished seed (``"finished"`` false until the last), so a
+study stopped early keeps its finished seeds; ``--report`` rewrites the table from an existing
+``OUT/study.json``. On data
 with ratings, ``--min-target-rating R`` adds a second table: every run's
 selected model evaluated again with only the held-out items rated >= R as
 hits (``OUT/study-rated-R.md`` and ``.json``).
@@ -40,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +79,11 @@ def _model_family(checkpoint):
     from refit.runs import load_checkpoint
 
     return load_checkpoint(checkpoint)["recommender"]["model"]["name"]
+
+
+def _write_json(a, results, *, finished):
+    with open(os.path.join(a.out, "study.json"), "w") as f:
+        json.dump({"args": vars(a), "finished": finished, "results": results}, f, indent=1)
 
 
 def run_seed(seed, a, out):
@@ -211,15 +218,21 @@ def main(argv=None):
         with open(os.path.join(a.out, "study.json")) as f:
             results = json.load(f)["results"]
     else:
+        # study.json is written after every finished seed (``"finished": false`` until the last), so a
+        # study stopped early keeps the seeds it completed and --report tabulates them.
+        results = {}
         with ThreadPoolExecutor(a.jobs) as pool:
-            results = dict(pool.map(lambda s: run_seed(s, a, a.out), a.seeds))
+            for seed, res in (f.result() for f in as_completed([pool.submit(run_seed, s, a, a.out)
+                                                                   for s in a.seeds])):
+                results[seed] = res
+                _write_json(a, results, finished=len(results) == len(a.seeds))
+        results = {s: results[s] for s in a.seeds}
     first = next(iter(results.values()))["pretrained"]["test"]
     metrics = ["hr@20", "ndcg@20"] if "hr@20" in first else ["recall@20", "ndcg@20"]
     text = table(results, metrics)
     print(text)
     if not a.report:
-        with open(os.path.join(a.out, "study.json"), "w") as f:
-            json.dump({"args": vars(a), "results": results}, f, indent=1)
+        _write_json(a, results, finished=True)
     with open(os.path.join(a.out, "study.md"), "w") as f:
         f.write(text + "\n")
     if a.min_target_rating is not None:
