@@ -137,7 +137,10 @@ def _run(mode, spec, tmp):
     script.write_text(_SCRIPT)
     spec_file = tmp / f"spec-{mode}.json"
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONWARNINGS": "ignore"}
+    # One thread: the models are tiny, and an OpenMP team of two stalls at its barriers whenever another
+    # process holds a core (measured 30x slower in RESULTS, "Contention"), which took this training past
+    # its timeout on a shared machine.
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(script), mode, str(spec_file)], capture_output=True, text=True,
                          cwd=tmp, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
