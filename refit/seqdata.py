@@ -970,7 +970,9 @@ class _DataFrameUnpickler(pickle._Unpickler):  # the Python implementation: ever
         dispatch[_op[0]] = _refuse_extension
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, empty_ok: bool = False) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES (FileNotFoundError, DataFormatError); an
+    empty file is refused unless ``empty_ok``."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     _regular_file(path)  # a device or FIFO would be read forever; a huge file is refused unread
@@ -979,7 +981,7 @@ def _read_bytes(path: str) -> bytes:
     if len(raw) > MAX_FILE_BYTES:  # grew after the check
         raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
                                           "(refit.formats.MAX_FILE_BYTES)")
-    if not raw:
+    if not raw and not empty_ok:
         raise DataFormatError(path, None, "the file is empty (0 bytes)")
     return raw
 
@@ -1364,12 +1366,7 @@ def _read_text_split(path: str) -> _TextSplit:
     if not os.path.exists(path):
         raise DataFormatError(path, None, "no such file: a PreferDiff folder holds "
                                           f"{', '.join(PREFERDIFF_FILES.values())} (one sequence per line)")
-    _regular_file(path)  # a device or FIFO would be read forever; a huge file is refused unread
-    with open(path, "rb") as f:
-        raw = f.read(MAX_FILE_BYTES + 1)
-    if len(raw) > MAX_FILE_BYTES:  # grew after the check
-        raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
-                                          "(refit.formats.MAX_FILE_BYTES)")
+    raw = _read_bytes(path, empty_ok=True)  # an empty file is refused below, as one without sequences
     text = _decode(path, raw)
     del raw
     # Lines as Python's text files give them (PreferDiff iterates over its open file): \n, \r\n or \r.

@@ -53,3 +53,18 @@ def shared_dataset(name: str = "ml-1m_clean"):
                                                         "shared", "data")
     path = os.path.join(root, name)
     return path if os.path.isdir(path) else None
+
+
+#: A tiny synthetic sequence data set for the post-training method tests.
+TINY_SEQ = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
+
+
+def tiny_dreamrec(data, seed: int = 0):
+    """An untrained DreamRec policy (width 8, 8 steps, w 1) over ``data``, its weights seeded by ``seed``."""
+    from refit.diffusion import GaussianDiffusion
+    from refit.models.dreamrec import DreamRec
+    from refit.sequential import DreamRecConfig, SeqRecommender
+
+    cfg = DreamRecConfig(hidden=8, steps=8, detach_target=True)
+    torch.manual_seed(seed)
+    return SeqRecommender(DreamRec(**cfg.model_config(data.n_items)), GaussianDiffusion(cfg.diffusion_config()), w=1.0)

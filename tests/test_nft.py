@@ -9,16 +9,14 @@ import math
 import pytest
 import torch
 
+from _testing import TINY_SEQ, tiny_dreamrec
 from refit.data import load_dataset
-from refit.diffusion import GaussianDiffusion
-from refit.models.dreamrec import DreamRec
 from refit.posttrain import METHOD_CLASSES, PostTrainingMethod
 from refit.posttrain.nft import nft_loss, optimality
 from refit.runs import load_checkpoint
-from refit.sequential import DreamRecConfig, SeqRecommender
 from refit.trainer import FinetuneConfig, ReFiT, finetune
 
-SEQ = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
+SEQ = TINY_SEQ
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +24,7 @@ def data():
     return load_dataset("synthetic-seq", **SEQ)
 
 
-def _policy(data, seed=0):
-    cfg = DreamRecConfig(hidden=8, steps=8, detach_target=True)
-    torch.manual_seed(seed)
-    return SeqRecommender(DreamRec(**cfg.model_config(data.n_items)), GaussianDiffusion(cfg.diffusion_config()), w=1.0)
+_policy = tiny_dreamrec
 
 
 def _cfg(**kw):
