@@ -148,21 +148,36 @@ def _check_file_arg(flag: str, path: Optional[str], *, output: bool = False) -> 
 #: Flags whose default depends on the model family: (DiffRec / CF-Diff default, DreamRec default).
 _FAMILY_DEFAULTS = {"dropout", "steps", "noise_schedule", "batch_size", "epochs", "eval_every", "patience",
                     "eval_batch_size", "ks", "lr"}
+#: Flags of the sequential models whose default differs between DreamRec and PreferDiff.
+_SEQ_DEFAULTS = {"hidden", "heads", "w", "detach_target", "eval_steps", "eval_eta"}
+#: The sequential models of ``refit pretrain --model``.
+_SEQ_MODELS = ("dreamrec", "preferdiff")
+
+
+def _seq_config_class(model: str):
+    from .sequential import DreamRecConfig, PreferDiffConfig
+
+    return PreferDiffConfig if model == "preferdiff" else DreamRecConfig
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     from .diffusion import SCHEDULES
     from .pretrain import PretrainConfig
-    from .sequential import DreamRecConfig
+    from .sequential import DreamRecConfig, PreferDiffConfig
 
-    d, q = PretrainConfig(), DreamRecConfig()
+    d, q, pd = PretrainConfig(), DreamRecConfig(), PreferDiffConfig()
 
     def both(name):
-        return f"default: {getattr(d, name)} (diffrec, cfdiff), {getattr(q, name)} (dreamrec)"
+        return (f"default: {getattr(d, name)} (diffrec, cfdiff), {getattr(q, name)} (dreamrec), "
+                f"{getattr(pd, name)} (preferdiff)")
+
+    def seq(name):
+        return f"default: {getattr(q, name)} (dreamrec), {getattr(pd, name)} (preferdiff)"
 
     _add_data_args(p, required=True)
-    p.add_argument("--model", choices=["diffrec", "cfdiff", "dreamrec"], default=d.model,
-                   help="dreamrec needs sequence data (ml-1m_seq's dataset.pkl, DreamRec's .df files)")
+    p.add_argument("--model", choices=["diffrec", "cfdiff", *_SEQ_MODELS], default=d.model,
+                   help="dreamrec and preferdiff need sequence data (ml-1m_seq's dataset.pkl, DreamRec's .df "
+                        "files, a PreferDiff folder)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--overwrite", action="store_true",
@@ -179,19 +194,38 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-model", type=_positive_int, default=d.d_model)
     g.add_argument("--n-heads", type=_positive_int, default=d.n_heads)
     g.add_argument("--top-n", type=_positive_int, default=d.top_n, help="co-users of the 3-hop signal")
-    g = p.add_argument_group("DreamRec")
-    g.add_argument("--hidden", type=_positive_int, default=q.hidden, help="embedding width")
+    g = p.add_argument_group("DreamRec and PreferDiff")
+    g.add_argument("--hidden", type=_positive_int, default=None, help="embedding width; " + seq("hidden"))
     g.add_argument("--max-len", type=_positive_int, default=q.max_len, help="history window (items)")
-    g.add_argument("--heads", type=_positive_int, default=q.heads)
+    g.add_argument("--heads", type=_positive_int, default=None, help=seq("heads"))
     g.add_argument("--diffuser", choices=["mlp1", "mlp2"], default=q.diffuser)
     g.add_argument("--p-uncond", type=_finite_float, default=q.p_uncond, help="guidance dropout while training")
-    g.add_argument("--detach-target", action=argparse.BooleanOptionalAction, default=q.detach_target,
-                   help="the target item's embedding is a constant of the loss (DreamRec's code trains it too)")
-    g.add_argument("--w", type=_finite_float, default=q.w, help="classifier-free guidance weight")
+    g.add_argument("--detach-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="the target item's embedding is a constant of the loss (DreamRec's and PreferDiff's code "
+                        "train it too); " + seq("detach_target"))
+    g.add_argument("--w", type=_finite_float, default=None, help="classifier-free guidance weight; " + seq("w"))
+    g.add_argument("--eval-steps", type=_positive_int, default=None,
+                   help="recommend with this many respaced reverse steps; default: all T (dreamrec), "
+                        f"{pd.eval_steps} (preferdiff)")
+    g.add_argument("--eval-eta", type=_finite_float, default=None,
+                   help="recommend with DDIM steps of this noise level (0: deterministic); default: the "
+                        f"posterior (dreamrec), {pd.eval_eta:g} (preferdiff)")
     g.add_argument("--beta-start", type=_finite_float, default=q.beta_start, help="ddpm-linear schedule")
     g.add_argument("--beta-end", type=_finite_float, default=q.beta_end, help="ddpm-linear schedule")
     g.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="never rank the history's items (default: when items do not repeat in the data)")
+    g = p.add_argument_group("PreferDiff's loss")
+    g.add_argument("--lamda", type=_finite_float, default=pd.lamda,
+                   help="weight of the reconstruction term; the preference term gets 1 - lamda")
+    g.add_argument("--gamma", type=_finite_float, default=pd.gamma,
+                   help="scale of the error difference in the preference term")
+    g.add_argument("--reconstruction", choices=["cosine", "mse"], default=pd.reconstruction,
+                   help="the denoising error both terms measure")
+    g.add_argument("--pairing", choices=["batch", "row"], default=pd.pairing,
+                   help="batch: the log-sigmoid of the batch means of the errors (PreferDiff's code); row: of "
+                        "each row's own difference")
+    g.add_argument("--negatives", type=_positive_int, default=None,
+                   help="average this many of the batch's other targets into the negative (default: all)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--mean-type", choices=["x0", "eps"], default=d.mean_type)
     g.add_argument("--steps", type=_positive_int, default=None, help=both("steps"))
@@ -220,11 +254,15 @@ def _fill_family_defaults(args) -> None:
     from .pretrain import PretrainConfig
     from .sequential import DreamRecConfig
 
-    defaults = DreamRecConfig() if args.model == "dreamrec" else PretrainConfig()
+    defaults = _seq_config_class(args.model)() if args.model in _SEQ_MODELS else PretrainConfig()
+    seq = _seq_config_class(args.model)() if args.model in _SEQ_MODELS else DreamRecConfig()
     for name in _FAMILY_DEFAULTS:
         if getattr(args, name, None) is None:
             value = getattr(defaults, name)
             setattr(args, name, list(value) if isinstance(value, tuple) else value)
+    for name in _SEQ_DEFAULTS:
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(seq, name))
 
 
 def _default_out(kind: str, model: str, data: str) -> str:
@@ -267,7 +305,7 @@ def _device():
 
 def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
-    from .sequential import DreamRecConfig, pretrain_dreamrec
+    from .sequential import pretrain_dreamrec
 
     _fill_family_defaults(args)
     out = args.out or _default_out("pretrain", args.model, args.data)
@@ -281,12 +319,15 @@ def cmd_pretrain(args) -> int:
                       patience=args.patience, seed=args.seed, precision=args.precision,
                       eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=_progress(args),
                       init=args.init, time_budget=args.time_budget)
-        if args.model == "dreamrec":
-            config = DreamRecConfig(**common, hidden=args.hidden, max_len=args.max_len, heads=args.heads,
-                                    diffuser=args.diffuser, p_uncond=args.p_uncond, w=args.w,
-                                    detach_target=args.detach_target,
-                                    beta_start=args.beta_start, beta_end=args.beta_end,
-                                    exclude_history=args.exclude_history)
+        if args.model in _SEQ_MODELS:
+            seq = dict(hidden=args.hidden, max_len=args.max_len, heads=args.heads, diffuser=args.diffuser,
+                       p_uncond=args.p_uncond, w=args.w, detach_target=args.detach_target,
+                       beta_start=args.beta_start, beta_end=args.beta_end, exclude_history=args.exclude_history,
+                       eval_steps=args.eval_steps, eval_eta=args.eval_eta)
+            if args.model == "preferdiff":
+                seq.update(lamda=args.lamda, gamma=args.gamma, reconstruction=args.reconstruction,
+                           pairing=args.pairing, negatives=args.negatives)
+            config = _seq_config_class(args.model)(**common, **seq)
         else:
             config = PretrainConfig(
                 **common, dims=tuple(args.dims), emb_size=args.emb_size, n_tokens=args.n_tokens,
@@ -296,7 +337,7 @@ def cmd_pretrain(args) -> int:
     except ValueError as exc:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
-    if args.model == "dreamrec":
+    if args.model in _SEQ_MODELS:
         summary = pretrain_dreamrec(config, resume=args.resume, overwrite=args.overwrite, device=_device())
     else:
         summary = pretrain(config, resume=args.resume, overwrite=args.overwrite, device=_device())
@@ -309,7 +350,7 @@ def cmd_pretrain(args) -> int:
         summary["stop_reason"], f"{summary['stop_reason']} (stopped by a signal)")
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']} run; stopped by: {reason}; "
           f"{summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MiB")
-    metrics = ("hr", "ndcg", "mrr") if args.model == "dreamrec" else ("recall", "ndcg", "precision", "mrr")
+    metrics = ("hr", "ndcg", "mrr") if args.model in _SEQ_MODELS else ("recall", "ndcg", "precision", "mrr")
     print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks, metrics))
     _print_resume(summary, out)
     return _stop_code(summary)
@@ -372,8 +413,9 @@ def cmd_evaluate_sequential(args) -> int:
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
     steps = rec.eval_steps or rec.diffusion.steps
-    print(f"{args.checkpoint}: dreamrec on {state.get('data', {}).get('source', '?')} "
-          f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {steps} sampling steps, "
+    sampler = f"{steps} sampling steps" + (f" (DDIM, eta {rec.eval_eta:g})" if rec.eval_eta is not None else "")
+    print(f"{args.checkpoint}: {rec.network} on {state.get('data', {}).get('source', '?')} "
+          f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {sampler}, "
           f"{args.protocol} protocol)")
     rows = [(s, results[s]) for s in splits]
     rows += [(f"{label}: {s}" if len(splits) > 1 else label, metrics.get(s)) for label, metrics in base

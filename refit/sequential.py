@@ -1,15 +1,24 @@
-"""Sequential recommendation with DreamRec: the recommender, its sampler, pretraining, evaluation.
+"""Sequential recommendation with DreamRec and PreferDiff: the recommender, its sampler, pretraining, evaluation.
 
 A :class:`SeqRecommender` is a :class:`~refit.models.dreamrec.DreamRec`
-network, a Gaussian diffusion over D-dimensional item embeddings (x0
-prediction, uniform timesteps, one of the full-range schedules of
-:mod:`refit.diffusion`) and the guidance weight ``w``. Recommending for a
+network (or a :class:`~refit.models.preferdiff.PreferDiff` one: the same
+interface, PreferDiff's encoder block and loss), a Gaussian diffusion over
+D-dimensional item embeddings (x0 prediction, uniform timesteps, one of the
+full-range schedules of :mod:`refit.diffusion`) and the guidance weight ``w``. Recommending for a
 history means: encode it into the guidance h, start from x_T ~ N(0, I), take
 the T reverse steps with the guided x0 prediction as the step's mean input
 (posterior noise at every step but the last), and rank items by the inner
 product of the result with every item embedding.
 
-``pretrain_dreamrec(config)`` trains it on the training targets of a
+PreferDiff's checkpoints are written under the same model name, ``"dreamrec"``
+(the family every loader dispatches on: :func:`load_seq_recommender`,
+:func:`refit.trainer.load_policy`, ``refit evaluate``), with ``"network":
+"preferdiff"`` beside it; :data:`NETWORKS` maps that entry to the class. With
+``eval_eta=0`` (PreferDiff's default) recommending takes DDIM's deterministic
+steps over ``eval_steps`` respaced timesteps instead of the posterior's.
+
+``pretrain_dreamrec(config)`` (a :class:`DreamRecConfig` or a
+:class:`PreferDiffConfig`) trains it on the training targets of a
 :class:`~refit.seqdata.SequenceData` (each target predicted from the window of
 ``max_len`` items before it) with the loop every pretraining run shares
 (:mod:`refit.loop`): run folder, checkpoints, ``--resume``, early stopping on
@@ -20,12 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch.nn import functional as F
 
 from . import distributed as dist
 from .control import StopRequests
@@ -33,6 +44,7 @@ from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _norm
 from .limits import check_finite, check_memory, check_seed
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
+from .models.preferdiff import PAIRINGS, RECONSTRUCTIONS, PreferDiff, check_loss_settings
 from .recommender import PRECISIONS, autocast
 from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
                    set_rng_state)
@@ -42,9 +54,20 @@ log = logging.getLogger(__name__)
 SEQ_SELECTION = "hr@20"
 SEQ_KS = (10, 20, 50)
 
+#: The networks a sequential checkpoint can hold (its ``model.network`` entry; absent: DreamRec).
+NETWORKS = {"dreamrec": DreamRec, "preferdiff": PreferDiff}
+
+
+def _check_eta(eta) -> Optional[float]:
+    if eta is None:
+        return None
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eval_eta must be None (the posterior) or a finite number >= 0, got {eta!r}")
+    return float(eta)
+
 
 class SeqRecommender:
-    """DreamRec + its diffusion + guidance weight, saved and restored as one.
+    """DreamRec (or PreferDiff) + its diffusion + guidance weight + evaluation sampler, saved and restored as one.
 
     Shapes: histories (B, L) int64 right-padded with ``n_items``, lengths
     (B,) int64; embeddings (B, D) float32; scores (B, n_items) float32.
@@ -53,7 +76,7 @@ class SeqRecommender:
     model_name = "dreamrec"
 
     def __init__(self, model: DreamRec, diffusion: GaussianDiffusion, *, w: float = 2.0, precision: str = "fp32",
-                 eval_steps: Optional[int] = None):
+                 eval_steps: Optional[int] = None, eval_eta: Optional[float] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if diffusion.betas is None or diffusion.config.mean_type != "x0":
@@ -63,6 +86,20 @@ class SeqRecommender:
         self.model, self.diffusion, self.w, self.precision = model, diffusion, float(w), precision
         self.eval_steps = None
         self.set_eval_steps(eval_steps)
+        self.eval_eta = _check_eta(eval_eta)
+
+    def set_eval_eta(self, eta: Optional[float]) -> None:
+        """Recommend with DDIM's reverse steps of noise level ``eta`` (0: deterministic, PreferDiff's
+        sampler; None or 1: the posterior, DreamRec's; see
+        :meth:`refit.diffusion.GaussianDiffusion.step_constants`). Trajectories for fine-tuning take the
+        ``eta`` their caller passes, not this one."""
+        self.eval_eta = _check_eta(eta)
+
+    @property
+    def network(self) -> str:
+        """Which network this recommender holds: ``"dreamrec"`` or ``"preferdiff"`` (:data:`NETWORKS`), or
+        an outside module's class name (:class:`refit.latent_adapter.OutsideSeqRecommender`)."""
+        return getattr(self.model, "network_name", type(self.model).__name__)
 
     def set_eval_steps(self, steps: Optional[int]) -> None:
         """Recommend (:meth:`generate`, :meth:`scores`) with ``steps`` respaced reverse steps instead of all T
@@ -141,6 +178,8 @@ class SeqRecommender:
         and ``c_t`` the step's constant, all computed once per pass; the noise
         is drawn in the same order as :meth:`sample_from`, so both give the same
         embeddings up to float32 rounding. No tensor is allocated per step.
+        With ``eval_eta`` set the steps are DDIM's of that noise level (eta 0:
+        no noise is drawn after x_T).
         """
         was = self.model.training
         self.model.eval()
@@ -149,7 +188,8 @@ class SeqRecommender:
             parts = self.model.linear_parts()
             if fast is False or parts is None or self.precision != "fp32":
                 x_T = self.start_noise(h.shape[0], generator)
-                return self._eval_diffusion.sample(self.denoiser(h), x_T, noise=True, generator=generator)
+                return self._eval_diffusion.sample(self.denoiser(h), x_T, noise=self.eval_eta != 0,
+                                                   generator=generator, eta=self.eval_eta)
             return self._generate_linear(h, parts, generator)
         finally:
             self.model.train(was)
@@ -159,7 +199,8 @@ class SeqRecommender:
         d = self._eval_diffusion
         T, D, B = d.steps, self.model.hidden, h.shape[0]
         dev = h.device
-        cp, cx, lv = d.step_constants(dev)
+        cp, cx, lv = d.step_constants(dev, self.eval_eta)
+        noisy = self.eval_eta != 0
         steps = d.model_timesteps(torch.arange(T, device=dev))
         c = self.model.step_features(steps).float() @ W_t.t() + b  # (T, D)
         null = self.model.none_embedding.detach().float()
@@ -176,7 +217,7 @@ class SeqRecommender:
             torch.mm(x, A[i], out=nxt)
             nxt.add_(G, alpha=cps[i])
             nxt.add_(cp_c[i])
-            if i > 0:
+            if i > 0 and noisy:
                 if gen_dev == dev:
                     torch.randn((B, D), generator=generator, out=eps)
                 else:
@@ -248,10 +289,16 @@ class SeqRecommender:
 
     def pretraining_loss(self, episode, *, generator: Optional[torch.Generator] = None,
                          rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """(B,) DreamRec's own loss on the episode: denoising toward the target item's embedding."""
+        """(B,) the network's own loss on the episode: DreamRec's denoising toward the target item's
+        embedding, or PreferDiff's (:func:`preferdiff_loss`, the episode's targets its batch; under
+        torchrun the global batch's, gathered)."""
         history, lengths = episode.inputs
-        return dreamrec_loss(self, history, lengths, targets=episode.positives.indices.to(self.device),
-                             generator=generator, rows=rows)
+        targets = episode.positives.indices.to(self.device)
+        if isinstance(self.model, PreferDiff):
+            batch = targets if rows is None or rows[1] == targets.shape[0] else dist.all_gather_rows(targets)
+            return preferdiff_loss(self, history, lengths, targets, generator=generator, rows=rows,
+                                   batch_targets=batch)
+        return dreamrec_loss(self, history, lengths, targets=targets, generator=generator, rows=rows)
 
     def denoising_loss(self, users: torch.Tensor, inputs, x0: torch.Tensor, *,
                        generator: Optional[torch.Generator] = None,
@@ -261,6 +308,8 @@ class SeqRecommender:
         training on the model's own samples from compounding the guidance: a branch trained toward
         guided samples would be extrapolated by the guidance again at the next sampling."""
         history, lengths = inputs
+        if isinstance(self.model, PreferDiff):  # its own reconstruction error (cosine by default)
+            return preferdiff_denoising_loss(self, history, lengths, x0.detach(), generator=generator, rows=rows)
         return dreamrec_loss(self, history, lengths, x0=x0.detach(), generator=generator, rows=rows, guided=True)
 
     def training_target(self, users: torch.Tensor, inputs, final: torch.Tensor, *, exclude=None,
@@ -289,16 +338,20 @@ class SeqRecommender:
     def state(self) -> Dict[str, Any]:
         return {
             "model": {"name": self.model_name, "config": self.model.config(),
-                      "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
+                      "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                      # refit's own networks only: an outside module is rebuilt by its owner
+                      **({"network": self.network} if self.network in NETWORKS else {})},
             "diffusion": self.diffusion.config.to_dict(),
-            "inference": {"w": self.w, "precision": self.precision, "eval_steps": self.eval_steps},
+            "inference": {"w": self.w, "precision": self.precision, "eval_steps": self.eval_steps,
+                          "eval_eta": self.eval_eta},
         }
 
     @classmethod
     def from_state(cls, state: Dict[str, Any], device="cpu", precision: Optional[str] = None, *,
                    source: Optional[str] = None) -> "SeqRecommender":
-        """Rebuilds a DreamRec from :meth:`state`; ``source``, the checkpoint it was read from, is named in
-        the errors. A state with a NaN or infinite weight is refused (ValueError naming the tensor)."""
+        """Rebuilds a DreamRec (or the PreferDiff its ``network`` entry names) from :meth:`state`;
+        ``source``, the checkpoint it was read from, is named in the errors. A state with a NaN or infinite
+        weight is refused (ValueError naming the tensor)."""
         from .runs import check_finite_weights
 
         what = f"checkpoint {source!r}" if source else "the checkpoint"
@@ -306,8 +359,11 @@ class SeqRecommender:
             m = state["model"]
             if m["name"] != cls.model_name:
                 raise ValueError(f"{what} holds a {m['name']!r} model, not {cls.model_name!r}")
+            network = m.get("network", "dreamrec")
+            if network not in NETWORKS:
+                raise ValueError(f"{what} holds a {network!r} network; refit knows {', '.join(NETWORKS)}")
             check_finite_weights(m["state_dict"], what)
-            model = DreamRec(**dict(m["config"]))
+            model = NETWORKS[network](**dict(m["config"]))
             model.load_state_dict(m["state_dict"], strict=True)
             diffusion = GaussianDiffusion(DiffusionConfig(**state["diffusion"]), device=device)
             inf = dict(state["inference"])
@@ -349,8 +405,9 @@ def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid
             try:
                 with torch.no_grad():
                     h = rec.guidance(history, lengths)
-                    x = rec.sample_from(h) if rec.eval_steps is None else rec._eval_diffusion.sample(
-                        rec.denoiser(h), rec.start_noise(h.shape[0]), noise=True)
+                    x = rec.sample_from(h) if rec.eval_steps is None and rec.eval_eta is None else \
+                        rec._eval_diffusion.sample(rec.denoiser(h), rec.start_noise(h.shape[0]),
+                                                   noise=rec.eval_eta != 0, eta=rec.eval_eta)
                     return rec.model.item_scores(x, include_padding=True).float()
             finally:
                 rec.model.train(was)
@@ -402,10 +459,16 @@ class DreamRecConfig:
     progress: Optional[bool] = None
     init: Optional[str] = None
     time_budget: Optional[float] = None
+    eval_steps: Optional[int] = None  # recommend with this many respaced steps (None: all T)
+    eval_eta: Optional[float] = None  # ... and DDIM's steps of this noise level (None: the posterior)
+
+    #: The network this configuration trains.
+    network_class: ClassVar[type] = DreamRec
 
     def __post_init__(self):
-        if self.model != "dreamrec":
-            raise ValueError(f"model must be 'dreamrec', got {self.model!r}")
+        name = self.network_class.network_name
+        if self.model != name:
+            raise ValueError(f"model must be {name!r}, got {self.model!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "epochs", "eval_every", "patience", "eval_batch_size", "hidden", "max_len",
@@ -417,6 +480,11 @@ class DreamRecConfig:
             raise ValueError(f"diffuser must be one of {DIFFUSERS}, got {self.diffuser!r}")
         if self.noise_schedule not in FULL_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {FULL_SCHEDULES} for DreamRec, got {self.noise_schedule!r}")
+        if self.eval_steps is not None and (isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int)
+                                            or not 1 <= self.eval_steps <= self.steps):
+            raise ValueError(f"eval_steps must be None or an integer in [1, steps={self.steps}], "
+                             f"got {self.eval_steps!r}")
+        _check_eta(self.eval_eta)
         check_seed(self.seed)
         check_finite(self, ("lr", "weight_decay", "w", "p_uncond", "dropout", "beta_start", "beta_end",
                             "time_budget"))
@@ -433,7 +501,8 @@ class DreamRecConfig:
         check_memory(f"hidden {self.hidden}, max_len {self.max_len}",
                      (self.max_len * self.hidden + 16 * self.hidden * (self.hidden + 1)) * 4,
                      "DreamRec's positions and layers (float32)")
-        DreamRec(2, **self._net())  # validates the network settings
+        with torch.device("meta"):  # validates the network settings without allocating its weights
+            self.network_class(2, **self._net())
 
     def _net(self) -> Dict[str, Any]:
         return {"hidden": self.hidden, "max_len": self.max_len, "dropout": self.dropout, "heads": self.heads,
@@ -446,13 +515,92 @@ class DreamRecConfig:
     def model_config(self, n_items: int) -> Dict[str, Any]:
         return {"n_items": n_items, **self._net()}
 
+    def build_network(self, n_items: int) -> DreamRec:
+        return self.network_class(**self.model_config(n_items))
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class PreferDiffConfig(DreamRecConfig):
+    """A PreferDiff pretraining run (``refit pretrain --model preferdiff``): the same run as DreamRec's
+    (:func:`pretrain_dreamrec`), with PreferDiff's network, loss and sampler.
+
+    Defaults are PreferDiff's published settings (lswhim/PreferDiff at commit fdf45b0; files and lines):
+    - width 3072 (``models/PreferDiff/config.yaml`` l. 4, README l. 41 and its table l. 58-60), one
+      block (l. 5) of 2 heads (l. 6), dropout 0.1 (l. 7), guidance dropout 0.1 (``p``, l. 18), the
+      linear denoiser (``_model.py`` l. 26-28), a window of 10 items (``default.yaml`` l. 10);
+    - T = 2000 steps, linear betas 1e-4 .. 0.02 (``config.yaml`` l. 13-16);
+    - loss (``diffusion.py`` l. 189-254, mode ``neg``, ``config.yaml`` l. 20): the cosine
+      reconstruction (README l. 41 ``--loss_type=cosine``; ``config.yaml`` l. 2 says l2), lamda 0.4
+      (README l. 41 and table; ``config.yaml`` l. 23 says 0.5), gamma 5 (l. 22), batch-mean pairing
+      (``diffusion.py`` l. 236-254), every other target of the batch averaged into the negative
+      (``sample_func: batch``, l. 25; ``modules.py`` l. 149; ``diffusion.py`` l. 194); the target's
+      embedding trained through the loss (``_model.py`` l. 111), so ``detach_target`` False;
+    - guidance w 2 (README l. 41 and the Sports row; Beauty's row, l. 59, has 8, Toys' 6;
+      ``config.yaml`` l. 12 has 4);
+    - sampling: DDIM with eta 0 over 21 timesteps (``ddim_step: 100`` of T = 2000, ``config.yaml``
+      l. 17; ``diffusion.py`` l. 43-54 and 74-79 take ``range(0, T + 1, 100)``: 21 steps). refit's
+      even respacing keeps timesteps 0, 100, .., 1000, 1099, .., 1999 and calls the model with them;
+      PreferDiff reads its cumulative alphas at 0, 99, .., 1999 and calls the model with 0, 100, .., 2000;
+    - AdamW (``trainer.py`` l. 31-35) at lr 1e-4 (``config.yaml`` l. 1, README table), no weight decay
+      (``default.yaml`` l. 15), batch 256 (l. 12), no scheduler and no clipping (``trainer.py`` l. 57-63),
+      up to 150 epochs (l. 18) evaluated every epoch (l. 20) with patience 10 (l. 21). PreferDiff
+      selects on validation Recall@5 (l. 25); refit's loop on HR@20.
+    """
+
+    model: str = "preferdiff"
+    hidden: int = 3072
+    heads: int = 2
+    detach_target: bool = False
+    steps: int = 2000
+    w: float = 2.0
+    lr: float = 1e-4
+    epochs: int = 150
+    eval_every: int = 1
+    patience: int = 10
+    out: str = "runs/pretrain-preferdiff"
+    eval_steps: Optional[int] = 21
+    eval_eta: Optional[float] = 0.0
+    lamda: float = 0.4
+    gamma: float = 5.0
+    reconstruction: str = "cosine"
+    pairing: str = "batch"
+    negatives: Optional[int] = None
+
+    network_class: ClassVar[type] = PreferDiff
+
+    def __post_init__(self):
+        check_finite(self, ("lamda", "gamma"))
+        check_loss_settings(self.lamda, self.gamma, self.reconstruction, self.pairing, self.negatives)
+        super().__post_init__()
+
+    def _net(self) -> Dict[str, Any]:
+        return {**super()._net(), "lamda": self.lamda, "gamma": self.gamma, "reconstruction": self.reconstruction,
+                "pairing": self.pairing, "negatives": self.negatives}
 
 
 def sequence_fingerprint(data) -> str:
     """A short hash of a sequence data set (see :func:`refit.runs.data_fingerprint`)."""
     return data_fingerprint(data)
+
+
+def _training_guidance(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
+                       generator: Optional[torch.Generator], rows: Optional[Tuple[int, int]], drop: bool = True):
+    """(B, D) float32 guidance of a training batch, each row dropped to the null embedding with probability
+    ``p_uncond`` (one uniform draw per row of the global batch, sliced) unless ``drop`` is False."""
+    model = rec.model
+    with autocast(rec.precision, rec.device):
+        h = model.encode(history, lengths)
+    if not drop:
+        return h.float()
+    n = history.shape[0] if rows is None else rows[1]
+    keep = torch.rand((n, 1), generator=generator)
+    if rows is not None:
+        keep = keep[rows[0]:rows[0] + history.shape[0]]
+    keep = (keep >= model.p_uncond).to(rec.device)
+    return torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
 
 
 def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
@@ -473,17 +621,7 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
     if (targets is None) == (x0 is None):
         raise ValueError("give exactly one of targets and x0")
     model, d = rec.model, rec.diffusion
-    with autocast(rec.precision, rec.device):
-        h = model.encode(history, lengths)
-    if guided:
-        h = h.float()
-    else:
-        n = history.shape[0] if rows is None else rows[1]
-        keep = torch.rand((n, 1), generator=generator)
-        if rows is not None:
-            keep = keep[rows[0]:rows[0] + history.shape[0]]
-        keep = (keep >= model.p_uncond).to(rec.device)
-        h = torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
+    h = _training_guidance(rec, history, lengths, generator, rows, drop=not guided)
     if x0 is None:
         x0 = model.item_embeddings(targets).float()
         if model.detach_target if detach_target is None else detach_target:
@@ -498,6 +636,136 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
 
     per_row = d.training_loss(f, x0, reweight=False, generator=generator, rows=rows, record=False)
     return per_row if weights is None else per_row * weights
+
+
+def reconstruction_error(pred: torch.Tensor, x0: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """(B,) each row's error of a (B, D) prediction toward (B, D) ``x0``: ``"cosine"``, PreferDiff's
+    ``(cos(pred, x0) - 1)^2`` (``F.normalize``'d rows, as its ``cosine_loss``); ``"mse"``, the mean
+    squared error over the D dimensions."""
+    if kind == "cosine":
+        cos = (F.normalize(pred, p=2, dim=1) * F.normalize(x0, p=2, dim=1)).sum(dim=1)
+        return (cos - 1.0) ** 2
+    if kind == "mse":
+        return ((pred - x0) ** 2).mean(dim=1)
+    raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
+
+
+def preference_term(pos: torch.Tensor, neg: torch.Tensor, gamma: float, pairing: str = "batch",
+                    rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """(B,) PreferDiff's preference term of rows whose (B,) errors toward the target are ``pos`` and toward
+    the negative ``neg``: BPR on the diffusion likelihood, ``-log sigmoid(-gamma (pos - neg))`` =
+    ``softplus(gamma (pos - neg))``.
+
+    ``pairing="row"``: each row's own difference. ``"batch"``: the difference of the batch means, as
+    PreferDiff's code takes it (its losses are batch means before the log-sigmoid): every row carries the
+    batch's value ``L = softplus(gamma d)``, ``d = mean(pos) - mean(neg)``, plus
+    ``L'(d) ((pos_i - neg_i) - (pos_i - neg_i).detach())``, a zero whose gradient makes the mean over the
+    batch's rows differentiate exactly as ``L`` does. The means are those of the global batch when
+    ``rows`` slices one across processes (summed over them), so each share's gradient is its part of the
+    global one.
+    """
+    diff = pos - neg
+    if pairing == "row":
+        return F.softplus(gamma * diff)
+    if pairing != "batch":
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    total = diff.detach().sum().double().reshape(1)
+    n = diff.shape[0]
+    if rows is not None and rows[1] != n and dist.is_distributed():
+        total, n = dist.all_reduce_sum(total), rows[1]
+    d = float(total[0]) / max(1, n)
+    value, slope = float(F.softplus(torch.tensor(gamma * d, dtype=torch.float64))), gamma / (1.0 + math.exp(-gamma * d))
+    return value + slope * (diff - diff.detach())
+
+
+def _negative_embeddings(model, batch_targets: torch.Tensor, generator: Optional[torch.Generator],
+                         detach: bool) -> Optional[torch.Tensor]:
+    """(N, D) each row's negative: the mean embedding of the other N - 1 targets of the batch (all of them,
+    or ``model.negatives`` of them drawn without replacement per row); None for a batch of one row."""
+    N = batch_targets.shape[0]
+    if N < 2:
+        return None
+    E = model.item_embeddings(batch_targets).float()
+    if detach:
+        E = E.detach()
+    k = model.negatives
+    if k is None or k >= N - 1:
+        return (E.sum(0, keepdim=True) - E) / (N - 1)
+    pick = torch.rand((N, N - 1), generator=generator).argsort(dim=1)[:, :k].to(E.device)  # k of the others
+    pick = pick + (pick >= torch.arange(N, device=E.device)[:, None]).long()  # skip the row's own position
+    return E[pick].mean(dim=1)
+
+
+def preferdiff_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+                    generator: Optional[torch.Generator] = None, rows: Optional[Tuple[int, int]] = None,
+                    batch_targets: Optional[torch.Tensor] = None, return_parts: bool = False):
+    """PreferDiff's training loss for a batch, (B,): ``lamda * L_rec + (1 - lamda) * L_pref``.
+
+    As PreferDiff's ``PreferenceDiffusion.p_losses`` (mode ``neg``): the guidance is dropped to the null
+    embedding with probability ``p_uncond``; one uniform timestep t per row; the target's embedding x0
+    and the row's negative (the mean embedding of the batch's other targets, see
+    :class:`~refit.models.preferdiff.PreferDiff` ``negatives``) are noised to step t with independent
+    noise; the denoiser predicts both from the same guidance. ``L_rec`` is the error toward the target
+    (:func:`reconstruction_error`), ``L_pref`` :func:`preference_term` of the errors toward the target
+    and toward the negative. Weights, gamma, the error and the pairing are the network's settings.
+
+    ``batch_targets``: the (N,) targets of the whole batch these B rows are ``rows`` of (default: the
+    rows themselves); every random draw is the global batch's, sliced. A batch of one row has no
+    negative: its loss is ``lamda * L_rec``. ``return_parts``: also ``{"rec", "pos", "neg"}``, (B,)
+    each (detached), for logs and tests.
+    """
+    model, d = rec.model, rec.diffusion
+    if not isinstance(model, PreferDiff):
+        raise ValueError(f"preferdiff_loss needs a PreferDiff network, got {type(model).__name__}")
+    B = targets.shape[0]
+    N = B if rows is None else rows[1]
+    batch_targets = targets if batch_targets is None else batch_targets.to(targets.device)
+    if batch_targets.shape[0] != N:
+        raise ValueError(f"batch_targets holds {batch_targets.shape[0]} targets, the batch has {N} rows")
+    lo = 0 if rows is None else rows[0]
+    h = _training_guidance(rec, history, lengths, generator, rows)
+    neg = _negative_embeddings(model, batch_targets, generator, model.detach_target)
+    x0 = model.item_embeddings(targets).float()
+    if model.detach_target:
+        x0 = x0.detach()
+    t, _ = d.sample_timesteps(B, rec.device, generator, rows=rows)
+    x_t = d.q_sample(x0, t, _normal(x0.shape, x0.dtype, x0.device, generator, rows))
+    with autocast(rec.precision, rec.device):
+        step = model.step_features(t)
+        if neg is None:
+            pred = model.denoise(x_t, h, t, step).float()
+        else:
+            neg = neg[lo:lo + B]
+            neg_t = d.q_sample(neg, t, _normal(neg.shape, neg.dtype, neg.device, generator, rows))
+            # one pass over the target's and the negative's noisy states (the same guidance and step)
+            both = model.denoise(torch.cat([x_t, neg_t]), torch.cat([h, h]), t, torch.cat([step, step])).float()
+            pred, pred_neg = both[:B], both[B:]
+    pos = reconstruction_error(pred, x0, model.reconstruction)
+    if neg is None:
+        loss, err_neg = model.lamda * pos, torch.full_like(pos, float("nan"))
+    else:
+        err_neg = reconstruction_error(pred_neg, neg, model.reconstruction)
+        loss = model.lamda * pos + (1.0 - model.lamda) * preference_term(pos, err_neg, model.gamma, model.pairing,
+                                                                         rows)
+    if return_parts:
+        return loss, {"rec": pos.detach(), "pos": pos.detach(), "neg": err_neg.detach()}
+    return loss
+
+
+def preferdiff_denoising_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, x0: torch.Tensor,
+                              generator: Optional[torch.Generator] = None,
+                              rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """(B,) PreferDiff's reconstruction error of the guided prediction ``(1 + w) f(x, h) - w f(x, null)``
+    toward given (B, D) clean states ``x0`` from a uniform step (the policy protocol's ``denoising_loss``;
+    see :meth:`SeqRecommender.denoising_loss`). Draws as :func:`dreamrec_loss` with ``guided``."""
+    model, d = rec.model, rec.diffusion
+    h = _training_guidance(rec, history, lengths, generator, rows, drop=False)
+    x0 = x0.float()
+    t, _ = d.sample_timesteps(x0.shape[0], rec.device, generator, rows=rows)
+    x_t = d.q_sample(x0, t, _normal(x0.shape, x0.dtype, x0.device, generator, rows))
+    with autocast(rec.precision, rec.device):
+        pred = model.guided(x_t, h, t, rec.w).float()
+    return reconstruction_error(pred, x0, model.reconstruction)
 
 
 def pretrain_dreamrec(config: DreamRecConfig, data=None, *, resume: bool = False, overwrite: bool = False,
@@ -526,8 +794,8 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     main, world = dist.is_main(), dist.world_size()
     data = data if data is not None else load_dataset(config.data, **config.data_options)
     if not hasattr(data, "targets"):
-        raise ValueError(f"DreamRec needs sequence data (leave-one-out sequences or DreamRec's .df files); "
-                         f"{config.data!r} holds interactions without order")
+        raise ValueError(f"{config.network_class.__name__} needs sequence data (leave-one-out sequences, DreamRec's "
+                         f".df files, a PreferDiff folder); {config.data!r} holds interactions without order")
     if max(config.ks) > data.n_items:
         raise ValueError(f"ks {list(config.ks)} go beyond the {data.n_items} items of {config.data!r}: pass smaller "
                          "cut-offs (--ks)")
@@ -540,9 +808,9 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
         if model.config() != config.model_config(data.n_items):
             raise ValueError(f"init checkpoint {config.init!r} has other model settings than those given")
     else:
-        model = DreamRec(**config.model_config(data.n_items)).to(device)
+        model = config.build_network(data.n_items).to(device)
     rec = SeqRecommender(model, GaussianDiffusion(config.diffusion_config(), device=device), w=config.w,
-                         precision=config.precision)
+                         precision=config.precision, eval_steps=config.eval_steps, eval_eta=config.eval_eta)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batches = data.batches("train", config.batch_size, shuffle=True, seed=config.seed, max_len=config.max_len)
 
@@ -591,6 +859,8 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
             save_checkpoint(run.file("best.pt"), checkpoint_state(0))
 
+    preferdiff = isinstance(model, PreferDiff)
+
     def train_epoch(epoch: int) -> float:
         model.train()
         batches.set_epoch(epoch)
@@ -601,12 +871,16 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
         total, n = 0.0, 0
         for history, lengths, targets, _ in batches:
             B = targets.numel()
-            rows = None
+            rows, batch_targets = None, targets.to(device)
             if world > 1:
                 lo, hi = dist.shard_range(B)
                 history, lengths, targets, rows = history[lo:hi], lengths[lo:hi], targets[lo:hi], (lo, B)
-            per_row = dreamrec_loss(rec, history.to(device), lengths.to(device), targets.to(device),
-                                    generator, rows)
+            if preferdiff:
+                per_row = preferdiff_loss(rec, history.to(device), lengths.to(device), targets.to(device),
+                                          generator, rows, batch_targets=batch_targets)
+            else:
+                per_row = dreamrec_loss(rec, history.to(device), lengths.to(device), targets.to(device),
+                                        generator, rows)
             loss = per_row.sum() * (world / B) if world > 1 else per_row.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -640,5 +914,6 @@ def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision
     return rec, data, state
 
 
-__all__ = ["SeqRecommender", "DreamRecConfig", "pretrain_dreamrec", "evaluate_dreamrec", "dreamrec_loss",
-           "load_seq_recommender", "sequence_fingerprint", "SEQ_SELECTION", "SEQ_KS"]
+__all__ = ["SeqRecommender", "DreamRecConfig", "PreferDiffConfig", "pretrain_dreamrec", "evaluate_dreamrec",
+           "dreamrec_loss", "preferdiff_loss", "preferdiff_denoising_loss", "preference_term", "reconstruction_error",
+           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "SEQ_SELECTION", "SEQ_KS"]

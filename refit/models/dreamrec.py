@@ -53,6 +53,9 @@ class DreamRec(nn.Module):
     float32 with D = ``hidden``.
     """
 
+    #: Which network a checkpoint rebuilds (:data:`refit.sequential.NETWORKS`).
+    network_name = "dreamrec"
+
     def __init__(self, n_items: int, hidden: int = 64, max_len: int = 10, dropout: float = 0.1, heads: int = 1,
                  diffuser: str = "mlp1", p_uncond: float = 0.1, detach_target: bool = False):
         super().__init__()
@@ -99,28 +102,48 @@ class DreamRec(nn.Module):
 
     def encode(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, (B,) lengths -> (B, D) guidance h: the block's output at the last real position."""
-        B, L = history.shape
+        seq, real = self._embed(history)
+        q_in = self.ln_1(seq)
+        att = self._attend(q_in, seq, real) + q_in
+        ff = self._feed_forward(self.ln_2(att))
+        out = self.ln_3(ff * real)
+        return self._at_last(out, lengths)
+
+    def _embed(self, history: torch.Tensor) -> tuple:
+        """(B, L) ids -> the (B, L, D) dropped-out item + position embeddings with padding zeroed, and
+        the (B, L, 1) float mask of real items."""
+        L = history.shape[1]
         if L > self.max_len:
             raise ValueError(f"history windows may hold at most max_len={self.max_len} items, got {L}")
         real = (history != self.n_items).unsqueeze(-1).to(self.none_embedding.dtype)  # (B, L, 1)
         x = self.item_embeddings(history) + self.positions.weight[:L]
-        seq = self.emb_dropout(x) * real
-        q_in = self.ln_1(seq)
+        return self.emb_dropout(x) * real, real
+
+    def _attend(self, q_in: torch.Tensor, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Causal multi-head attention of the (B, L, D) queries ``q_in`` over ``keys`` (values too), scores
+        scaled by 1/sqrt(width), padded keys masked and padded queries' weights zeroed; no residual."""
+        B, L, _ = keys.shape
         H, d = self.heads, self.hidden // self.heads
         q = self.q(q_in).view(B, L, H, d).transpose(1, 2)
-        k = self.k(seq).view(B, L, H, d).transpose(1, 2)
-        v = self.v(seq).view(B, L, H, d).transpose(1, 2)
+        k = self.k(keys).view(B, L, H, d).transpose(1, 2)
+        v = self.v(keys).view(B, L, H, d).transpose(1, 2)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.hidden)  # (B, H, L, L)
-        allowed = torch.tril(torch.ones(L, L, dtype=torch.bool, device=history.device))
+        allowed = torch.tril(torch.ones(L, L, dtype=torch.bool, device=keys.device))
         allowed = allowed & (real.squeeze(-1) > 0)[:, None, None, :]
         # A fully masked row (a padded query) gets uniform weights, then the query mask zeroes it.
         scores = scores.masked_fill(~allowed, -2.0 ** 32 + 1)
         weights = torch.softmax(scores, dim=-1) * (real.squeeze(-1) > 0)[:, None, :, None]
-        att = (self.attn_dropout(weights) @ v).transpose(1, 2).reshape(B, L, self.hidden) + q_in
-        ff = self.ff_norm(self.ff_dropout(self.ff_2(F.relu(self.ff_1(self.ln_2(att))))) + self.ln_2(att))
-        out = self.ln_3(ff * real)
+        return (self.attn_dropout(weights) @ v).transpose(1, 2).reshape(B, L, self.hidden)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The position-wise ReLU feed-forward with its post-norm residual: norm(x + drop(W2 relu(W1 x)))."""
+        return self.ff_norm(self.ff_dropout(self.ff_2(F.relu(self.ff_1(x)))) + x)
+
+    @staticmethod
+    def _at_last(out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) block outputs -> (B, D) at each window's last real position (the first if empty)."""
         last = (lengths.clamp(min=1) - 1).to(torch.long)
-        return out[torch.arange(B, device=history.device), last]
+        return out[torch.arange(out.shape[0], device=out.device), last]
 
     def drop_guidance(self, h: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """h with each row replaced by the null embedding with probability ``p_uncond`` (training)."""
