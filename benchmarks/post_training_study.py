@@ -128,6 +128,8 @@ def _data_flags(ckpt):
     if "min_rating" in options:
         value = options.pop("min_rating")
         flags += ["--min-rating", "none" if value is None else repr(value)]
+    if "train_targets" in options:
+        flags += ["--train-targets", options.pop("train_targets")]
     if options:
         raise SystemExit(f"{ckpt}: its data options {sorted(options)} have no refit pretrain flag; "
                          f"pass the data with --data")

@@ -51,6 +51,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _finite_float(text: str, alternative: str = "") -> float:
     """A finite number; ``alternative`` (e.g. " or 'none'") names what else the flag takes, for the error."""
     try:
@@ -100,17 +110,21 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--min-rating", type=_min_rating, default=_UNSET, metavar="R",
                    help="data with ratings (ratings.dat, u.data, .inter, movielens-100k): keep the "
                         "interactions rated >= R, or every one with 'none' (default: 4)")
+    p.add_argument("--train-targets", choices=["all", "last"], default=_UNSET,
+                   help="PreferDiff folders: train on every item after the first of each training sequence "
+                        "(all, as for leave-one-out data) or on its last item only (last, PreferDiff's own "
+                        "training set); default: all")
 
 
 def _data_options(args) -> dict:
     """load_dataset's options from the data flags (none unless given, so every source takes them)."""
-    value = getattr(args, "min_rating", _UNSET)
-    if value is _UNSET:
-        return {}
-    if not getattr(args, "data", None):
-        raise ValueError("--min-rating needs --data (without it the data is the checkpoint's own, "
+    options = {name: getattr(args, name, _UNSET) for name in ("min_rating", "train_targets")}
+    options = {name: value for name, value in options.items() if value is not _UNSET}
+    if options and not getattr(args, "data", None):
+        flags = " and ".join("--" + name.replace("_", "-") for name in options)
+        raise ValueError(f"{flags} needs --data (without it the data is the checkpoint's own, "
                          "with the options it was trained with)")
-    return {"min_rating": value}
+    return options
 
 
 def _check_folder_arg(flag: str, path: str) -> None:
@@ -214,6 +228,14 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta-end", type=_finite_float, default=q.beta_end, help="ddpm-linear schedule")
     g.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="never rank the history's items (default: when items do not repeat in the data)")
+    g.add_argument("--embedding-warmup", choices=["none", "ce"], default=q.embedding_warmup,
+                   help="ce: train the encoder and item embeddings with the next item's cross-entropy for "
+                        "--warmup-epochs epochs before the diffusion loss (against the embedding collapse)")
+    g.add_argument("--warmup-epochs", type=_nonnegative_int, default=q.warmup_epochs,
+                   help="epochs of the --embedding-warmup")
+    g.add_argument("--ce-weight", type=_finite_float, default=q.ce_weight,
+                   help="after the warm start, add this weight times the cross-entropy of the denoiser's x0 "
+                        "prediction (its item scores) toward the target to the diffusion loss")
     g = p.add_argument_group("PreferDiff's loss")
     g.add_argument("--lamda", type=_finite_float, default=pd.lamda,
                    help="weight of the reconstruction term; the preference term gets 1 - lamda")
@@ -323,7 +345,9 @@ def cmd_pretrain(args) -> int:
             seq = dict(hidden=args.hidden, max_len=args.max_len, heads=args.heads, diffuser=args.diffuser,
                        p_uncond=args.p_uncond, w=args.w, detach_target=args.detach_target,
                        beta_start=args.beta_start, beta_end=args.beta_end, exclude_history=args.exclude_history,
-                       eval_steps=args.eval_steps, eval_eta=args.eval_eta)
+                       eval_steps=args.eval_steps, eval_eta=args.eval_eta,
+                       embedding_warmup=args.embedding_warmup, warmup_epochs=args.warmup_epochs,
+                       ce_weight=args.ce_weight)
             if args.model == "preferdiff":
                 seq.update(lamda=args.lamda, gamma=args.gamma, reconstruction=args.reconstruction,
                            pairing=args.pairing, negatives=args.negatives)

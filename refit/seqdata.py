@@ -25,10 +25,10 @@ models see the last ``max_len`` of them (a window).
 * PreferDiff ``.txt`` folders (``train_data.txt``, ``valid_data.txt``,
   ``test_data.txt``): one user per line, item ids separated by whitespace,
   oldest first, each user in one file (split by user, not leave-one-out).
-  The target of a line is its last id; by default a training-file line gives
-  one training target, its last id, as PreferDiff trains (``train_targets=
-  "all"``: every id after the first); validation and test targets are the
-  last id of each line of their file.
+  The target of a line is its last id; by default every id after the first
+  of a training-file line is a training target, as leave-one-out data
+  trains (``train_targets="last"``: its last id only, as PreferDiff trains);
+  validation and test targets are the last id of each line of their file.
 
 Item ids are re-indexed to 0 .. n_items - 1 (``item_ids`` maps back);
 ``n_items`` is the padding id of history windows.
@@ -1414,7 +1414,7 @@ def _is_preferdiff_folder(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in PREFERDIFF_FILES.values())
 
 
-def _load_preferdiff(folder: str, *, max_len: int = DEFAULT_MAX_LEN, train_targets: str = "last") -> SequenceData:
+def _load_preferdiff(folder: str, *, max_len: int = DEFAULT_MAX_LEN, train_targets: str = "all") -> SequenceData:
     """A PreferDiff folder (see :func:`load_sequences`): the lines of train_data.txt, then of
     valid_data.txt, then of test_data.txt, one sequence each; the target of a line is its last id."""
     if train_targets not in PREFERDIFF_TRAIN_TARGETS:
@@ -1582,14 +1582,16 @@ def load_sequences(path: str, **options) -> SequenceData:
     target, the ids before it its history; models see the last ``max_len``
     (10, PreferDiff's ``max_seq_length``) of them.
 
-    * Training targets: by default (``train_targets="last"``) exactly what
-      PreferDiff trains on, one example per line of ``train_data.txt``: its
-      last id, predicted from the ids before it (PreferDiff's
+    * Training targets: by default (``train_targets="all"``) every id after
+      the first of each line of ``train_data.txt``, predicted from the ids
+      before it (prefix augmentation, as DreamRec's files and leave-one-out
+      data hold it). ``train_targets="last"`` is exactly what PreferDiff trains
+      on, one example per line: its last id (PreferDiff's
       ``SequenceDataset.__getitem__`` takes ``seq[:-1]`` as the history and
       ``seq[-1]`` as the label of each line, and its training loader iterates
-      over the lines; no prefix of a line is an example of its own).
-      ``train_targets="all"`` makes every id after the first of each training
-      line a target (prefix augmentation, as DreamRec's files hold it).
+      over the lines; no prefix of a line is an example of its own). On
+      Beauty, a next-item cross-entropy model reached validation HR@20 0.041
+      from the last ids and 0.125 from all of them (docs/models.md).
     * Validation / test targets: the last id of each line of
       ``valid_data.txt`` / ``test_data.txt``, in line order (target i of
       ``"valid"`` is line i + 1 of the file). Their histories are not
@@ -1624,8 +1626,8 @@ def load_sequences(path: str, **options) -> SequenceData:
             ``"synthetic-seq"``.
         max_len: the default window length (``SequenceData.max_len``): 10, or
             the ``seq_size`` of a DreamRec folder.
-        train_targets: PreferDiff folders only: ``"last"`` (default) or
-            ``"all"`` (see above).
+        train_targets: PreferDiff folders only: ``"all"`` (default) or
+            ``"last"`` (see above).
         Options of ``"synthetic-seq"``: ``n_users``, ``n_items``,
             ``mean_length``, ``seed`` and the others of :func:`synthetic_sequences`.
 
@@ -1669,7 +1671,7 @@ def load_sequences(path: str, **options) -> SequenceData:
         return _load_dreamrec(p, max_len=None if max_len is None else int(max_len))
     if kind == "preferdiff":
         return _load_preferdiff(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len),
-                                train_targets=options.get("train_targets", "last"))
+                                train_targets=options.get("train_targets", "all"))
     return _load_pkl(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len))
 
 

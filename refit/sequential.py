@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 SEQ_SELECTION = "hr@20"
 SEQ_KS = (10, 20, 50)
 
+#: Warm starts of ``DreamRecConfig.embedding_warmup``.
+WARMUPS = ("none", "ce")
+
 #: The networks a sequential checkpoint can hold (its ``model.network`` entry; absent: DreamRec).
 NETWORKS = {"dreamrec": DreamRec, "preferdiff": PreferDiff}
 
@@ -461,6 +464,14 @@ class DreamRecConfig:
     time_budget: Optional[float] = None
     eval_steps: Optional[int] = None  # recommend with this many respaced steps (None: all T)
     eval_eta: Optional[float] = None  # ... and DDIM's steps of this noise level (None: the posterior)
+    # A ranking-aware warm start (ADRec's remedy for the embedding collapse of a regression loss):
+    # "ce" trains the encoder and the item table with the next item's softmax cross-entropy over all
+    # items (:func:`ce_loss`) for the first ``warmup_epochs`` epochs, then the network's own loss.
+    embedding_warmup: str = "none"
+    warmup_epochs: int = 5
+    # After the warm start, the same cross-entropy on the denoiser's x0 prediction (its inner products
+    # with every item), added with this weight to the network's loss (ADRec trains with both).
+    ce_weight: float = 0.0
 
     #: The network this configuration trains.
     network_class: ClassVar[type] = DreamRec
@@ -485,6 +496,13 @@ class DreamRecConfig:
             raise ValueError(f"eval_steps must be None or an integer in [1, steps={self.steps}], "
                              f"got {self.eval_steps!r}")
         _check_eta(self.eval_eta)
+        if self.embedding_warmup not in WARMUPS:
+            raise ValueError(f"embedding_warmup must be one of {WARMUPS}, got {self.embedding_warmup!r}")
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+        if isinstance(self.ce_weight, bool) or not isinstance(self.ce_weight, (int, float)) or \
+                not math.isfinite(self.ce_weight) or self.ce_weight < 0:
+            raise ValueError(f"ce_weight must be a finite number >= 0, got {self.ce_weight!r}")
         check_seed(self.seed)
         check_finite(self, ("lr", "weight_decay", "w", "p_uncond", "dropout", "beta_start", "beta_end",
                             "time_budget"))
@@ -607,7 +625,7 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
                   targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                   rows: Optional[Tuple[int, int]] = None, weights: Optional[torch.Tensor] = None,
                   x0: Optional[torch.Tensor] = None, detach_target: Optional[bool] = None,
-                  guided: bool = False) -> torch.Tensor:
+                  guided: bool = False, ce_weight: float = 0.0) -> torch.Tensor:
     """DreamRec's training loss for a batch, (B,): the squared error of the x0 prediction from
     a uniformly drawn step, averaged over the embedding dimension, with the guidance dropped to the
     null embedding with probability ``p_uncond``. The clean state is the (B,) ``targets``' item
@@ -617,9 +635,13 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
     are learned through the histories only); DreamRec's code lets the loss pull them too, which lets
     it fall by drawing all item embeddings together. ``guided``: the loss of the guided prediction
     ``(1 + w) f(x, h) - w f(x, null)`` (the mean the sampler uses), without dropping the guidance: the
-    loss of the policy's own mean, for training toward the policy's own samples."""
+    loss of the policy's own mean, for training toward the policy's own samples. ``ce_weight`` > 0 (with
+    ``targets``): plus that weight times the (B,) cross-entropy of the x0 prediction's item scores toward
+    the target (:func:`prediction_ce`)."""
     if (targets is None) == (x0 is None):
         raise ValueError("give exactly one of targets and x0")
+    if ce_weight and targets is None:
+        raise ValueError("ce_weight needs the targets")
     model, d = rec.model, rec.diffusion
     h = _training_guidance(rec, history, lengths, generator, rows, drop=not guided)
     if x0 is None:
@@ -629,13 +651,40 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
     else:
         x0 = x0.float()
 
+    predictions = []
+
     def f(x_t, t):
         with autocast(rec.precision, x_t.device):
             out = model.guided(x_t, h, t, rec.w) if guided else model.denoise(x_t, h, t)
+        predictions.append(out)
         return out.float()
 
     per_row = d.training_loss(f, x0, reweight=False, generator=generator, rows=rows, record=False)
+    if ce_weight:
+        per_row = per_row + ce_weight * prediction_ce(rec, predictions[-1], targets)
     return per_row if weights is None else per_row * weights
+
+
+def prediction_ce(rec: SeqRecommender, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) the softmax cross-entropy over all ``n_items`` items of (B, D) x0 predictions' item scores (their
+    inner products with every item embedding, as recommending ranks) toward the (B,) targets."""
+    with autocast(rec.precision, pred.device):
+        scores = rec.model.item_scores(pred)
+    return F.cross_entropy(scores.float(), targets, reduction="none")
+
+
+def ce_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+            rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """(B,) the next item's softmax cross-entropy over all ``n_items`` items (the padding id excluded),
+    scored as recommending does: the inner product of the guidance ``encode(history)`` (not dropped)
+    with every item embedding. The warm start of ``embedding_warmup="ce"``: it shapes the item table
+    and the encoder for ranking before the diffusion loss, which alone can lower itself by drawing the
+    item embeddings together. ``rows`` is accepted for a slice of a global batch (no draw is made)."""
+    model = rec.model
+    with autocast(rec.precision, rec.device):
+        h = model.encode(history, lengths)
+        scores = model.item_scores(h)
+    return F.cross_entropy(scores.float(), targets, reduction="none")
 
 
 def reconstruction_error(pred: torch.Tensor, x0: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -698,7 +747,8 @@ def _negative_embeddings(model, batch_targets: torch.Tensor, generator: Optional
 
 def preferdiff_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                     generator: Optional[torch.Generator] = None, rows: Optional[Tuple[int, int]] = None,
-                    batch_targets: Optional[torch.Tensor] = None, return_parts: bool = False):
+                    batch_targets: Optional[torch.Tensor] = None, return_parts: bool = False,
+                    ce_weight: float = 0.0):
     """PreferDiff's training loss for a batch, (B,): ``lamda * L_rec + (1 - lamda) * L_pref``.
 
     As PreferDiff's ``PreferenceDiffusion.p_losses`` (mode ``neg``): the guidance is dropped to the null
@@ -711,7 +761,8 @@ def preferdiff_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.T
 
     ``batch_targets``: the (N,) targets of the whole batch these B rows are ``rows`` of (default: the
     rows themselves); every random draw is the global batch's, sliced. A batch of one row has no
-    negative: its loss is ``lamda * L_rec``. ``return_parts``: also ``{"rec", "pos", "neg"}``, (B,)
+    negative: its loss is ``lamda * L_rec``. ``ce_weight``: plus that weight times
+    :func:`prediction_ce` of the prediction toward the target. ``return_parts``: also ``{"rec", "pos", "neg"}``, (B,)
     each (detached), for logs and tests.
     """
     model, d = rec.model, rec.diffusion
@@ -747,6 +798,8 @@ def preferdiff_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.T
         err_neg = reconstruction_error(pred_neg, neg, model.reconstruction)
         loss = model.lamda * pos + (1.0 - model.lamda) * preference_term(pos, err_neg, model.gamma, model.pairing,
                                                                          rows)
+    if ce_weight:
+        loss = loss + ce_weight * prediction_ce(rec, pred, targets)
     if return_parts:
         return loss, {"rec": pos.detach(), "pos": pos.detach(), "neg": err_neg.detach()}
     return loss
@@ -809,6 +862,11 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             raise ValueError(f"init checkpoint {config.init!r} has other model settings than those given")
     else:
         model = config.build_network(data.n_items).to(device)
+        if config.embedding_warmup == "ce":
+            # Item embeddings of unit norm on average: N(0, 1) entries (DreamRec's start, the noise's
+            # scale) give logits of about +-D that the cross-entropy barely moves under Adam's steps.
+            with torch.no_grad():
+                model.item_embeddings.weight.normal_(0.0, model.hidden ** -0.5)
     rec = SeqRecommender(model, GaussianDiffusion(config.diffusion_config(), device=device), w=config.w,
                          precision=config.precision, eval_steps=config.eval_steps, eval_eta=config.eval_eta)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -860,6 +918,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             save_checkpoint(run.file("best.pt"), checkpoint_state(0))
 
     preferdiff = isinstance(model, PreferDiff)
+    warmup = config.embedding_warmup == "ce" and config.init is None  # an --init model is already trained
 
     def train_epoch(epoch: int) -> float:
         model.train()
@@ -875,12 +934,14 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             if world > 1:
                 lo, hi = dist.shard_range(B)
                 history, lengths, targets, rows = history[lo:hi], lengths[lo:hi], targets[lo:hi], (lo, B)
-            if preferdiff:
+            if warmup and epoch <= config.warmup_epochs:
+                per_row = ce_loss(rec, history.to(device), lengths.to(device), targets.to(device), rows)
+            elif preferdiff:
                 per_row = preferdiff_loss(rec, history.to(device), lengths.to(device), targets.to(device),
-                                          generator, rows, batch_targets=batch_targets)
+                                          generator, rows, batch_targets=batch_targets, ce_weight=config.ce_weight)
             else:
                 per_row = dreamrec_loss(rec, history.to(device), lengths.to(device), targets.to(device),
-                                        generator, rows)
+                                        generator, rows, ce_weight=config.ce_weight)
             loss = per_row.sum() * (world / B) if world > 1 else per_row.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -915,5 +976,5 @@ def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision
 
 
 __all__ = ["SeqRecommender", "DreamRecConfig", "PreferDiffConfig", "pretrain_dreamrec", "evaluate_dreamrec",
-           "dreamrec_loss", "preferdiff_loss", "preferdiff_denoising_loss", "preference_term", "reconstruction_error",
-           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "SEQ_SELECTION", "SEQ_KS"]
+           "dreamrec_loss", "ce_loss", "prediction_ce", "preferdiff_loss", "preferdiff_denoising_loss", "preference_term", "reconstruction_error",
+           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "WARMUPS", "SEQ_SELECTION", "SEQ_KS"]

@@ -51,7 +51,7 @@ def tiny(tmp_path):
 
 def test_tiny_folder_exactly(tiny):
     assert is_sequence_source(tiny)
-    d = load_dataset(tiny)
+    d = load_dataset(tiny, train_targets="last")
     assert isinstance(d, SequenceData)
     # Ids are 1-based: item i is the id i + 1, and the id space runs to the largest id (8 stays an item).
     assert d.n_items == 9 and d.item_ids.tolist() == list(range(1, 10))
@@ -85,6 +85,8 @@ def test_tiny_folder_exactly(tiny):
 def test_every_prefix_and_window_options(tiny):
     d = load_sequences(tiny, train_targets="all", max_len=2)
     assert targets_of(d, "train") == [(0, 1), (0, 2), (1, 1), (2, 1), (2, 2), (2, 3), (2, 4)]
+    default = load_sequences(tiny)  # every prefix, as leave-one-out data trains
+    assert targets_of(default, "train") == targets_of(d, "train") and default.summary["train_targets"] == "all"
     assert targets_of(d, "valid") == [(3, 2), (4, 1)] and targets_of(d, "test") == [(5, 2)]
     history, lengths = d.windows(torch.tensor([2]), torch.tensor([4]))
     assert history.tolist() == [[4, 1]] and lengths.tolist() == [2]  # the last max_len items of the history
@@ -103,7 +105,7 @@ def test_zero_based_ids_and_lenient_layout(tmp_path):
     d = load_sequences(folder)
     assert d.summary["id_base"] == 0 and d.n_items == 4 and d.item_ids.tolist() == [0, 1, 2, 3]
     assert sequences_of(d) == [[0, 1, 2], [3, 0], [2, 3], [1, 3]]
-    assert targets_of(d, "train") == [(0, 2), (1, 1)]
+    assert targets_of(d, "train") == [(0, 1), (0, 2), (1, 1)]  # every prefix (the default)
     assert d.target_items(d.targets["test"]).tolist() == [3]
 
 
@@ -154,10 +156,13 @@ def test_published_beauty_split():
     folder = shared_dataset("preferdiff_beauty")
     if folder is None:
         pytest.skip("../shared/data/preferdiff_beauty is absent")
-    d = load_dataset(folder)
-    # Line counts of the data README: one sequence and one target per line.
+    d = load_dataset(folder, train_targets="last")
+    # Line counts of the data README: one sequence and one target per line (PreferDiff's training set).
     assert [d.summary[f"lines_{s}"] for s in ("train", "valid", "test")] == [17890, 2236, 2237]
     assert [len(d.targets[s]) for s in ("train", "valid", "test")] == [17890, 2236, 2237]
+    with open(os.path.join(folder, "train_data.txt")) as f:
+        prefixes = sum(len(line.split()) - 1 for line in f if line.strip())
+    assert len(load_dataset(folder).targets["train"]) == prefixes > 17890  # the default: every prefix
     assert d.n_sequences == 22363 and d.n_items == 12101 and d.summary["id_base"] == 1
     assert d.item_ids[0] == 1 and d.item_ids[-1] == 12101 and not d.repeats
     # The first and last lines, read here by hand.
