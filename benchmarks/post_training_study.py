@@ -111,10 +111,22 @@ def run_seed(seed, a, out):
     cont = ["pretrain", "--model", _model_family(ckpt), *(["--data", a.data] if a.data else _data_flags(ckpt)),
             "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
             "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res[a.arm]['seconds']:.1f}",
-            "--out", folder, "--overwrite", *shlex.split(a.pretrain)]
+            "--out", folder, "--overwrite", *_loss_flags(ckpt), *shlex.split(a.pretrain)]
     wall_c = _run(refit + cont, folder + ".log")
     res["continued"] = {**_summary(folder), "wall_s": wall_c}
     return seed, res
+
+
+def _loss_flags(ckpt):
+    """``refit pretrain``'s flags that continue a sequential checkpoint with the loss it was trained with:
+    its ``ce_weight`` (0 for one written before the flag existed); none for the other families."""
+    sys.path.insert(0, ROOT)
+    from refit.runs import load_checkpoint
+
+    state = load_checkpoint(ckpt)
+    if state["recommender"]["model"]["name"] != "dreamrec":
+        return []
+    return ["--ce-weight", repr(float(state.get("config", {}).get("ce_weight", 0.0)))]
 
 
 def _data_flags(ckpt):

@@ -163,7 +163,7 @@ def _check_file_arg(flag: str, path: Optional[str], *, output: bool = False) -> 
 _FAMILY_DEFAULTS = {"dropout", "steps", "noise_schedule", "batch_size", "epochs", "eval_every", "patience",
                     "eval_batch_size", "ks", "lr"}
 #: Flags of the sequential models whose default differs between DreamRec and PreferDiff.
-_SEQ_DEFAULTS = {"hidden", "heads", "w", "detach_target", "eval_steps", "eval_eta"}
+_SEQ_DEFAULTS = {"hidden", "heads", "w", "detach_target", "eval_steps", "eval_eta", "embedding_warmup", "ce_weight"}
 #: The sequential models of ``refit pretrain --model``.
 _SEQ_MODELS = ("dreamrec", "preferdiff")
 
@@ -177,7 +177,7 @@ def _seq_config_class(model: str):
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     from .diffusion import SCHEDULES
     from .pretrain import PretrainConfig
-    from .sequential import DreamRecConfig, PreferDiffConfig
+    from .sequential import WARMUP_PATIENCE, DreamRecConfig, PreferDiffConfig
 
     d, q, pd = PretrainConfig(), DreamRecConfig(), PreferDiffConfig()
 
@@ -228,14 +228,16 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta-end", type=_finite_float, default=q.beta_end, help="ddpm-linear schedule")
     g.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="never rank the history's items (default: when items do not repeat in the data)")
-    g.add_argument("--embedding-warmup", choices=["none", "ce"], default=q.embedding_warmup,
+    g.add_argument("--embedding-warmup", choices=["none", "ce"], default=None,
                    help="ce: train the encoder and item embeddings with the next item's cross-entropy for "
-                        "--warmup-epochs epochs before the diffusion loss (against the embedding collapse)")
-    g.add_argument("--warmup-epochs", type=_nonnegative_int, default=q.warmup_epochs,
-                   help="epochs of the --embedding-warmup")
-    g.add_argument("--ce-weight", type=_finite_float, default=q.ce_weight,
+                        "--warmup-epochs epochs before the diffusion loss (against the embedding collapse); "
+                        + seq("embedding_warmup"))
+    g.add_argument("--warmup-epochs", type=_nonnegative_int, default=None,
+                   help="epochs of the --embedding-warmup (default: until its own validation HR@20 has not "
+                        f"risen for {WARMUP_PATIENCE} epochs, at most half of --epochs or --time-budget)")
+    g.add_argument("--ce-weight", type=_finite_float, default=None,
                    help="after the warm start, add this weight times the cross-entropy of the denoiser's x0 "
-                        "prediction (its item scores) toward the target to the diffusion loss")
+                        "prediction (its item scores) toward the target to the diffusion loss; " + seq("ce_weight"))
     g = p.add_argument_group("PreferDiff's loss")
     g.add_argument("--lamda", type=_finite_float, default=pd.lamda,
                    help="weight of the reconstruction term; the preference term gets 1 - lamda")

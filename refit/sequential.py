@@ -56,6 +56,10 @@ SEQ_KS = (10, 20, 50)
 
 #: Warm starts of ``DreamRecConfig.embedding_warmup``.
 WARMUPS = ("none", "ce")
+#: The automatic warm start (``warmup_epochs=None``) ends after this many epochs without a better
+#: validation HR@20 of the cross-entropy model's own scores (its best weights go on), or at half the
+#: run's epochs or time budget; see docs/models.md.
+WARMUP_PATIENCE = 2
 
 #: The networks a sequential checkpoint can hold (its ``model.network`` entry; absent: DreamRec).
 NETWORKS = {"dreamrec": DreamRec, "preferdiff": PreferDiff}
@@ -466,12 +470,13 @@ class DreamRecConfig:
     eval_eta: Optional[float] = None  # ... and DDIM's steps of this noise level (None: the posterior)
     # A ranking-aware warm start (ADRec's remedy for the embedding collapse of a regression loss):
     # "ce" trains the encoder and the item table with the next item's softmax cross-entropy over all
-    # items (:func:`ce_loss`) for the first ``warmup_epochs`` epochs, then the network's own loss.
-    embedding_warmup: str = "none"
-    warmup_epochs: int = 5
+    # items (:func:`ce_loss`) for the first ``warmup_epochs`` epochs (None: until the validation HR@20
+    # of its own scores stops rising, see WARMUP_PATIENCE), then the network's own loss.
+    embedding_warmup: str = "ce"
+    warmup_epochs: Optional[int] = None
     # After the warm start, the same cross-entropy on the denoiser's x0 prediction (its inner products
     # with every item), added with this weight to the network's loss (ADRec trains with both).
-    ce_weight: float = 0.0
+    ce_weight: float = 1.0
 
     #: The network this configuration trains.
     network_class: ClassVar[type] = DreamRec
@@ -498,8 +503,9 @@ class DreamRecConfig:
         _check_eta(self.eval_eta)
         if self.embedding_warmup not in WARMUPS:
             raise ValueError(f"embedding_warmup must be one of {WARMUPS}, got {self.embedding_warmup!r}")
-        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+        if self.warmup_epochs is not None and (isinstance(self.warmup_epochs, bool) or
+                                               not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0):
+            raise ValueError(f"warmup_epochs must be None (automatic) or an integer >= 0, got {self.warmup_epochs!r}")
         if isinstance(self.ce_weight, bool) or not isinstance(self.ce_weight, (int, float)) or \
                 not math.isfinite(self.ce_weight) or self.ce_weight < 0:
             raise ValueError(f"ce_weight must be a finite number >= 0, got {self.ce_weight!r}")
@@ -569,6 +575,8 @@ class PreferDiffConfig(DreamRecConfig):
     """
 
     model: str = "preferdiff"
+    embedding_warmup: str = "none"  # PreferDiff's published training: its own loss from the start
+    ce_weight: float = 0.0
     hidden: int = 3072
     heads: int = 2
     detach_target: bool = False
@@ -873,7 +881,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     batches = data.batches("train", config.batch_size, shuffle=True, seed=config.seed, max_len=config.max_len)
 
     start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
-    elapsed_before = 0.0
+    elapsed_before, saved_warmup = 0.0, None
     if resume and os.path.exists(run.file("last.pt")):
         state = load_checkpoint(run.file("last.pt"))
         saved = {k: v for k, v in state.get("config", {}).items()
@@ -890,6 +898,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
         model.load_state_dict(state["recommender"]["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
+        saved_warmup = state.get("warmup")
         start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state.get("elapsed", 0.0)
         if main:
             run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
@@ -919,6 +928,49 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
 
     preferdiff = isinstance(model, PreferDiff)
     warmup = config.embedding_warmup == "ce" and config.init is None  # an --init model is already trained
+    # The warm start's state, kept in last.pt: whether it is over, its epochs, and (automatic length) the
+    # best validation HR@20 of the cross-entropy model's own scores, its weights and the epochs since.
+    phase = saved_warmup or {"done": not warmup or config.warmup_epochs == 0, "epochs": 0, "best": -1.0,
+                             "since": 0, "weights": None}
+    info = {"epochs": phase["epochs"], "valid_hr@20": phase["best"] if phase["best"] >= 0 else None}
+
+    def warm_validation() -> float:
+        """Validation HR@20 of the warm-started encoder's own scores (the guidance against every item)."""
+        from .seqdata import evaluate_sequences
+
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                m = evaluate_sequences(lambda hist, lengths, seq: model.item_scores(model.encode(hist, lengths)).float(),
+                                       data, ("valid",), ks=(20,), batch_size=config.eval_batch_size,
+                                       exclude_history=config.exclude_history, max_len=model.max_len)
+        finally:
+            model.train(was)
+        return float(m["valid"]["hr@20"])
+
+    def end_warm_epoch(epoch: int) -> None:
+        phase["epochs"] = epoch
+        if config.warmup_epochs is not None:
+            phase["done"] = epoch >= config.warmup_epochs
+        else:
+            value = warm_validation()
+            if value > phase["best"]:
+                phase.update(best=value, since=0,
+                             weights={k: v.detach().clone() for k, v in model.state_dict().items()})
+            else:
+                phase["since"] += 1
+            spent = time.perf_counter() - t_start + elapsed_before
+            limit = epoch >= config.epochs // 2 or (config.time_budget is not None and spent >= config.time_budget / 2)
+            if world > 1:  # one decision for every rank (their clocks differ; the validation is the same)
+                limit = float(dist.all_reduce_sum(torch.tensor([float(limit)], dtype=torch.float64))[0]) > 0
+            if phase["since"] >= WARMUP_PATIENCE or limit:
+                model.load_state_dict(phase["weights"])  # the best cross-entropy model goes on
+                phase.update(done=True, weights=None)
+        info.update(epochs=phase["epochs"], **{"valid_hr@20": phase["best"] if phase["best"] >= 0 else None})
+        if phase["done"] and main:
+            log.info("warm start over after %d epochs (cross-entropy model's validation HR@20: %s)",
+                     phase["epochs"], info["valid_hr@20"])
 
     def train_epoch(epoch: int) -> float:
         model.train()
@@ -928,13 +980,14 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
 
             torch.manual_seed(_rank_seed(config.seed, epoch, dist.rank()))
         total, n = 0.0, 0
+        warm = not phase["done"]
         for history, lengths, targets, _ in batches:
             B = targets.numel()
             rows, batch_targets = None, targets.to(device)
             if world > 1:
                 lo, hi = dist.shard_range(B)
                 history, lengths, targets, rows = history[lo:hi], lengths[lo:hi], targets[lo:hi], (lo, B)
-            if warmup and epoch <= config.warmup_epochs:
+            if warm:
                 per_row = ce_loss(rec, history.to(device), lengths.to(device), targets.to(device), rows)
             elif preferdiff:
                 per_row = preferdiff_loss(rec, history.to(device), lengths.to(device), targets.to(device),
@@ -950,15 +1003,19 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             total += float(dist.all_reduce_sum(per_row.detach().sum().double().reshape(1))[0]) / B \
                 if world > 1 else float(loss.detach())
             n += 1
+        if warm:
+            end_warm_epoch(epoch)
         return total / max(1, n)
 
     task = EpochTask(train_epoch=train_epoch, evaluate=evaluate, checkpoint=lambda e, b: checkpoint_state(e),
-                     resume_state=lambda: {"optimizer": optimizer.state_dict(), "rng": rng_state(generator)})
+                     resume_state=lambda: {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+                                           "warmup": dict(phase)})
     return run_epochs(run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
                       time_budget=config.time_budget, progress=config.progress, selection=SEQ_SELECTION,
                       start_epoch=start_epoch, best=best, t_start=t_start, elapsed_before=elapsed_before,
                       stops=stops, init_competes=config.init is not None,
-                      summary_extra={"data": {"source": config.data, "fingerprint": fingerprint,
+                      summary_extra={"warmup": info,
+                                     "data": {"source": config.data, "fingerprint": fingerprint,
                                               "n_sequences": data.n_sequences, "n_items": data.n_items},
                                      "world_size": world})
 
@@ -977,4 +1034,4 @@ def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision
 
 __all__ = ["SeqRecommender", "DreamRecConfig", "PreferDiffConfig", "pretrain_dreamrec", "evaluate_dreamrec",
            "dreamrec_loss", "ce_loss", "prediction_ce", "preferdiff_loss", "preferdiff_denoising_loss", "preference_term", "reconstruction_error",
-           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "WARMUPS", "SEQ_SELECTION", "SEQ_KS"]
+           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "WARMUPS", "WARMUP_PATIENCE", "SEQ_SELECTION", "SEQ_KS"]

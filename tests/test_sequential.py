@@ -15,7 +15,8 @@ from refit.sequential import DreamRecConfig, evaluate_dreamrec, load_seq_recomme
 
 DATA = {"n_users": 120, "n_items": 60, "mean_length": 12, "seed": 3}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(data="synthetic-seq", data_options=DATA, hidden=16, steps=20, batch_size=64, eval_every=2,
+# DreamRec's own loss (no warm start, no cross-entropy term; tests/test_warmup.py covers those)
+SMALL = dict(embedding_warmup="none", ce_weight=0.0, data="synthetic-seq", data_options=DATA, hidden=16, steps=20, batch_size=64, eval_every=2,
              eval_batch_size=64, progress=False)
 
 

@@ -111,7 +111,7 @@ def test_warmup_epochs_train_the_encoder_and_items_only_then_the_diffusion_loss(
 def test_the_warm_start_begins_from_unit_norm_item_embeddings(tmp_path, data):
     cfg = dict(SMALL, hidden=64, epochs=1, lr=1e-12)  # a step too small to move the table measurably
     pretrain_dreamrec(DreamRecConfig(**cfg, embedding_warmup="ce", out=str(tmp_path / "ce")), data)
-    pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "plain")), data)
+    pretrain_dreamrec(DreamRecConfig(**cfg, embedding_warmup="none", out=str(tmp_path / "plain")), data)
     ce = _state(str(tmp_path / "ce"))["item_embeddings.weight"][:-1]
     plain = _state(str(tmp_path / "plain"))["item_embeddings.weight"][:-1]
     assert 0.8 < float(ce.norm(dim=1).mean()) < 1.2  # N(0, 1/D) entries
@@ -131,21 +131,89 @@ def test_resume_across_the_phase_boundary_is_exact(tmp_path, data):
                           resume=True)
 
 
-def test_no_warmup_is_the_plain_run(tmp_path, data):
-    """warmup_epochs 0 with "ce" trains as "none" does, but for the item table's start."""
-    cfg = dict(SMALL, epochs=2)
-    pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "a")), data)
+def test_resume_inside_the_automatic_warm_start_is_exact(tmp_path, data, monkeypatch):
+    """A run stopped (SIGTERM) after its first warm epoch and resumed ends with the weights of one never
+    stopped: the warm start's best value, best weights and count are in last.pt."""
+    import signal
+
+    import refit.seqdata as seqdata
+
+    cfg = dict(SMALL, epochs=8)
+    full = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "full")), data)
+    assert full["warmup"]["epochs"] >= 2  # the stop below falls inside the warm start
+    real = seqdata.evaluate_sequences
+    calls = []
+
+    def stop_after_the_first(score_fn, data_, splits, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # read by the run's StopRequests after the epoch
+        return real(score_fn, data_, splits, **kw)
+
+    monkeypatch.setattr(seqdata, "evaluate_sequences", stop_after_the_first)
+    part = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")), data)
+    assert part["status"] == "stopped" and part["epochs_run"] == 1
+    monkeypatch.setattr(seqdata, "evaluate_sequences", real)
+    again = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")), data, resume=True)
+    assert again["warmup"] == full["warmup"]
+    a, b = _state(str(tmp_path / "full")), _state(str(tmp_path / "part"))
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+def test_warmup_epochs_mean_nothing_without_the_warm_start(tmp_path, data):
+    cfg = dict(SMALL, epochs=2, ce_weight=0.0)
+    pretrain_dreamrec(DreamRecConfig(**cfg, embedding_warmup="none", out=str(tmp_path / "a")), data)
     pretrain_dreamrec(DreamRecConfig(**cfg, embedding_warmup="none", warmup_epochs=7, out=str(tmp_path / "b")),
                       data)
     a, b = _state(str(tmp_path / "a")), _state(str(tmp_path / "b"))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
+def test_the_automatic_warm_start_ends_on_its_own_validation(tmp_path, data, monkeypatch):
+    """warmup_epochs None: after each warm epoch the cross-entropy model's validation HR@20 is measured;
+    the warm start ends WARMUP_PATIENCE epochs after its best (whose weights go on) or at half the
+    epochs. The values the run records are those of the rule replayed on its own measurements."""
+    import refit.seqdata as seqdata
+
+    measured = []
+    real = seqdata.evaluate_sequences
+
+    def spy(score_fn, data_, splits, **kw):
+        out = real(score_fn, data_, splits, **kw)
+        if tuple(splits) == ("valid",) and kw.get("ks") == (20,):
+            measured.append(out["valid"]["hr@20"])
+        return out
+
+    monkeypatch.setattr(seqdata, "evaluate_sequences", spy)
+    s = pretrain_dreamrec(DreamRecConfig(**SMALL, epochs=16, out=str(tmp_path / "run")), data)
+    from refit.sequential import WARMUP_PATIENCE
+
+    n = s["warmup"]["epochs"]
+    assert 1 <= n <= 8 and len(measured) == n
+    best = max(range(n), key=lambda i: (measured[i], -i))  # the first best
+    assert s["warmup"]["valid_hr@20"] == measured[best]
+    assert n == 8 or n - 1 - best == WARMUP_PATIENCE  # ended by its patience, or by half of the 16 epochs
+
+
+def test_the_default_recipe_learns_and_beats_most_popular(tmp_path):
+    from refit.seqbaselines import most_popular_metrics
+
+    opts = {"n_users": 120, "n_items": 60, "mean_length": 12, "seed": 3}
+    data = load_dataset("synthetic-seq", **opts)
+    cfg = DreamRecConfig(data="synthetic-seq", data_options=opts, hidden=16, steps=20, batch_size=64, eval_every=2,
+                         eval_batch_size=256, progress=False, epochs=12, lr=5e-3, out=str(tmp_path / "run"))
+    assert cfg.embedding_warmup == "ce" and cfg.ce_weight == 1.0 and cfg.warmup_epochs is None
+    s = pretrain_dreamrec(cfg, data)
+    assert 1 <= s["warmup"]["epochs"] <= 6  # half of the 12 at most
+    assert s["valid"]["hr@20"] > most_popular_metrics(data)["valid"]["hr@20"]
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"embedding_warmup": "mse"}, "embedding_warmup must be one of"),
-    ({"warmup_epochs": -1}, "warmup_epochs must be an integer >= 0"),
-    ({"warmup_epochs": 1.5}, "warmup_epochs must be an integer >= 0"),
-    ({"warmup_epochs": True}, "warmup_epochs must be an integer >= 0"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be None \\(automatic\\) or an integer >= 0"),
+    ({"warmup_epochs": 1.5}, "warmup_epochs must be None"),
+    ({"warmup_epochs": True}, "warmup_epochs must be None"),
     ({"ce_weight": -0.1}, "ce_weight must be a finite number >= 0"),
     ({"ce_weight": float("nan")}, "ce_weight must be a finite number >= 0"),
 ])
