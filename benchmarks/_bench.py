@@ -15,8 +15,35 @@ import torch
 
 QUICK = os.environ.get("REFIT_BENCH_QUICK", "") not in ("", "0")
 
-# group -> {"floor_s": float, "impls": {name: median seconds}}
-RESULTS = defaultdict(lambda: {"floor_s": None, "note": "", "impls": {}})
+# group -> {"floor_s": float, "impls": {name: median seconds}, "ratios": {label: (q1, median, q3)}}
+RESULTS = defaultdict(lambda: {"floor_s": None, "note": "", "impls": {}, "ratios": {}})
+
+
+def paired_ratios(fn, ref, rounds):
+    """Times of ``fn`` over times of ``ref`` from calls made in pairs, the order alternating.
+
+    On a shared machine a disturbance (another process, a cold cache) lasts
+    many calls; the two calls of one pair see the same state, so their ratio
+    holds where separate medians of each do not. Returns the per-pair ratios.
+    """
+    fn(), ref()
+    ratios = []
+    for r in range(rounds):
+        first, second = (fn, ref) if r % 2 == 0 else (ref, fn)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        t_fn, t_ref = (t1 - t0, t2 - t1) if r % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(t_fn / t_ref)
+    return ratios
+
+
+def record_ratio(group, label, ratios):
+    """Stores the quartiles of per-pair ratios (see paired_ratios) for the summary table."""
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    RESULTS[group]["ratios"][label] = (q1, med, q3)
 
 
 def median_time(fn, repeat=15):
@@ -78,18 +105,12 @@ def write_summary(terminalreporter):
             tr.write_line("".join(cols))
         if floor:
             tr.write_line(f"  {'hardware floor':<22}{floor * 1e3:>11.2f}")
+        for label, (q1, med, q3) in entry["ratios"].items():
+            tr.write_line(f"  {label}, paired calls: median {med:.2f}x (quartiles {q1:.2f} .. {q3:.2f})")
         base = entry.get("baseline")
         if base in impls:
             tr.write_line(f"  speed-up over {base}: " + ", ".join(
                 f"{name} {impls[base] / t:.1f}x" for name, t in impls.items() if name != base))
-
-
-def shared_dataset(name: str = "ml-1m_clean"):
-    """Path of a data set in ../shared/data (or $REFIT_DATA), or None when it is absent."""
-    root = os.environ.get("REFIT_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                                        "shared", "data")
-    path = os.path.join(root, name)
-    return path if os.path.isdir(path) else None
 
 
 def shared_data(name: str = "ml-1m_clean"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from _bench import QUICK, record, shared_dataset
+from _bench import QUICK, record, shared_data
 
 _CACHE = {}
 
@@ -26,7 +26,7 @@ def dataset():
         if QUICK:
             _CACHE["data"], _CACHE["name"] = load_dataset("synthetic"), "synthetic"
         else:
-            path = shared_dataset()
+            path = shared_data()
             if path is None:
                 pytest.skip("the ML-1M split is not in ../shared/data (or $REFIT_DATA)")
             _CACHE["data"], _CACHE["name"] = load_dataset(path), "ml-1m"

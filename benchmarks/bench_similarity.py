@@ -12,7 +12,7 @@ quadratic in the number of users).
 import pytest
 import torch
 
-from _bench import QUICK, record, shared_dataset
+from _bench import QUICK, record, shared_data
 
 _CACHE = {}
 
@@ -24,7 +24,7 @@ def train_matrix():
         if QUICK:
             _CACHE["A"], _CACHE["name"] = load_dataset("synthetic").train, "synthetic"
         else:
-            path = shared_dataset()
+            path = shared_data()
             if path is None:
                 pytest.skip("the ML-1M split is not in ../shared/data (or $REFIT_DATA)")
             _CACHE["A"], _CACHE["name"] = load_dataset(path).train, "ml-1m"

