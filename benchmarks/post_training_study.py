@@ -74,11 +74,11 @@ def _pretrained_metrics(checkpoint):
     return {"valid": s["valid"], "test": s["test"], "seconds": s.get("seconds")}
 
 
-def _model_family(checkpoint):
+def _load(checkpoint):
     sys.path.insert(0, ROOT)
     from refit.runs import load_checkpoint
 
-    return load_checkpoint(checkpoint)["recommender"]["model"]["name"]
+    return load_checkpoint(checkpoint)
 
 
 def _write_json(a, results, *, finished):
@@ -108,33 +108,31 @@ def run_seed(seed, a, out):
     # Continued pretraining for the wall time ReFiT's whole run took (its set-up included).
     folder = os.path.join(out, f"continued-s{seed}")
     # The checkpoint's own model and data, read with the options it was trained on.
-    cont = ["pretrain", "--model", _model_family(ckpt), *(["--data", a.data] if a.data else _data_flags(ckpt)),
+    state = _load(ckpt)
+    cont = ["pretrain", "--model", state["recommender"]["model"]["name"],
+            *(["--data", a.data] if a.data else _data_flags(state, ckpt)),
             "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
             "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res[a.arm]['seconds']:.1f}",
-            "--out", folder, "--overwrite", *_loss_flags(ckpt), *shlex.split(a.pretrain)]
+            "--out", folder, "--overwrite", *_loss_flags(state), *shlex.split(a.pretrain)]
+    del state
     wall_c = _run(refit + cont, folder + ".log")
     res["continued"] = {**_summary(folder), "wall_s": wall_c}
     return seed, res
 
 
-def _loss_flags(ckpt):
-    """``refit pretrain``'s flags that continue a sequential checkpoint with the loss it was trained with:
-    its ``ce_weight`` (0 for one written before the flag existed); none for the other families."""
-    sys.path.insert(0, ROOT)
-    from refit.runs import load_checkpoint
-
-    state = load_checkpoint(ckpt)
+def _loss_flags(state):
+    """``refit pretrain``'s flags that continue a sequential checkpoint (its loaded ``state``) with the loss
+    it was trained with: its ``ce_weight`` (0 for one written before the flag existed); none for the other
+    families."""
     if state["recommender"]["model"]["name"] != "dreamrec":
         return []
     return ["--ce-weight", repr(float(state.get("config", {}).get("ce_weight", 0.0)))]
 
 
-def _data_flags(ckpt):
-    """``refit pretrain``'s data flags for the data a checkpoint was trained on."""
-    sys.path.insert(0, ROOT)
-    from refit.runs import load_checkpoint
-
-    data = load_checkpoint(ckpt)["data"]
+def _data_flags(state, ckpt):
+    """``refit pretrain``'s data flags for the data a checkpoint (its loaded ``state``, read from the
+    file ``ckpt``) was trained on."""
+    data = state["data"]
     options = dict(data.get("options") or {})
     flags = ["--data", data["source"]]
     if "min_rating" in options:

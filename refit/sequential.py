@@ -688,11 +688,9 @@ def ce_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, t
     with every item embedding. The warm start of ``embedding_warmup="ce"``: it shapes the item table
     and the encoder for ranking before the diffusion loss, which alone can lower itself by drawing the
     item embeddings together. ``rows`` is accepted for a slice of a global batch (no draw is made)."""
-    model = rec.model
     with autocast(rec.precision, rec.device):
-        h = model.encode(history, lengths)
-        scores = model.item_scores(h)
-    return F.cross_entropy(scores.float(), targets, reduction="none")
+        h = rec.model.encode(history, lengths)
+    return prediction_ce(rec, h, targets)
 
 
 def reconstruction_error(pred: torch.Tensor, x0: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

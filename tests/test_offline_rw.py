@@ -248,8 +248,10 @@ def test_the_study_continues_pretraining_on_the_checkpoints_own_data(pretrained)
         "post_training_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "post_training_study.py"))
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    assert study._data_flags(checkpoint) == ["--data", path, "--min-rating", "none"]
-    assert study._model_family(checkpoint) == "diffrec"
+    state = study._load(checkpoint)
+    assert study._data_flags(state, checkpoint) == ["--data", path, "--min-rating", "none"]
+    assert state["recommender"]["model"]["name"] == "diffrec"
+    assert study._loss_flags(state) == []  # --ce-weight is a sequential model's flag
 
 
 def _rated_data():
