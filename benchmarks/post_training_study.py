@@ -123,10 +123,13 @@ def run_seed(seed, a, out):
 def _loss_flags(state):
     """``refit pretrain``'s flags that continue a sequential checkpoint (its loaded ``state``) with the loss
     it was trained with: its ``ce_weight`` (0 for one written before the flag existed); none for the other
-    families."""
+    families. The continued model recommends with the checkpoint's guidance weight."""
     if state["recommender"]["model"]["name"] != "dreamrec":
         return []
-    return ["--ce-weight", repr(float(state.get("config", {}).get("ce_weight", 0.0)))]
+    # and recommends as the checkpoint does (its inference w, which may have been chosen on validation),
+    # as the fine-tuned arms do: the guidance weight is no part of the pretraining loss.
+    return ["--ce-weight", repr(float(state.get("config", {}).get("ce_weight", 0.0))),
+            "--w", repr(float(state["recommender"]["inference"]["w"])), "--w-grid", "none"]
 
 
 def _data_flags(state, ckpt):

@@ -58,6 +58,22 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
+def _w_grid(text: str):
+    """--w-grid: comma-separated guidance weights >= 0, or "none"."""
+    if text.strip().lower() == "none":
+        return None
+    values = []
+    for part in text.split(","):
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers or 'none', got {text!r}") from None
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"expected guidance weights >= 0, got {part.strip()!r}")
+        values.append(v)
+    return tuple(values)
+
+
 def _finite_float(text: str, alternative: str = "") -> float:
     """A finite number; ``alternative`` (e.g. " or 'none'") names what else the flag takes, for the error."""
     try:
@@ -215,6 +231,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="the target item's embedding is a constant of the loss (DreamRec's and PreferDiff's code "
                         "train it too); " + seq("detach_target"))
     g.add_argument("--w", type=_finite_float, default=None, help="classifier-free guidance weight; " + seq("w"))
+    g.add_argument("--w-grid", type=_w_grid, default=q.w_grid, metavar="W,W,...|none",
+                   help="after training, recommend with the guidance weight among these (and --w) that scores "
+                        "the best validation HR@20; none: with --w (default: "
+                        + ",".join(f"{w:g}" for w in q.w_grid) + ")")
     g.add_argument("--eval-steps", type=_positive_int, default=None,
                    help="recommend with this many respaced reverse steps; default: all T (dreamrec), "
                         f"{pd.eval_steps} (preferdiff)")
@@ -346,7 +366,7 @@ def cmd_pretrain(args) -> int:
                        beta_start=args.beta_start, beta_end=args.beta_end, exclude_history=args.exclude_history,
                        eval_steps=args.eval_steps, eval_eta=args.eval_eta,
                        embedding_warmup=args.embedding_warmup, warmup_epochs=args.warmup_epochs,
-                       ce_weight=args.ce_weight)
+                       ce_weight=args.ce_weight, w_grid=args.w_grid)
             if args.model == "preferdiff":
                 seq.update(lamda=args.lamda, gamma=args.gamma, reconstruction=args.reconstruction,
                            pairing=args.pairing, negatives=args.negatives)
@@ -374,6 +394,10 @@ def cmd_pretrain(args) -> int:
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']} run; stopped by: {reason}; "
           f"{summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MiB")
     metrics = ("hr", "ndcg", "mrr") if args.model in _SEQ_MODELS else ("recall", "ndcg", "precision", "mrr")
+    if "guidance" in summary:
+        g = summary["guidance"]
+        print(f"guidance weight {g['w']:g}, chosen on validation (trained with {g['trained_w']:g}): "
+              + ", ".join(f"w {w}: {v:.4f}" for w, v in g[f"valid_{summary['selection'].split()[-1]}"].items()))
     print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks, metrics))
     _print_resume(summary, out)
     return _stop_code(summary)

@@ -60,6 +60,8 @@ WARMUPS = ("none", "ce")
 #: validation HR@20 of the cross-entropy model's own scores (its best weights go on), or at half the
 #: run's epochs or time budget; see docs/models.md.
 WARMUP_PATIENCE = 2
+#: The guidance weights a sequential run chooses among after training (``w_grid``), on validation.
+W_GRID = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 #: The networks a sequential checkpoint can hold (its ``model.network`` entry; absent: DreamRec).
 NETWORKS = {"dreamrec": DreamRec, "preferdiff": PreferDiff}
@@ -427,6 +429,28 @@ def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid
                               max_len=rec.model.max_len, progress=progress, protocol=protocol, backend=backend)
 
 
+def select_guidance(rec: SeqRecommender, data, grid: Sequence[float], *, batch_size: int = 2048,
+                    exclude_history: Optional[bool] = None, seed: int = 0) -> Tuple[float, Dict[float, float]]:
+    """The guidance weight of ``grid`` whose recommendations score the best validation ``SEQ_SELECTION``,
+    and that metric for each weight.
+
+    Ties go to ``rec.w`` (the weight the network trained with), then to the
+    smallest weight. ``rec.w`` is left as it was; the evaluation is
+    :func:`evaluate_dreamrec`'s, with its seed.
+    """
+    trained, values = rec.w, {}
+    try:
+        for w in grid:
+            rec.w = float(w)
+            m = evaluate_dreamrec(rec, data, ("valid",), ks=(int(SEQ_SELECTION.split("@")[1]),),
+                                  batch_size=batch_size, exclude_history=exclude_history, seed=seed)
+            values[float(w)] = float(m["valid"][SEQ_SELECTION])
+    finally:
+        rec.w = trained
+    order = sorted(values)
+    return max(order, key=lambda w: (values[w], w == trained)), values
+
+
 # --- pretraining ---------------------------------------------------------------------------------
 
 @dataclass
@@ -477,6 +501,11 @@ class DreamRecConfig:
     # After the warm start, the same cross-entropy on the denoiser's x0 prediction (its inner products
     # with every item), added with this weight to the network's loss (ADRec trains with both).
     ce_weight: float = 1.0
+    # The guidance weights recommending may use: after a finished run, the selected model (best.pt)
+    # recommends the validation split with each, and the best ``SEQ_SELECTION`` keeps its weight in the
+    # checkpoint (its inference w) and in the summary's metrics. ``w`` itself, with which the network
+    # trained, is always among them. None: recommend with ``w``.
+    w_grid: Optional[Tuple[float, ...]] = W_GRID
 
     #: The network this configuration trains.
     network_class: ClassVar[type] = DreamRec
@@ -516,6 +545,12 @@ class DreamRecConfig:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.lr <= 0 or self.weight_decay < 0 or self.w < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0 and w >= 0, got {self.lr}, {self.weight_decay}, {self.w}")
+        if self.w_grid is not None:
+            grid = list(self.w_grid) if isinstance(self.w_grid, (tuple, list)) else []
+            if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                               for v in grid):
+                raise ValueError(f"w_grid must be None or a non-empty list of finite numbers >= 0, got {self.w_grid!r}")
+            self.w_grid = tuple(sorted({float(v) for v in grid} | {float(self.w)}))
         self.ks = tuple(sorted(int(k) for k in self.ks))
         if 20 not in self.ks:
             raise ValueError(f"ks must include 20 (model selection uses {SEQ_SELECTION}), got {self.ks}")
@@ -1008,7 +1043,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     task = EpochTask(train_epoch=train_epoch, evaluate=evaluate, checkpoint=lambda e, b: checkpoint_state(e),
                      resume_state=lambda: {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
                                            "warmup": dict(phase)})
-    return run_epochs(run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
+    summary = run_epochs(run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
                       time_budget=config.time_budget, progress=config.progress, selection=SEQ_SELECTION,
                       start_epoch=start_epoch, best=best, t_start=t_start, elapsed_before=elapsed_before,
                       stops=stops, init_competes=config.init is not None,
@@ -1016,6 +1051,41 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
                                      "data": {"source": config.data, "fingerprint": fingerprint,
                                               "n_sequences": data.n_sequences, "n_items": data.n_items},
                                      "world_size": world})
+    if config.w_grid is not None and summary["status"] == "finished" and best["valid"] is not None:
+        summary = _choose_guidance(config, rec, data, run, best, summary, evaluate, main)
+    return summary
+
+
+def _choose_guidance(config: DreamRecConfig, rec: SeqRecommender, data, run, best: Dict[str, Any],
+                     summary: Dict[str, Any], evaluate, main: bool) -> Dict[str, Any]:
+    """After a finished run: the selected model (best.pt) recommends with the ``config.w_grid`` weight that
+    validation favours (:func:`select_guidance`). best.pt's inference w and the summary's metrics become
+    that weight's; the summary records each weight's validation metric under ``guidance``. last.pt keeps
+    the training state as it was, so a resumed run compares its epochs as before."""
+    path = run.file("best.pt")
+    state = load_checkpoint(path)
+    rec.model.load_state_dict(state["recommender"]["model"]["state_dict"])
+    t0 = time.perf_counter()
+    w, values = select_guidance(rec, data, config.w_grid, batch_size=config.eval_batch_size,
+                                exclude_history=config.exclude_history, seed=config.seed)
+    if w != rec.w:
+        rec.w = w
+        metrics = evaluate()
+        best.update(valid=metrics["valid"], test=metrics["test"], value=metrics["valid"][SEQ_SELECTION])
+        state["recommender"]["inference"]["w"] = w
+        state["best"] = dict(best)
+        if main:
+            save_checkpoint(path, state)
+    summary = {**summary, "valid": best["valid"], "test": best["test"],
+               "guidance": {"w": w, "trained_w": config.w,
+                            f"valid_{SEQ_SELECTION}": {f"{k:g}": v for k, v in values.items()},
+                            "seconds": round(time.perf_counter() - t0, 2)}}
+    if main:
+        run.write_json("summary.json", summary)
+        log.info("guidance weight %g chosen on validation (%s %s; trained with %g)", w, SEQ_SELECTION,
+                 ", ".join(f"w {k:g}: {v:.4f}" for k, v in values.items()), config.w)
+    dist.barrier()
+    return summary
 
 
 def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,
@@ -1032,4 +1102,5 @@ def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision
 
 __all__ = ["SeqRecommender", "DreamRecConfig", "PreferDiffConfig", "pretrain_dreamrec", "evaluate_dreamrec",
            "dreamrec_loss", "ce_loss", "prediction_ce", "preferdiff_loss", "preferdiff_denoising_loss", "preference_term", "reconstruction_error",
-           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "WARMUPS", "WARMUP_PATIENCE", "SEQ_SELECTION", "SEQ_KS"]
+           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "WARMUPS", "WARMUP_PATIENCE", "SEQ_SELECTION", "SEQ_KS",
+           "W_GRID", "select_guidance"]
