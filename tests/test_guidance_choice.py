@@ -129,3 +129,26 @@ def test_the_command_line(tmp_path):
                          ("nan", "guidance weights >= 0")):
         r = refit(*common, "--w-grid", bad, "--out", "c")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_script_for_older_runs_chooses_as_a_run_does(tmp_path):
+    """benchmarks/choose_guidance.py on a run made without the choice gives what the choice at the end of
+    the same run gives, and leaves the source folder alone."""
+    cfg = dict(SMALL, epochs=3, w=2.0)
+    chose = pretrain_dreamrec(DreamRecConfig(**cfg, w_grid=(0.0, 4.0), out=str(tmp_path / "chose")))
+    pretrain_dreamrec(DreamRecConfig(**cfg, w_grid=None, out=str(tmp_path / "old")))
+    before = os.path.getmtime(tmp_path / "old" / "best.pt")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "choose_guidance.py"),
+                        str(tmp_path / "old"), str(tmp_path / "new"), "--w-grid", "0,4"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "new" / "summary.json") as f:
+        new = json.load(f)
+    assert new["guidance"]["w"] == chose["guidance"]["w"]
+    assert new["guidance"][f"valid_{SEQ_SELECTION}"] == chose["guidance"][f"valid_{SEQ_SELECTION}"]
+    assert new["test"] == chose["test"] and new["valid"] == chose["valid"]
+    assert load_checkpoint(str(tmp_path / "new" / "best.pt"))["recommender"]["inference"]["w"] == chose["guidance"]["w"]
+    assert os.path.getmtime(tmp_path / "old" / "best.pt") == before
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "choose_guidance.py"),
+                            str(tmp_path / "old"), str(tmp_path / "new")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a best.pt" in again.stderr
