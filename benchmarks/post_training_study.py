@@ -109,7 +109,8 @@ def run_seed(seed, a, out):
     folder = os.path.join(out, f"continued-s{seed}")
     # The checkpoint's own model and data, read with the options it was trained on.
     state = _load(ckpt)
-    cont = ["pretrain", "--model", state["recommender"]["model"]["name"],
+    model = state["recommender"]["model"]
+    cont = ["pretrain", "--model", model.get("network", model["name"]),
             *(["--data", a.data] if a.data else _data_flags(state, ckpt)),
             "--init", ckpt, "--seed", str(seed), "--epochs", "100000",
             "--eval-every", "1", "--patience", "100000", "--time-budget", f"{res[a.arm]['seconds']:.1f}",
@@ -120,16 +121,31 @@ def run_seed(seed, a, out):
     return seed, res
 
 
+#: ``refit pretrain`` flags of a sequential run's settings that continued pretraining keeps: its network
+#: (which ``--init`` must match), loss, optimiser and sampler.
+_SEQ_FLAGS = ("hidden", "max_len", "dropout", "heads", "diffuser", "p_uncond", "lamda", "gamma", "reconstruction",
+              "pairing", "negatives", "lr", "weight_decay", "batch_size", "steps", "noise_schedule", "beta_start",
+              "beta_end", "eval_steps", "eval_eta", "precision")
+
+
 def _loss_flags(state):
-    """``refit pretrain``'s flags that continue a sequential checkpoint (its loaded ``state``) with the loss
-    it was trained with: its ``ce_weight`` (0 for one written before the flag existed); none for the other
-    families. The continued model recommends with the checkpoint's guidance weight."""
+    """``refit pretrain``'s flags that continue a sequential checkpoint (its loaded ``state``) as it was
+    trained: its network, loss, optimiser and sampler settings (``_SEQ_FLAGS``, those its config holds) and
+    its ``ce_weight`` (0 for one written before the flag existed); none for the other families. The
+    continued model recommends with the checkpoint's guidance weight."""
     if state["recommender"]["model"]["name"] != "dreamrec":
         return []
-    # and recommends as the checkpoint does (its inference w, which may have been chosen on validation),
+    config = state.get("config", {})
+    flags = []
+    for name in _SEQ_FLAGS:
+        if config.get(name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(config[name])]
+    if "detach_target" in config:
+        flags.append("--detach-target" if config["detach_target"] else "--no-detach-target")
+    # It recommends as the checkpoint does (its inference w, which may have been chosen on validation),
     # as the fine-tuned arms do: the guidance weight is no part of the pretraining loss.
-    return ["--ce-weight", repr(float(state.get("config", {}).get("ce_weight", 0.0))),
-            "--w", repr(float(state["recommender"]["inference"]["w"])), "--w-grid", "none"]
+    return flags + ["--ce-weight", repr(float(config.get("ce_weight", 0.0))),
+                    "--w", repr(float(state["recommender"]["inference"]["w"])), "--w-grid", "none"]
 
 
 def _data_flags(state, ckpt):

@@ -478,3 +478,33 @@ def test_cli_pretrains_and_fine_tunes_preferdiff(tmp_path):
         assert ft.returncode == 0, ft.stderr
         summary = json.load(open(tmp_path / ("ft-" + method[1]) / "summary.json"))
         assert summary["status"] == "finished"
+
+
+def test_the_studys_continued_pretraining_continues_a_preferdiff_checkpoint(tmp_path):
+    """benchmarks/post_training_study.py's continued arm: the checkpoint's own network, loss and sampler
+    settings (which --init must match) and its guidance weight, for a run made with non-default ones."""
+    import importlib.util
+
+    pre = subprocess.run([sys.executable, "-m", "refit", "-q", "pretrain", "--model", "preferdiff", "--data",
+                          "synthetic-seq", "--epochs", "1", "--hidden", "16", "--heads", "1", "--steps", "30",
+                          "--eval-steps", "5", "--batch-size", "128", "--lamda", "0.5", "--negatives", "1",
+                          "--detach-target", "--lr", "1e-3", "--w-grid", "0,1", "--out", "run"],
+                         capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
+    assert pre.returncode == 0, pre.stderr
+    spec = importlib.util.spec_from_file_location(
+        "post_training_study", os.path.join(ROOT, "benchmarks", "post_training_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    ckpt = str(tmp_path / "run" / "best.pt")
+    state = study._load(ckpt)
+    w = state["recommender"]["inference"]["w"]
+    flags = study._loss_flags(state)
+    cont = subprocess.run([sys.executable, "-m", "refit", "-q", "pretrain", "--model", "preferdiff",
+                           *study._data_flags(state, ckpt), "--init", ckpt, "--epochs", "1", "--out", "cont", *flags],
+                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
+    assert cont.returncode == 0, cont.stderr
+    config = json.load(open(tmp_path / "cont" / "config.json"))
+    assert (config["hidden"], config["heads"], config["lamda"], config["negatives"], config["detach_target"],
+            config["lr"], config["eval_steps"]) == (16, 1, 0.5, 1, True, 1e-3, 5)
+    assert config["w"] == w and config["w_grid"] is None
+    assert load_checkpoint(str(tmp_path / "cont" / "best.pt"))["recommender"]["inference"]["w"] == w
