@@ -549,7 +549,8 @@ class DreamRecConfig:
             grid = list(self.w_grid) if isinstance(self.w_grid, (tuple, list)) else []
             if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
                                for v in grid):
-                raise ValueError(f"w_grid must be None or a non-empty list of finite numbers >= 0, got {self.w_grid!r}")
+                raise ValueError(f"w_grid must be None or a non-empty list of finite numbers >= 0, "
+                                 f"got {self.w_grid!r}")
             self.w_grid = tuple(sorted({float(v) for v in grid} | {float(self.w)}))
         self.ks = tuple(sorted(int(k) for k in self.ks))
         if 20 not in self.ks:
@@ -1101,6 +1102,6 @@ def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision
 
 
 __all__ = ["SeqRecommender", "DreamRecConfig", "PreferDiffConfig", "pretrain_dreamrec", "evaluate_dreamrec",
-           "dreamrec_loss", "ce_loss", "prediction_ce", "preferdiff_loss", "preferdiff_denoising_loss", "preference_term", "reconstruction_error",
-           "load_seq_recommender", "sequence_fingerprint", "NETWORKS", "WARMUPS", "WARMUP_PATIENCE", "SEQ_SELECTION", "SEQ_KS",
-           "W_GRID", "select_guidance"]
+           "dreamrec_loss", "ce_loss", "prediction_ce", "preferdiff_loss", "preferdiff_denoising_loss",
+           "preference_term", "reconstruction_error", "load_seq_recommender", "sequence_fingerprint", "NETWORKS",
+           "WARMUPS", "WARMUP_PATIENCE", "SEQ_SELECTION", "SEQ_KS", "W_GRID", "select_guidance"]
