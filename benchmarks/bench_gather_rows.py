@@ -32,7 +32,7 @@ import torch
 import refit_kernels as rk
 from refit_kernels import reference
 
-from _bench import QUICK, record, shared_dataset
+from _bench import QUICK, record, shared_data
 
 BATCH, NEIGHBORS = (64, 10) if QUICK else (400, 50)
 
@@ -48,7 +48,7 @@ def problem():
         if QUICK:
             data = load_dataset("synthetic")
         else:
-            path = shared_dataset()
+            path = shared_data()
             if path is None:
                 pytest.skip("the ML-1M split is not in ../shared/data (or $REFIT_DATA)")
             data = load_dataset(path)
