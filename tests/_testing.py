@@ -68,3 +68,25 @@ def tiny_dreamrec(data, seed: int = 0):
     cfg = DreamRecConfig(hidden=8, steps=8, detach_target=True)
     torch.manual_seed(seed)
     return SeqRecommender(DreamRec(**cfg.model_config(data.n_items)), GaussianDiffusion(cfg.diffusion_config()), w=1.0)
+
+
+def sigterm_after_first_evaluation(monkeypatch):
+    """Makes the first ``refit.seqdata.evaluate_sequences`` call of a run send SIGTERM to this process
+    (read by the run's StopRequests after that epoch), so the run stops there as if signalled. Returns the
+    real function, to put back with ``monkeypatch.setattr(seqdata, "evaluate_sequences", real)``."""
+    import os
+    import signal
+
+    import refit.seqdata as seqdata
+
+    real = seqdata.evaluate_sequences
+    calls = []
+
+    def stop_after_the_first(score_fn, data_, splits, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(score_fn, data_, splits, **kw)
+
+    monkeypatch.setattr(seqdata, "evaluate_sequences", stop_after_the_first)
+    return real

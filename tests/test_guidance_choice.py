@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from _testing import TINY_SEQ
+from _testing import TINY_SEQ, sigterm_after_first_evaluation
 from refit import sequential
 from refit.runs import load_checkpoint
 from refit.sequential import (SEQ_SELECTION, W_GRID, DreamRecConfig, evaluate_dreamrec, load_seq_recommender,
@@ -77,22 +77,11 @@ def test_a_finished_run_recommends_with_the_weight_validation_favours(tmp_path):
 def test_a_stopped_run_chooses_when_resumed_to_its_end(tmp_path, monkeypatch):
     """A run stopped by SIGTERM keeps the weight it trained with; resumed to its end, it chooses as a run
     never stopped does."""
-    import signal
-
     import refit.seqdata as seqdata
 
     cfg = dict(SMALL, epochs=3, w=2.0, w_grid=(0.0, 4.0))
     full = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "full")))
-    real = seqdata.evaluate_sequences
-    calls = []
-
-    def stop_after_the_first(score_fn, data_, splits, **kw):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # read by the run's StopRequests after the epoch
-        return real(score_fn, data_, splits, **kw)
-
-    monkeypatch.setattr(seqdata, "evaluate_sequences", stop_after_the_first)
+    real = sigterm_after_first_evaluation(monkeypatch)
     part = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")))
     assert part["status"] == "stopped" and "guidance" not in part
     assert load_checkpoint(str(tmp_path / "part" / "best.pt"))["recommender"]["inference"]["w"] == 2.0

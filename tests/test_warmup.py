@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from _testing import TINY_SEQ
+from _testing import TINY_SEQ, sigterm_after_first_evaluation
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.models.dreamrec import DreamRec
@@ -134,23 +134,12 @@ def test_resume_across_the_phase_boundary_is_exact(tmp_path, data):
 def test_resume_inside_the_automatic_warm_start_is_exact(tmp_path, data, monkeypatch):
     """A run stopped (SIGTERM) after its first warm epoch and resumed ends with the weights of one never
     stopped: the warm start's best value, best weights and count are in last.pt."""
-    import signal
-
     import refit.seqdata as seqdata
 
     cfg = dict(SMALL, epochs=8)
     full = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "full")), data)
     assert full["warmup"]["epochs"] >= 2  # the stop below falls inside the warm start
-    real = seqdata.evaluate_sequences
-    calls = []
-
-    def stop_after_the_first(score_fn, data_, splits, **kw):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # read by the run's StopRequests after the epoch
-        return real(score_fn, data_, splits, **kw)
-
-    monkeypatch.setattr(seqdata, "evaluate_sequences", stop_after_the_first)
+    real = sigterm_after_first_evaluation(monkeypatch)
     part = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")), data)
     assert part["status"] == "stopped" and part["epochs_run"] == 1
     monkeypatch.setattr(seqdata, "evaluate_sequences", real)
