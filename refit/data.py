@@ -349,13 +349,45 @@ def _recbole_ml100k() -> str:
 
 @dataclass
 class _Records:
-    """Interactions in file order: original ids, optional ratings and times, source lines."""
+    """Interactions in file order: original ids, optional ratings and times, source lines.
+
+    The readers store each column in the narrowest dtype that holds its values
+    exactly (int32 ids where they fit, float32 or int32 ratings and times
+    where nothing is lost), so that a file of tens of millions of lines fits
+    in a few hundred megabytes; ``_build`` gives the same result for any of them.
+    """
 
     users: np.ndarray
     items: np.ndarray
     ratings: Optional[np.ndarray]
     times: Optional[np.ndarray]
-    lines: np.ndarray  # 1-based line of each record in its file
+    lines: "np.ndarray | _LineRuns"  # 1-based line of each record in its file: lines[i]
+
+
+class _LineRuns:
+    """The line of each data row, stored as runs of consecutive lines (a new run after a skipped line).
+
+    ``runs[i]`` is the 1-based line of row ``i``. A file with no blank line is
+    one run per parsed piece, so this costs nothing per row.
+    """
+
+    def __init__(self, row_starts: np.ndarray, line_starts: np.ndarray, n_rows: int):
+        self.row_starts, self.line_starts, self.n_rows = row_starts, line_starts, n_rows
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, row: int) -> int:
+        row = int(row)
+        if not 0 <= row < self.n_rows:
+            raise IndexError(row)
+        r = int(np.searchsorted(self.row_starts, row, side="right")) - 1
+        return int(self.line_starts[r]) + row - int(self.row_starts[r])
+
+    def tolist(self) -> List[int]:
+        """Every row's line (n_rows ints: for tests and small files)."""
+        run = np.repeat(np.arange(len(self.row_starts)), np.diff(np.append(self.row_starts, self.n_rows)))
+        return (self.line_starts[run] + np.arange(self.n_rows) - self.row_starts[run]).tolist()
 
 
 # ASCII digits only: ``\d`` would also accept digits of other scripts, which NumPy does not parse.
@@ -488,35 +520,66 @@ def _parse_rows(path: str, rows: List[str], line_no: np.ndarray, sep: str, field
     return table
 
 
-def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_lines: int = 0):
-    """Reads a delimited text table into a structured array, plus each row's line number.
+def _narrow(column: np.ndarray) -> np.ndarray:
+    """``column`` (int64 or float64) in the narrowest of int32 / float32 that holds every value exactly."""
+    if column.size == 0:
+        return column
+    if column.dtype.kind == "i":
+        if np.iinfo(np.int32).min <= column.min() and column.max() <= np.iinfo(np.int32).max:
+            return column.astype(np.int32)
+        return column
+    # times like 978300760 are whole numbers that float32 would round: int32 holds them exactly
+    as_int = column.astype(np.int32) if (np.abs(column) < 2 ** 31).all() else None
+    if as_int is not None and np.array_equal(as_int, column):
+        return as_int
+    as_f32 = column.astype(np.float32)
+    return as_f32 if np.array_equal(as_f32, column) else column
 
-    fields: (name, "int" | "float") per column. Blank (or whitespace-only)
-    lines are skipped. Any malformed line raises DataFormatError with its
-    line number. The file is parsed in pieces of about ``_CHUNK_BYTES``, so
-    memory beyond the result stays bounded.
+
+def _read_table(path: str, sep: str, fields: Sequence[Tuple[str, str]], header_lines: int = 0):
+    """Reads a delimited text table into one array per field, plus each row's line number.
+
+    fields: (name, "int" | "float") per column. Returns ({name: array}, lines):
+    ints in int32 where every value fits (int64 otherwise), floats in int32 or
+    float32 where that loses nothing (float64 otherwise), and a
+    :class:`_LineRuns`. Blank (or whitespace-only) lines are skipped. Any
+    malformed line raises DataFormatError with its line number. The file is
+    parsed in pieces of about ``_CHUNK_BYTES``, so memory beyond the result
+    stays bounded.
     """
     dtype = np.dtype([(name, np.int64 if kind == "int" else np.float64) for name, kind in fields])
-    tables, numbers = [], []
+    columns: Dict[str, list] = {name: [] for name, _ in fields}
+    row_starts, line_starts, n_rows = [], [], 0
     for first_line, text in _text_chunks(path, _CHUNK_BYTES):
         lines = text.split("\n")
         if text.endswith("\n"):
             lines.pop()  # the empty string after the piece's last newline is not a line
         skip = max(0, header_lines - (first_line - 1))
-        kept = [i for i in range(skip, len(lines)) if lines[i].strip()]
-        if not kept:
+        kept = np.asarray([i for i in range(skip, len(lines)) if lines[i].strip()], dtype=np.int64)
+        if not len(kept):
             continue
-        rows = [lines[i] for i in kept]
+        rows = [lines[i] for i in kept.tolist()]
         del lines
-        line_no = np.asarray(kept, dtype=np.int64) + first_line
-        tables.append(_parse_rows(path, rows, line_no, sep, fields, dtype))
-        numbers.append(line_no)
-    if not tables:
+        line_no = kept + first_line
+        table = _parse_rows(path, rows, line_no, sep, fields, dtype)
+        del rows
+        for name, _ in fields:
+            columns[name].append(_narrow(table[name]))
+        del table
+        # a run of consecutive lines starts at the piece's first row and after every skipped line
+        breaks = np.concatenate([[0], np.flatnonzero(np.diff(line_no) != 1) + 1])
+        row_starts.append(breaks + n_rows)
+        line_starts.append(line_no[breaks])
+        n_rows += len(line_no)
+    if not n_rows:
         raise DataFormatError(path, None, "the file has no data rows" + (" (only a header)" if header_lines else
                                                                           " (it is empty)"))
-    if len(tables) == 1:
-        return tables[0], numbers[0]
-    return np.concatenate(tables), np.concatenate(numbers)
+    out = {}
+    for name in list(columns):
+        pieces = columns.pop(name)  # one column at a time, so only one is ever held twice
+        out[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        del pieces
+    return out, _LineRuns(np.concatenate(row_starts), np.concatenate(line_starts), n_rows)
 
 
 _RECBOLE_KINDS = {"user_id": "int", "item_id": "int", "rating": "float", "timestamp": "float"}
@@ -636,97 +699,157 @@ def _fractions(split: Sequence[float]) -> Tuple[float, float, float]:
     return tuple(float(f) / total for f in split)  # type: ignore[return-value]
 
 
-def _split_positions(user: np.ndarray, key: np.ndarray, fractions, n_users: int) -> np.ndarray:
-    """0 / 1 / 2 (train / valid / test) per interaction, by its rank in its user's order of key.
+def _dense_codes(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct ids as int64, each id's index among them as int32): ``np.unique`` with its inverse.
+
+    Ids within a range of a few times their count (every real id space) are
+    coded through a lookup table in linear time, without sorting N values.
+    """
+    if ids.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    low, high = int(ids.min()), int(ids.max())
+    if high - low < max(4 * ids.size, 1 << 20):
+        present = np.zeros(high - low + 1, dtype=bool)
+        present[ids - low] = True
+        lookup = np.cumsum(present, dtype=np.int32) - 1
+        codes = lookup[ids - low]
+        return np.flatnonzero(present).astype(np.int64) + low, codes
+    distinct, codes = np.unique(ids, return_inverse=True)
+    return distinct.astype(np.int64), codes.reshape(-1).astype(np.int32)
+
+
+def _recode(codes: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Codes into ``used``'s True positions renumbered 0.. in order (for codes that are all used)."""
+    return (np.cumsum(used, dtype=np.int32) - 1)[codes]
+
+
+def _latest_per_pair(u: np.ndarray, i: np.ndarray, n_items: int, order_key: Optional[np.ndarray]
+                     ) -> Optional[np.ndarray]:
+    """Mask of the latest record (by time, then file order) of each (user, item) pair; None if all are distinct."""
+    pair = u.astype(np.int64) * n_items + i
+    pair.sort()  # sorted in place: only its equal neighbours matter here
+    if not (pair[1:] == pair[:-1]).any():
+        return None
+    del pair
+    pair = u.astype(np.int64) * n_items + i
+    n = len(pair)
+    chrono = np.arange(n) if order_key is None else np.argsort(order_key, kind="stable")
+    latest = chrono[::-1]
+    _, first = np.unique(pair[latest], return_index=True)
+    keep = np.zeros(n, dtype=bool)
+    keep[latest[first]] = True
+    return keep
+
+
+def _split_csr(u: np.ndarray, i: np.ndarray, values: Optional[np.ndarray], key: np.ndarray, fractions,
+               n_users: int, n_items: int):
+    """Train / valid / test matrices of distinct (u, i) pairs, each user's split by its order of ``key``.
 
     A user with n interactions gets round(f_train * n) train ones and
     round((f_train + f_valid) * n) train + valid ones (halves round up): the
-    earliest to train, the latest to test.
+    earliest to train, the latest to test; equal keys keep the array order.
+    Returns ([binary CSR] * 3, [CSR of ``values``] * 3 or Nones).
     """
-    order = np.lexsort((key, user))
-    counts = np.bincount(user, minlength=n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(len(user), dtype=np.int64)
-    rank[order] = np.arange(len(user)) - starts[user[order]]
-    n = counts[user]
-    cut1 = np.floor(fractions[0] * n + 0.5 + 1e-9).astype(np.int64)
-    cut2 = np.floor((fractions[0] + fractions[1]) * n + 0.5 + 1e-9).astype(np.int64)
-    return np.where(rank < cut1, 0, np.where(rank < cut2, 1, 2))
+    order = np.lexsort((key, u))  # by user, then key, then array order
+    i_sorted = i[order]
+    v_sorted = None if values is None else values[order].astype(np.float32)
+    del order
+    counts = np.bincount(u, minlength=n_users)
+    cut1 = np.floor(fractions[0] * counts + 0.5 + 1e-9).astype(np.int64)
+    cut2 = np.floor((fractions[0] + fractions[1]) * counts + 0.5 + 1e-9).astype(np.int64)
+    per_part = np.stack([cut1, cut2 - cut1, counts - cut2], axis=1)  # (n_users, 3)
+    # each user's records, in key order, are its train ones, then its valid ones, then its test ones
+    part = np.repeat(np.tile(np.arange(3, dtype=np.int8), n_users), per_part.reshape(-1))
+    mats, rated = [], []
+    for p in range(3):
+        chosen = part == p
+        indptr = np.concatenate([[0], np.cumsum(per_part[:, p])])
+        indices = i_sorted[chosen]
+        data = np.ones(len(indices), np.float32) if v_sorted is None else v_sorted[chosen]
+        m = sp.csr_matrix((data, indices, indptr), shape=(n_users, n_items))
+        m.sort_indices()  # each row's items in order (data travels with them)
+        if v_sorted is not None:
+            rated.append(m)
+            m = sp.csr_matrix((np.ones(m.nnz, np.float32), m.indices.copy(), m.indptr.copy()),
+                              shape=(n_users, n_items))
+            m.has_sorted_indices = True
+        mats.append(m)
+    return mats, (rated if v_sorted is not None else [None, None, None])
 
 
 def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] = DEFAULT_MIN_RATING,
-           split: Sequence[float] = DEFAULT_SPLIT, split_mode: str = "time", seed: int = 0) -> InteractionData:
+           split: Sequence[float] = DEFAULT_SPLIT, split_mode: str = "time", seed: int = 0,
+           consume: bool = False) -> InteractionData:
+    """The dataset of ``rec``: dense ids, the latest record of each (user, item) pair, ratings filtered, split.
+
+    consume: drop ``rec``'s columns as soon as they are used (the loader's
+    own records), so that they are not held beside the matrices they become.
+    """
     fractions = _fractions(split)
     if split_mode not in ("time", "random"):
         raise ValueError(f"split_mode must be 'time' or 'random', got {split_mode!r}")
     n_read = len(rec.users)
-    users_all = np.unique(rec.users)
-    items_all = np.unique(rec.items)
-    order_key = np.arange(n_read) if rec.times is None else rec.times
+    users_all, u = _dense_codes(rec.users)
+    items_all, i = _dense_codes(rec.items)
+    ratings, times = rec.ratings, rec.times
+    if consume:
+        rec.users = rec.items = rec.ratings = rec.times = None
     # Duplicates of a (user, item) pair: the latest record (by time, then file order) wins.
-    chrono = np.lexsort((np.arange(n_read), order_key))
-    pair = np.stack([rec.users, rec.items], axis=1)
-    _, pair_id = np.unique(pair, axis=0, return_inverse=True)
-    pair_id = pair_id.reshape(-1)
-    latest = chrono[::-1]
-    _, first = np.unique(pair_id[latest], return_index=True)
-    keep = np.zeros(n_read, dtype=bool)
-    keep[latest[first]] = True
-    n_dup = n_read - int(keep.sum())
+    keep = _latest_per_pair(u, i, len(items_all), times)
+    n_dup = 0 if keep is None else n_read - int(keep.sum())
     n_low = 0
-    if rec.ratings is not None and min_rating is not None:
-        low = keep & (rec.ratings < min_rating)
+    if ratings is not None and min_rating is not None:
+        low = ratings < min_rating
+        if keep is not None:
+            low &= keep
         n_low = int(low.sum())
-        keep &= ~low
-    if not keep.any():
+        if n_low:
+            keep = ~low if keep is None else keep & ~low
+        del low
+    if keep is not None and not keep.any():
         raise ValueError(f"{path}: no interaction is left after filtering (read {n_read}, duplicates {n_dup}, "
                          f"ratings below {min_rating}: {n_low})")
-    user_ids = np.unique(rec.users[keep])
-    item_ids = np.unique(rec.items[keep])
-    u = np.searchsorted(user_ids, rec.users[keep])
-    i = np.searchsorted(item_ids, rec.items[keep])
-    n_users, n_items = len(user_ids), len(item_ids)
-    if split_mode == "time":
-        if rec.times is None:
-            log.warning("%s: no timestamps; the file order is taken as time order for the split", path)
-        key = order_key[keep] if rec.times is not None else np.flatnonzero(keep)
-        # Ties in time keep the file order: lexsort's sort is stable and records are in file order.
-        part = _split_positions(u, _stable_rank(key), fractions, n_users)
+    if keep is None:
+        user_ids, item_ids = users_all, items_all
     else:
-        key = np.random.default_rng(seed).permutation(len(u))
-        part = _split_positions(u, key, fractions, n_users)
-    mats = [binary_csr(u[part == p], i[part == p], n_users, n_items) for p in range(3)]
-    ratings = [None, None, None]
-    if rec.ratings is not None:
+        u, i = u[keep], i[keep]
+        used_u = np.zeros(len(users_all), dtype=bool)
+        used_u[u] = True
+        used_i = np.zeros(len(items_all), dtype=bool)
+        used_i[i] = True
+        user_ids, item_ids = users_all[used_u], items_all[used_i]
+        u, i = _recode(u, used_u), _recode(i, used_i)
+        if ratings is not None:
+            ratings = ratings[keep]
+        if times is not None:
+            times = times[keep]
+    n_users, n_items = len(user_ids), len(item_ids)
+    n_kept = len(u)
+    if ratings is not None:
         # One record per (user, item) is left, so each CSR has exactly its split's pattern.
-        kept = rec.ratings[keep].astype(np.float32)
-        if not np.isfinite(kept).all():
+        if not np.isfinite(ratings.astype(np.float32)).all():
             raise ValueError(f"{path}: a kept rating is not a finite number")
-        for p in range(3):
-            m = part == p
-            ratings[p] = sp.csr_matrix((kept[m], (u[m], i[m])), shape=(n_users, n_items))
-            ratings[p].sort_indices()
+    if split_mode == "time":
+        if times is None:
+            log.warning("%s: no timestamps; the file order is taken as time order for the split", path)
+        # Ties in time keep the file order (lexsort is stable and records are in file order).
+        key = times if times is not None else np.arange(n_kept)
+    else:
+        key = np.random.default_rng(seed).permutation(n_kept)
+    mats, rated = _split_csr(u, i, ratings, key, fractions, n_users, n_items)
     summary = {
         "read": n_read,
         "duplicates": n_dup,
         "below_min_rating": n_low,
         "users_dropped": len(users_all) - n_users,
         "items_dropped": len(items_all) - n_items,
-        "kept": int(keep.sum()),
+        "kept": n_kept,
         "train": mats[0].nnz,
         "valid": mats[1].nnz,
         "test": mats[2].nnz,
     }
-    _log_summary(name, summary, min_rating if rec.ratings is not None else None)
-    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary, *ratings)
-
-
-def _stable_rank(key: np.ndarray) -> np.ndarray:
-    """Ranks of key with ties in array order (so lexsort on it keeps file order for equal times)."""
-    order = np.argsort(key, kind="stable")
-    rank = np.empty(len(key), dtype=np.int64)
-    rank[order] = np.arange(len(key))
-    return rank
+    _log_summary(name, summary, min_rating if ratings is not None else None)
+    return InteractionData(name, n_users, n_items, *mats, user_ids, item_ids, summary, *rated)
 
 
 def _log_summary(name: str, s: Dict[str, int], min_rating: Optional[float]) -> None:
@@ -749,7 +872,7 @@ def _load_file(path: str, kind: str, options: Dict[str, Any], name: Optional[str
     else:
         rec, declared = _read_movielens(path, kind)
         _check_declared(path, rec, declared, "u.info")
-    return _build(rec, name or path, path, **options)
+    return _build(rec, name or path, path, consume=True, **options)
 
 
 # --- DiffRec splits ----------------------------------------------------------------------------
