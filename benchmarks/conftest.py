@@ -1,8 +1,8 @@
-"""Benchmark fixtures and the end-of-session summary table (see _bench.py)."""
+"""Benchmark fixtures and the end-of-session summary table (see suites/_bench.py), for suites/ and gpu/."""
 
 import pytest
 
-import _bench
+from benchmarks.suites import _bench
 
 
 @pytest.fixture(scope="session")

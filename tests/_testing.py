@@ -1,5 +1,9 @@
 """Helpers shared by the tests: backend parametrisation and mismatch reports."""
 
+import importlib
+import os
+import sys
+
 import pytest
 import torch
 
@@ -90,3 +94,20 @@ def sigterm_after_first_evaluation(monkeypatch):
 
     monkeypatch.setattr(seqdata, "evaluate_sequences", stop_after_the_first)
     return real
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark_module(name: str):
+    """The module ``benchmarks.<name>`` (``"studies.scale"``): the repository root goes at the end of
+    ``sys.path``, so that the installed packages still come first."""
+    if ROOT not in sys.path:
+        sys.path.append(ROOT)
+    return importlib.import_module("benchmarks." + name)
+
+
+def benchmark_command(name: str):
+    """(argv, env) that run ``python -m benchmarks.<name>`` from any folder."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return [sys.executable, "-m", "benchmarks." + name], env

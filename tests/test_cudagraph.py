@@ -1,6 +1,6 @@
 """refit.cudagraph: the capture-safe reverse loop, checked on the CPU.
 
-A CUDA graph can only be recorded and replayed on a GPU (benchmarks/gpu_check.sh
+A CUDA graph can only be recorded and replayed on a GPU (benchmarks/gpu/gpu_check.sh
 does both and times them). What a CPU can check is everything the capture
 relies on, with the very loop a graph would record (``use_graph=False`` runs
 it eagerly on the same static buffers):
@@ -364,7 +364,7 @@ def test_wrapping_is_idempotent_and_refuses_other_objects(data):
         graphed(object())
 
 
-# --- on a GPU: the graphs themselves (run by benchmarks/gpu_check.sh) ------------------------------------
+# --- on a GPU: the graphs themselves (run by benchmarks/gpu/gpu_check.sh) ------------------------------------
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

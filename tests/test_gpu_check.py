@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh, the one command a lent GPU runs: its dry run, so it cannot rot unseen.
+"""benchmarks/gpu/gpu_check.sh, the one command a lent GPU runs: its dry run, so it cannot rot unseen.
 
 The dry run takes every phase of the GPU run on the CPU with tiny shapes
 (no CUDA build, Triton interpreted, the cpu kernel in the GPU kernels'
@@ -17,9 +17,10 @@ import subprocess
 import sys
 
 import pytest
+from _testing import benchmark_command, benchmark_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu", "gpu_check.sh")
 PHASES = ["preflight", "build", "info", "tests", "bench", "loops"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -137,8 +138,9 @@ def test_report_judges_the_gpu_targets(tmp_path):
         "checks": [{"name": "no host sync inside the loop", "ok": True, "detail": ""}]}))
     phases = tmp_path / "phases.tsv"
     phases.write_text("preflight\tok\t3\t60\t\nbuild\tok\t80\t240\t\n")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_report.py"), str(tmp_path),
-                          str(phases), "gpu", "benchmarks/gpu_check.sh"], capture_output=True, text=True, timeout=60)
+    report, env = benchmark_command("gpu.gpu_report")
+    out = subprocess.run([*report, str(tmp_path), str(phases), "gpu", "benchmarks/gpu/gpu_check.sh"],
+                         capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "summary.md").read_text()
     assert "# GPU check: NVIDIA H200" in text and "every phase passed" in text
@@ -152,11 +154,7 @@ def test_report_judges_the_gpu_targets(tmp_path):
 
 
 def test_the_standin_data_has_the_published_sizes(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import gpu_data
-    finally:
-        sys.path.pop(0)
+    gpu_data = benchmark_module("gpu.gpu_data")
     pairs = gpu_data.standin_pairs()
     assert {k: len(v) for k, v in pairs.items()} == gpu_data.SPLITS
     keys = [set((p[:, 0] * gpu_data.N_ITEMS + p[:, 1]).tolist()) for p in pairs.values()]
@@ -196,7 +194,7 @@ def test_a_real_failure():
 def test_passes():
     pass
 ''')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "benchmarks"), ROOT]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "benchmarks", "gpu"), ROOT]))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_pytest_plugin",
                           "-rfs", "test_sample.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "1 failed, 1 passed, 4 skipped" in out.stdout, out.stdout

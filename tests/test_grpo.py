@@ -18,6 +18,7 @@ from refit.reward import collaborative_reward, make_episode, rank_metrics, ranki
 from refit.sequential import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
 from refit.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, ReFiT, finetune
+from _testing import benchmark_module
 
 DATA = {"n_users": 200, "n_items": 150}
 SEQ = {"n_users": 120, "n_items": 60, "mean_length": 12, "seed": 3}
@@ -401,8 +402,7 @@ def test_a_policy_without_respaced_sampling_is_refused(pretrained, data, tmp_pat
 
 
 def test_learning_curves_runs_recipes_next_to_their_placebos(pretrained, tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import learning_curves
+    learning_curves = benchmark_module("studies.learning_curves")
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "curves"
@@ -428,8 +428,7 @@ def test_learning_curves_runs_recipes_next_to_their_placebos(pretrained, tmp_pat
 
 
 def test_gradient_snr_compares_the_samplers(dreamrec, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gradient_snr
+    gradient_snr = benchmark_module("studies.gradient_snr")
 
     assert gradient_snr.main(["--checkpoint", dreamrec, "--targets", "4", "--draws", "2", "--explore", "0", "2",
                               "--finetune", "--method grpo --group-size 4 --reward ndcg --alpha 1 --rl-steps 5"]) == 0

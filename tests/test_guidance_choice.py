@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from _testing import TINY_SEQ, sigterm_after_first_evaluation
+from _testing import TINY_SEQ, benchmark_command, sigterm_after_first_evaluation
 from refit import sequential
 from refit.runs import load_checkpoint
 from refit.sequential import (SEQ_SELECTION, W_GRID, DreamRecConfig, evaluate_dreamrec, load_seq_recommender,
@@ -121,15 +121,15 @@ def test_the_command_line(tmp_path):
 
 
 def test_the_script_for_older_runs_chooses_as_a_run_does(tmp_path):
-    """benchmarks/choose_guidance.py on a run made without the choice gives what the choice at the end of
+    """benchmarks/studies/choose_guidance.py on a run made without the choice gives what the choice at the end of
     the same run gives, and leaves the source folder alone."""
     cfg = dict(SMALL, epochs=3, w=2.0)
     chose = pretrain_dreamrec(DreamRecConfig(**cfg, w_grid=(0.0, 4.0), out=str(tmp_path / "chose")))
     pretrain_dreamrec(DreamRecConfig(**cfg, w_grid=None, out=str(tmp_path / "old")))
     before = os.path.getmtime(tmp_path / "old" / "best.pt")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "choose_guidance.py"),
-                        str(tmp_path / "old"), str(tmp_path / "new"), "--w-grid", "0,4"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    script, env = benchmark_command("studies.choose_guidance")
+    r = subprocess.run([*script, str(tmp_path / "old"), str(tmp_path / "new"), "--w-grid", "0,4"],
+                       capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr
     with open(tmp_path / "new" / "summary.json") as f:
         new = json.load(f)
@@ -138,6 +138,6 @@ def test_the_script_for_older_runs_chooses_as_a_run_does(tmp_path):
     assert new["test"] == chose["test"] and new["valid"] == chose["valid"]
     assert load_checkpoint(str(tmp_path / "new" / "best.pt"))["recommender"]["inference"]["w"] == chose["guidance"]["w"]
     assert os.path.getmtime(tmp_path / "old" / "best.pt") == before
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "choose_guidance.py"),
-                            str(tmp_path / "old"), str(tmp_path / "new")], capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*script, str(tmp_path / "old"), str(tmp_path / "new")], capture_output=True, text=True,
+                           env=env, timeout=600)
     assert again.returncode == 2 and "already holds a best.pt" in again.stderr

@@ -14,6 +14,7 @@ import torch
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.trainer import FinetuneConfig, ReFiT, rating_weights
+from _testing import benchmark_module
 
 
 def _ratings_file(tmp_path, n_users=40, n_items=30, per_user=12, seed=0):
@@ -240,14 +241,10 @@ def test_min_rating_from_the_command_line(tmp_path):
 
 
 def test_the_study_continues_pretraining_on_the_checkpoints_own_data(pretrained):
-    """benchmarks/post_training_study.py's continued arm: the data flags come from the checkpoint."""
-    import importlib.util
+    """benchmarks/studies/post_training_study.py's continued arm: the data flags come from the checkpoint."""
 
     checkpoint, path = pretrained
-    spec = importlib.util.spec_from_file_location(
-        "post_training_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "post_training_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = benchmark_module("studies.post_training_study")
     state = study._load(checkpoint)
     assert study._data_flags(state, checkpoint) == ["--data", path, "--min-rating", "none"]
     assert state["recommender"]["model"]["name"] == "diffrec"
@@ -334,15 +331,11 @@ def test_evaluate_counts_held_out_items_rated_high_from_the_command_line(pretrai
 def test_the_study_tabulates_selected_models_on_held_out_items_rated_high(pretrained):
     """post_training_study.py --min-target-rating: each run's selected checkpoint and the pretrained one
     evaluated again with only items rated >= R as hits; changes paired against the pretrained model."""
-    import importlib.util
 
     from refit.pretrain import evaluate_recommender, load_recommender
 
     checkpoint, _ = pretrained
-    spec = importlib.util.spec_from_file_location(
-        "post_training_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "post_training_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = benchmark_module("studies.post_training_study")
     plain = {"recall@20": 0.5, "ndcg@20": 0.5}
     results = {"1": {"pretrained": {"valid": plain, "test": plain},
                      "arm": {"checkpoint": checkpoint, "valid": plain, "test": plain, "before": {"test": plain},
@@ -359,17 +352,13 @@ def test_the_study_tabulates_selected_models_on_held_out_items_rated_high(pretra
 
 @pytest.mark.slow
 def test_the_rated_study_tunes_lambda_on_validation_and_evaluates_final_models(pretrained, tmp_path):
-    """benchmarks/offline_rated_study.py end to end on the small rated data: lambda is the first seed's
+    """benchmarks/studies/offline_rated_study.py end to end on the small rated data: lambda is the first seed's
     best on validation, each arm's numbers are its final model's, baselines are tuned on the same metric."""
-    import importlib.util
 
     from refit.pretrain import evaluate_recommender
 
     checkpoint, _ = pretrained
-    spec = importlib.util.spec_from_file_location(
-        "offline_rated_study", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_rated_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = benchmark_module("studies.offline_rated_study")
     out = tmp_path / "study"
     assert study.main(["--pretrained", checkpoint, "--seeds", "1", "--out", str(out), "--lambdas", "0.5,2",
                        "--iterations", "2", "--min-target-rating", "4", "--finetune", "--batch-size 8 --ks 10,20"]) == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from _testing import TINY_SEQ
+from _testing import TINY_SEQ, benchmark_module
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.models.dreamrec import step_embedding
@@ -481,9 +481,8 @@ def test_cli_pretrains_and_fine_tunes_preferdiff(tmp_path):
 
 
 def test_the_studys_continued_pretraining_continues_a_preferdiff_checkpoint(tmp_path):
-    """benchmarks/post_training_study.py's continued arm: the checkpoint's own network, loss and sampler
+    """benchmarks/studies/post_training_study.py's continued arm: the checkpoint's own network, loss and sampler
     settings (which --init must match) and its guidance weight, for a run made with non-default ones."""
-    import importlib.util
 
     pre = subprocess.run([sys.executable, "-m", "refit", "-q", "pretrain", "--model", "preferdiff", "--data",
                           "synthetic-seq", "--epochs", "1", "--hidden", "16", "--heads", "1", "--steps", "30",
@@ -491,10 +490,7 @@ def test_the_studys_continued_pretraining_continues_a_preferdiff_checkpoint(tmp_
                           "--detach-target", "--lr", "1e-3", "--w-grid", "0,1", "--out", "run"],
                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
     assert pre.returncode == 0, pre.stderr
-    spec = importlib.util.spec_from_file_location(
-        "post_training_study", os.path.join(ROOT, "benchmarks", "post_training_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = benchmark_module("studies.post_training_study")
     ckpt = str(tmp_path / "run" / "best.pt")
     state = study._load(ckpt)
     w = state["recommender"]["inference"]["w"]

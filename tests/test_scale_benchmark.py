@@ -1,14 +1,13 @@
-"""benchmarks/scale.py: one tiny size through every stage, and the exponent fit and report."""
+"""benchmarks/studies/scale.py: one tiny size through every stage, and the exponent fit and report."""
 
 import math
-import os
-import sys
 
 import pytest
 
+from _testing import benchmark_module
+
 pytest.importorskip("pynndescent")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import scale  # noqa: E402
+scale = benchmark_module("studies.scale")
 
 
 def test_every_stage_runs_and_reports_at_a_tiny_size():
