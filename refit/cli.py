@@ -927,7 +927,7 @@ def cmd_demo(args) -> int:
         change = f" ({(r1 - r0) / abs(r0):+.1%})" if r0 else ""
         say(f"\nReFiT's own reward on {probe['episodes']} fixed training episodes (the probe): "
             f"{r0:.4f} before, {r1:.4f} after {probe['end_iteration']} iterations{change}. A probe that does not "
-            f"rise means the fine-tuning did not learn; see benchmarks/learning_curves.py for its placebo.")
+            f"rise means the fine-tuning did not learn; see benchmarks/studies/learning_curves.py for its placebo.")
     say(f"\nrun folders: {os.path.abspath(out)} ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 
