@@ -2,13 +2,17 @@
 #pragma once
 
 #include <cstdlib>
+#include <ctime>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <limits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -105,6 +109,93 @@ inline int64_t grain_for(int64_t work_per_item, int64_t work_per_ms) {
   return std::max<int64_t>(1, static_cast<int64_t>(items));
 }
 
+// --- Regions on a shared machine ---------------------------------------------
+// grain_for keeps regions under about 1 ms on one thread. A larger region is
+// still split, and still waits for a thread that the OS has descheduled (a
+// region of 2.7 ms took 8 ms beside two busy processes). So every split
+// region is watched: each task measures the CPU time its thread spent on it,
+// and when the region's wall time is well above its longest task's CPU time,
+// a thread was waiting for a core (it started late, or lost its core midway).
+// The regions of the next 100 ms then run on the calling thread alone. The
+// next split region after that tries again; while they keep being held up the
+// pause doubles, up to 2 s, so on a machine that stays busy the cost is one
+// slow region every 2 s, and on a quiet one nothing (a region costs two clock
+// reads per task).
+namespace watch {
+constexpr int64_t kFirstPauseNs = 100'000'000;
+constexpr int64_t kLongestPauseNs = 2'000'000'000;
+constexpr int64_t kSlackNs = 300'000;  // waking a sleeping thread, timer noise
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+// CPU time of the calling thread: unlike wall time, it stops while the OS has
+// the thread off its core.
+inline int64_t thread_cpu_ns() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts{};
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return int64_t(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+#endif
+  return now_ns();
+}
+inline std::atomic<int64_t>& serial_until() {
+  static std::atomic<int64_t> until{0};
+  return until;
+}
+inline std::atomic<int64_t>& pause_ns() {
+  static std::atomic<int64_t> pause{kFirstPauseNs};
+  return pause;
+}
+
+// One split region: each task reports its thread's CPU time; done() judges.
+class Region {
+ public:
+  Region() : start_(now_ns()) {}
+  void task(int64_t cpu_ns) {
+    for (int64_t cur = longest_.load(); cpu_ns > cur && !longest_.compare_exchange_weak(cur, cpu_ns);) {}
+  }
+  void done() const {
+    const int64_t now = now_ns(), wall = now - start_, longest = longest_.load();
+    if (longest <= 0) return;
+    if (2 * wall > 3 * longest + 2 * kSlackNs) {  // wall > 1.5 x the longest task + slack
+      const int64_t pause = pause_ns().load(std::memory_order_relaxed);
+      serial_until().store(now + pause, std::memory_order_relaxed);
+      pause_ns().store(std::min(2 * pause, kLongestPauseNs), std::memory_order_relaxed);
+    } else {
+      pause_ns().store(kFirstPauseNs, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  int64_t start_;
+  std::atomic<int64_t> longest_{0};
+};
+}  // namespace watch
+
+// True while regions run on the calling thread alone (see watch above).
+inline bool held_up_recently() {
+  return watch::now_ns() < watch::serial_until().load(std::memory_order_relaxed);
+}
+
+// at::parallel_for(begin, end, grain, fn), watched: on one thread while a
+// recent region was held up by a descheduled thread, else split and timed.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  const int64_t n = end - begin;
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region() || held_up_recently()) {
+    at::parallel_for(begin, end, std::max<int64_t>(n, 1), fn);  // grain >= n: the calling thread, inline
+    return;
+  }
+  watch::Region region;
+  at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t t0 = watch::thread_cpu_ns();
+    fn(b0, b1);
+    region.task(watch::thread_cpu_ns() - t0);
+  });
+  region.done();
+}
+
 template <typename F>
 void for_each_step_row(int64_t S, int64_t B, int64_t row_bytes, const F& fn) {
   if (S == 0 || B == 0) return;
@@ -115,7 +206,7 @@ void for_each_step_row(int64_t S, int64_t B, int64_t row_bytes, const F& fn) {
   const int64_t grain = grain_for(row_bytes, kStreamBytesPerMs);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t nb = std::min(block, B - b0);
-    at::parallel_for(0, S * nb, grain, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, S * nb, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) fn(r / nb, b0 + r % nb);
     });
   }

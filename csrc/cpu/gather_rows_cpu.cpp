@@ -146,7 +146,7 @@ void validate(const Csr<index_t>& A, const Batch& g) {
   std::atomic<int64_t> first_bad{kNoProblem};
   std::atomic<int64_t> entries{0};
   // Grains: about 1 ms of work per task (see cpu::grain_for); a row id check reads ~16 bytes.
-  at::parallel_for(0, g.n, grain_for(16, kStreamBytesPerMs), [&](int64_t j0, int64_t j1) {
+  cpu::parallel_for(0, g.n, grain_for(16, kStreamBytesPerMs), [&](int64_t j0, int64_t j1) {
     int64_t sum = 0;
     for (int64_t j = j0; j < j1; ++j) {
       int64_t p0 = 0, p1 = 0;
@@ -162,13 +162,13 @@ void validate(const Csr<index_t>& A, const Batch& g) {
 
   if (entries.load() > A.nnz) {
     std::atomic<bool> matrix_ok{true};
-    at::parallel_for(0, A.nnz, grain_for(sizeof(index_t), kStreamBytesPerMs), [&](int64_t k0, int64_t k1) {
+    cpu::parallel_for(0, A.nnz, grain_for(sizeof(index_t), kStreamBytesPerMs), [&](int64_t k0, int64_t k1) {
       if (columns_out_of_range(A.indices, k0, k1, A.n_cols)) matrix_ok = false;
     });
     if (matrix_ok.load()) return;
   }
   const int64_t row_bytes = static_cast<int64_t>(sizeof(index_t)) * std::max<int64_t>(1, A.nnz / std::max<int64_t>(1, A.n_rows));
-  at::parallel_for(0, g.n, grain_for(row_bytes, kStreamBytesPerMs), [&](int64_t j0, int64_t j1) {
+  cpu::parallel_for(0, g.n, grain_for(row_bytes, kStreamBytesPerMs), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t r = g.rows[j];
       if (columns_out_of_range(A.indices, A.indptr[r], A.indptr[r + 1], A.n_cols)) {
@@ -267,7 +267,7 @@ template <typename index_t, typename out_t>
 void check_and_fill(const Csr<index_t>& A, const Batch& g, out_t* out, int64_t s0, int64_t s1) {
   int64_t threads = 1;
 #ifdef _OPENMP
-  if (!at::in_parallel_region()) {
+  if (!at::in_parallel_region() && !cpu::held_up_recently()) {
     threads = std::clamp<int64_t>(g.B / row_grain(A.n_cols), 1, at::get_num_threads());
   }
 #endif
@@ -283,13 +283,20 @@ void check_and_fill(const Csr<index_t>& A, const Batch& g, out_t* out, int64_t s
     }
   };
 #ifdef _OPENMP
+  cpu::watch::Region region;  // judged only when split (see cpu::parallel_for)
 #pragma omp parallel num_threads(static_cast<int>(threads)) if (threads > 1)
   {
     const int64_t t = omp_get_thread_num(), n_tasks = omp_get_num_threads();
+    const int64_t t0 = cpu::watch::thread_cpu_ns();
     task(t, n_tasks, true);
+    const int64_t t1 = cpu::watch::thread_cpu_ns();
 #pragma omp barrier
+    // the barrier's spin is CPU time too, but not this task's work: the halves are timed apart
+    const int64_t t2 = cpu::watch::thread_cpu_ns();
     task(t, n_tasks, false);
+    region.task((t1 - t0) + (cpu::watch::thread_cpu_ns() - t2));
   }
+  if (threads > 1) region.done();
 #else
   task(0, 1, true);
   task(0, 1, false);
@@ -303,7 +310,7 @@ void check_then_fill(const Csr<index_t>& A, const Batch& g, out_t* out, int64_t 
   // repeat rows): validate, checking the whole matrix's columns once, then fill.
   if (g.n > A.n_rows) {
     validate(A, g);
-    at::parallel_for(0, g.B, row_grain(A.n_cols), [&](int64_t b0, int64_t b1) {
+    cpu::parallel_for(0, g.B, row_grain(A.n_cols), [&](int64_t b0, int64_t b1) {
       std::vector<float> scratch(std::is_same_v<out_t, float> ? 0 : static_cast<size_t>(A.n_cols));
       fill_rows_dispatch(A, g, out, s0, s1, b0, b1, scratch.data());
     });

@@ -303,7 +303,7 @@ void target_rank_rows(const TargetRankArgs& a, int64_t* out, const int64_t* star
 
   // About 1 ms of scores per task (see cpu::grain_for), so small batches stay on one thread.
   const int64_t grain = cpu::grain_for(I, cpu::kScoresRankedPerMs);
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     SortedScratch<acc_t> work;
     std::vector<int32_t> cnt;
     for (int64_t b = b0; b < b1; ++b) {

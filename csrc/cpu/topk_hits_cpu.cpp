@@ -344,7 +344,7 @@ void topk_hits_rows(const TopKHitsArgs& a, at::Tensor& hits, at::Tensor& dcg, at
 
   // About 1 ms of scores per task (see cpu::grain_for), so small batches stay on one thread.
   const int64_t grain = cpu::grain_for(I, cpu::kScoresSelectedPerMs);
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf(static_cast<size_t>(I));
     std::vector<int32_t> rank(static_cast<size_t>(I), -1);
     std::vector<typename KeyOf<acc_t>::type> keys(static_cast<size_t>(kmax));
