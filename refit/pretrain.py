@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -29,7 +28,7 @@ from .recommender import PRECISIONS, Recommender
 from .control import StopRequests
 from .limits import check_finite, check_seed
 from .loop import EpochTask, run_epochs
-from .runs import (RunDir, check_finite_weights, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
+from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
                    save_checkpoint, set_rng_state)
 
 log = logging.getLogger(__name__)
@@ -117,21 +116,6 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def _check_resumable(state: Dict[str, Any], config: PretrainConfig, fingerprint: str, path: str) -> None:
-    saved = dict(state.get("config", {}))
-    mine = config.to_dict()
-    # What may change on resume: where the run stops and how it reports.
-    for free in ("epochs", "progress", "out", "patience", "eval_batch_size"):
-        saved.pop(free, None)
-        mine.pop(free, None)
-    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-    if diff:
-        raise ValueError(f"cannot resume {path}: the run was started with other settings ({', '.join(diff)}); "
-                         "start a new run folder or use the original settings")
-    if state.get("data", {}).get("fingerprint") != fingerprint:
-        raise ValueError(f"cannot resume {path}: it was trained on other data than {config.data!r}")
-
-
 def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, resume: bool = False,
              overwrite: bool = False, device: Any = "cpu") -> Dict[str, Any]:
     """Runs (or resumes) a pretraining run; returns the summary that is also written to summary.json.
@@ -196,10 +180,8 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
 
     start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
     elapsed_before = 0.0
-    if resume and os.path.exists(run.file("last.pt")):
-        state = load_checkpoint(run.file("last.pt"))
-        _check_resumable(state, config, fingerprint, run.file("last.pt"))
-        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {run.file('last.pt')!r}")
+    state = run.resume_state(config, fingerprint, resume=resume, position="epoch", data_name=config.data)
+    if state is not None:
         model.load_state_dict(state["recommender"]["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         diffusion.loss_history[...] = state["loss_history"]
@@ -207,14 +189,6 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
         set_rng_state(state["rng"], generator)
         start_epoch, best = state["epoch"] + 1, state["best"]
         elapsed_before = state.get("elapsed", 0.0)
-        if main:
-            run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
-        log.info("resuming %s after epoch %d", run.path, state["epoch"])
-    else:
-        if resume:
-            log.info("no last.pt in %s: starting a new run", run.path)
-        if main:
-            run.start_log()
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "n_users": data.n_users, "n_items": data.n_items})

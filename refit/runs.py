@@ -43,6 +43,7 @@ checkpoint of a bare recommender state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -483,6 +484,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: The settings a run may be resumed with changed, for every kind of run: where it stops and how it
+#: reports. Every other setting must be the one the run started with (see :meth:`RunDir.resume_state`).
+RESUME_MAY_CHANGE = frozenset({"epochs", "iterations", "time_budget", "patience", "progress", "out", "plot",
+                               "eval_batch_size", "allow_other_data"})
+
+_MISSING = object()
+
+
+def _field_defaults(config: Any) -> Dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 class RunDir:
     """A run folder: config, metrics log, checkpoints, summary."""
 
@@ -682,6 +701,47 @@ class RunDir:
         same folder (not resumed) does not append to the lines of the one before."""
         if os.path.exists(self.file("metrics.jsonl")):
             atomic_write(self.file("metrics.jsonl"), lambda f: None)  # nothing of the old lines is read
+
+    def resume_state(self, config: Any, fingerprint: str, *, resume: bool, position: str,
+                     data_name: Any = None) -> Optional[Dict[str, Any]]:
+        """``last.pt``'s state when ``resume`` and the folder holds one, checked against ``config``; else
+        None, a new run. Every kind of run resumes by this one rule:
+
+        - each setting of ``config`` (a dataclass with ``to_dict()``) outside
+          :data:`RESUME_MAY_CHANGE` must equal the checkpoint's; a setting the
+          checkpoint does not record (saved before it existed) counts as its
+          default;
+        - the data's fingerprint must be the checkpoint's;
+        - the weights must be finite.
+
+        On the main process, metrics.jsonl keeps the records up to the
+        checkpoint's ``position`` (``"epoch"`` or ``"iteration"``) when
+        resuming, and is emptied for a new run.
+        """
+        path = self.file("last.pt")
+        main = dist.is_main()
+        if not (resume and os.path.exists(path)):
+            if resume:
+                log.info("no last.pt in %s: starting a new run", self.path)
+            if main:
+                self.start_log()
+            return None
+        state = load_checkpoint(path)
+        saved, mine, defaults = dict(state.get("config") or {}), config.to_dict(), _field_defaults(config)
+        diff = sorted(k for k in set(saved) | set(mine) if k not in RESUME_MAY_CHANGE
+                      and saved.get(k, defaults.get(k, _MISSING)) != mine.get(k, _MISSING))
+        if diff:
+            raise ValueError(f"cannot resume {path}: the run was started with other settings ({', '.join(diff)}); "
+                             "start a new run folder or use the original settings")
+        if (state.get("data") or {}).get("fingerprint") != fingerprint:
+            raise ValueError(f"cannot resume {path}: it was trained on other data"
+                             + (f" than {data_name!r}" if data_name is not None else ""))
+        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {path!r}")
+        done = state[position]
+        if main:
+            self.truncate_log(lambda r: r.get(position, 0) <= done)
+        log.info("resuming %s after %s %d", self.path, position, done)
+        return state
 
     def truncate_log(self, keep) -> None:
         """Keeps only the records for which ``keep(record)`` is true (used when resuming)."""

@@ -916,28 +916,13 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
 
     start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
     elapsed_before, saved_warmup = 0.0, None
-    if resume and os.path.exists(run.file("last.pt")):
-        state = load_checkpoint(run.file("last.pt"))
-        saved = {k: v for k, v in state.get("config", {}).items()
-                 if k not in ("epochs", "progress", "out", "patience", "eval_batch_size", "time_budget")}
-        mine = {k: v for k, v in config.to_dict().items() if k in saved}
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            raise ValueError(f"cannot resume {run.path}: started with other settings ({', '.join(diff)})")
-        if state.get("data", {}).get("fingerprint") != fingerprint:
-            raise ValueError(f"cannot resume {run.path}: it was trained on other data than {config.data!r}")
-        from .runs import check_finite_weights
-
-        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {run.file('last.pt')!r}")
+    state = run.resume_state(config, fingerprint, resume=resume, position="epoch", data_name=config.data)
+    if state is not None:
         model.load_state_dict(state["recommender"]["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
         saved_warmup = state.get("warmup")
         start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state.get("elapsed", 0.0)
-        if main:
-            run.truncate_log(lambda r: r.get("epoch", 0) <= state["epoch"])
-    elif main:
-        run.start_log()
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "n_sequences": data.n_sequences, "n_items": data.n_items})

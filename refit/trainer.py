@@ -812,31 +812,11 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
 
     start, best = 1, None
     elapsed_before = 0.0
-    if resume and os.path.exists(run.file("last.pt")):
-        state = load_checkpoint(run.file("last.pt"))
-        # allow_other_data only lets the start checkpoint meet its data (checked again here by fingerprint);
-        # runs saved before the field existed resume as well.
-        skip = ("iterations", "progress", "out", "plot", "allow_other_data")
-        saved = {"lr_schedule": "constant",  # runs saved before the schedule existed ran a constant one
-                 "backprop_steps": 1, "rb_temperature": 1.0, "rb_reward": "log-softmax",  # nor had these
-                 "nft_beta": 1.0, "nft_ema": 0.5, "nft_timesteps": 4, "nft_normalize": "group", "nft_adv_clip": 5.0,
-                 **{k: v for k, v in state["config"].items() if k not in skip}}
-        mine = {k: v for k, v in config.to_dict().items() if k not in skip}
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            raise ValueError(f"cannot resume {run.path}: started with other settings ({', '.join(diff)})")
-        if state["data"]["fingerprint"] != fingerprint:
-            raise ValueError(f"cannot resume {run.path}: it was fine-tuned on other data")
-        from .runs import check_finite_weights
-
-        check_finite_weights(state["recommender"]["model"]["state_dict"], f"checkpoint {run.file('last.pt')!r}")
+    state = run.resume_state(config, fingerprint, resume=resume, position="iteration")
+    if state is not None:
         rec.module.load_state_dict(state["recommender"]["model"]["state_dict"])
         trainer.load(state["trainer"])
         start, best, elapsed_before = state["iteration"] + 1, state["best"], state.get("elapsed", 0.0)
-        if main:
-            run.truncate_log(lambda r: r.get("iteration", 0) <= state["iteration"])
-    elif main:
-        run.start_log()
     if main:
         run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
                                        "pretrained": os.path.abspath(config.checkpoint) if config.checkpoint else None})
