@@ -118,7 +118,7 @@ def threads_for_load(current: int, cores: int, load: float) -> int:
 
     A CPU kernel splits large calls over threads, and a split call waits for each of its threads;
     a thread on a core another process holds is descheduled for whole time slices, so a call
-    can take several times longer than on fewer threads (benchmarks/RESULTS.md, "Contention").
+    can take several times longer than on fewer threads (benchmarks/results/contention.md).
     """
     busy = int(math.floor(max(0.0, load) + 0.5))
     return max(1, min(current, cores - busy))

@@ -237,7 +237,7 @@ def neighbor_profiles(matrix: Any, neighbors: torch.Tensor, *, weights: Optional
 # --- approximate similar users ------------------------------------------------------------------
 
 #: Above this many users, :func:`similar_users` with ``method="auto"`` takes the approximate path.
-#: Measured on synthetic data with 3,000 items, one core (benchmarks/RESULTS.md, "Scale"): the exact
+#: Measured on synthetic data with 3,000 items, one core (benchmarks/results/scale.md): the exact
 #: table took 35 s at 30,000 users and 491 s at 100,000 (time ~ users^2.2), the approximate one
 #: (width 60) 91 s and 301 s (~ users^1.03); they cross near 65,000 users.
 APPROXIMATE_ABOVE_USERS = 60_000

@@ -138,7 +138,7 @@ def _run(mode, spec, tmp):
     spec_file = tmp / f"spec-{mode}.json"
     spec_file.write_text(json.dumps(spec))
     # One thread: the models are tiny, and an OpenMP team of two stalls at its barriers whenever another
-    # process holds a core (measured 30x slower in RESULTS, "Contention"), which took this training past
+    # process holds a core (measured 30x slower in benchmarks/results/contention.md), which took this training past
     # its timeout on a shared machine.
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(script), mode, str(spec_file)], capture_output=True, text=True,

@@ -84,8 +84,8 @@ inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOpt
 // split over threads: about 1 ms. An OpenMP region ends when every thread of
 // its team has finished, and on a shared machine one of them may be
 // descheduled for a whole time slice (several ms): a 200 us region split over
-// two threads then takes 30x longer than on one (benchmarks/RESULTS.md,
-// "Contention"). Below that, a region runs on the calling thread; above it,
+// two threads then takes 30x longer than on one (benchmarks/results/
+// contention.md). Below that, a region runs on the calling thread; above it,
 // the slice a late thread holds up is small next to the region. Each kernel
 // states its work in the unit of one of these rates, measured on one thread:
 constexpr int64_t kStreamBytesPerMs = int64_t(8) << 20;  // reading or writing memory, ~8 GB/s
