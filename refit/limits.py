@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -101,7 +101,42 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}")
 
 
-__all__ = ["available_memory", "check_finite", "check_memory", "check_seed", "format_bytes"]
+def check_run_settings(config, *, positive: Sequence[str] = (), finite: Sequence[str] = (),
+                       precisions: Optional[Sequence[str]] = None, selection: Optional[str] = None) -> None:
+    """The checks that the settings of every kind of run share, each error naming its setting.
+
+    ``positive``: fields that must be integers >= 1. The seed (if the config
+    has one) must suit torch and NumPy. ``finite`` and ``lr``,
+    ``weight_decay`` and ``time_budget`` must be finite numbers (checked before
+    any range: NaN passes every comparison); then ``time_budget`` > 0 seconds
+    (None: no budget), ``lr`` > 0 and ``weight_decay`` >= 0. ``precisions``:
+    the values ``precision`` may take. ``selection``: the metric that selects
+    the model, so ``ks`` (None passes) must include 20; it is stored sorted.
+    """
+    for name in positive:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if hasattr(config, "seed"):
+        check_seed(config.seed)
+    shared = [n for n in ("lr", "weight_decay", "time_budget") if hasattr(config, n) and n not in finite]
+    check_finite(config, tuple(finite) + tuple(shared))
+    budget = getattr(config, "time_budget", None)
+    if budget is not None and budget <= 0:
+        raise ValueError(f"time_budget must be > 0 seconds, got {budget}")
+    if hasattr(config, "lr") and not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}")
+    if getattr(config, "weight_decay", 0) < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if precisions is not None and config.precision not in precisions:
+        raise ValueError(f"precision must be one of {tuple(precisions)}, got {config.precision!r}")
+    if selection is not None and config.ks is not None:
+        config.ks = tuple(sorted(int(k) for k in config.ks))
+        if 20 not in config.ks:
+            raise ValueError(f"ks must include 20 (model selection uses {selection}), got {config.ks}")
+
+
+__all__ = ["available_memory", "check_finite", "check_memory", "check_run_settings", "check_seed", "format_bytes"]
 
 
 def usable_cores() -> int:

@@ -26,7 +26,7 @@ from .evaluate import evaluate_many, evaluate_recommender, evaluation_targets  #
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
 from .control import StopRequests
-from .limits import check_finite, check_seed
+from .limits import check_run_settings
 from .loop import EpochTask, run_epochs
 from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
                    save_checkpoint, set_rng_state)
@@ -81,24 +81,15 @@ class PretrainConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "epochs", "eval_every", "patience", "eval_batch_size", "emb_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        check_seed(self.seed)
-        check_finite(self, ("lr", "weight_decay", "dropout", "noise_scale", "noise_min", "noise_max", "time_budget"))
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if not self.ks:
+            raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC}), got {self.ks}")
+        check_run_settings(self, positive=("batch_size", "epochs", "eval_every", "patience", "eval_batch_size",
+                                           "emb_size"),
+                           finite=("dropout", "noise_scale", "noise_min", "noise_max"), precisions=PRECISIONS,
+                           selection=SELECTION_METRIC)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        if not self.ks or 20 not in self.ks:
-            raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC}), got {self.ks}")
         self.dims = tuple(int(d) for d in self.dims)
-        self.ks = tuple(sorted(int(k) for k in self.ks))
         self.diffusion_config()  # validates the diffusion settings
 
     def diffusion_config(self) -> DiffusionConfig:

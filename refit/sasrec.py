@@ -44,6 +44,7 @@ import torch
 from . import seqdata
 from .baselines import BaselineResult, _fmt
 from .control import Progress
+from .limits import check_run_settings
 from .models.sasrec import IGNORE, SASRec, left_pad
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,10 @@ class SASRecConfig:
     def __post_init__(self):
         if self.cover not in ("last", "all"):
             raise ValueError(f"cover must be 'last' or 'all', got {self.cover!r}")
-        for name in ("batch_size", "max_epochs", "eval_every", "patience", "max_len", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        check_run_settings(self, positive=("batch_size", "max_epochs", "eval_every", "patience", "max_len",
+                                           "eval_batch_size"), finite=("dropout",))
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
 
     def model_kwargs(self, n_items: int, start_token: bool) -> Dict[str, Any]:
         return {"n_items": n_items, "max_len": self.max_len, "hidden": self.hidden, "n_blocks": self.n_blocks,

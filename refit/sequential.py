@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from . import distributed as dist
 from .control import StopRequests
 from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
-from .limits import check_finite, check_memory, check_seed
+from .limits import check_finite, check_memory, check_run_settings
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .models.preferdiff import PAIRINGS, RECONSTRUCTIONS, PreferDiff, check_loss_settings
@@ -514,13 +514,10 @@ class DreamRecConfig:
         name = self.network_class.network_name
         if self.model != name:
             raise ValueError(f"model must be {name!r}, got {self.model!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "epochs", "eval_every", "patience", "eval_batch_size", "hidden", "max_len",
-                     "heads", "steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_run_settings(self, positive=("batch_size", "epochs", "eval_every", "patience", "eval_batch_size",
+                                           "hidden", "max_len", "heads", "steps"),
+                           finite=("w", "p_uncond", "dropout", "beta_start", "beta_end"), precisions=PRECISIONS,
+                           selection=SEQ_SELECTION)
         if self.diffuser not in DIFFUSERS:
             raise ValueError(f"diffuser must be one of {DIFFUSERS}, got {self.diffuser!r}")
         if self.noise_schedule not in FULL_SCHEDULES:
@@ -538,13 +535,8 @@ class DreamRecConfig:
         if isinstance(self.ce_weight, bool) or not isinstance(self.ce_weight, (int, float)) or \
                 not math.isfinite(self.ce_weight) or self.ce_weight < 0:
             raise ValueError(f"ce_weight must be a finite number >= 0, got {self.ce_weight!r}")
-        check_seed(self.seed)
-        check_finite(self, ("lr", "weight_decay", "w", "p_uncond", "dropout", "beta_start", "beta_end",
-                            "time_budget"))
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.w < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0 and w >= 0, got {self.lr}, {self.weight_decay}, {self.w}")
+        if self.w < 0:
+            raise ValueError(f"w must be >= 0, got {self.w}")
         if self.w_grid is not None:
             grid = list(self.w_grid) if isinstance(self.w_grid, (tuple, list)) else []
             if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
@@ -552,9 +544,6 @@ class DreamRecConfig:
                 raise ValueError(f"w_grid must be None or a non-empty list of finite numbers >= 0, "
                                  f"got {self.w_grid!r}")
             self.w_grid = tuple(sorted({float(v) for v in grid} | {float(self.w)}))
-        self.ks = tuple(sorted(int(k) for k in self.ks))
-        if 20 not in self.ks:
-            raise ValueError(f"ks must include 20 (model selection uses {SEQ_SELECTION}), got {self.ks}")
         self.diffusion_config()
         # Before the network is built for its checks: the positions and layers alone (the item table's
         # size waits for the data, and DreamRec's own check then names the items).

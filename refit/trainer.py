@@ -35,7 +35,7 @@ import torch
 import refit_kernels as rk
 
 from .control import Progress, StopRequests
-from .limits import check_finite, check_seed
+from .limits import check_run_settings
 from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
@@ -158,17 +158,14 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.group_size is None:
             self.group_size = GROUP_SIZE.get(self.method, 1)
-        for name in ("iterations", "batch_size", "k", "similar_users", "eval_every", "checkpoint_every",
-                     "eval_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        check_seed(self.seed)
-        check_finite(self, ("lr", "weight_decay", "grad_clip", "alpha", "hide_fraction", "temperature", "rl_noise",
-                            "timestep_fraction", "ema_decay", "anchor_weight", "ppo_clip", "rw_lambda", "rb_temperature",
-                            "nft_beta", "nft_ema", "nft_adv_clip"))
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
+        check_run_settings(self, positive=("iterations", "batch_size", "k", "similar_users", "eval_every",
+                                           "checkpoint_every", "eval_batch_size"),
+                           finite=("grad_clip", "alpha", "hide_fraction", "temperature", "rl_noise",
+                                   "timestep_fraction", "ema_decay", "anchor_weight", "ppo_clip", "rw_lambda",
+                                   "rb_temperature", "nft_beta", "nft_ema", "nft_adv_clip"),
+                           precisions=PRECISIONS, selection=f"{SELECTION_METRIC} / hr@20")
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.similar_users_method not in ("auto", "exact", "approximate"):
@@ -229,12 +226,6 @@ class FinetuneConfig:
         if self.rw_lambda is None:
             self.rw_lambda = RW_LAMBDA.get(self.method, 1.0)
         METHOD_CLASSES[self.method].check_config(self)  # what the method itself refuses (and may settle)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.ks is not None:
-            self.ks = tuple(sorted(int(k) for k in self.ks))
-            if 20 not in self.ks:
-                raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC} / hr@20)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
-"""One rule for resuming every kind of run (``RunDir.resume_state``): DiffRec pretraining, DreamRec
-pretraining and fine-tuning take the same settings as changeable and refuse the others alike."""
+"""The rules every kind of run shares: resuming (``RunDir.resume_state``), where DiffRec pretraining,
+DreamRec pretraining and fine-tuning take the same settings as changeable and refuse the others alike, and
+the checks of the settings they have in common (``refit.limits.check_run_settings``)."""
 
 import json
 
@@ -76,3 +77,27 @@ def test_finetuning_follows_the_same_rule(tmp_path, data):
     other = load_dataset("synthetic", n_users=200, n_items=150, seed=9)
     with pytest.raises(ValueError, match=r"cannot resume .*: it was trained on other data"):
         finetune(FinetuneConfig(**base, iterations=6, allow_other_data=True), other, resume=True)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"lr": 0.0}, r"lr must be > 0, got 0.0"),
+    ({"weight_decay": -1.0}, r"weight_decay must be >= 0"),
+    ({"lr": float("nan")}, r"lr must be a finite number"),
+    ({"time_budget": 0.0}, r"time_budget must be > 0 seconds"),
+    ({"seed": -1}, r"seed must be an integer in"),
+    ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
+    ({"batch_size": True}, r"batch_size must be a positive integer, got True"),
+    ({"eval_batch_size": 2.0}, r"eval_batch_size must be a positive integer, got 2.0"),
+])
+def test_every_kind_of_run_refuses_the_shared_settings_alike(bad, message):
+    """The settings every run shares are checked by one function (refit.limits.check_run_settings)."""
+    from refit.sasrec import SASRecConfig
+
+    import dataclasses
+
+    for cls, extra in ((PretrainConfig, {}), (DreamRecConfig, {}), (FinetuneConfig, {"checkpoint": "x.pt"}),
+                       (SASRecConfig, {})):
+        if not set(bad) <= {f.name for f in dataclasses.fields(cls)}:
+            continue  # fine-tuning stops by iterations, not by a time budget
+        with pytest.raises(ValueError, match=message):
+            cls(**extra, **bad)
