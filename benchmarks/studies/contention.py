@@ -11,6 +11,7 @@ percentile of each op's time, in ms, as a Markdown table (and ``--json``).
 
     python -m benchmarks.studies.contention                       # the table
     python -m benchmarks.studies.contention --repeats 100 --json out.json
+    python -m benchmarks.studies.contention --iterations 10       # and one iteration of each method
 
 Run it alone on the machine: the busy processes are its own, and anything else
 running adds to them.
@@ -63,12 +64,37 @@ ops = {
     "target_rank (1,024 x 3,706)": lambda: rk.target_rank(scores, positives, backend="cpu"),
     "gaussian_logprob fwd+bwd (20 x 1,024 x 64)": logprob_fwd_bwd,
 }
+iteration_repeats = int(sys.argv[2])
+if iteration_repeats:
+    # One post-training iteration of each method on DiffRec (its published sizes, untrained: the time
+    # does not depend on the weights) over ML-1M-sized synthetic data, B = 64.
+    import scipy.sparse as sp
+    from refit.data import load_dataset
+    from refit.diffusion import GaussianDiffusion
+    from refit.models import build_model
+    from refit.pretrain import PretrainConfig
+    from refit.recommender import Recommender
+    from refit.trainer import METHODS, FinetuneConfig, ReFiT
+
+    data = load_dataset("synthetic", n_users=6040, n_items=3706, seed=0)
+    rated = data.train.copy().astype(np.float32)
+    rated.data = rng.integers(1, 6, rated.nnz).astype(np.float32)
+    data.train_ratings = sp.csr_matrix(rated)
+    cfg = PretrainConfig()
+    for method in METHODS:  # each with its defaults (GRPO's groups of 16, reward-weighted's of 4, ...)
+        torch.manual_seed(0)
+        policy = Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+                             GaussianDiffusion(cfg.diffusion_config()))
+        trainer = ReFiT(policy, data, FinetuneConfig(checkpoint="", batch_size=64, seed=0, method=method))
+        ops[f"{method} iteration (DiffRec, B 64)"] = trainer.step
+
 out = {}
 for name, f in ops.items():
-    for _ in range(5):
+    n = iteration_repeats if name.endswith("B 64)") else repeats
+    for _ in range(5 if n == repeats else 2):
         f()
     ts = []
-    for _ in range(repeats):
+    for _ in range(n):
         t = time.perf_counter()
         f()
         ts.append((time.perf_counter() - t) * 1e3)
@@ -76,15 +102,17 @@ for name, f in ops.items():
 print(json.dumps({"threads": torch.get_num_threads(), "ops": out}))
 """
 
+
 BUSY = "while True: pass"
 
 
-def run(threads: str, busy: int, repeats: int) -> dict:
+def run(threads: str, busy: int, repeats: int, iteration_repeats: int = 0) -> dict:
     env = child_env(None if threads == "unset" else threads)
     hogs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
     try:
         time.sleep(0.5 if busy else 0)  # let the busy loops take their cores
-        res = subprocess.run([sys.executable, "-c", CHILD, str(repeats)], env=env, capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-c", CHILD, str(repeats), str(iteration_repeats)], env=env,
+                             capture_output=True, text=True,
                              timeout=1800)
     finally:
         for h in hogs:
@@ -98,6 +126,8 @@ def run(threads: str, busy: int, repeats: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=200, help="timed calls per op and setting (default 200)")
+    p.add_argument("--iterations", type=int, default=0, metavar="N",
+                   help="also time N post-training iterations of each method on DiffRec per setting (default 0: none)")
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="busy processes beside (default 0 1 2)")
     p.add_argument("--threads", nargs="+", default=["unset", "1", "2"], help="OMP_NUM_THREADS settings")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -105,7 +135,7 @@ def main(argv=None) -> int:
     results = []
     for busy in args.busy:
         for threads in args.threads:
-            r = run(threads, busy, args.repeats)
+            r = run(threads, busy, args.repeats, args.iterations)
             results.append({"busy": busy, "threads_setting": threads, **r})
             print(f"busy {busy}, threads {threads} ({r['threads']}): "
                   + ", ".join(f"{k.split(' ')[0]} {v['median']:.3f}/{v['p90']:.3f}" for k, v in r["ops"].items()),
