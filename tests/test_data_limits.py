@@ -12,6 +12,7 @@ import pytest
 
 from _testing import shared_dataset
 import refit.formats as formats_module
+import refit.safe_pickle as safe_pickle
 import refit.seqdata as seqdata
 from refit.data import DataFormatError, load_dataset
 from refit.seqdata import load_sequences
@@ -110,8 +111,8 @@ def test_real_data_loads_with_a_tenth_of_the_bound(monkeypatch):
     paths = [p for p in paths if p is not None]
     if not paths:
         pytest.skip("ml-1m_seq and zhihu are not in ../shared/data (or $REFIT_DATA), or pandas is missing")
-    monkeypatch.setattr(seqdata, "PICKLE_ELEMENTS_PER_BYTE", 1.6)
-    monkeypatch.setattr(seqdata, "PICKLE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(safe_pickle, "PICKLE_ELEMENTS_PER_BYTE", 1.6)
+    monkeypatch.setattr(safe_pickle, "PICKLE_MIN_ELEMENTS", 0)
     for path in paths:
         assert load_sequences(path).n_sequences > 6000
 

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from _testing import shared_dataset
+import refit.safe_pickle as safe_pickle
 import refit.seqdata as seqdata
 from refit.data import DataFormatError, load_dataset
 from refit.seqbaselines import MostPopular, most_popular_metrics
@@ -380,7 +381,7 @@ def test_dreamrec_missing_parts(tmp_path):
 @needs_pandas
 def test_dreamrec_without_pandas(tmp_path, monkeypatch):
     folder = write_dreamrec(tmp_path / "f", GOOD, 10, seq_size=3)
-    monkeypatch.setattr(seqdata, "_RULES", None)
+    monkeypatch.setattr(safe_pickle, "_RULES", None)
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now fails
     with pytest.raises(ImportError, match=r"data_statis\.df: reading DreamRec \.df files needs pandas.*pip install "
                                           r"pandas"):

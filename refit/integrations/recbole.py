@@ -29,17 +29,9 @@ original classes, for RecBole to load. Nothing in the file runs code.
 
 from __future__ import annotations
 
-import builtins
-import codecs
-import collections
-import copyreg
-import datetime
-import io
 import math
 import os
-import pickle
 import re
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,213 +44,11 @@ from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..evaluate import DEFAULT_KS, evaluate_many
 from ..models import DiffRecMLP
 from ..recommender import Recommender
+from ..safe_pickle import RECBOLE_PICKLE_MODULE, Opaque, read_pickle  # noqa: F401  (importable from here)
 
 
 class RecBoleMismatch(ValueError):
     """A RecBole model or data set that refit cannot reproduce exactly; the message says what differs."""
-
-
-# --- reading and writing RecBole's pickles without RecBole -----------------------------------
-
-_SAFE_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "object", "tuple",
-                  "list", "dict", "int", "float", "bool", "str"}
-
-
-def _load_storage_bytes(b: bytes) -> Any:
-    """Stands in for ``torch.storage._load_from_bytes``, which unpickles its bytes with plain pickle.
-
-    RecBole's saved dataloaders are plain pickles whose tensors keep their
-    storage as nested ``torch.save`` bytes; those hold storages only, which
-    the weights-only loader reads.
-    """
-    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
-
-
-def _real_globals() -> Dict[Tuple[str, str], Any]:
-    """The globals rebuilt for real, by exact module and name; every other one becomes an Opaque stand-in.
-
-    Whole modules are never admitted: ``torch`` or ``numpy`` also hold
-    functions that run code or read other pickles (``torch.load``,
-    ``numpy.load``, ``os`` reached as ``torch.serialization.os``).
-    """
-    real: Dict[Tuple[str, str], Any] = {}
-    try:  # torch's own list of what tensors, storages and dtypes need (what torch.load(weights_only=True) admits)
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        table = dict(_get_allowed_globals())
-    except (ImportError, AttributeError):  # a torch without it: the tensor rebuilders RecBole's files use
-        table = {f"torch._utils.{n}": getattr(torch._utils, n)
-                 for n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
-                           "_rebuild_parameter_with_state") if hasattr(torch._utils, n)}
-        table.update({"torch.device": torch.device, "torch.Size": torch.Size,
-                      "collections.OrderedDict": collections.OrderedDict, "_codecs.encode": codecs.encode})
-    for full, obj in table.items():
-        module, _, name = full.rpartition(".")
-        real[(module, name)] = obj
-    real[("torch.storage", "_load_from_bytes")] = _load_storage_bytes
-    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5's form of an array (refuses object dtypes)
-    for core in ("numpy.core", "numpy._core"):  # NumPy 2 renamed numpy.core to numpy._core
-        real[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        real[(f"{core}.multiarray", "scalar")] = scalar
-        real[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    real[("numpy", "ndarray")] = np.ndarray
-    real[("numpy", "dtype")] = np.dtype
-    for name in ("OrderedDict", "defaultdict", "Counter", "deque"):
-        real[("collections", name)] = getattr(collections, name)
-    for name in ("_reconstructor", "__newobj__", "__newobj_ex__"):
-        real[("copyreg", name)] = getattr(copyreg, name)
-    for name in ("date", "datetime", "time", "timedelta", "timezone"):
-        real[("datetime", name)] = getattr(datetime, name)
-    for name in _SAFE_BUILTINS:
-        real[("builtins", name)] = getattr(builtins, name)
-    real[("__builtin__", "set")] = set  # protocol 2 pickles written by Python 2
-    return real
-
-
-class Opaque:
-    """Stand-in for an object of a class that is not imported (RecBole's Config, enums, data sets...).
-
-    Keeps what the pickle said about the object (constructor arguments,
-    state, list and dict items) so that it can be read (``obj.state``,
-    attribute access to entries of a dict state) and pickled again as the
-    original class.
-    """
-
-    _origin: Tuple[str, str] = ("", "")
-
-    def __new__(cls, *args, **kwargs):
-        obj = super().__new__(cls)
-        obj.__dict__["_args"] = args
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        # Reached only when the pickle called the class (REDUCE), not for NEWOBJ.
-        self.__dict__["_called"] = True
-
-    def __setstate__(self, state):
-        self.__dict__["_state"] = state
-
-    def append(self, item):
-        self.__dict__.setdefault("_listitems", []).append(item)
-
-    def extend(self, items):
-        self.__dict__.setdefault("_listitems", []).extend(items)
-
-    def __setitem__(self, key, value):
-        self.__dict__.setdefault("_dictitems", []).append((key, value))
-
-    @property
-    def state(self):
-        return self.__dict__.get("_state")
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        state = self.__dict__.get("_state")
-        if isinstance(state, dict) and name in state:
-            return state[name]
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) and name in state[1]:
-            return state[1][name]
-        raise AttributeError(f"{self._origin[0]}.{self._origin[1]} stand-in has no {name!r}")
-
-    def __reduce_ex__(self, protocol):
-        cls, d = type(self), self.__dict__
-        args, state = d.get("_args", ()), d.get("_state")
-        items = iter(d["_listitems"]) if d.get("_listitems") else None
-        ditems = iter(d["_dictitems"]) if d.get("_dictitems") else None
-        if d.get("_called", False):
-            return (cls, args, state, items, ditems)
-        return (copyreg.__newobj__, (cls,) + tuple(args), state, items, ditems)
-
-    def __repr__(self):
-        return f"<{self._origin[0]}.{self._origin[1]} (not imported)>"
-
-
-_OPAQUE_CLASSES: Dict[Tuple[str, str], type] = {}
-
-
-def _opaque_class(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _OPAQUE_CLASSES:
-        _OPAQUE_CLASSES[key] = type(name.split(".")[-1], (Opaque,), {"_origin": key, "__module__": __name__})
-    return _OPAQUE_CLASSES[key]
-
-
-_REAL_GLOBALS = _real_globals()
-
-
-class _Unpickler(pickle._Unpickler):  # the Python implementation: its BUILD can be checked
-    """Builds tensors, arrays and containers; everything else becomes an :class:`Opaque` (never imported).
-
-    Nothing is imported and no global is looked up by name: :data:`_REAL_GLOBALS`
-    maps exact (module, name) pairs to objects. A pickle may not set
-    attributes on a class, function or module (BUILD on such an object),
-    which would change them for the whole process.
-    """
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def find_class(self, module, name):
-        real = _REAL_GLOBALS.get((module, name))
-        return real if real is not None else _opaque_class(module, name)
-
-    def load_build(self):
-        target = self.stack[-2]
-        if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-                               types.ModuleType)):
-            raise pickle.UnpicklingError(f"the pickle sets attributes of {target!r}, which refit does not allow")
-        super().load_build()
-
-    dispatch[pickle.BUILD[0]] = load_build
-
-
-class _Pickler(pickle._Pickler):  # the Python implementation: its save_global can be extended
-    """Writes :class:`Opaque` classes back under their original module and name."""
-
-    def save_global(self, obj, name=None):
-        origin = getattr(obj, "_origin", None) if isinstance(obj, type) and issubclass(obj, Opaque) else None
-        if origin is None:
-            return super().save_global(obj, name)
-        module, qualname = origin
-        if self.proto >= 4:
-            self.save(module)
-            self.save(qualname)
-            self.write(pickle.STACK_GLOBAL)
-        else:
-            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("utf-8"))
-        self.memoize(obj)
-
-
-_pickle_module = types.ModuleType("refit_recbole_pickle")
-_pickle_module.Unpickler = _Unpickler
-_pickle_module.Pickler = _Pickler
-_pickle_module.load = lambda f, **kw: _Unpickler(f, **kw).load()
-_pickle_module.loads = lambda b, **kw: _Unpickler(io.BytesIO(b), **kw).load()
-_pickle_module.dump = lambda obj, f, protocol=None, **kw: _Pickler(f, protocol, **kw).dump(obj)
-_pickle_module.__version__ = pickle.format_version
-
-
-def read_pickle(path: str) -> Any:
-    """Reads a RecBole file (``torch.save`` or plain pickle) without importing RecBole.
-
-    Either way the pickle goes through :class:`_Unpickler`: RecBole's classes
-    become :class:`Opaque` stand-ins and nothing in the file runs code.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    try:
-        if not is_zip:  # RecBole pickles its dataloaders plainly; torch's older format opens with a magic number
-            with open(path, "rb") as f:
-                first = _Unpickler(f).load()
-            if not (type(first) is int and first == torch.serialization.MAGIC_NUMBER):
-                return first
-        # weights_only=False only lets torch use this module's restricted unpickler (pickle_module).
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same sentence
-        raise ValueError(f"{path!r} could not be read as a RecBole file ({type(exc).__name__}: {exc})") from exc
 
 
 def _config_dict(config: Any) -> Dict[str, Any]:
@@ -896,7 +686,7 @@ def export_recbole_checkpoint(rec: Recommender, template: Any, path: str) -> str
     state["state_dict"] = recbole_state_dict(rec, template.state["state_dict"])
     from ..runs import atomic_write
 
-    atomic_write(path, lambda f: torch.save(state, f, pickle_module=_pickle_module, pickle_protocol=4))
+    atomic_write(path, lambda f: torch.save(state, f, pickle_module=RECBOLE_PICKLE_MODULE, pickle_protocol=4))
     return path
 
 
