@@ -478,7 +478,7 @@ def _sequence_baseline_rows(args, data, state, splits, ks):
     data (its baselines.json beside the checkpoint or in runs/baselines-<data name>, matched by
     fingerprint; SASRec takes minutes to hours to train, so it is never fitted here)."""
     from .runs import data_fingerprint
-    from .seqbaselines import most_popular_metrics
+    from .baselines.sequences import most_popular_metrics
 
     rows = [("most-popular", most_popular_metrics(data, splits, ks=ks, protocol=args.protocol,
                                                   exclude_history=args.exclude_history))]
@@ -644,7 +644,7 @@ def cmd_baselines(args) -> int:
     only = args.only or ("most-popular,sasrec" if sequences else "most-popular,itemknn,ease")
     include = [n.strip() for n in only.split(",") if n.strip()]
     if sequences:
-        from .seqbaselines import fit_sequence_baselines
+        from .baselines.sequences import fit_sequence_baselines
 
         args.ks = args.ks or [10, 20, 50]
         grid = {"max_len": args.sasrec_max_len, "dropout": args.sasrec_dropout}

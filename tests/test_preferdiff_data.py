@@ -15,7 +15,7 @@ from _testing import shared_dataset
 import refit.seqdata as seqdata
 from refit import cli
 from refit.data import DataFormatError, DataOptionsError, load_dataset
-from refit.seqbaselines import MostPopular, most_popular_metrics
+from refit.baselines.sequences import SequenceMostPopular, most_popular_metrics
 from refit.seqdata import SequenceData, evaluate_sequences, is_sequence_source, load_sequences
 
 
@@ -79,7 +79,7 @@ def test_tiny_folder_exactly(tiny):
         "lines_train": 3, "lines_valid": 2, "lines_test": 1, "targets_train": 3, "history_max": 4,
         "train_targets": "last"}
     # Most-popular counts the training targets: ids 7, 2 and 1 once each.
-    assert MostPopular(d).counts.tolist() == [1, 1, 0, 0, 0, 0, 1, 0, 0]
+    assert SequenceMostPopular(d).counts.tolist() == [1, 1, 0, 0, 0, 0, 1, 0, 0]
 
 
 def test_every_prefix_and_window_options(tiny):

@@ -91,7 +91,7 @@ def test_finetuning_follows_the_same_rule(tmp_path, data):
 ])
 def test_every_kind_of_run_refuses_the_shared_settings_alike(bad, message):
     """The settings every run shares are checked by one function (refit.limits.check_run_settings)."""
-    from refit.sasrec import SASRecConfig
+    from refit.baselines.sasrec import SASRecConfig
 
     import dataclasses
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from refit.models.sasrec import IGNORE, SASRec, left_pad
-from refit.sasrec import (
+from refit.baselines.sasrec import (
     SASRecConfig,
     SASRecResult,
     evaluate_sasrec,
@@ -36,7 +36,7 @@ from refit.sasrec import (
     training_windows,
     window_batch,
 )
-from refit.seqbaselines import most_popular_metrics
+from refit.baselines.sequences import most_popular_metrics
 from refit.seqdata import SequenceData, Targets
 
 
@@ -476,7 +476,7 @@ def test_refit_baselines_on_sequences_runs_most_popular_and_a_tuned_sasrec(tmp_p
     import sys
 
     from refit.data import load_dataset
-    from refit.seqbaselines import most_popular_metrics
+    from refit.baselines.sequences import most_popular_metrics
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "refit", "-q", "baselines", "--data", "synthetic-seq", "--sasrec-max-len", "10",

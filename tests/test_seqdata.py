@@ -17,7 +17,7 @@ from _testing import shared_dataset
 import refit.safe_pickle as safe_pickle
 import refit.seqdata as seqdata
 from refit.data import DataFormatError, load_dataset
-from refit.seqbaselines import MostPopular, most_popular_metrics
+from refit.baselines.sequences import SequenceMostPopular, most_popular_metrics
 from refit.seqdata import SequenceData, Targets, evaluate_like_dreamrec, evaluate_sequences, load_sequences
 
 try:
@@ -777,7 +777,7 @@ def test_dreamrec_protocol_matches_dreamrec_evaluate(tmp_path):
 
 def test_most_popular():
     d, seqs = random_data(seed=2, repeats=False)
-    mp = MostPopular(d)
+    mp = SequenceMostPopular(d)
     t = d.targets["train"]
     expect = np.bincount([int(seqs[s][p]) for s, p in zip(t.seq.tolist(), t.pos.tolist())], minlength=d.n_items)
     assert mp.counts.tolist() == expect.tolist()
@@ -788,4 +788,4 @@ def test_most_popular():
         hr = np.mean([int(seqs[s][p]) in [j for j in order if j not in set(seqs[s][:p].tolist())][:5]
                       for s, p in zip(tt.seq.tolist(), tt.pos.tolist())])
         assert got[split]["hr@5"] == pytest.approx(hr) and got[split]["n"] == len(tt)
-    assert MostPopular(d, pad_column=True).counts.shape == (d.n_items + 1,)
+    assert SequenceMostPopular(d, pad_column=True).counts.shape == (d.n_items + 1,)

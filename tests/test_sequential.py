@@ -10,7 +10,7 @@ import torch
 
 from refit.data import load_dataset
 from refit.runs import load_checkpoint
-from refit.seqbaselines import most_popular_metrics
+from refit.baselines.sequences import most_popular_metrics
 from refit.sequential import DreamRecConfig, evaluate_dreamrec, load_seq_recommender, pretrain_dreamrec
 
 DATA = {"n_users": 120, "n_items": 60, "mean_length": 12, "seed": 3}

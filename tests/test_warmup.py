@@ -187,7 +187,7 @@ def test_the_automatic_warm_start_ends_on_its_own_validation(tmp_path, data, mon
 
 
 def test_the_default_recipe_learns_and_beats_most_popular(tmp_path):
-    from refit.seqbaselines import most_popular_metrics
+    from refit.baselines.sequences import most_popular_metrics
 
     opts = {"n_users": 120, "n_items": 60, "mean_length": 12, "seed": 3}
     data = load_dataset("synthetic-seq", **opts)

@@ -4,7 +4,7 @@
     python -m benchmarks.studies.tune_sasrec ../shared/data/zhihu --max-len 10 50 --budget 600
 
 Every configuration of the grid (the cartesian product of the value lists
-given; default :data:`refit.sasrec.DEFAULT_GRID`, 8 configurations) is
+given; default :data:`refit.baselines.sasrec.DEFAULT_GRID`, 8 configurations) is
 trained with AdamW and early stopping on the validation HR@20, within
 ``--budget`` seconds each; the best one by validation HR@20 is evaluated on
 validation and test (full ranking; the history excluded when items do not
@@ -12,7 +12,7 @@ repeat in a sequence, as in ml-1m_seq). The result (chosen values, metrics,
 one row per configuration, the chosen run's curve, notes such as a choice on
 the edge of the grid or a run cut by its budget) is printed and, with
 ``--out``, written as JSON; ``--save`` writes the chosen model
-(:func:`refit.sasrec.load_sasrec` reads it).
+(:func:`refit.baselines.sasrec.load_sasrec` reads it).
 
 ``--max-steps N`` stops every run after N optimiser steps: a smoke test of
 the whole pipeline in seconds, not a result.
@@ -33,7 +33,7 @@ import time
 import torch
 
 
-from refit.sasrec import DEFAULT_GRID, DEFAULT_KS, SASRecConfig, fit_sasrec, save_sasrec
+from refit.baselines.sasrec import DEFAULT_GRID, DEFAULT_KS, SASRecConfig, fit_sasrec, save_sasrec
 from benchmarks.paths import data_root
 from refit.seqdata import load_sequences
 

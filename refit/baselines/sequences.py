@@ -8,10 +8,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .seqdata import SequenceData, evaluate_sequences
+from ..seqdata import SequenceData, evaluate_sequences
 
 
-class MostPopular:
+class SequenceMostPopular:
     """Scores every item by how often it is a training target: the same ranking for every history.
 
     A score function for :func:`refit.seqdata.evaluate_sequences`. Equal
@@ -39,12 +39,12 @@ class MostPopular:
 def most_popular_metrics(data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
                          protocol: str = "full", exclude_history: Optional[bool] = None,
                          batch_size: int = 1024, backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """:func:`refit.seqdata.evaluate_sequences` of :class:`MostPopular` (arguments as there).
+    """:func:`refit.seqdata.evaluate_sequences` of :class:`SequenceMostPopular` (arguments as there).
 
     Returns:
         {split: {"hr@k", "ndcg@k", "mrr@k" for every k, "n"}}.
     """
-    model = MostPopular(data, pad_column=protocol == "dreamrec")
+    model = SequenceMostPopular(data, pad_column=protocol == "dreamrec")
     return evaluate_sequences(model, data, splits, ks=ks, batch_size=batch_size, exclude_history=exclude_history,
                               backend=backend, protocol=protocol)
 
@@ -55,10 +55,10 @@ SEQ_BASELINES = ("most-popular", "sasrec")
 def fit_sequence_baselines(data: SequenceData, *, ks: Sequence[int] = (10, 20, 50),
                            include: Sequence[str] = SEQ_BASELINES, sasrec_grid: Optional[Mapping[str, Any]] = None,
                            progress: Optional[bool] = False, **sasrec_overrides) -> List[Any]:
-    """Most-popular and SASRec (tuned on validation HR@20 by :func:`refit.sasrec.fit_sasrec` over
+    """Most-popular and SASRec (tuned on validation HR@20 by :func:`refit.baselines.sasrec.fit_sasrec` over
     ``sasrec_grid``, its settings overridden by ``sasrec_overrides``, e.g. ``time_budget`` seconds per
     configuration) on ``data``; returns :class:`refit.baselines.BaselineResult` rows in that order."""
-    from .baselines import BaselineResult
+    from .rows import BaselineResult
     from .sasrec import DEFAULT_GRID, fit_sasrec
 
     unknown = set(include) - set(SEQ_BASELINES)
@@ -78,4 +78,4 @@ def fit_sequence_baselines(data: SequenceData, *, ks: Sequence[int] = (10, 20, 5
     return rows
 
 
-__all__ = ["MostPopular", "most_popular_metrics", "fit_sequence_baselines", "SEQ_BASELINES"]
+__all__ = ["SequenceMostPopular", "most_popular_metrics", "fit_sequence_baselines", "SEQ_BASELINES"]

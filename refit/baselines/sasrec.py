@@ -41,11 +41,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from . import seqdata
-from .baselines import BaselineResult, _fmt
-from .control import Progress
-from .limits import check_run_settings
-from .models.sasrec import IGNORE, SASRec, left_pad
+from .. import seqdata
+from ..control import Progress
+from ..limits import check_run_settings
+from ..models.sasrec import IGNORE, SASRec, left_pad
+from .rows import BaselineResult, _fmt
 
 log = logging.getLogger(__name__)
 
