@@ -116,7 +116,8 @@ inline int64_t grain_for(int64_t work_per_item, int64_t work_per_ms) {
 // region is watched: each task measures the CPU time its thread spent on it,
 // and when the region's wall time is well above its longest task's CPU time,
 // a thread was waiting for a core (it started late, or lost its core midway).
-// The regions of the next 100 ms then run on the calling thread alone. The
+// After two such regions in a row, the regions of the next 100 ms run on the
+// calling thread alone. The
 // next split region after that tries again; while they keep being held up the
 // pause doubles, up to 2 s, so on a machine that stays busy the cost is one
 // slow region every 2 s, and on a quiet one nothing (a region costs two clock
@@ -124,7 +125,9 @@ inline int64_t grain_for(int64_t work_per_item, int64_t work_per_ms) {
 namespace watch {
 constexpr int64_t kFirstPauseNs = 100'000'000;
 constexpr int64_t kLongestPauseNs = 2'000'000'000;
-constexpr int64_t kSlackNs = 300'000;  // waking a sleeping thread, timer noise
+// Waking a sleeping thread takes up to several hundred microseconds on a virtual machine (its idle
+// vCPU must be scheduled again by the host); a descheduled thread costs a time slice, several ms.
+constexpr int64_t kSlackNs = 1'000'000;
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -147,6 +150,10 @@ inline std::atomic<int64_t>& pause_ns() {
   static std::atomic<int64_t> pause{kFirstPauseNs};
   return pause;
 }
+inline std::atomic<int>& strikes() {
+  static std::atomic<int> count{0};
+  return count;
+}
 
 // One split region: each task reports its thread's CPU time; done() judges.
 class Region {
@@ -158,11 +165,15 @@ class Region {
   void done() const {
     const int64_t now = now_ns(), wall = now - start_, longest = longest_.load();
     if (longest <= 0) return;
-    if (2 * wall > 3 * longest + 2 * kSlackNs) {  // wall > 1.5 x the longest task + slack
+    if (2 * wall > 3 * longest + 2 * kSlackNs) {  // wall > 1.5 x the longest task + 1 ms
+      // Two held-up regions in a row: one alone is as likely a hiccup of a quiet machine.
+      if (strikes().fetch_add(1, std::memory_order_relaxed) + 1 < 2) return;
+      strikes().store(0, std::memory_order_relaxed);
       const int64_t pause = pause_ns().load(std::memory_order_relaxed);
       serial_until().store(now + pause, std::memory_order_relaxed);
       pause_ns().store(std::min(2 * pause, kLongestPauseNs), std::memory_order_relaxed);
     } else {
+      strikes().store(0, std::memory_order_relaxed);
       pause_ns().store(kFirstPauseNs, std::memory_order_relaxed);
     }
   }
