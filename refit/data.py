@@ -709,10 +709,10 @@ def _dense_codes(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.int64), np.zeros(0, np.int32)
     low, high = int(ids.min()), int(ids.max())
     if high - low < max(4 * ids.size, 1 << 20):
+        shifted = ids - low
         present = np.zeros(high - low + 1, dtype=bool)
-        present[ids - low] = True
-        lookup = np.cumsum(present, dtype=np.int32) - 1
-        codes = lookup[ids - low]
+        present[shifted] = True
+        codes = (np.cumsum(present, dtype=np.int32) - 1)[shifted]
         return np.flatnonzero(present).astype(np.int64) + low, codes
     distinct, codes = np.unique(ids, return_inverse=True)
     return distinct.astype(np.int64), codes.reshape(-1).astype(np.int32)
@@ -752,7 +752,7 @@ def _split_csr(u: np.ndarray, i: np.ndarray, values: Optional[np.ndarray], key: 
     """
     order = np.lexsort((key, u))  # by user, then key, then array order
     i_sorted = i[order]
-    v_sorted = None if values is None else values[order].astype(np.float32)
+    v_sorted = None if values is None else values[order].astype(np.float32, copy=False)
     del order
     counts = np.bincount(u, minlength=n_users)
     cut1 = np.floor(fractions[0] * counts + 0.5 + 1e-9).astype(np.int64)
@@ -827,7 +827,8 @@ def _build(rec: _Records, name: str, path: str, *, min_rating: Optional[float] =
     n_kept = len(u)
     if ratings is not None:
         # One record per (user, item) is left, so each CSR has exactly its split's pattern.
-        if not np.isfinite(ratings.astype(np.float32)).all():
+        ratings = ratings.astype(np.float32, copy=False)
+        if not np.isfinite(ratings).all():
             raise ValueError(f"{path}: a kept rating is not a finite number")
     if split_mode == "time":
         if times is None:

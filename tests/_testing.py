@@ -108,6 +108,7 @@ def benchmark_module(name: str):
 
 
 def benchmark_command(name: str):
-    """(argv, env) that run ``python -m benchmarks.<name>`` from any folder."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    """(argv, env) that run ``python -m benchmarks.<name>`` from any folder (env: ``benchmarks.paths.child_env``
+    with this process's thread setting)."""
+    env = benchmark_module("paths").child_env(os.environ.get("OMP_NUM_THREADS"))
     return [sys.executable, "-m", "benchmarks." + name], env
