@@ -28,37 +28,38 @@ inline bool is_kernel_float(c10::ScalarType t) {
 // TORCH_CHECK_TYPE raises TypeError and TORCH_CHECK_VALUE ValueError in Python.
 inline void check_gaussian_logprob_args(const at::Tensor& pred, const at::Tensor& traj,
                                         const at::Tensor& coef_pred, const at::Tensor& coef_x,
-                                        const at::Tensor& log_var, bool mean) {
+                                        const at::Tensor& log_var, bool mean,
+                                        const char* op = "gaussian_logprob") {
   TORCH_CHECK_TYPE(is_kernel_float(pred.scalar_type()),
-                   "gaussian_logprob: pred must be float16, bfloat16, float32 or float64, got ",
+                   op, ": pred must be float16, bfloat16, float32 or float64, got ",
                    pred.scalar_type());
   TORCH_CHECK_TYPE(traj.scalar_type() == pred.scalar_type(),
-                   "gaussian_logprob: traj must have pred's dtype ", pred.scalar_type(),
+                   op, ": traj must have pred's dtype ", pred.scalar_type(),
                    ", got ", traj.scalar_type());
-  TORCH_CHECK_VALUE(pred.dim() == 3, "gaussian_logprob: pred must be 3-D (S, B, I), got shape ",
+  TORCH_CHECK_VALUE(pred.dim() == 3, op, ": pred must be 3-D (S, B, I), got shape ",
                     pred.sizes());
-  TORCH_CHECK_VALUE(traj.dim() == 3, "gaussian_logprob: traj must be 3-D (S+1, B, I), got shape ",
+  TORCH_CHECK_VALUE(traj.dim() == 3, op, ": traj must be 3-D (S+1, B, I), got shape ",
                     traj.sizes());
   const int64_t S = pred.size(0);
   TORCH_CHECK_VALUE(traj.size(0) == S + 1 && traj.size(1) == pred.size(1) &&
                         traj.size(2) == pred.size(2),
-                    "gaussian_logprob: traj must have shape (S+1, B, I) = (", S + 1, ", ",
+                    op, ": traj must have shape (S+1, B, I) = (", S + 1, ", ",
                     pred.size(1), ", ", pred.size(2), ") for pred of shape ", pred.sizes(),
                     ", got ", traj.sizes());
-  TORCH_CHECK_VALUE(traj.device() == pred.device(), "gaussian_logprob: traj is on ",
+  TORCH_CHECK_VALUE(traj.device() == pred.device(), op, ": traj is on ",
                     traj.device(), " but pred is on ", pred.device());
   TORCH_CHECK_VALUE(!mean || pred.size(2) > 0,
-                    "gaussian_logprob: reduction='mean' needs at least one item, got I = 0");
+                    op, ": reduction='mean' needs at least one item, got I = 0");
   const char* names[3] = {"coef_pred", "coef_x", "log_var"};
   const at::Tensor* coefs[3] = {&coef_pred, &coef_x, &log_var};
   for (int k = 0; k < 3; ++k) {
     const at::Tensor& c = *coefs[k];
     TORCH_CHECK_TYPE(c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble,
-                     "gaussian_logprob: ", names[k], " must be float32 or float64, got ",
+                     op, ": ", names[k], " must be float32 or float64, got ",
                      c.scalar_type());
-    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == S, "gaussian_logprob: ", names[k],
+    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == S, op, ": ", names[k],
                       " must have shape (S,) = (", S, ",), got ", c.sizes());
-    TORCH_CHECK_VALUE(c.device() == pred.device(), "gaussian_logprob: ", names[k], " is on ",
+    TORCH_CHECK_VALUE(c.device() == pred.device(), op, ": ", names[k], " is on ",
                       c.device(), " but pred is on ", pred.device());
   }
 }

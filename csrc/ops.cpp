@@ -18,6 +18,12 @@ TORCH_LIBRARY(refit, m) {
   m.def(
       "gaussian_logprob_backward(Tensor grad, Tensor pred, Tensor traj, Tensor coef_pred, "
       "Tensor coef_x, Tensor log_var, bool mean, bool per_step) -> Tensor");
+  // The policy-gradient loss over a trajectory (REINFORCE, or PPO's clipped surrogate with
+  // old_logprob) with its gradient in the same pass: (loss, per-step logprob, d loss / d pred).
+  m.def(
+      "policy_loss(Tensor pred, Tensor traj, Tensor coef_pred, Tensor coef_x, Tensor log_var, "
+      "Tensor advantages, Tensor? old_logprob, float clip, bool mean, float normalizer) -> "
+      "(Tensor loss, Tensor logprob, Tensor grad_pred)");
   // out[b] = sum_{j in [segments[b], segments[b+1])} weights[j] * A[rows[j]], A = (indptr,
   // indices, values) with n_cols columns; no segments: one row per output. Not differentiable.
   m.def(

@@ -13,6 +13,7 @@ from .ops.gaussian_logprob import gaussian_logprob
 from .ops.gather_rows import gather_rows
 from .ops.topk_hits import TopKHits, topk_hits
 from .ops.target_rank import target_rank
+from .ops.policy_loss import PolicyLoss, policy_loss
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,7 @@ __all__ = [
     "TopKHits",
     "topk_hits",
     "target_rank",
+    "PolicyLoss",
+    "policy_loss",
     "__version__",
 ]

@@ -51,6 +51,43 @@ def gaussian_logprob(
     return terms if per_step else terms.sum(0)
 
 
+def policy_loss(
+    pred: torch.Tensor,
+    traj: torch.Tensor,
+    coef_pred: torch.Tensor,
+    coef_x: torch.Tensor,
+    log_var: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprob: Optional[torch.Tensor] = None,
+    clip: float = 0.2,
+    mean: bool = False,
+    normalizer: float = 1.0,
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """The policy-gradient loss of a batch of trajectories: autograd through ``gaussian_logprob``.
+
+    With ``L`` the (S, B) per-step log-likelihoods of :func:`gaussian_logprob`
+    (``per_step=True``) and ``a`` the (B,) advantages:
+
+    * without ``old_logprob`` (REINFORCE): ``loss = -sum_b a[b] * sum_s L[s, b] / normalizer``;
+    * with ``old_logprob`` (S, B) (PPO's clipped surrogate, per step):
+      ``rho = exp(L - old_logprob)``,
+      ``loss = -sum_{s,b} min(rho * a[b], clamp(rho, 1 - clip, 1 + clip) * a[b]) / normalizer``.
+
+    Returns:
+        ``(loss, logprob)``: the () loss, with gradient to ``pred`` by
+        autograd, and ``L`` detached; float64 for float64 inputs, else float32.
+    """
+    terms = gaussian_logprob(pred, traj, coef_pred, coef_x, log_var, mean, per_step=True)
+    a = advantages.detach().to(terms.dtype)
+    if old_logprob is None:
+        loss = -(a * terms.sum(0)).sum() / normalizer
+    else:
+        ratio = torch.exp(terms - old_logprob.detach().to(terms.dtype))
+        clipped = ratio.clamp(1.0 - clip, 1.0 + clip)
+        loss = -torch.minimum(ratio * a, clipped * a).sum() / normalizer
+    return loss, terms.detach()
+
+
 def gather_rows(
     indptr: torch.Tensor,
     indices: torch.Tensor,

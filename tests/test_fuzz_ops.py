@@ -14,7 +14,9 @@ monotone, not starting at 0 or not ending at nnz), its contents (column ids
 out of range or negative, unsorted and duplicate columns), dtypes (float
 ids, bools, float indptr), empty matrices, matrices without rows, and bad
 ids in every argument that holds ids; the scores hold ties, +-0.0, -inf and
-NaN, and k runs up to the number of items. target_rank is also checked
+NaN, and k runs up to the number of items. policy_loss draws gaussian_logprob's
+trajectories with advantages and PPO's old log-likelihoods, corrupted or
+not (extreme values included). target_rank is also checked
 against topk_hits on the same calls: the same refusals, and rank < k exactly
 where topk_hits counts a hit at k.
 
@@ -51,7 +53,7 @@ needs_cpu = pytest.mark.skipif(not _usable("cpu"), reason=f"cpu backend unusable
 
 # Who an error message may start with: the op, or the CSR argument that as_csr names.
 _ERROR_PREFIX = re.compile(
-    r"^(gather_rows|topk_hits|target_rank|gaussian_logprob|matrix|exclude|positives|neighbor_sets)\b")
+    r"^(gather_rows|topk_hits|target_rank|gaussian_logprob|policy_loss|matrix|exclude|positives|neighbor_sets)\b")
 
 
 def run(fn):
@@ -600,3 +602,141 @@ def test_gaussian_logprob_cpu_agrees_with_the_reference(data):
     args, kwargs = glp_case(data.draw)
     compare_backends(("cpu", "reference"), lambda b: _glp(b, args, kwargs), _compare_glp(args, kwargs),
                      "gaussian_logprob")
+
+
+# --- policy_loss ------------------------------------------------------------------------------------
+
+PL_BAD = ["adv-short", "adv-int", "adv-2d", "old-short", "old-half", "clip-zero", "clip-nan", "normalizer-zero",
+          "normalizer-inf"]
+
+
+def pl_case(draw):
+    """gaussian_logprob's call (corrupted or not) with advantages, PPO's old terms and the options."""
+    args, kwargs = glp_case(draw)
+    _, bad = draw_bad(draw, [("pl", b) for b in PL_BAD], valid_share=0.6)
+    pred = args[0]
+    S, B = (pred.shape[0], pred.shape[1]) if pred.dim() == 3 else (args[2].shape[-1], 2)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    adv = torch.randn(B, dtype=torch.float64, generator=g) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    adv = adv.to(draw(st.sampled_from([torch.float64, torch.float32])))
+    old = None
+    if draw(st.booleans()):  # PPO: old terms near the new ones (ratios near the clip), or far
+        spread = draw(st.sampled_from([0.0, 0.1, 1.0, 50.0]))
+        old = torch.randn(S, B, dtype=torch.float64, generator=g) * spread
+        if pred.dim() == 3 and pred.is_floating_point() and pred.dtype == args[1].dtype and kwargs["reduction"]:
+            try:
+                old = old + reference_terms(args, kwargs)
+            except Exception:  # noqa: BLE001 - a corrupted call: its old terms stay random
+                pass
+    clip, normalizer = draw(st.sampled_from([0.1, 0.2, 2.0])), draw(st.sampled_from([None, 1.0, 7.0]))
+    if bad == "adv-short":
+        adv = adv[:-1]
+    elif bad == "adv-int":
+        adv = adv.to(torch.int64)
+    elif bad == "adv-2d":
+        adv = adv[None]
+    elif bad == "old-short":
+        old = torch.zeros(max(S - 1, 0), B, dtype=torch.float64)
+    elif bad == "old-half":
+        old = torch.zeros(S, B, dtype=torch.float16)
+    elif bad == "clip-zero":
+        old, clip = torch.zeros(S, B, dtype=torch.float64), 0.0
+    elif bad == "clip-nan":
+        old, clip = torch.zeros(S, B, dtype=torch.float64), float("nan")
+    elif bad == "normalizer-zero":
+        normalizer = 0.0
+    elif bad == "normalizer-inf":
+        normalizer = float("inf")
+    return args, dict(reduction=kwargs["reduction"], advantages=adv, old_logprob=old, clip=clip,
+                      normalizer=normalizer)
+
+
+def reference_terms(args, kwargs):
+    pred, traj, cp, cx, lv = args
+    return rk.gaussian_logprob(pred.double(), traj.double(), cp, cx, lv, reduction=kwargs["reduction"],
+                               per_step=True, backend="reference").double()
+
+
+def _pl(backend, args, kwargs):
+    """(loss, logprob, gradient) from ``backend``; the reference runs in float64 on the same inputs."""
+    pred, traj, cp, cx, lv = args
+    if backend == "reference" and isinstance(pred, torch.Tensor) and pred.is_floating_point() \
+            and traj.dtype == pred.dtype:
+        pred, traj = pred.double(), traj.double()
+    kw = dict(kwargs)
+    p = pred.detach().clone().requires_grad_(pred.is_floating_point())
+    loss, logprob = rk.policy_loss(p, traj, cp, cx, lv, kw.pop("advantages"), backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss, p, allow_unused=True)
+    return loss.detach(), logprob, (torch.zeros_like(p) if grad is None else grad)
+
+
+def _compare_pl(args, kwargs):
+    """Both kernels against the float64 truth: the logprob within gaussian_logprob's bounds, the loss
+    within those bounds times each row's |d loss / d L| (for PPO taken at the larger ratio the error
+    allows), the gradient (REINFORCE) within gaussian_logprob's gradient bound times the row weights."""
+    def compare(kernel, truth, what):
+        (loss, lp, g), (t_loss, t_lp, t_g) = kernel, truth
+        pred_dtype = args[0].dtype
+        out_dtype = torch.float64 if pred_dtype == torch.float64 else torch.float32
+        assert loss.dtype == lp.dtype == out_dtype and g.dtype == pred_dtype, f"{what}: dtypes"
+        assert loss.shape == () and lp.shape == t_lp.shape and g.shape == t_g.shape, f"{what}: shapes"
+        p64, t64, cp, cx, lv = (t.double() for t in args)
+        S, B, I = p64.shape
+        old = kwargs["old_logprob"]
+        n = kwargs["normalizer"] or float(max(1, B if old is None else S * B))
+        a = kwargs["advantages"].double().abs()
+        # The rows' conditioning, as _conditioning's (without its test weights).
+        mag = t64[1:].abs() + (cx[:, None, None] * t64[:-1]).abs() + (cp[:, None, None] * p64).abs()
+        r = t64[1:] - cx[:, None, None] * t64[:-1] - cp[:, None, None] * p64
+        inv_v = torch.exp(-lv)[:, None, None]
+        c = 1.0 / I if kwargs["reduction"] == "mean" and I else 1.0
+        row = c * (((2 * r.abs() * mag + r * r) * inv_v).sum(-1) + I * (1.9 + lv.abs())[:, None])
+        eps64, work_eps = torch.finfo(torch.float64).eps, torch.finfo(out_dtype).eps
+        lp_tol = 4 * work_eps * t_lp.double().abs() + 16 * eps64 * row
+        assert bool(((lp.double() - t_lp.double()).abs() <= lp_tol).all()), f"{what}: logprob differs\n{lp}\n{t_lp}"
+        if old is None:
+            w = (a / n).expand(S, B)
+        else:
+            w = a * torch.exp(torch.maximum(lp.double(), t_lp.double()) + lp_tol - old.double()) / n
+        loss_tol = float((w * lp_tol).sum()) + 4 * work_eps * (float((w * t_lp.double().abs()).sum())
+                                                               + abs(float(t_loss)))
+        both_nan = math_isnan(loss) and math_isnan(t_loss)
+        assert both_nan or abs(float(loss) - float(t_loss)) <= loss_tol, \
+            f"{what}: loss {float(loss)!r} != {float(t_loss)!r} (tolerance {loss_tol:.3e})"
+        if old is not None:
+            return  # a row within rounding of a clip edge may take either branch: only values compare
+        g_tol = 4 * torch.finfo(pred_dtype).eps * t_g.double().abs() \
+            + 16 * eps64 * c * w[..., None] * (cp.abs()[:, None, None] * inv_v) * mag
+        g_err = (g.double() - t_g.to(pred_dtype).double()).abs()
+        assert bool((g_err <= g_tol).all()), f"{what}: gradient differs\n{g}\n{t_g}"
+
+    return compare
+
+
+def math_isnan(t) -> bool:
+    return bool(torch.isnan(torch.as_tensor(t)))
+
+
+@needs_cpu
+@fuzz_settings(120)
+@given(data=st.data())
+def test_policy_loss_cpu_agrees_with_the_reference(data):
+    args, kwargs = pl_case(data.draw)
+    compare_backends(("cpu", "reference"), lambda b: _pl(b, args, kwargs), _compare_pl(args, kwargs),
+                     "policy_loss")
+
+
+@needs_cpu
+@pytest.mark.skipif(not _usable("triton"), reason=f"triton backend unusable: {rk.available_backends()['triton']}")
+@fuzz_settings(30)
+@given(data=st.data())
+def test_policy_loss_triton_refuses_what_the_cpu_kernel_refuses(data):
+    """The Triton op refuses the same calls with the same messages; on valid calls its results are
+    compared with the reference's in tests/test_policy_loss.py (the float32 kernel's rounding differs)."""
+    args, kwargs = pl_case(data.draw)
+
+    def outcome(backend):
+        kind, value = run(lambda: _pl(backend, args, kwargs))
+        return (kind, value if kind == "error" else None)
+
+    assert_same_outcome({b: outcome(b) for b in ("cpu", "triton")}, lambda *a: None, "policy_loss")

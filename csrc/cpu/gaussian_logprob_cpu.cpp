@@ -1,5 +1,6 @@
-// CPU kernels of refit::gaussian_logprob: one pass over pred and traj,
-// accumulation in float64, threads over (step, user) rows.
+// CPU kernels of refit::gaussian_logprob and of the fused refit::policy_loss
+// (which shares its rows): one pass over pred and traj, accumulation in
+// float64, threads over (step, user) rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,8 +12,10 @@
 #include <vector>
 
 #include "../gaussian_logprob.h"
+#include "../policy_loss.h"
 #include "common.h"
 #include "refit/gaussian_logprob.h"
+#include "refit/policy_loss.h"
 
 namespace refit {
 namespace {
@@ -50,6 +53,23 @@ REFIT_INLINE void row_grad(T* __restrict__ out, const T* __restrict__ x_next,
   }
 }
 
+// The gradient row and the row's sum of squared residuals in one pass (the
+// fused loss knows each row's weight before reading it).
+template <typename T>
+REFIT_INLINE double row_grad_sum_sq(T* __restrict__ out, const T* __restrict__ x_next,
+                                    const T* __restrict__ x, const T* __restrict__ pred, int64_t n,
+                                    double coef_pred, double coef_x, double factor) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = glp::residual<double>(as_double(x_next[i]), as_double(x[i]),
+                                           as_double(pred[i]), coef_pred, coef_x);
+    acc += r * r;
+    out[i] = static_cast<T>(factor * r);
+  }
+  return acc;
+}
+
 // Non-template entry points, one per element type, multiversioned.
 #define REFIT_DEFINE_ROWS(T, SUFFIX)                                                         \
   REFIT_CPU_CLONES double row_sum_sq_##SUFFIX(const T* x_next, const T* x, const T* pred,  \
@@ -60,6 +80,11 @@ REFIT_INLINE void row_grad(T* __restrict__ out, const T* __restrict__ x_next,
                                           const T* pred, int64_t n, double cp, double cx,  \
                                           double factor) {                                 \
     row_grad<T>(out, x_next, x, pred, n, cp, cx, factor);                                  \
+  }                                                                                        \
+  REFIT_CPU_CLONES double row_grad_sum_sq_##SUFFIX(T* out, const T* x_next, const T* x,    \
+                                                   const T* pred, int64_t n, double cp,    \
+                                                   double cx, double factor) {             \
+    return row_grad_sum_sq<T>(out, x_next, x, pred, n, cp, cx, factor);                    \
   }
 
 REFIT_DEFINE_ROWS(float, f32)
@@ -72,18 +97,22 @@ template <typename T> struct Rows;
 template <> struct Rows<float> {
   static constexpr auto sum_sq = row_sum_sq_f32;
   static constexpr auto grad = row_grad_f32;
+  static constexpr auto grad_sum_sq = row_grad_sum_sq_f32;
 };
 template <> struct Rows<double> {
   static constexpr auto sum_sq = row_sum_sq_f64;
   static constexpr auto grad = row_grad_f64;
+  static constexpr auto grad_sum_sq = row_grad_sum_sq_f64;
 };
 template <> struct Rows<c10::Half> {
   static constexpr auto sum_sq = row_sum_sq_f16;
   static constexpr auto grad = row_grad_f16;
+  static constexpr auto grad_sum_sq = row_grad_sum_sq_f16;
 };
 template <> struct Rows<c10::BFloat16> {
   static constexpr auto sum_sq = row_sum_sq_bf16;
   static constexpr auto grad = row_grad_bf16;
+  static constexpr auto grad_sum_sq = row_grad_sum_sq_bf16;
 };
 
 std::vector<double> to_doubles(const at::Tensor& c) {
@@ -172,9 +201,72 @@ at::Tensor gaussian_logprob_backward_cpu(const at::Tensor& grad_in, const at::Te
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
+    const at::Tensor& pred_in, const at::Tensor& traj_in, const at::Tensor& coef_pred,
+    const at::Tensor& coef_x, const at::Tensor& log_var, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& old_logprob, double clip, bool mean, double normalizer) {
+  check_policy_loss_args(pred_in, traj_in, coef_pred, coef_x, log_var, advantages, old_logprob, clip,
+                         mean, normalizer);
+  TORCH_CHECK_VALUE(pred_in.device().is_cpu(), "policy_loss (cpu): pred must be a CPU tensor, got ",
+                    pred_in.device());
+  const at::Tensor pred = items_contiguous(pred_in);
+  const at::Tensor traj = items_contiguous(traj_in);
+  const int64_t S = pred.size(0), B = pred.size(1), I = pred.size(2);
+  const std::vector<double> cp = to_doubles(coef_pred), cx = to_doubles(coef_x),
+                            lv = to_doubles(log_var), adv = to_doubles(advantages);
+  const bool has_old = old_logprob.has_value();
+  const std::vector<double> old = has_old ? to_doubles(*old_logprob) : std::vector<double>();
+  const double scale = mean ? 1.0 / static_cast<double>(I) : 1.0;
+  const double inv_n = 1.0 / normalizer;
+
+  // Per-row terms and loss shares in float64, summed in a fixed order below
+  // (the result does not depend on the thread count).
+  std::vector<double> terms(static_cast<size_t>(S * B)), shares(static_cast<size_t>(S * B));
+  at::Tensor grad = cpu::empty_for_overwrite({S, B, I}, pred.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "policy_loss_cpu", [&] {
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    const scalar_t* t = traj.const_data_ptr<scalar_t>();
+    scalar_t* o = grad.data_ptr<scalar_t>();
+    const int64_t ps0 = pred.stride(0), ps1 = pred.stride(1);
+    const int64_t ts0 = traj.stride(0), ts1 = traj.stride(1);
+    cpu::for_each_step_row(S, B, I * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t s, int64_t b) {
+      const int64_t r = s * B + b;
+      const scalar_t* xn = t + (s + 1) * ts0 + b * ts1;
+      const scalar_t* x = t + s * ts0 + b * ts1;
+      const scalar_t* pr = p + s * ps0 + b * ps1;
+      scalar_t* out = o + r * I;
+      const double factor = glp::grad_factor<double>(cp[s], lv[s], scale);
+      double sum_sq;
+      pl::RowLoss<double> share;
+      if (!has_old) {  // REINFORCE: the weight is known before the row is read, so one pass
+        share = pl::row_loss<double>(0.0, adv[b], false, 0.0, clip, inv_n);
+        sum_sq = Rows<scalar_t>::grad_sum_sq(out, xn, x, pr, I, cp[s], cx[s], share.weight * factor);
+        terms[r] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
+        share.loss = -adv[b] * terms[r] * inv_n;
+      } else {  // PPO: the weight needs the row's term; the second read finds the row in cache
+        sum_sq = Rows<scalar_t>::sum_sq(xn, x, pr, I, cp[s], cx[s]);
+        terms[r] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
+        share = pl::row_loss<double>(terms[r], adv[b], true, old[r], clip, inv_n);
+        Rows<scalar_t>::grad(out, xn, x, pr, I, cp[s], cx[s], share.weight * factor);
+      }
+      shares[r] = share.loss;
+    });
+  });
+
+  const auto out_type = gaussian_logprob_result_type(pred.scalar_type());
+  double total = 0.0;
+  for (const double v : shares) total += v;
+  at::Tensor loss = at::empty({}, pred.options().dtype(at::kDouble));
+  *loss.data_ptr<double>() = total;
+  at::Tensor logprob = at::empty({S, B}, pred.options().dtype(at::kDouble));
+  std::copy(terms.begin(), terms.end(), logprob.data_ptr<double>());
+  return {loss.to(out_type), logprob.to(out_type), grad};
+}
+
 TORCH_LIBRARY_IMPL(refit, CPU, m) {
   m.impl("gaussian_logprob", &gaussian_logprob_cpu);
   m.impl("gaussian_logprob_backward", &gaussian_logprob_backward_cpu);
+  m.impl("policy_loss", &policy_loss_cpu);
 }
 
 }  // namespace refit

@@ -1,16 +1,20 @@
-// CUDA kernels of refit::gaussian_logprob. Plain CUDA: no torch headers, so
+// CUDA kernels of refit::gaussian_logprob and of the fused refit::policy_loss
+// (which shares its rows). Plain CUDA: no torch headers, so
 // `nvcc -c -arch=sm_90 -I csrc/include` compiles this file on any machine.
 //
 // One block per (step, user) row of I items: the forward block reduces the
 // row's squared residuals to one term, the backward block writes the row's
 // gradient. Rows are independent, so the grid is S * B blocks; a second small
 // kernel sums the (S, B) terms over steps in a fixed order (deterministic).
+// policy_loss's block does both for its row, since a row's loss weight
+// depends on nothing but the row's own term.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "launchers.h"
 #include "refit/gaussian_logprob.h"
+#include "refit/policy_loss.h"
 
 namespace refit {
 namespace cuda {
@@ -115,6 +119,67 @@ __global__ void gaussian_logprob_grad_kernel(const acc_t* __restrict__ grad,
   }
 }
 
+// One block per (step, user) row: the row's term, loss share and gradient.
+// `old` is nullptr for REINFORCE, whose weight is known before the row is
+// read: one pass writes the gradient while it reduces the squares. PPO's
+// weight needs the term, so its block reduces first and writes the gradient
+// in a second pass (the row was just read and is likely still in L2).
+template <typename T, typename acc_t>
+__global__ void policy_loss_rows_kernel(const T* __restrict__ pred, const T* __restrict__ traj,
+                                        const acc_t* __restrict__ coef_pred,
+                                        const acc_t* __restrict__ coef_x,
+                                        const acc_t* __restrict__ log_var,
+                                        const acc_t* __restrict__ advantages,
+                                        const acc_t* __restrict__ old, GaussianLogprobShape sh,
+                                        acc_t clip, acc_t inv_n, bool mean,
+                                        acc_t* __restrict__ terms, acc_t* __restrict__ shares,
+                                        T* __restrict__ grad_pred) {
+  __shared__ acc_t row_weight;
+  const int64_t row = blockIdx.x;
+  const int64_t s = row / sh.users, b = row % sh.users;
+  const T* p = pred + s * sh.pred_step_stride + b * sh.pred_user_stride;
+  const T* x = traj + s * sh.traj_step_stride + b * sh.traj_user_stride;
+  const T* x_next = x + sh.traj_step_stride;
+  T* out = grad_pred + row * sh.items;
+  const acc_t cp = coef_pred[s], cx = coef_x[s], lv = log_var[s], adv = advantages[b];
+  const acc_t n = static_cast<acc_t>(sh.items);
+  const acc_t scale = mean ? acc_t(1) / n : acc_t(1);
+  const acc_t factor = glp::grad_factor<acc_t>(cp, lv, scale);
+  const bool has_old = old != nullptr;
+  acc_t acc = 0;
+  if (!has_old) {
+    const acc_t g = pl::row_loss<acc_t>(acc_t(0), adv, false, acc_t(0), clip, inv_n).weight * factor;
+    for (int64_t i = threadIdx.x; i < sh.items; i += blockDim.x) {
+      const acc_t r = glp::residual<acc_t>(to_acc(x_next[i]), to_acc(x[i]), to_acc(p[i]), cp, cx);
+      acc = fma_(r, r, acc);
+      out[i] = from_acc<T>(g * r);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < sh.items; i += blockDim.x) {
+      const acc_t r = glp::residual<acc_t>(to_acc(x_next[i]), to_acc(x[i]), to_acc(p[i]), cp, cx);
+      acc = fma_(r, r, acc);
+    }
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) {
+    const acc_t term = glp::step_term<acc_t>(acc, lv, n, scale);
+    const pl::RowLoss<acc_t> share =
+        pl::row_loss<acc_t>(term, adv, has_old, has_old ? old[row] : acc_t(0), clip, inv_n);
+    terms[row] = term;
+    shares[row] = share.loss;
+    row_weight = share.weight;
+  }
+  // has_old is the same for the whole block, so either every thread reaches
+  // the barrier or none does.
+  if (!has_old) return;
+  __syncthreads();
+  const acc_t g = row_weight * factor;
+  for (int64_t i = threadIdx.x; i < sh.items; i += blockDim.x) {
+    const acc_t r = glp::residual<acc_t>(to_acc(x_next[i]), to_acc(x[i]), to_acc(p[i]), cp, cx);
+    out[i] = from_acc<T>(g * r);
+  }
+}
+
 // Threads per row block: a multiple of the warp size, no more than the row
 // needs, at most 256 (enough loads in flight per SM with several blocks each).
 unsigned row_threads(int64_t items) {
@@ -173,6 +238,26 @@ LaunchStatus backward_typed(const void* grad, const void* pred, const void* traj
   return finish();
 }
 
+template <typename T>
+LaunchStatus policy_loss_typed(const void* pred, const void* traj, const void* coef_pred,
+                               const void* coef_x, const void* log_var, const void* advantages,
+                               const void* old, const GaussianLogprobShape& sh, double clip,
+                               double normalizer, bool mean, void* terms, void* shares,
+                               void* grad_pred, cudaStream_t stream) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t rows = sh.steps * sh.users;
+  if (rows == 0) return LaunchStatus::kOk;
+  // 1 / normalizer is rounded once from double, as close to a division as a
+  // multiplication gets. clip is checked only when PPO uses it.
+  policy_loss_rows_kernel<T, acc_t><<<static_cast<unsigned>(rows), row_threads(sh.items), 0, stream>>>(
+      static_cast<const T*>(pred), static_cast<const T*>(traj), static_cast<const acc_t*>(coef_pred),
+      static_cast<const acc_t*>(coef_x), static_cast<const acc_t*>(log_var),
+      static_cast<const acc_t*>(advantages), static_cast<const acc_t*>(old), sh,
+      static_cast<acc_t>(old != nullptr ? clip : 0.0), static_cast<acc_t>(1.0 / normalizer), mean,
+      static_cast<acc_t*>(terms), static_cast<acc_t*>(shares), static_cast<T*>(grad_pred));
+  return finish();
+}
+
 }  // namespace
 
 LaunchStatus gaussian_logprob_forward(DType dtype, const void* pred, const void* traj,
@@ -211,6 +296,26 @@ LaunchStatus gaussian_logprob_backward(DType dtype, const void* grad, const void
       return backward_typed<__half>(grad, pred, traj, coef_pred, coef_x, log_var, shape, mean, per_step, grad_pred, st);
     case DType::kBFloat16:
       return backward_typed<__nv_bfloat16>(grad, pred, traj, coef_pred, coef_x, log_var, shape, mean, per_step, grad_pred, st);
+  }
+  return LaunchStatus::kBadDType;
+}
+
+LaunchStatus policy_loss_rows(DType dtype, const void* pred, const void* traj,
+                              const void* coef_pred, const void* coef_x, const void* log_var,
+                              const void* advantages, const void* old,
+                              const GaussianLogprobShape& shape, double clip, double normalizer,
+                              bool mean, void* terms, void* shares, void* grad_pred, void* stream) {
+  if (!rows_fit(shape)) return LaunchStatus::kBadShape;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32:
+      return policy_loss_typed<float>(pred, traj, coef_pred, coef_x, log_var, advantages, old, shape, clip, normalizer, mean, terms, shares, grad_pred, st);
+    case DType::kFloat64:
+      return policy_loss_typed<double>(pred, traj, coef_pred, coef_x, log_var, advantages, old, shape, clip, normalizer, mean, terms, shares, grad_pred, st);
+    case DType::kFloat16:
+      return policy_loss_typed<__half>(pred, traj, coef_pred, coef_x, log_var, advantages, old, shape, clip, normalizer, mean, terms, shares, grad_pred, st);
+    case DType::kBFloat16:
+      return policy_loss_typed<__nv_bfloat16>(pred, traj, coef_pred, coef_x, log_var, advantages, old, shape, clip, normalizer, mean, terms, shares, grad_pred, st);
   }
   return LaunchStatus::kBadDType;
 }

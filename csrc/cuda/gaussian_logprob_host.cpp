@@ -1,5 +1,6 @@
-// Host side of the CUDA refit::gaussian_logprob: checks, layout, allocation,
-// stream; the kernels themselves live in gaussian_logprob_cuda.cu.
+// Host side of the CUDA refit::gaussian_logprob and refit::policy_loss:
+// checks, layout, allocation, stream; the kernels themselves live in
+// gaussian_logprob_cuda.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../gaussian_logprob.h"
+#include "../policy_loss.h"
 #include "launchers.h"
 
 namespace refit {
@@ -87,9 +89,43 @@ at::Tensor gaussian_logprob_backward_cuda(const at::Tensor& grad_in, const at::T
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
+    const at::Tensor& pred_in, const at::Tensor& traj_in, const at::Tensor& coef_pred,
+    const at::Tensor& coef_x, const at::Tensor& log_var, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& old_logprob, double clip, bool mean, double normalizer) {
+  check_policy_loss_args(pred_in, traj_in, coef_pred, coef_x, log_var, advantages, old_logprob, clip,
+                         mean, normalizer);
+  TORCH_CHECK_VALUE(pred_in.is_cuda(), "policy_loss (cuda): pred must be a CUDA tensor, got ",
+                    pred_in.device());
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const at::Tensor pred = items_contiguous(pred_in);
+  const at::Tensor traj = items_contiguous(traj_in);
+  const int64_t S = pred.size(0), B = pred.size(1);
+  const auto acc = gaussian_logprob_result_type(pred.scalar_type());
+  const at::Tensor cp = coef_pred.to(acc).contiguous();
+  const at::Tensor cx = coef_x.to(acc).contiguous();
+  const at::Tensor lv = log_var.to(acc).contiguous();
+  const at::Tensor adv = advantages.to(acc).contiguous();
+  const at::Tensor old = old_logprob.has_value() ? old_logprob->to(acc).contiguous() : at::Tensor();
+  at::Tensor terms = at::empty({S, B}, pred.options().dtype(acc));
+  at::Tensor shares = at::empty({S, B}, pred.options().dtype(acc));
+  at::Tensor grad = at::empty(pred.sizes(), pred.options().memory_format(at::MemoryFormat::Contiguous));
+  check_status(cuda::policy_loss_rows(
+                   kernel_dtype(pred.scalar_type()), pred.const_data_ptr(), traj.const_data_ptr(),
+                   cp.const_data_ptr(), cx.const_data_ptr(), lv.const_data_ptr(), adv.const_data_ptr(),
+                   old.defined() ? old.const_data_ptr() : nullptr, shape_of(pred, traj), clip,
+                   normalizer, mean, terms.data_ptr(), shares.data_ptr(), grad.data_ptr(),
+                   c10::cuda::getCurrentCUDAStream().stream()),
+               "policy_loss (cuda)");
+  // torch's reduction adds in an order fixed by the shape, so the loss is
+  // reproducible run to run.
+  return {shares.sum(), terms, grad};
+}
+
 TORCH_LIBRARY_IMPL(refit, CUDA, m) {
   m.impl("gaussian_logprob", &gaussian_logprob_cuda);
   m.impl("gaussian_logprob_backward", &gaussian_logprob_backward_cuda);
+  m.impl("policy_loss", &policy_loss_cuda);
 }
 
 }  // namespace refit

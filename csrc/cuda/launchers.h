@@ -40,6 +40,19 @@ LaunchStatus gaussian_logprob_backward(DType dtype, const void* grad, const void
                                        const GaussianLogprobShape& shape, bool mean,
                                        bool per_step, void* grad_pred, void* stream);
 
+// The fused policy-gradient loss over gaussian_logprob's rows (refit/policy_loss.h).
+// pred and traj as for gaussian_logprob_forward; coef_pred, coef_x, log_var
+// (S,), advantages (B,) and old ((S, B), or nullptr for REINFORCE) in the
+// accumulation type, contiguous. Writes the contiguous (S, B) per-step terms
+// and per-row loss shares (accumulation type; the caller sums the shares in a
+// fixed order for the loss) and d loss / d pred into the contiguous
+// (S, B, I) `grad_pred` of `dtype`. `clip` is read only with `old`.
+LaunchStatus policy_loss_rows(DType dtype, const void* pred, const void* traj,
+                              const void* coef_pred, const void* coef_x, const void* log_var,
+                              const void* advantages, const void* old,
+                              const GaussianLogprobShape& shape, double clip, double normalizer,
+                              bool mean, void* terms, void* shares, void* grad_pred, void* stream);
+
 // gather_rows: out[b] = sum_{j in [segments[b], segments[b+1])} weights[j] * A[rows[j]].
 // Device pointers; null `values`, `segments` or `weights` mean ones, one row
 // per output, ones.

@@ -158,3 +158,123 @@ def backward(grad, pred, traj, coef_pred, coef_x, log_var, mean: bool, per_step:
             ROUND_BF16=pred.dtype == torch.bfloat16 and interpret_mode(),
         )
     return out
+
+
+# --- the fused policy loss (refit_kernels.policy_loss) --------------------------------------
+
+@triton.jit
+def _policy_loss_kernel(
+    Pred_ptr, Traj_ptr, CoefPred_ptr, CoefX_ptr, LogVar_ptr, Adv_ptr, Old_ptr,
+    Terms_ptr, Shares_ptr, Out_ptr, Params_ptr,
+    B, I,
+    pred_s_stride, pred_b_stride, traj_s_stride, traj_b_stride,
+    MEAN: tl.constexpr, HAS_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s = row // B
+    b = row % B
+    pred_row = Pred_ptr + s * pred_s_stride + b * pred_b_stride
+    x_row = Traj_ptr + s * traj_s_stride + b * traj_b_stride
+    x_next_row = x_row + traj_s_stride
+    out_row = Out_ptr + row * I
+    cp = tl.load(CoefPred_ptr + s).to(ACC)
+    cx = tl.load(CoefX_ptr + s).to(ACC)
+    lv = tl.load(LogVar_ptr + s).to(ACC)
+    adv = tl.load(Adv_ptr + b).to(ACC)
+    # (1 - clip, 1 + clip, 1 / normalizer) in the accumulation type: scalar arguments would
+    # reach the kernel as float32.
+    lo = tl.load(Params_ptr + 0)
+    hi = tl.load(Params_ptr + 1)
+    inv_n = tl.load(Params_ptr + 2)
+    n_items = I.to(ACC)
+    factor = cp * tl.exp(-lv)
+    if MEAN:
+        factor = factor / n_items
+    acc = tl.zeros([BLOCK_I], dtype=ACC)
+    if HAS_OLD:
+        # PPO: the row's weight depends on its own term, so the sum comes first and the
+        # gradient loop reads the row a second time.
+        for start in range(0, I, BLOCK_I):
+            offs = start + tl.arange(0, BLOCK_I)
+            mask = offs < I
+            p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+            xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
+            r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+            acc += r * r
+        term = -0.5 * (tl.sum(acc, axis=0) * tl.exp(-lv) + n_items * (_LOG_2PI + lv))
+        if MEAN:
+            term = term / n_items
+        old = tl.load(Old_ptr + row).to(ACC)
+        rho = tl.exp(term - old)
+        clamped = tl.minimum(tl.maximum(rho, lo), hi)
+        plain = rho * adv
+        cut = clamped * adv
+        # As csrc/include/refit/policy_loss.h: both branches carry the gradient inside the clip
+        # range, only the smaller plain branch outside it.
+        live = ((rho >= lo) & (rho <= hi)) | (plain < cut)
+        share = -tl.minimum(plain, cut) * inv_n
+        weight = tl.where(live, -adv * rho * inv_n, 0.0)
+        g = weight * factor
+        for start in range(0, I, BLOCK_I):
+            offs = start + tl.arange(0, BLOCK_I)
+            mask = offs < I
+            p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+            xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
+            r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+            if ROUND_BF16:
+                tl.store(out_row + offs, _to_bf16_rtne((g * r).to(tl.float32)), mask=mask)
+            else:
+                tl.store(out_row + offs, (g * r).to(Out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # REINFORCE: the weight is known up front; one read of the row gives the sum and the gradient.
+        g = -adv * inv_n * factor
+        for start in range(0, I, BLOCK_I):
+            offs = start + tl.arange(0, BLOCK_I)
+            mask = offs < I
+            p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+            xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
+            r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+            acc += r * r
+            if ROUND_BF16:
+                tl.store(out_row + offs, _to_bf16_rtne((g * r).to(tl.float32)), mask=mask)
+            else:
+                tl.store(out_row + offs, (g * r).to(Out_ptr.dtype.element_ty), mask=mask)
+        term = -0.5 * (tl.sum(acc, axis=0) * tl.exp(-lv) + n_items * (_LOG_2PI + lv))
+        if MEAN:
+            term = term / n_items
+        share = -adv * term * inv_n
+    tl.store(Terms_ptr + row, term)
+    tl.store(Shares_ptr + row, share)
+
+
+def policy_loss(pred, traj, coef_pred, coef_x, log_var, advantages, old_logprob, clip: float, mean: bool,
+                normalizer: float):
+    """The fused policy loss: ``(loss (), logprob (S, B), grad_pred (S, B, I))``.
+
+    loss and logprob in float64 for float64 inputs, else float32; grad_pred
+    contiguous in pred's dtype. See ``refit_kernels.policy_loss``.
+    """
+    pred = _items_contiguous(pred)
+    traj = _items_contiguous(traj)
+    S, B, I = pred.shape
+    acc = _acc_dtype(pred.dtype)
+    terms = torch.zeros((S, B), dtype=acc, device=pred.device)
+    shares = torch.zeros((S, B), dtype=acc, device=pred.device)
+    out = torch.empty((S, B, I), dtype=pred.dtype, device=pred.device)
+    if S * B > 0:
+        cp, cx, lv = (c.to(acc).contiguous() for c in (coef_pred, coef_x, log_var))
+        adv = advantages.to(acc).contiguous()
+        old = old_logprob.to(acc).contiguous() if old_logprob is not None else adv
+        params = torch.tensor([1.0 - clip, 1.0 + clip, 1.0 / normalizer], dtype=acc, device=pred.device)
+        _policy_loss_kernel[(S * B,)](
+            pred, traj, cp, cx, lv, adv, old, terms, shares, out, params,
+            B, I,
+            pred.stride(0), pred.stride(1), traj.stride(0), traj.stride(1),
+            MEAN=mean, HAS_OLD=old_logprob is not None, ACC=_tl_acc(pred.dtype), BLOCK_I=_block(I),
+            ROUND_BF16=pred.dtype == torch.bfloat16 and interpret_mode(),
+        )
+    return shares.sum(), terms, out

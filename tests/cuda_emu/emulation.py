@@ -32,7 +32,10 @@ DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;"
 
 #: Launches each kernel source holds: a launch the rewriting misses would not compile, but a source
 #: that gained one the pattern does not see must fail here first, saying so.
-LAUNCHES = {"gaussian_logprob": 3, "gather_rows": 3, "target_rank": 1}
+LAUNCHES = {"gaussian_logprob": 4, "gather_rows": 3, "target_rank": 1}
+
+#: Drivers whose kernels live in another op's source: policy_loss's kernel shares gaussian_logprob's rows.
+KERNEL_SOURCE = {"policy_loss": "gaussian_logprob"}
 
 #: refit::DType of csrc/include/refit/common.h.
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -65,18 +68,19 @@ def rewrite(source: str) -> tuple[str, int]:
 
 
 def build(op: str, work: Path, sanitize: bool = True) -> Path:
-    """Compiles the driver of ``op`` ("gaussian_logprob", "gather_rows", "target_rank" or "convert") into
-    ``work``."""
+    """Compiles the driver of ``op`` ("gaussian_logprob", "policy_loss", "gather_rows", "target_rank" or
+    "convert") into ``work``."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler")
     work.mkdir(parents=True, exist_ok=True)
     if op != "convert":
-        source, launches = rewrite((ROOT / "csrc" / "cuda" / f"{op}_cuda.cu").read_text())
-        if launches != LAUNCHES[op]:
-            raise RuntimeError(f"{op}_cuda.cu: expected {LAUNCHES[op]} kernel launches, the rewriting found "
-                               f"{launches}: update tests/cuda_emu/emulation.py")
-        (work / f"{op}_emulated.cpp").write_text(source)
+        kernels = KERNEL_SOURCE.get(op, op)
+        source, launches = rewrite((ROOT / "csrc" / "cuda" / f"{kernels}_cuda.cu").read_text())
+        if launches != LAUNCHES[kernels]:
+            raise RuntimeError(f"{kernels}_cuda.cu: expected {LAUNCHES[kernels]} kernel launches, the rewriting "
+                               f"found {launches}: update tests/cuda_emu/emulation.py")
+        (work / f"{kernels}_emulated.cpp").write_text(source)
     exe = work / f"{op}_main"
     flags = ["-std=c++20", "-O1", "-pthread"]
     if sanitize and _sanitizers_work(cxx, str(work)):
@@ -165,6 +169,43 @@ def gaussian_logprob(exe: Path, pred: torch.Tensor, traj: torch.Tensor, coef_pre
     r.done()
     assert fwd == 0 and bwd == 0, f"launch status: forward {fwd}, backward {bwd}"
     return value.view((S, B) if per_step else (B,)), grad_pred.view(S, B, I)
+
+
+# --- policy_loss -----------------------------------------------------------------------------
+
+def policy_loss(exe: Path, pred: torch.Tensor, traj: torch.Tensor, coef_pred, coef_x, log_var, advantages,
+                old_logprob, *, clip: float, mean: bool, normalizer: float):
+    """The CUDA policy_loss kernel on one case, with the host glue's final sum: ``(loss, logprob, grad_pred)``.
+
+    ``pred`` (S, B, I) and ``traj`` (S+1, B, I) of one dtype, any non-negative strides with unit
+    item stride (what the host glue passes); the constants (S,), ``advantages`` (B,) and
+    ``old_logprob`` ((S, B) or None) are converted to the accumulation type as the host glue does.
+    Returns the () loss (the sum of the kernel's (S, B) per-row shares, as the host glue takes it)
+    and the (S, B) terms in float32, or float64 for float64 inputs, and the contiguous (S, B, I)
+    gradient in pred's dtype.
+    """
+    dtype = pred.dtype
+    assert traj.dtype == dtype
+    S, B, I = pred.shape
+    assert I <= 1 or (pred.stride(2) == 1 and traj.stride(2) == 1), "the host glue passes unit item strides"
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    p_flat, ps = storage_span(pred)
+    t_flat, ts = storage_span(traj)
+    has_old = old_logprob is not None
+    header = [DTYPE_CODE[dtype], S, B, I, ps[0], ps[1], ts[0], ts[1], p_flat.numel(), t_flat.numel(),
+              int(mean), int(has_old)]
+    parts = [np.asarray(header, dtype=np.int64).tobytes(), np.asarray([clip, normalizer], dtype=np.float64).tobytes(),
+             _raw(p_flat), _raw(t_flat), *(_raw(c.to(acc)) for c in (coef_pred, coef_x, log_var, advantages))]
+    if has_old:
+        parts.append(_raw(old_logprob.to(acc)))
+    r = _Reader(_run(exe, b"".join(parts)))
+    status = int(r.take(torch.int64, 1)[0])
+    terms = r.take(acc, S * B)
+    shares = r.take(acc, S * B)
+    grad_pred = r.take(dtype, S * B * I)
+    r.done()
+    assert status == 0, f"launch status {status}"
+    return shares.sum(), terms.view(S, B), grad_pred.view(S, B, I)
 
 
 # --- gather_rows -----------------------------------------------------------------------------

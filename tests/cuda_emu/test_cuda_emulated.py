@@ -1,4 +1,5 @@
-"""The CUDA gaussian_logprob, gather_rows and target_rank kernels, executed on the CPU against the reference.
+"""The CUDA gaussian_logprob, policy_loss, gather_rows and target_rank kernels, executed on the CPU against the
+reference.
 
 Without a GPU the CUDA sources still run: ``emulation.py`` compiles each
 kernel file with its launches rewritten for the host emulation of the CUDA
@@ -13,6 +14,8 @@ threads, partial warps of data, block sizes of 32 to 256 threads, several
 passes per thread with a tail, more rows than one block of the step-sum
 kernel, several shared-memory tiles (the last one partial); strided inputs
 and outputs; empty dimensions; and gather_rows' device-side validation;
+for policy_loss, REINFORCE's one pass and PPO's two with rows inside, below
+and above the clip range under advantages of both signs;
 for target_rank, rows shorter and longer than a block, rows with more
 positives than one pass counts, users, strided rows, and every per-row
 refusal in the order the other backends report it.
@@ -39,7 +42,8 @@ pytestmark = pytest.mark.skipif(emulation.compiler() is None, reason="no C++ com
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     work = tmp_path_factory.mktemp("cuda_emu_drivers")
-    return {op: emulation.build(op, work / op) for op in ("gaussian_logprob", "gather_rows", "target_rank", "convert")}
+    return {op: emulation.build(op, work / op)
+            for op in ("gaussian_logprob", "policy_loss", "gather_rows", "target_rank", "convert")}
 
 
 # --- the host stand-ins of the CUDA 16-bit conversions ------------------------------------------
@@ -155,6 +159,121 @@ def test_gaussian_logprob_float32_coefficients(drivers):
     gw = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     val, grad = _emulated(drivers, pred, traj, cp, cx, lv, gw, "sum", False)
     _check(val, grad, pred, traj, cp, cx, lv, gw, "sum", False, "float32 coefficients")
+
+
+# --- policy_loss ---------------------------------------------------------------------------------
+
+PL_CLIP = 0.2
+PL_NORMALIZER = 7.5  # not a power of two, so 1 / normalizer rounds
+# The ratios exp(L - old) PPO cases are built around, row after row: below, inside and above
+# [1 - clip, 1 + clip], far enough from its ends (>= 0.13 in log) that rounding of a float32 or
+# 16-bit term cannot move a row across one.
+PL_RATIOS = [0.4, 0.95, 1.05, 2.0, 0.6, 1.0, 1.6]
+
+
+def _pl_case(S, B, I, dtype, seed, ppo, mean):
+    """A trajectory, (B,) advantages alternating in sign (float64 for float64 inputs, else float32) and,
+    for PPO, float64 (S, B) old log-likelihoods that put each row's ratio on one of PL_RATIOS."""
+    pred, traj, cp, cx, lv = make_trajectory(S, B, I, dtype=dtype, seed=seed)
+    adv = torch.randn(B, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).abs() + 0.1
+    adv[1::2] = -adv[1::2]
+    adv = adv.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    old = None
+    if ppo:
+        terms = reference.gaussian_logprob(pred.double(), traj.double(), cp, cx, lv, mean, per_step=True)
+        ratios = torch.tensor(PL_RATIOS, dtype=torch.float64)[torch.arange(S * B) % len(PL_RATIOS)].view(S, B)
+        old = terms - ratios.log()
+    return pred, traj, cp, cx, lv, adv, old
+
+
+def _pl_reference(pred, traj, cp, cx, lv, adv, old, mean):
+    """(truth, baseline): the reference's (loss, logprob, grad_pred) in float64 and in the inputs' precision."""
+    out = []
+    for p, t in ((pred.double(), traj.double()), (pred, traj)):
+        p = p.detach().clone().requires_grad_(True)
+        loss, logprob = reference.policy_loss(p, t, cp, cx, lv, adv, old, PL_CLIP, mean, PL_NORMALIZER)
+        (grad,) = torch.autograd.grad(loss, p)
+        out.append((loss.detach(), logprob, grad))
+    return out
+
+
+def _pl_check(drivers, pred, traj, cp, cx, lv, adv, old, mean, what, truth_inputs=None):
+    """The emulated kernel against the reference, judged like gaussian_logprob (assert_accurate).
+
+    ``truth_inputs``: contiguous copies of (pred, traj) for the reference when ``pred`` and ``traj``
+    are strided views. The conditioning of the loss and the gradient adds what the row weights
+    carry: a term's rounding moves its share by |w| times as much (w = d share / d term, here the
+    unclipped -adv * rho / normalizer, an upper bound), and under PPO a gradient row by its own size
+    times as much (through rho = exp(term - old)).
+    """
+    loss, logprob, grad = emulation.policy_loss(drivers["policy_loss"], pred, traj, cp, cx, lv, adv, old,
+                                                clip=PL_CLIP, mean=mean, normalizer=PL_NORMALIZER)
+    ref_pred, ref_traj = truth_inputs or (pred, traj)
+    (t_loss, t_lp, t_grad), (b_loss, b_lp, b_grad) = _pl_reference(ref_pred, ref_traj, cp, cx, lv, adv, old, mean)
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    assert loss.dtype == acc and loss.shape == () and logprob.dtype == acc
+    assert grad.dtype == pred.dtype and grad.shape == pred.shape
+
+    rho = torch.ones_like(t_lp) if old is None else torch.exp(t_lp - old.double())
+    w = adv.double()[None, :] * rho / PL_NORMALIZER
+    reduction = "mean" if mean else "sum"
+    c_lp, c_grad = conditioning(ref_pred, ref_traj, cp, cx, lv, reduction, True, w)
+    # |share| <= |adv| / n * |L| (REINFORCE) or |adv| / n * max(rho, 1 + clip) (PPO).
+    share_mag = adv.double().abs()[None, :] / PL_NORMALIZER * (
+        t_lp.abs() if old is None else rho.clamp(min=1.0 + PL_CLIP))
+    c_loss = (w.abs() * c_lp).sum() + share_mag.sum()
+    if old is not None:
+        c_grad = c_grad + t_grad.abs() * c_lp[..., None]
+    assert_accurate(logprob, t_lp, b_lp, c_lp, f"cuda (emulated) policy_loss logprob, {what}")
+    assert_accurate(loss, t_loss, b_loss, c_loss, f"cuda (emulated) policy_loss loss, {what}")
+    assert_accurate(grad, t_grad, b_grad, c_grad, f"cuda (emulated) policy_loss gradient, {what}")
+    return rho
+
+
+# (algorithm, reduction, (S, B, I)): the 40-item rows take 64 threads (the second warp partial),
+# the 300-item rows 256 threads with a second, partial pass, so each loop of the kernel runs
+# with a tail under both geometries.
+PL_MODES = [("reinforce", "sum", (2, 3, 300)), ("reinforce", "mean", (3, 5, 40)),
+            ("ppo", "sum", (3, 5, 40)), ("ppo", "mean", (2, 3, 300))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_policy_loss_matches_reference(drivers, dtype):
+    for algo, reduction, shape in PL_MODES:
+        ppo, mean = algo == "ppo", reduction == "mean"
+        seed = hash((shape, str(dtype), algo, reduction)) % 2**31
+        pred, traj, cp, cx, lv, adv, old = _pl_case(*shape, dtype=dtype, seed=seed, ppo=ppo, mean=mean)
+        rho = _pl_check(drivers, pred, traj, cp, cx, lv, adv, old, mean, f"{algo}, {reduction}, {shape}")
+        if ppo:  # the case must hold every kind of row the clipped surrogate has
+            inside = (rho >= 1 - PL_CLIP) & (rho <= 1 + PL_CLIP)
+            a = adv.double()[None, :].expand_as(rho)
+            outside_live = ~inside & (((rho < 1 - PL_CLIP) & (a > 0)) | ((rho > 1 + PL_CLIP) & (a < 0)))
+            assert inside.any() and outside_live.any() and (~inside & ~outside_live).any()
+
+
+def test_policy_loss_strided_inputs(drivers):
+    """pred a view of every other user of a bigger batch, traj stored user-major: the host glue passes
+    their step and user strides through (items stay contiguous)."""
+    S, B, I = 3, 4, 50
+    for dtype in (torch.float32, torch.bfloat16):
+        for ppo in (False, True):
+            pred, traj, cp, cx, lv, adv, old = _pl_case(S, B, I, dtype=dtype, seed=17, ppo=ppo, mean=False)
+            big = torch.zeros(S, 2 * B, I, dtype=dtype)
+            big[:, ::2] = pred
+            p = big[:, ::2]
+            t = traj.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+            assert not p.is_contiguous() and not t.is_contiguous()
+            _pl_check(drivers, p, t, cp, cx, lv, adv, old, False, f"strided, {dtype}, ppo={ppo}",
+                      truth_inputs=(pred, traj))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0)], ids=str)
+def test_policy_loss_empty_dimensions(drivers, shape):
+    """No rows: nothing is launched and the loss is 0; no items (sum only): every term is 0 and the
+    rows still carry PPO's ratios exp(0 - old)."""
+    for ppo in (False, True):
+        pred, traj, cp, cx, lv, adv, old = _pl_case(*shape, dtype=torch.float32, seed=23, ppo=ppo, mean=False)
+        _pl_check(drivers, pred, traj, cp, cx, lv, adv, old, False, f"{shape}, ppo={ppo}")
 
 
 # --- gather_rows ----------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""policy_loss: the fused policy-gradient loss and its gradient against the two-op path.
+
+Shapes (S, B, I): DiffRec's ReFiT setting on ML-1M (40, 400, 2810), a GRPO
+batch of 1,024 trajectories over 20 exploring steps (20, 1024, 2810), and
+DreamRec's latent trajectories (500 steps, 256 users, 64 dimensions). Each
+call computes the loss and its gradient with respect to pred:
+
+* ``cpu`` (``cuda``, ``triton``): ``rk.policy_loss`` on the kernel;
+* ``two-op``: ``rk.gaussian_logprob`` on the same kernel backend, then the
+  surrogate in PyTorch and autograd (what the trainer did before);
+* ``reference`` / ``reference-compiled``: ``reference.policy_loss`` (autograd
+  through the reference log-likelihood), eager and under torch.compile.
+
+Both REINFORCE and PPO's clipped surrogate (old log-likelihoods near the new
+ones, a fifth of the rows clipped) are timed. The hardware floor is the traffic
+the fused op cannot avoid, reading pred (S planes) and traj (S+1 planes) and
+writing the gradient (S planes), (3S + 1) * B * I * 4 bytes, at this machine's
+measured copy bandwidth.
+
+    pytest benchmarks/suites/bench_policy_loss.py --benchmark-only
+"""
+
+import math
+
+import pytest
+import torch
+
+import refit_kernels as rk
+from refit_kernels import reference
+
+from benchmarks.suites._bench import QUICK, record
+
+SHAPES = {"diffrec": (40, 400, 2810), "grpo": (20, 1024, 2810), "dreamrec": (500, 256, 64)}
+if QUICK:
+    SHAPES = {"quick": (4, 16, 300)}
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+_INPUTS = {}
+
+
+def trajectory(shape, device):
+    """A float32 trajectory sampled from the Gaussians it is scored under, advantages and PPO's old
+    per-step log-likelihoods (cached per shape)."""
+    key = (shape, device)
+    if key not in _INPUTS:
+        S, B, I = shape
+        g = torch.Generator().manual_seed(0)
+        lv = torch.empty(S, dtype=torch.float64).uniform_(math.log(1e-7), math.log(1e-5), generator=g)
+        cp = torch.empty(S, dtype=torch.float64).uniform_(0.01, 1.0, generator=g)
+        cx = torch.empty(S, dtype=torch.float64).uniform_(0.0, 1.0, generator=g)
+        pred = torch.rand(S, B, I, generator=g)
+        traj = torch.empty(S + 1, B, I)
+        traj[0] = (torch.rand(B, I, generator=g) < 0.02).float()
+        for s in range(S):
+            noise = torch.randn(B, I, generator=g).mul_(math.exp(0.5 * lv[s].item()))
+            traj[s + 1] = (cp[s] * pred[s] + cx[s] * traj[s]).float() + noise
+        adv = torch.randn(B, generator=g)
+        terms = rk.gaussian_logprob(pred, traj, cp, cx, lv, per_step=True)
+        old = terms + 0.15 * torch.randn(S, B, generator=g)  # |log rho| > ~0.2 on about a fifth of rows
+        _INPUTS.clear()  # keep one shape in memory at a time
+        _INPUTS[key] = tuple(t.to(device) for t in (pred, traj, cp, cx, lv, adv, old))
+    return _INPUTS[key]
+
+
+def _two_op(backend):
+    def loss(p, traj, cp, cx, lv, adv, old):
+        L = rk.gaussian_logprob(p, traj, cp, cx, lv, per_step=True, backend=backend)
+        if old is None:
+            return -(adv * L.sum(0)).mean()
+        ratio = torch.exp(L - old)
+        return -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    return loss
+
+
+def _reference(p, traj, cp, cx, lv, adv, old):
+    S, B = p.shape[:2]
+    return reference.policy_loss(p, traj, cp, cx, lv, adv, old, 0.2, False, float(B if old is None else S * B))[0]
+
+
+def _implementations(device):
+    status = rk.available_backends()
+    impls = {}
+    kernel_backends = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    for name in kernel_backends:
+        if status[name] is None and rk.dispatch.device_objection(name, torch.device(device)) is None:
+            if name == "triton" and rk.triton.interpret_mode():
+                continue  # the interpreter's speed means nothing
+            impls[name] = lambda p, t, cp, cx, lv, a, o, _n=name: rk.policy_loss(
+                p, t, cp, cx, lv, a, old_logprob=o, backend=_n).loss
+            impls[f"two-op {name}"] = _two_op(name)
+    impls["reference"] = _reference
+    impls["reference-compiled"] = torch.compile(_reference, dynamic=False)
+    return impls
+
+
+IMPLS = ["cpu", "two-op cpu", "cuda", "two-op cuda", "triton", "two-op triton", "reference", "reference-compiled"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("method", ["reinforce", "ppo"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_policy_loss(benchmark, copy_bandwidth, device, shape_name, method, impl):
+    impls = _implementations(device)
+    if impl not in impls:
+        pytest.skip(f"{impl} does not run on {device} here")
+    fn = impls[impl]
+    shape = SHAPES[shape_name]
+    pred, traj, cp, cx, lv, adv, old = trajectory(shape, device)
+    old = old if method == "ppo" else None
+    p = pred.detach().requires_grad_(True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def loss_and_grad():
+        (grad,) = torch.autograd.grad(fn(p, traj, cp, cx, lv, adv, old), p)
+        sync()
+        return grad
+
+    loss_and_grad()  # compile / warm up outside the timing
+    S, B, I = shape
+    group = f"policy_loss {method} {shape_name} {shape} {device}"
+    benchmark.group = group
+    traffic = (3 * S + 1) * B * I * 4
+    floor = traffic / copy_bandwidth if device == "cpu" else None
+    benchmark.extra_info.update(shape=shape, device=device, method=method, floor_ms=floor and floor * 1e3)
+    slow = impl.startswith("reference")
+    benchmark.pedantic(loss_and_grad, rounds=(3 if QUICK else 7) if slow else (5 if QUICK else 21),
+                       warmup_rounds=1)
+    record(benchmark, group, impl, floor_s=floor,
+           note=f"floor: {traffic / 1e6:.0f} MB at {copy_bandwidth / 1e9:.1f} GB/s" if floor else "")
