@@ -379,7 +379,12 @@ class ReFiT:
         ``world * sum(local) / n_global``; in a single process, the plain mean."""
         if self.world == 1:
             return x.mean()
-        return x.sum() * (self.world / n_global)
+        return x.sum() / self._mean_divisor(x.numel(), n_global)
+
+    def _mean_divisor(self, n_local: int, n_global: int) -> float:
+        """What :meth:`_mean` divides the sum of ``n_local`` local elements by: ``n_local`` in a single
+        process, ``n_global / world`` under torchrun (at least 1: an empty batch sums to 0)."""
+        return float(max(1, n_local)) if self.world == 1 else n_global / self.world
 
     def _global_value(self, local: torch.Tensor) -> float:
         """The value of a loss term over the global batch from the ranks' scaled shares (for logging)."""

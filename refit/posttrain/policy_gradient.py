@@ -3,8 +3,11 @@
 Both sample trajectories with the run's sampler, turn the rewards into advantages (the run's
 ``baseline``; GRPO: the z-scores within each episode's group, groups whose rewards all tie dropped and
 counted), and ascend ``mean(adv * L)`` with ``L`` the exact log-likelihood of the trajectories' stochastic
-steps (:func:`refit_kernels.gaussian_logprob`), in one update or in PPO's clipped inner epochs over
-minibatches. The placebo permutes the advantages among the kept trajectories.
+steps, in one update or in PPO's clipped inner epochs over minibatches. Training every step, the
+surrogate's value and gradient come from :func:`refit_kernels.policy_loss` in one pass over the
+trajectory; a random share of the steps (``timestep_fraction``) goes through
+:func:`refit_kernels.gaussian_logprob` and autograd. The placebo permutes the advantages among the kept
+trajectories.
 """
 
 from __future__ import annotations
@@ -109,31 +112,49 @@ class Reinforce(PostTrainingMethod):
         n = max(1, int(round(f * S)))
         return sorted(torch.randperm(S, generator=tr.generator)[:n].tolist())
 
-    def _logprob(self, sub: "Rows", steps: List[int]) -> torch.Tensor:
-        """(S', B) log-likelihood of each chosen step of the rows ``sub`` under the current weights, with
-        gradient; with ``reuse_sampling_graph`` from the sampling pass itself."""
+    def _preds(self, sub: "Rows", steps: List[int]) -> torch.Tensor:
+        """(S, B, I) denoiser outputs along the rows ``sub`` under the current weights: the chosen steps
+        with gradient (with ``reuse_sampling_graph``, from the sampling pass itself), the others as
+        sampled (no gradient)."""
         tr = self.trainer
         cfg, traj = tr.config, sub.traj
         users, inputs = sub.episode.users, sub.episode.inputs
-        S = traj.preds.shape[0]
         if cfg.reuse_sampling_graph:
-            preds = traj.preds
-        elif len(steps) == S:
-            preds = tr.policy.outputs(users, inputs, traj)
-        else:  # re-evaluate only the chosen steps; the others keep their sampled outputs (no gradient)
-            idx = torch.tensor(steps, dtype=torch.long, device=traj.preds.device)
-            part = traj._replace(states=torch.cat([traj.states[idx], traj.states[-1:]]), preds=traj.preds[idx],
-                                 timesteps=traj.timesteps[idx])
-            preds = traj.preds.detach().index_copy(0, idx, tr.policy.outputs(users, inputs, part))
-        per_step = rk.gaussian_logprob(preds, traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
-                                       reduction=cfg.reduction, per_step=True)
-        return per_step if len(steps) == S else per_step[steps]
+            return traj.preds
+        if len(steps) == traj.preds.shape[0]:
+            return tr.policy.outputs(users, inputs, traj)
+        idx = torch.tensor(steps, dtype=torch.long, device=traj.preds.device)
+        part = traj._replace(states=torch.cat([traj.states[idx], traj.states[-1:]]), preds=traj.preds[idx],
+                             timesteps=traj.timesteps[idx])
+        return traj.preds.detach().index_copy(0, idx, tr.policy.outputs(users, inputs, part))
+
+    def _logprob(self, sub: "Rows", steps: List[int]) -> torch.Tensor:
+        """(S', B) log-likelihood of each chosen step of the rows ``sub`` under the current weights, with
+        gradient."""
+        traj = sub.traj
+        per_step = rk.gaussian_logprob(self._preds(sub, steps), traj.states, traj.coef_pred, traj.coef_x,
+                                       traj.log_var, reduction=self.trainer.config.reduction, per_step=True)
+        return per_step if len(steps) == traj.preds.shape[0] else per_step[steps]
+
+    def _fused_loss(self, sub: "Rows", steps: List[int], adv: torch.Tensor, divisor: float, old=None):
+        """:func:`refit_kernels.policy_loss` over every step of the rows ``sub``: the surrogate's value
+        and gradient in one pass over the trajectory, and the (S, B) per-step log-likelihoods."""
+        tr, traj = self.trainer, sub.traj
+        return rk.policy_loss(self._preds(sub, steps), traj.states, traj.coef_pred, traj.coef_x, traj.log_var,
+                              adv, old_logprob=old, clip=tr.config.ppo_clip, reduction=tr.config.reduction,
+                              normalizer=divisor)
 
     def _reinforce_update(self, sub: "Rows", adv: torch.Tensor, steps: List[int], n_kept: int, anchor_rows):
-        """One update on ``-mean(adv * L)`` over the kept trajectories (``n_kept`` in the global batch)."""
+        """One update on ``-mean(adv * L)`` over the kept trajectories (``n_kept`` in the global batch).
+
+        Training every step (the default), the fused policy loss gives value and gradient in one pass;
+        a random share of the steps (``timestep_fraction``) takes the log-likelihood of those steps."""
         tr = self.trainer
-        logp = self._logprob(sub, steps).sum(0)
-        loss = reinforce_loss(adv, logp, mean=lambda x: tr._mean(x, n_kept))
+        if len(steps) == sub.traj.preds.shape[0]:
+            loss = self._fused_loss(sub, steps, adv, tr._mean_divisor(adv.numel(), n_kept)).loss
+        else:
+            logp = self._logprob(sub, steps).sum(0)
+            loss = reinforce_loss(adv, logp, mean=lambda x: tr._mean(x, n_kept))
         loss, anchor = tr._add_anchor(loss, sub.episode, sub.episode.inputs, sub.traj, *anchor_rows)
         return loss, anchor, tr._update(loss)
 
@@ -154,13 +175,19 @@ class Reinforce(PostTrainingMethod):
             for a in range(0, B, mb):
                 rows = order[a:a + mb]
                 part = Rows(*select_rows(sub.episode, traj, rows)) if mb < B else sub
-                new = self._logprob(part, steps)
-                ratio = torch.exp(new - old[:, rows.to(old.device)])
+                old_mb = old[:, rows.to(old.device)]
                 a_mb = adv[rows.to(adv.device)]
-                clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
                 # A minibatch's loss is its own mean, so each update has the size of a full-batch one.
                 n_mb, rows_mb = (n_kept, anchor_rows) if mb >= B else (rows.numel(), (0, rows.numel()))
-                loss = -tr._mean(torch.minimum(ratio * a_mb, clipped * a_mb), n_mb * new.shape[0])
+                if len(steps) == traj.preds.shape[0]:  # every step: the fused loss, one pass
+                    divisor = tr._mean_divisor(old_mb.numel(), n_mb * old_mb.shape[0])
+                    loss, new = self._fused_loss(part, steps, a_mb, divisor, old=old_mb.contiguous())
+                    ratio = torch.exp(new - old_mb)
+                else:
+                    new = self._logprob(part, steps)
+                    ratio = torch.exp(new - old_mb)
+                    clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
+                    loss = -tr._mean(torch.minimum(ratio * a_mb, clipped * a_mb), n_mb * new.shape[0])
                 loss, anchor = tr._add_anchor(loss, part.episode, part.episode.inputs, part.traj, *rows_mb)
                 norms.append(tr._update(loss))
                 clipped_n += float(((ratio.detach() - 1).abs() > cfg.ppo_clip).double().sum())
