@@ -326,7 +326,9 @@ def test_probe_is_fixed_and_shared_with_the_placebo(pretrained, data, tmp_path):
     assert probes[0] == probes[1]
     p = probes[0]
     assert set(p) == {"probe_reward", "probe_ndcg", "probe_rr", "probe_recall", "probe_kl"}
-    assert p["probe_kl"] == 0.0 and 0 < p["probe_ndcg"] <= 1 and p["probe_rr"] <= p["probe_ndcg"] + 1e-6
+    # The KL to the pretrained policy is 0 before any update, up to rounding: the sampling pass and the
+    # re-evaluation batch the network differently, and BLAS may round the two differently (1.7e-11 measured).
+    assert abs(p["probe_kl"]) < 1e-8 and 0 < p["probe_ndcg"] <= 1 and p["probe_rr"] <= p["probe_ndcg"] + 1e-6
 
 
 def test_a_run_logs_its_probe_and_diagnostics(dreamrec, seq_data, tmp_path):
