@@ -15,7 +15,10 @@ Both REINFORCE and PPO's clipped surrogate (old log-likelihoods near the new
 ones, a fifth of the rows clipped) are timed. The hardware floor is the traffic
 the fused op cannot avoid, reading pred (S planes) and traj (S+1 planes) and
 writing the gradient (S planes), (3S + 1) * B * I * 4 bytes, at this machine's
-measured copy bandwidth.
+measured copy bandwidth. Separate medians of small calls drift with the machine's
+state from one test to the next, so the kernel is also timed in alternating pairs
+against the two-op path and against torch.compile (the summary's "paired calls"
+lines: the kernel's time over the other's, quartiles over the pairs).
 
     pytest benchmarks/suites/bench_policy_loss.py --benchmark-only
 """
@@ -28,7 +31,7 @@ import torch
 import refit_kernels as rk
 from refit_kernels import reference
 
-from benchmarks.suites._bench import QUICK, record
+from benchmarks.suites._bench import QUICK, paired_ratios, record, record_ratio
 
 SHAPES = {"diffrec": (40, 400, 2810), "grpo": (20, 1024, 2810), "dreamrec": (500, 256, 64)}
 if QUICK:
@@ -129,3 +132,32 @@ def test_policy_loss(benchmark, copy_bandwidth, device, shape_name, method, impl
                        warmup_rounds=1)
     record(benchmark, group, impl, floor_s=floor,
            note=f"floor: {traffic / 1e6:.0f} MB at {copy_bandwidth / 1e9:.1f} GB/s" if floor else "")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("method", ["reinforce", "ppo"])
+def test_policy_loss_paired(benchmark, device, shape_name, method):
+    """The kernel against the two-op path and against torch.compile, in alternating pairs of calls."""
+    impls = _implementations(device)
+    kernel = "cpu" if device == "cpu" else "cuda"
+    if kernel not in impls:
+        pytest.skip(f"{kernel} does not run on {device} here")
+    shape = SHAPES[shape_name]
+    pred, traj, cp, cx, lv, adv, old = trajectory(shape, device)
+    old = old if method == "ppo" else None
+    p = pred.detach().requires_grad_(True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(name):
+        def call():
+            torch.autograd.grad(impls[name](p, traj, cp, cx, lv, adv, old), p)
+            sync()
+        return call
+
+    group = f"policy_loss {method} {shape_name} {shape} {device}"
+    rounds = 5 if QUICK else 31
+    record_ratio(group, f"{kernel} / two-op {kernel}", paired_ratios(timed(kernel), timed(f"two-op {kernel}"), rounds))
+    record_ratio(group, f"{kernel} / reference-compiled",
+                 paired_ratios(timed(kernel), timed("reference-compiled"), rounds))
+    benchmark.pedantic(timed(kernel), rounds=1, warmup_rounds=0)
