@@ -183,3 +183,105 @@ def adapt_threads(env=None, *, loadavg=None, cores: Optional[int] = None) -> Opt
     torch.set_num_threads(want)
     return (f"the machine is busy (1-minute load {load:.2f} on {cores} cores): using {want} thread"
             f"{'s' if want != 1 else ''} instead of {current}; set OMP_NUM_THREADS to choose")
+
+
+def _proc_stat_busy(cpus: Optional[Sequence[int]] = None, path: str = "/proc/stat") -> Optional[float]:
+    """Seconds the CPUs ``cpus`` (all when None) have spent busy since boot, steal time included (a
+    core the hypervisor gives to another machine is held as surely as one another process runs on);
+    None where /proc/stat cannot be read."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = None if cpus is None else {f"cpu{c}" for c in cpus}
+    ticks = 0
+    for line in lines:
+        parts = line.split()
+        if not parts or not parts[0].startswith("cpu") or parts[0] == "cpu":
+            continue
+        if wanted is not None and parts[0] not in wanted:
+            continue
+        fields = [int(v) for v in parts[1:9]] + [0] * (8 - len(parts[1:9]))
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        ticks += user + nice + system + irq + softirq + steal
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadGovernor:
+    """Keeps torch's thread count at the cores other processes leave free, while a loop runs.
+
+    A torch operation split over threads waits for each of them, and a thread on a core that another
+    process holds waits for whole time slices: beside one busy process, an iteration on two threads
+    took 1.4-2.3x its time on one quiet thread (benchmarks/results/contention.md). The load average
+    that :func:`adapt_threads` reads at a command's start lags by a minute and misses what starts
+    later, so :meth:`tick`, called once per iteration, measures instead: over a window of at least
+    ``window_s`` seconds, the busy time of this process's CPUs (``/proc/stat``, steal time included)
+    less this process's own CPU time is what other processes held. The thread count becomes the cores
+    they leave free (a core counted busy from half its time), between 1 and the count when the
+    governor was made, once two windows in a row agree, and back up when they leave.
+
+    Off (``tick`` does nothing) where ``/proc/stat`` cannot be read, or with ``REFIT_ADAPT_THREADS=0``.
+    ``busy``, ``cpu_time`` and ``clock`` stand in for the measurements (tests).
+    """
+
+    def __init__(self, *, window_s: float = 0.2, env=None, busy=None, cpu_time=None, clock=None,
+                 cpus: Optional[Sequence[int]] = None):
+        import time
+
+        import torch
+
+        env = os.environ if env is None else env
+        if cpus is None:
+            try:
+                cpus = sorted(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cpus = None
+        self._cpus = cpus
+        self.cores = len(cpus) if cpus is not None else usable_cores()
+        self.ceiling = torch.get_num_threads()
+        self.window_s = window_s
+        self._busy = busy or (lambda: _proc_stat_busy(self._cpus))
+        self._cpu_time = cpu_time or time.process_time
+        self._clock = clock or time.perf_counter
+        self.enabled = env.get("REFIT_ADAPT_THREADS", "1") != "0" and self.ceiling > 1
+        self._start = self._sample() if self.enabled else None
+        self.enabled = self._start is not None
+        self._pending: Optional[int] = None
+        self.others = 0.0  # cores other processes held in the last window
+
+    def _sample(self):
+        busy = self._busy()
+        return None if busy is None else (self._clock(), busy, self._cpu_time())
+
+    def tick(self) -> Optional[str]:
+        """Closes the window when it is long enough and applies its verdict; a line saying what changed,
+        or None."""
+        if not self.enabled:
+            return None
+        import torch
+
+        now = self._sample()
+        if now is None:
+            self.enabled = False
+            return None
+        wall = now[0] - self._start[0]
+        if wall < self.window_s:
+            return None
+        others = ((now[1] - self._start[1]) - (now[2] - self._start[2])) / wall
+        self._start = now
+        self.others = max(0.0, others)
+        held = int(math.floor(self.others + 0.5))
+        want = max(1, min(self.ceiling, self.cores - held))
+        current = torch.get_num_threads()
+        if want == current:
+            self._pending = None
+            return None
+        if self._pending != want:  # one window may be a burst: act when the next one agrees
+            self._pending = want
+            return None
+        self._pending = None
+        torch.set_num_threads(want)
+        why = (f"other processes hold {self.others:.1f} of {self.cores} cores" if want < current
+               else f"other processes now hold {self.others:.1f} of {self.cores} cores")
+        return f"{why}: using {want} thread{'s' if want != 1 else ''} instead of {current}"

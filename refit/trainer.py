@@ -35,7 +35,7 @@ import torch
 import refit_kernels as rk
 
 from .control import Progress, StopRequests
-from .limits import check_run_settings
+from .limits import ThreadGovernor, check_run_settings
 from .loop import peak_memory_mb
 from .pretrain import SELECTION_METRIC, load_recommender
 from .recommender import PRECISIONS
@@ -305,6 +305,7 @@ class ReFiT:
         self.train_csr = self.episodes.neighbor_sets
         self._neighbor_sets = None  # train_csr on the device of the scores (see rollout)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.threads = ThreadGovernor()
         # Its own generator, so a placebo run draws the same episodes and noise as the real run would.
         self.placebo_generator = torch.Generator().manual_seed(config.seed + 7_654_321) if config.placebo else None
         self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -529,7 +530,13 @@ class ReFiT:
             group["lr"] = lr
 
     def step(self) -> Dict[str, float]:
-        """One iteration of the run's method: a batch of episodes, their rewards, and the update(s)."""
+        """One iteration of the run's method: a batch of episodes, their rewards, and the update(s).
+
+        Each iteration first lets the thread governor (:class:`refit.limits.ThreadGovernor`) fit torch's
+        thread count to the cores other processes leave free, and logs a warning when it changes it."""
+        note = self.threads.tick()
+        if note is not None:
+            log.warning(note)
         return self.method.step()
 
     def _reward_stats(self, reward: torch.Tensor, adv: Optional[torch.Tensor] = None,
