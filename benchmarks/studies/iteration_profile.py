@@ -10,7 +10,7 @@ expressions), the reward (``refit::topk_hits`` / ``target_rank`` / ``gather_rows
 or the reference's sort and gathers), the optimiser, and the rest. Wall time per
 iteration is the median of the profiled iterations.
 
-    python -m benchmarks.studies.iteration_profile [--batch-size 64] [--iterations 5]
+    python -m benchmarks.studies.iteration_profile [--batch-size 64] [--iterations 5] [--data synthetic]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _stage(name: str) -> str:
     return "other"
 
 
-def profile(ops: str, batch_size: int, warmup: int, iterations: int):
+def profile(ops: str, batch_size: int, warmup: int, iterations: int, data_name: str = "ml-1m_clean"):
     if ops == "reference":
         os.environ["REFIT_BACKEND"] = "reference"
     else:
@@ -62,7 +62,7 @@ def profile(ops: str, batch_size: int, warmup: int, iterations: int):
     from refit.recommender import Recommender
     from refit.trainer import FinetuneConfig, ReFiT
 
-    path = shared_data("ml-1m_clean")
+    path = shared_data(data_name) if data_name != "synthetic" else None
     data = load_dataset(path) if path is not None else load_dataset("synthetic")
     cfg = PretrainConfig()
     torch.manual_seed(0)
@@ -90,12 +90,22 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--data", default="ml-1m_clean",
+                    help="a data set of ../shared/data (default ml-1m_clean; the synthetic one where it is missing), "
+                         "or 'synthetic'")
     args = ap.parse_args(argv)
     results = {}
-    for ops in ("kernels", "reference"):
-        results[ops] = profile(ops, args.batch_size, args.warmup, args.iterations)
+    before = os.environ.get("REFIT_BACKEND")
+    try:
+        for ops in ("kernels", "reference"):
+            results[ops] = profile(ops, args.batch_size, args.warmup, args.iterations, args.data)
+    finally:  # the process's own choice again (this may run inside another program)
+        if before is None:
+            os.environ.pop("REFIT_BACKEND", None)
+        else:
+            os.environ["REFIT_BACKEND"] = before
     names = sorted({k for _, st in results.values() for k in st}, key=lambda k: -results["reference"][1].get(k, 0))
-    print(f"one ReFiT iteration, DiffRec ML-1M shapes, B = {args.batch_size}, fp32, "
+    print(f"one ReFiT iteration, DiffRec on {args.data}, B = {args.batch_size}, fp32, "
           f"threads {torch.get_num_threads()}: self CPU ms per iteration")
     print(f"| stage | kernels | reference |\n| --- | ---: | ---: |")
     for k in names:
