@@ -23,8 +23,6 @@ lines: the kernel's time over the other's, quartiles over the pairs).
     pytest benchmarks/suites/bench_policy_loss.py --benchmark-only
 """
 
-import math
-
 import pytest
 import torch
 
@@ -32,6 +30,7 @@ import refit_kernels as rk
 from refit_kernels import reference
 
 from benchmarks.suites._bench import QUICK, paired_ratios, record, record_ratio
+from benchmarks.suites.bench_gaussian_logprob import trajectory as glp_trajectory
 
 SHAPES = {"diffrec": (40, 400, 2810), "grpo": (20, 1024, 2810), "dreamrec": (500, 256, 64)}
 if QUICK:
@@ -43,24 +42,14 @@ _INPUTS = {}
 
 
 def trajectory(shape, device):
-    """A float32 trajectory sampled from the Gaussians it is scored under, advantages and PPO's old
-    per-step log-likelihoods (cached per shape)."""
+    """bench_gaussian_logprob's float32 trajectory, its per-user weights as the advantages, and PPO's old
+    per-step log-likelihoods near the new ones (cached per shape)."""
     key = (shape, device)
     if key not in _INPUTS:
-        S, B, I = shape
-        g = torch.Generator().manual_seed(0)
-        lv = torch.empty(S, dtype=torch.float64).uniform_(math.log(1e-7), math.log(1e-5), generator=g)
-        cp = torch.empty(S, dtype=torch.float64).uniform_(0.01, 1.0, generator=g)
-        cx = torch.empty(S, dtype=torch.float64).uniform_(0.0, 1.0, generator=g)
-        pred = torch.rand(S, B, I, generator=g)
-        traj = torch.empty(S + 1, B, I)
-        traj[0] = (torch.rand(B, I, generator=g) < 0.02).float()
-        for s in range(S):
-            noise = torch.randn(B, I, generator=g).mul_(math.exp(0.5 * lv[s].item()))
-            traj[s + 1] = (cp[s] * pred[s] + cx[s] * traj[s]).float() + noise
-        adv = torch.randn(B, generator=g)
+        pred, traj, cp, cx, lv, adv = (t.cpu() for t in glp_trajectory(shape, "cpu"))
         terms = rk.gaussian_logprob(pred, traj, cp, cx, lv, per_step=True)
-        old = terms + 0.15 * torch.randn(S, B, generator=g)  # |log rho| > ~0.2 on about a fifth of rows
+        g = torch.Generator().manual_seed(1)
+        old = terms + 0.15 * torch.randn(terms.shape, generator=g)  # |log rho| > ~0.2 on about a fifth of rows
         _INPUTS.clear()  # keep one shape in memory at a time
         _INPUTS[key] = tuple(t.to(device) for t in (pred, traj, cp, cx, lv, adv, old))
     return _INPUTS[key]

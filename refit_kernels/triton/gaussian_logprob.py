@@ -32,6 +32,36 @@ def _to_bf16_rtne(x):
 
 
 @triton.jit
+def _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC: tl.constexpr, BLOCK_I: tl.constexpr):
+    """(offsets, mask, residuals) of the items [start, start + BLOCK_I) of a row, in ACC; the same fused
+    form as csrc/include/refit/gaussian_logprob.h. Items past I have residual 0."""
+    offs = start + tl.arange(0, BLOCK_I)
+    mask = offs < I
+    p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+    xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
+    return offs, mask, tl.fma(-cp, p, tl.fma(-cx, x, xn))
+
+
+@triton.jit
+def _row_term(sum_sq, lv, n_items, MEAN: tl.constexpr):
+    """A (step, user) row's log-likelihood from its sum of squared residuals; the normalising constant
+    is added once per row, not once per item."""
+    term = -0.5 * (sum_sq * tl.exp(-lv) + n_items * (_LOG_2PI + lv))
+    if MEAN:
+        term = term / n_items
+    return term
+
+
+@triton.jit
+def _store_row(out_row, offs, mask, values, ROUND_BF16: tl.constexpr):
+    if ROUND_BF16:
+        tl.store(out_row + offs, _to_bf16_rtne(values.to(tl.float32)), mask=mask)
+    else:
+        tl.store(out_row + offs, values.to(out_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gaussian_logprob_fwd_kernel(
     Pred_ptr, Traj_ptr, CoefPred_ptr, CoefX_ptr, LogVar_ptr, Terms_ptr,
     B, I,
@@ -50,20 +80,9 @@ def _gaussian_logprob_fwd_kernel(
 
     acc = tl.zeros([BLOCK_I], dtype=ACC)
     for start in range(0, I, BLOCK_I):
-        offs = start + tl.arange(0, BLOCK_I)
-        mask = offs < I
-        p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-        xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
-        # Same fused form as csrc/include/refit/gaussian_logprob.h.
-        r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+        offs, mask, r = _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC, BLOCK_I)
         acc += r * r
-    sum_sq = tl.sum(acc, axis=0)
-    n_items = I.to(ACC)
-    # The normalising constant is added once per row, not once per item.
-    term = -0.5 * (sum_sq * tl.exp(-lv) + n_items * (_LOG_2PI + lv))
-    if MEAN:
-        term = term / n_items
+    term = _row_term(tl.sum(acc, axis=0), lv, I.to(ACC), MEAN)
     tl.store(Terms_ptr + row, term)
 
 
@@ -93,17 +112,9 @@ def _gaussian_logprob_bwd_kernel(
     if MEAN:
         factor = factor / I.to(ACC)
     for start in range(0, I, BLOCK_I):
-        offs = start + tl.arange(0, BLOCK_I)
-        mask = offs < I
-        p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-        xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
-        r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+        offs, mask, r = _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC, BLOCK_I)
         g_pred = factor * r
-        if ROUND_BF16:
-            tl.store(out_row + offs, _to_bf16_rtne(g_pred.to(tl.float32)), mask=mask)
-        else:
-            tl.store(out_row + offs, g_pred.to(Out_ptr.dtype.element_ty), mask=mask)
+        _store_row(out_row, offs, mask, g_pred, ROUND_BF16)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,16 +207,9 @@ def _policy_loss_kernel(
         # PPO: the row's weight depends on its own term, so the sum comes first and the
         # gradient loop reads the row a second time.
         for start in range(0, I, BLOCK_I):
-            offs = start + tl.arange(0, BLOCK_I)
-            mask = offs < I
-            p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-            xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
-            r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+            offs, mask, r = _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC, BLOCK_I)
             acc += r * r
-        term = -0.5 * (tl.sum(acc, axis=0) * tl.exp(-lv) + n_items * (_LOG_2PI + lv))
-        if MEAN:
-            term = term / n_items
+        term = _row_term(tl.sum(acc, axis=0), lv, n_items, MEAN)
         old = tl.load(Old_ptr + row).to(ACC)
         rho = tl.exp(term - old)
         clamped = tl.minimum(tl.maximum(rho, lo), hi)
@@ -218,34 +222,16 @@ def _policy_loss_kernel(
         weight = tl.where(live, -adv * rho * inv_n, 0.0)
         g = weight * factor
         for start in range(0, I, BLOCK_I):
-            offs = start + tl.arange(0, BLOCK_I)
-            mask = offs < I
-            p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-            xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
-            r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
-            if ROUND_BF16:
-                tl.store(out_row + offs, _to_bf16_rtne((g * r).to(tl.float32)), mask=mask)
-            else:
-                tl.store(out_row + offs, (g * r).to(Out_ptr.dtype.element_ty), mask=mask)
+            offs, mask, r = _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC, BLOCK_I)
+            _store_row(out_row, offs, mask, g * r, ROUND_BF16)
     else:
         # REINFORCE: the weight is known up front; one read of the row gives the sum and the gradient.
         g = -adv * inv_n * factor
         for start in range(0, I, BLOCK_I):
-            offs = start + tl.arange(0, BLOCK_I)
-            mask = offs < I
-            p = tl.load(pred_row + offs, mask=mask, other=0.0).to(ACC)
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-            xn = tl.load(x_next_row + offs, mask=mask, other=0.0).to(ACC)
-            r = tl.fma(-cp, p, tl.fma(-cx, x, xn))
+            offs, mask, r = _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC, BLOCK_I)
             acc += r * r
-            if ROUND_BF16:
-                tl.store(out_row + offs, _to_bf16_rtne((g * r).to(tl.float32)), mask=mask)
-            else:
-                tl.store(out_row + offs, (g * r).to(Out_ptr.dtype.element_ty), mask=mask)
-        term = -0.5 * (tl.sum(acc, axis=0) * tl.exp(-lv) + n_items * (_LOG_2PI + lv))
-        if MEAN:
-            term = term / n_items
+            _store_row(out_row, offs, mask, g * r, ROUND_BF16)
+        term = _row_term(tl.sum(acc, axis=0), lv, n_items, MEAN)
         share = -adv * term * inv_n
     tl.store(Terms_ptr + row, term)
     tl.store(Shares_ptr + row, share)
