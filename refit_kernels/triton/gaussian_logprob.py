@@ -32,6 +32,19 @@ def _to_bf16_rtne(x):
 
 
 @triton.jit
+def _row_start(Pred_ptr, Traj_ptr, CoefPred_ptr, CoefX_ptr, LogVar_ptr, B,
+               pred_s_stride, pred_b_stride, traj_s_stride, traj_b_stride, ACC: tl.constexpr):
+    """This program's (step, user) row: (row, s, b, pred row, state row, next state row, coef_pred,
+    coef_x, log_var), the constants in ACC."""
+    row = tl.program_id(0).to(tl.int64)
+    s = row // B
+    b = row % B
+    x_row = Traj_ptr + s * traj_s_stride + b * traj_b_stride
+    return (row, s, b, Pred_ptr + s * pred_s_stride + b * pred_b_stride, x_row, x_row + traj_s_stride,
+            tl.load(CoefPred_ptr + s).to(ACC), tl.load(CoefX_ptr + s).to(ACC), tl.load(LogVar_ptr + s).to(ACC))
+
+
+@triton.jit
 def _residual_block(pred_row, x_row, x_next_row, start, I, cp, cx, ACC: tl.constexpr, BLOCK_I: tl.constexpr):
     """(offsets, mask, residuals) of the items [start, start + BLOCK_I) of a row, in ACC; the same fused
     form as csrc/include/refit/gaussian_logprob.h. Items past I have residual 0."""
@@ -68,15 +81,9 @@ def _gaussian_logprob_fwd_kernel(
     pred_s_stride, pred_b_stride, traj_s_stride, traj_b_stride,
     MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s = row // B
-    b = row % B
-    pred_row = Pred_ptr + s * pred_s_stride + b * pred_b_stride
-    x_row = Traj_ptr + s * traj_s_stride + b * traj_b_stride
-    x_next_row = x_row + traj_s_stride
-    cp = tl.load(CoefPred_ptr + s).to(ACC)
-    cx = tl.load(CoefX_ptr + s).to(ACC)
-    lv = tl.load(LogVar_ptr + s).to(ACC)
+    row, s, b, pred_row, x_row, x_next_row, cp, cx, lv = _row_start(
+        Pred_ptr, Traj_ptr, CoefPred_ptr, CoefX_ptr, LogVar_ptr, B,
+        pred_s_stride, pred_b_stride, traj_s_stride, traj_b_stride, ACC)
 
     acc = tl.zeros([BLOCK_I], dtype=ACC)
     for start in range(0, I, BLOCK_I):
@@ -94,16 +101,10 @@ def _gaussian_logprob_bwd_kernel(
     MEAN: tl.constexpr, PER_STEP: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s = row // B
-    b = row % B
-    pred_row = Pred_ptr + s * pred_s_stride + b * pred_b_stride
-    x_row = Traj_ptr + s * traj_s_stride + b * traj_b_stride
-    x_next_row = x_row + traj_s_stride
+    row, s, b, pred_row, x_row, x_next_row, cp, cx, lv = _row_start(
+        Pred_ptr, Traj_ptr, CoefPred_ptr, CoefX_ptr, LogVar_ptr, B,
+        pred_s_stride, pred_b_stride, traj_s_stride, traj_b_stride, ACC)
     out_row = Out_ptr + row * I
-    cp = tl.load(CoefPred_ptr + s).to(ACC)
-    cx = tl.load(CoefX_ptr + s).to(ACC)
-    lv = tl.load(LogVar_ptr + s).to(ACC)
     if PER_STEP:
         g = tl.load(Grad_ptr + row).to(ACC)
     else:
@@ -182,16 +183,10 @@ def _policy_loss_kernel(
     MEAN: tl.constexpr, HAS_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s = row // B
-    b = row % B
-    pred_row = Pred_ptr + s * pred_s_stride + b * pred_b_stride
-    x_row = Traj_ptr + s * traj_s_stride + b * traj_b_stride
-    x_next_row = x_row + traj_s_stride
+    row, s, b, pred_row, x_row, x_next_row, cp, cx, lv = _row_start(
+        Pred_ptr, Traj_ptr, CoefPred_ptr, CoefX_ptr, LogVar_ptr, B,
+        pred_s_stride, pred_b_stride, traj_s_stride, traj_b_stride, ACC)
     out_row = Out_ptr + row * I
-    cp = tl.load(CoefPred_ptr + s).to(ACC)
-    cx = tl.load(CoefX_ptr + s).to(ACC)
-    lv = tl.load(LogVar_ptr + s).to(ACC)
     adv = tl.load(Adv_ptr + b).to(ACC)
     # (1 - clip, 1 + clip, 1 / normalizer) in the accumulation type: scalar arguments would
     # reach the kernel as float32.
