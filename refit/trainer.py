@@ -744,9 +744,15 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwri
     # (the trainer samples and evaluates in eval mode).
     modes = (kept_modes(policy.module) if isinstance(getattr(policy, "module", None), torch.nn.Module)
              else contextlib.nullcontext())
-    with modes, StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
-                                                                  inputs=[config.checkpoint]):
-        return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy, reward_fn, episodes)
+    threads = torch.get_num_threads()
+    try:
+        with modes, StopRequests() as stops, RunDir(config.out).claim(resume=resume, overwrite=overwrite,
+                                                                      inputs=[config.checkpoint]):
+            return _finetune(config, data, resume, device, max_iterations_this_run, stops, policy, reward_fn,
+                             episodes)
+    finally:  # what the thread governor changed during the run ends with it
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,

@@ -477,3 +477,25 @@ def test_a_resumed_cosine_run_ends_where_an_uninterrupted_one_does(pretrained, d
     c = load_checkpoint(str(tmp_path / "const" / "last.pt"))
     assert any(not torch.equal(t, c["recommender"]["model"]["state_dict"][n])
                for n, t in a["recommender"]["model"]["state_dict"].items())
+
+
+def test_the_thread_count_the_governor_changed_ends_with_the_run(pretrained, data, tmp_path, monkeypatch):
+    """A run whose governor lowers torch's threads leaves the caller's count as it found it."""
+    from refit import trainer as tr
+
+    class Lowering:
+        def __init__(self):
+            self.ceiling = torch.get_num_threads()
+
+        def tick(self):
+            torch.set_num_threads(1)
+            return "other processes hold 1.0 of 2 cores: using 1 thread instead of 2"
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(tr, "ThreadGovernor", Lowering)
+    try:
+        finetune(_ft(pretrained, tmp_path, iterations=2, eval_every=2), data)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
