@@ -72,7 +72,7 @@ def test_dry_run_report_holds_every_row(dry_run):
         assert re.search(rf"^\| {phase} \| ok \| [\d.]+ \|", summary, re.M), f"{phase} missing from the summary"
     bench = json.load(open(os.path.join(out, "bench.json")))
     groups = {b["group"].split(" ")[0] + " " + b["group"].split(" ")[1] for b in bench["benchmarks"]}
-    assert groups >= {"copy bandwidth", "gaussian_logprob fwd+bwd", "gather_rows plain", "gather_rows segmented",
+    assert groups >= {"copy bandwidth", "gaussian_logprob fwd+bwd", "policy_loss reinforce", "gather_rows plain", "gather_rows segmented",
                       "gather_rows plain-large", "topk_hits full", "topk_hits reward"}, groups
     impls = {b["extra_info"]["impl"] for b in bench["benchmarks"]}
     assert impls >= {"cpu", "reference", "reference-compiled", "dense", "copy"}, impls

@@ -10,6 +10,8 @@ exist. Rows (float32):
 * gaussian_logprob forward + backward at DiffRec's ML-1M shape (40, 400, 2810)
   and a Yelp-sized catalogue (5, 400, 34395): ``cuda``, ``triton``, the
   reference eager and compiled; (5S + 2) B I 4 bytes must move;
+* policy_loss (REINFORCE's loss and gradient) at the DiffRec (40, 400, 2810)
+  and GRPO (20, 1024, 2810) shapes, the same four; (3S + 1) B I 4 bytes;
 * gather_rows on ML-1M: 400 users (plain), and the weighted sum of each
   one's 50 most similar users (segmented), and a large plain gather (4,096 rows
   of a 20,000 x 34,395 matrix, 0.2 % dense), against the reference eager and
@@ -21,8 +23,8 @@ exist. Rows (float32):
   gather, cumulative sums; bench_topk_hits.py), eager and compiled; the
   ReFiT reward at B = 64 and 400 against the vectorised PyTorch reward.
 
-Targets (reported by gpu_report.py, not asserted): gaussian_logprob and
-gather_rows at >= 70 % of the copy bandwidth; the evaluation >= 3x and the
+Targets (reported by gpu_report.py, not asserted): gaussian_logprob,
+policy_loss and gather_rows at >= 70 % of the copy bandwidth; the evaluation >= 3x and the
 reward >= 2x faster than the vectorised PyTorch paths. Each row's
 ``extra_info`` holds the bytes it must move and its target.
 
@@ -195,6 +197,51 @@ def bench_gaussian_logprob(benchmark, shape_name, impl):
     run_timed(benchmark, fwd_bwd, f"gaussian_logprob fwd+bwd {shape_name} {shape} {DEVICE.type}", impl,
               rounds=(3 if QUICK else 10) if slow else (5 if QUICK else 30),
               bytes=(5 * S + 2) * B * I * 4, target="bandwidth" if impl in KERNELS else None,
+              target_fraction=BW_TARGET)
+
+
+# --- policy_loss -----------------------------------------------------------------------------------
+
+from benchmarks.suites import bench_policy_loss as _pl  # noqa: E402
+
+PL_SHAPES = {"quick": (4, 16, 300)} if QUICK else {k: _pl.SHAPES[k] for k in ("diffrec", "grpo")}
+
+
+def _pl_fn(impl):
+    if impl == "reference":
+        return _pl._reference
+    if impl == "reference-compiled":
+        if "pl" not in _COMPILED:
+            _COMPILED["pl"] = compiled(_pl._reference)
+        return _COMPILED["pl"]
+    return lambda p, t, cp, cx, lv, a, o, _n=impl: rk.policy_loss(p, t, cp, cx, lv, a, old_logprob=o, backend=_n).loss
+
+
+@pytest.mark.parametrize("shape_name", list(PL_SHAPES))
+@pytest.mark.parametrize("impl", GLP_IMPLS)
+def test_policy_loss(benchmark, bandwidth, shape_name, impl):
+    bench_policy_loss(benchmark, shape_name, impl)
+
+
+def bench_policy_loss(benchmark, shape_name, impl):
+    """REINFORCE's loss and its gradient: the fused kernels against autograd through the reference."""
+    if impl in KERNELS and usable(impl) is not None:
+        pytest.skip(usable(impl))
+    shape = PL_SHAPES[shape_name]
+    pred, traj, cp, cx, lv, adv, _ = _pl.trajectory(shape, str(DEVICE))
+    p = pred.detach().requires_grad_(True)
+    fn = _pl_fn(impl)
+
+    def loss_and_grad():
+        return torch.autograd.grad(fn(p, traj, cp, cx, lv, adv, None), p)[0]
+
+    if impl == "reference-compiled":
+        first_compiled_call(loss_and_grad)
+    S, B, I = shape
+    slow = impl.startswith("reference")
+    run_timed(benchmark, loss_and_grad, f"policy_loss reinforce {shape_name} {shape} {DEVICE.type}", impl,
+              rounds=(3 if QUICK else 10) if slow else (5 if QUICK else 30),
+              bytes=(3 * S + 1) * B * I * 4, target="bandwidth" if impl in KERNELS else None,
               target_fraction=BW_TARGET)
 
 
@@ -437,7 +484,8 @@ def bench_topk_reward(benchmark, B, impl):
 # Compiling takes most of this file's time on a GPU; run last, a deadline that comes early costs only
 # these rows. One compilation serves every shape of a reference (dynamic shapes).
 
-COMPILED = ([("gaussian_logprob", s) for s in _glp.SHAPES] + [("gather_rows", f) for f in GATHER_FORMS]
+COMPILED = ([("gaussian_logprob", s) for s in _glp.SHAPES] + [("policy_loss", s) for s in PL_SHAPES]
+            + [("gather_rows", f) for f in GATHER_FORMS]
             + [("topk_full_evaluation", None)] + [("topk_reward", B) for B in _tk.REWARD_BATCHES])
 
 
@@ -454,6 +502,6 @@ def first_compiled_call(fn):
 @pytest.mark.parametrize("case", COMPILED, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_reference_compiled(benchmark, bandwidth, case):
     op, arg = case
-    {"gaussian_logprob": bench_gaussian_logprob, "gather_rows": bench_gather_rows,
+    {"gaussian_logprob": bench_gaussian_logprob, "policy_loss": bench_policy_loss, "gather_rows": bench_gather_rows,
      "topk_full_evaluation": bench_topk_full_evaluation, "topk_reward": bench_topk_reward}[op](
         benchmark, arg, "reference-compiled")
