@@ -120,6 +120,13 @@ std::vector<double> to_doubles(const at::Tensor& c) {
   return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
 }
 
+// exp(-log_var[s]) once per step instead of once or twice per row.
+std::vector<double> inverse_variances(const std::vector<double>& log_var) {
+  std::vector<double> out(log_var.size());
+  for (size_t s = 0; s < log_var.size(); ++s) out[s] = exp_(-log_var[s]);
+  return out;
+}
+
 }  // namespace
 
 at::Tensor gaussian_logprob_cpu(const at::Tensor& pred_in, const at::Tensor& traj_in,
@@ -133,6 +140,7 @@ at::Tensor gaussian_logprob_cpu(const at::Tensor& pred_in, const at::Tensor& tra
   const int64_t S = pred.size(0), B = pred.size(1), I = pred.size(2);
   const std::vector<double> cp = to_doubles(coef_pred), cx = to_doubles(coef_x),
                             lv = to_doubles(log_var);
+  const std::vector<double> inv_v = inverse_variances(lv);
   const double scale = mean ? 1.0 / static_cast<double>(I) : 1.0;
 
   // Per-row terms in float64; summing them over steps in a fixed order below
@@ -147,7 +155,7 @@ at::Tensor gaussian_logprob_cpu(const at::Tensor& pred_in, const at::Tensor& tra
     cpu::for_each_step_row(S, B, I * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t s, int64_t b) {
       const double sum_sq = Rows<scalar_t>::sum_sq(t + (s + 1) * ts0 + b * ts1, t + s * ts0 + b * ts1,
                                                    p + s * ps0 + b * ps1, I, cp[s], cx[s]);
-      terms[s * B + b] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
+      terms[s * B + b] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], static_cast<double>(I), scale);
     });
   });
 
@@ -178,6 +186,7 @@ at::Tensor gaussian_logprob_backward_cpu(const at::Tensor& grad_in, const at::Te
   const int64_t S = pred.size(0), B = pred.size(1), I = pred.size(2);
   const std::vector<double> cp = to_doubles(coef_pred), cx = to_doubles(coef_x),
                             lv = to_doubles(log_var);
+  const std::vector<double> inv_v = inverse_variances(lv);
   const double scale = mean ? 1.0 / static_cast<double>(I) : 1.0;
   // grad is (B,) or (S, B) and often an expanded view of a scalar's gradient.
   const at::Tensor g = grad_in.to(at::kDouble).contiguous();
@@ -193,7 +202,7 @@ at::Tensor gaussian_logprob_backward_cpu(const at::Tensor& grad_in, const at::Te
     const int64_t ts0 = traj.stride(0), ts1 = traj.stride(1);
     cpu::for_each_step_row(S, B, I * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t s, int64_t b) {
       const double factor =
-          (per_step ? gp[s * B + b] : gp[b]) * glp::grad_factor<double>(cp[s], lv[s], scale);
+          (per_step ? gp[s * B + b] : gp[b]) * glp::grad_factor_inv<double>(cp[s], inv_v[s], scale);
       Rows<scalar_t>::grad(o + (s * B + b) * I, t + (s + 1) * ts0 + b * ts1, t + s * ts0 + b * ts1,
                            p + s * ps0 + b * ps1, I, cp[s], cx[s], factor);
     });
@@ -214,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   const int64_t S = pred.size(0), B = pred.size(1), I = pred.size(2);
   const std::vector<double> cp = to_doubles(coef_pred), cx = to_doubles(coef_x),
                             lv = to_doubles(log_var), adv = to_doubles(advantages);
+  const std::vector<double> inv_v = inverse_variances(lv);
   const bool has_old = old_logprob.has_value();
   const std::vector<double> old = has_old ? to_doubles(*old_logprob) : std::vector<double>();
   const double scale = mean ? 1.0 / static_cast<double>(I) : 1.0;
@@ -235,17 +245,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
       const scalar_t* x = t + s * ts0 + b * ts1;
       const scalar_t* pr = p + s * ps0 + b * ps1;
       scalar_t* out = o + r * I;
-      const double factor = glp::grad_factor<double>(cp[s], lv[s], scale);
+      const double factor = glp::grad_factor_inv<double>(cp[s], inv_v[s], scale);
       double sum_sq;
       pl::RowLoss<double> share;
       if (!has_old) {  // REINFORCE: the weight is known before the row is read, so one pass
         share = pl::row_loss<double>(0.0, adv[b], false, 0.0, clip, inv_n);
         sum_sq = Rows<scalar_t>::grad_sum_sq(out, xn, x, pr, I, cp[s], cx[s], share.weight * factor);
-        terms[r] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
+        terms[r] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], static_cast<double>(I), scale);
         share.loss = -adv[b] * terms[r] * inv_n;
       } else {  // PPO: the weight needs the row's term; the second read finds the row in cache
         sum_sq = Rows<scalar_t>::sum_sq(xn, x, pr, I, cp[s], cx[s]);
-        terms[r] = glp::step_term<double>(sum_sq, lv[s], static_cast<double>(I), scale);
+        terms[r] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], static_cast<double>(I), scale);
         share = pl::row_loss<double>(terms[r], adv[b], true, old[r], clip, inv_n);
         Rows<scalar_t>::grad(out, xn, x, pr, I, cp[s], cx[s], share.weight * factor);
       }

@@ -29,18 +29,30 @@ REFIT_HOST_DEVICE REFIT_INLINE acc_t residual(acc_t x_next, acc_t x, acc_t pred,
 // residuals. The normalising constant I * log(2 pi v) is added analytically
 // instead of per item: with v ~ 1e-7 it dominates the sum, and adding it once
 // avoids I roundings of a large number.
+// The *_inv forms take 1 / v = exp(-log_var) computed once per step by the
+// caller (rows of few items cost little else); the results are the same bits.
+template <typename acc_t>
+REFIT_HOST_DEVICE REFIT_INLINE acc_t step_term_inv(acc_t sum_sq, acc_t inv_var, acc_t log_var,
+                                                   acc_t n_items, acc_t scale) {
+  return acc_t(-0.5) * scale * (sum_sq * inv_var + n_items * (acc_t(kLog2Pi) + log_var));
+}
+
 template <typename acc_t>
 REFIT_HOST_DEVICE REFIT_INLINE acc_t step_term(acc_t sum_sq, acc_t log_var,
                                                acc_t n_items, acc_t scale) {
-  return acc_t(-0.5) * scale *
-         (sum_sq * exp_(-log_var) + n_items * (acc_t(kLog2Pi) + log_var));
+  return step_term_inv<acc_t>(sum_sq, exp_(-log_var), log_var, n_items, scale);
 }
 
 // Factor that turns a residual into d term / d pred: scale * coef_pred / v.
 template <typename acc_t>
+REFIT_HOST_DEVICE REFIT_INLINE acc_t grad_factor_inv(acc_t coef_pred, acc_t inv_var, acc_t scale) {
+  return scale * coef_pred * inv_var;
+}
+
+template <typename acc_t>
 REFIT_HOST_DEVICE REFIT_INLINE acc_t grad_factor(acc_t coef_pred, acc_t log_var,
                                                  acc_t scale) {
-  return scale * coef_pred * exp_(-log_var);
+  return grad_factor_inv<acc_t>(coef_pred, exp_(-log_var), scale);
 }
 
 }  // namespace glp
