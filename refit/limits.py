@@ -10,6 +10,10 @@ it would take.
 
 ``REFIT_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix) caps the estimate's
 budget below the machine's, for shared machines and for tests.
+
+The machine's other limit is its cores: :func:`adapt_threads` starts a command
+on the cores the load leaves free, and :class:`ThreadGovernor` keeps a running
+loop's thread count at the cores other processes leave free.
 """
 
 from __future__ import annotations
