@@ -246,20 +246,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
       const scalar_t* pr = p + s * ps0 + b * ps1;
       scalar_t* out = o + r * I;
       const double factor = glp::grad_factor_inv<double>(cp[s], inv_v[s], scale);
-      double sum_sq;
-      pl::RowLoss<double> share;
-      if (!has_old) {  // REINFORCE: the weight is known before the row is read, so one pass
-        share = pl::row_loss<double>(0.0, adv[b], false, 0.0, clip, inv_n);
-        sum_sq = Rows<scalar_t>::grad_sum_sq(out, xn, x, pr, I, cp[s], cx[s], share.weight * factor);
-        terms[r] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], static_cast<double>(I), scale);
-        share.loss = -adv[b] * terms[r] * inv_n;
+      const double n_items = static_cast<double>(I);
+      if (!has_old) {  // REINFORCE: the weight does not depend on the term, so one pass
+        const double weight = pl::row_loss<double>(0.0, adv[b], false, 0.0, clip, inv_n).weight;
+        const double sum_sq = Rows<scalar_t>::grad_sum_sq(out, xn, x, pr, I, cp[s], cx[s], weight * factor);
+        terms[r] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], n_items, scale);
+        shares[r] = pl::row_loss<double>(terms[r], adv[b], false, 0.0, clip, inv_n).loss;
       } else {  // PPO: the weight needs the row's term; the second read finds the row in cache
-        sum_sq = Rows<scalar_t>::sum_sq(xn, x, pr, I, cp[s], cx[s]);
-        terms[r] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], static_cast<double>(I), scale);
-        share = pl::row_loss<double>(terms[r], adv[b], true, old[r], clip, inv_n);
+        const double sum_sq = Rows<scalar_t>::sum_sq(xn, x, pr, I, cp[s], cx[s]);
+        terms[r] = glp::step_term_inv<double>(sum_sq, inv_v[s], lv[s], n_items, scale);
+        const pl::RowLoss<double> share = pl::row_loss<double>(terms[r], adv[b], true, old[r], clip, inv_n);
         Rows<scalar_t>::grad(out, xn, x, pr, I, cp[s], cx[s], share.weight * factor);
+        shares[r] = share.loss;
       }
-      shares[r] = share.loss;
     });
   });
 

@@ -179,13 +179,14 @@ class Reinforce(PostTrainingMethod):
                 a_mb = adv[rows.to(adv.device)]
                 # A minibatch's loss is its own mean, so each update has the size of a full-batch one.
                 n_mb, rows_mb = (n_kept, anchor_rows) if mb >= B else (rows.numel(), (0, rows.numel()))
-                if len(steps) == traj.preds.shape[0]:  # every step: the fused loss, one pass
+                fused = len(steps) == traj.preds.shape[0]  # every step: the fused loss, one pass
+                if fused:
                     divisor = tr._mean_divisor(old_mb.numel(), n_mb * old_mb.shape[0])
                     loss, new = self._fused_loss(part, steps, a_mb, divisor, old=old_mb.contiguous())
-                    ratio = torch.exp(new - old_mb)
                 else:
                     new = self._logprob(part, steps)
-                    ratio = torch.exp(new - old_mb)
+                ratio = torch.exp(new - old_mb)
+                if not fused:
                     clipped = torch.clamp(ratio, 1 - cfg.ppo_clip, 1 + cfg.ppo_clip)
                     loss = -tr._mean(torch.minimum(ratio * a_mb, clipped * a_mb), n_mb * new.shape[0])
                 loss, anchor = tr._add_anchor(loss, part.episode, part.episode.inputs, part.traj, *rows_mb)

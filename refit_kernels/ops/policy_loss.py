@@ -63,12 +63,13 @@ def check_args(pred, traj, coef_pred, coef_x, log_var, advantages, old_logprob, 
                              f"got {tuple(old_logprob.shape)}")
         if old_logprob.device != pred.device:
             raise ValueError(f"{_OP}: old_logprob is on {old_logprob.device} but pred is on {pred.device}")
-        if not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
-                and math.isfinite(clip) and clip > 0):
-            raise ValueError(f"{_OP}: clip must be a finite number > 0, got {clip!r}")
-    if not (isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool)
-            and math.isfinite(normalizer) and normalizer > 0):
-        raise ValueError(f"{_OP}: normalizer must be a finite number > 0, got {normalizer!r}")
+        _positive_number(clip, "clip")
+    _positive_number(normalizer, "normalizer")
+
+
+def _positive_number(value, name: str) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{_OP}: {name} must be a finite number > 0, got {value!r}")
 
 
 def _fake(pred, traj, coef_pred, coef_x, log_var, advantages, old_logprob, clip, mean, normalizer):
@@ -140,11 +141,6 @@ _policy_loss_triton.register_autograd(_backward, setup_context=_setup_context)
 
 def _compiled(*args):
     return torch.ops.refit.policy_loss(*args)
-
-
-def _reference(pred, traj, coef_pred, coef_x, log_var, advantages, old_logprob, clip, mean, normalizer):
-    return reference.policy_loss(pred, traj, coef_pred, coef_x, log_var, advantages, old_logprob, clip, mean,
-                                 normalizer)
 
 
 _IMPLS = {"cpu": _compiled, "cuda": _compiled, "triton": _policy_loss_triton}
@@ -221,16 +217,12 @@ def policy_loss(
     if normalizer is None and isinstance(pred, torch.Tensor) and pred.dim() == 3:
         S, B = pred.shape[:2]
         normalizer = float(max(1, B if old_logprob is None else S * B))
-    if isinstance(normalizer, int) and not isinstance(normalizer, bool):
-        normalizer = float(normalizer)
-    if isinstance(clip, int) and not isinstance(clip, bool):
-        clip = float(clip)
     check_args(pred, traj, coef_pred, coef_x, log_var, advantages, old_logprob, clip, mean, normalizer)
     name = dispatch.select(_OP, pred.device, backend)
     old = None if old_logprob is None else old_logprob.detach()
     args = (pred, traj.detach(), coef_pred.detach(), coef_x.detach(), log_var.detach(), advantages.detach(),
             old, float(clip), mean, float(normalizer))
     if name == "reference":
-        return PolicyLoss(*_reference(*args))
+        return PolicyLoss(*reference.policy_loss(*args))
     loss, logprob, _ = _IMPLS[name](*args)
     return PolicyLoss(loss, logprob)
