@@ -25,85 +25,12 @@ import sys
 from typing import List, Optional, Sequence
 
 from . import __version__
+from .settings import add_arguments
 
 
-def _int_list(text: str) -> List[int]:
-    """'200,600', '[200, 600]' or '200' -> [200, 600]."""
-    try:
-        value = ast.literal_eval(text.strip()) if text.strip().startswith("[") else [
-            int(p) for p in text.replace(" ", "").split(",") if p]
-    except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if isinstance(value, int):
-        value = [value]
-    if not value or not all(isinstance(v, int) and v > 0 for v in value):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return list(value)
-
-
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= ``minimum``; ``what`` names it in the error ("a positive integer")."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonnegative_int = _int_at_least(0, "an integer >= 0")
-
-
-def _w_grid(text: str):
-    """--w-grid: comma-separated guidance weights >= 0, or "none"."""
-    if text.strip().lower() == "none":
-        return None
-    values = []
-    for part in text.split(","):
-        try:
-            v = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers or 'none', got {text!r}") from None
-        if not math.isfinite(v) or v < 0:
-            raise argparse.ArgumentTypeError(f"expected guidance weights >= 0, got {part.strip()!r}")
-        values.append(v)
-    return tuple(values)
-
-
-def _finite_float(text: str, alternative: str = "") -> float:
-    """A finite number; ``alternative`` (e.g. " or 'none'") names what else the flag takes, for the error."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number{alternative}, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number{alternative}, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = _finite_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
-
-
-#: Seeds go to torch.manual_seed and numpy's RandomState, which take 0 .. 2**32 - 1.
-_SEED_MAX = 2**32 - 1
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= v <= _SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {_SEED_MAX}], got {v}")
-    return v
+# The flags' argument types (refit.settings holds them, for the configs' fields too).
+from .settings import (finite_float as _finite_float, float_list as _float_list, int_list as _int_list,  # noqa: E402
+                       positive_float as _positive_float, positive_int as _positive_int, seed as _seed)
 
 
 def _min_rating(text: str):
@@ -172,138 +99,45 @@ def _check_file_arg(flag: str, path: Optional[str], *, output: bool = False) -> 
         raise ValueError(f"{flag} {path!r} is not a regular file")
 
 
-#: Flags whose default depends on the model family: (DiffRec / CF-Diff default, DreamRec default).
-_FAMILY_DEFAULTS = {"dropout", "steps", "noise_schedule", "batch_size", "epochs", "eval_every", "patience",
-                    "eval_batch_size", "ks", "lr"}
-#: Flags of the sequential models whose default differs between DreamRec and PreferDiff.
-_SEQ_DEFAULTS = {"hidden", "heads", "w", "detach_target", "eval_steps", "eval_eta", "embedding_warmup", "ce_weight"}
-#: The sequential models of ``refit pretrain --model``.
-_SEQ_MODELS = ("dreamrec", "preferdiff")
+def _pretrain_configs():
+    """``[(family name, its config class)]`` of every registered family."""
+    from . import families
 
-
-def _seq_config_class(model: str):
-    from .sequential import DreamRecConfig, PreferDiffConfig
-
-    return PreferDiffConfig if model == "preferdiff" else DreamRecConfig
+    return [(name, families.get(name).config) for name in families.names()]
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    from .diffusion import SCHEDULES
-    from .pretrain import PretrainConfig
-    from .sequential import WARMUP_PATIENCE, DreamRecConfig, PreferDiffConfig
-
-    d, q, pd = PretrainConfig(), DreamRecConfig(), PreferDiffConfig()
-
-    def both(name):
-        return (f"default: {getattr(d, name)} (diffrec, cfdiff), {getattr(q, name)} (dreamrec), "
-                f"{getattr(pd, name)} (preferdiff)")
-
-    def seq(name):
-        return f"default: {getattr(q, name)} (dreamrec), {getattr(pd, name)} (preferdiff)"
+    from . import families
 
     _add_data_args(p, required=True)
-    p.add_argument("--model", choices=["diffrec", "cfdiff", *_SEQ_MODELS], default=d.model,
-                   help="dreamrec and preferdiff need sequence data (ml-1m_seq's dataset.pkl, DreamRec's .df "
-                        "files, a PreferDiff folder)")
+    kinds = {}
+    for name in families.names():
+        kinds.setdefault(families.get(name).data_kind, []).append(name)
+    p.add_argument("--model", choices=families.names(), default=families.names()[0],
+                   help="the model family (" + "; ".join(f"{', '.join(v)}: {k}" for k, v in kinds.items())
+                        + f"); default: {families.names()[0]}")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out holds (its files are removed first); without this or "
                         "--resume a folder that holds a run is refused")
-    p.add_argument("--init", default=None, help="start from this checkpoint's weights (continued pretraining)")
-    p.add_argument("--time-budget", type=_positive_float, default=None, help="stop after this many seconds")
-    g = p.add_argument_group("DiffRec MLP")
-    g.add_argument("--dims", type=_int_list, default=list(d.dims), help="encoder widths, e.g. 200,600")
-    g.add_argument("--emb-size", type=_positive_int, default=d.emb_size)
-    g.add_argument("--dropout", type=_finite_float, default=None, help=both("dropout"))
-    g = p.add_argument_group("CF-Diff")
-    g.add_argument("--n-tokens", type=_positive_int, default=d.n_tokens)
-    g.add_argument("--d-model", type=_positive_int, default=d.d_model)
-    g.add_argument("--n-heads", type=_positive_int, default=d.n_heads)
-    g.add_argument("--top-n", type=_positive_int, default=d.top_n, help="co-users of the 3-hop signal")
-    g = p.add_argument_group("DreamRec and PreferDiff")
-    g.add_argument("--hidden", type=_positive_int, default=None, help="embedding width; " + seq("hidden"))
-    g.add_argument("--max-len", type=_positive_int, default=q.max_len, help="history window (items)")
-    g.add_argument("--heads", type=_positive_int, default=None, help=seq("heads"))
-    g.add_argument("--diffuser", choices=["mlp1", "mlp2"], default=q.diffuser)
-    g.add_argument("--p-uncond", type=_finite_float, default=q.p_uncond, help="guidance dropout while training")
-    g.add_argument("--detach-target", action=argparse.BooleanOptionalAction, default=None,
-                   help="the target item's embedding is a constant of the loss (DreamRec's and PreferDiff's code "
-                        "train it too); " + seq("detach_target"))
-    g.add_argument("--w", type=_finite_float, default=None, help="classifier-free guidance weight; " + seq("w"))
-    g.add_argument("--w-grid", type=_w_grid, default=q.w_grid, metavar="W,W,...|none",
-                   help="after training, recommend with the guidance weight among these (and --w) that scores "
-                        "the best validation HR@20; none: with --w (default: "
-                        + ",".join(f"{w:g}" for w in q.w_grid) + ")")
-    g.add_argument("--eval-steps", type=_positive_int, default=None,
-                   help="recommend with this many respaced reverse steps; default: all T (dreamrec), "
-                        f"{pd.eval_steps} (preferdiff)")
-    g.add_argument("--eval-eta", type=_finite_float, default=None,
-                   help="recommend with DDIM steps of this noise level (0: deterministic); default: the "
-                        f"posterior (dreamrec), {pd.eval_eta:g} (preferdiff)")
-    g.add_argument("--beta-start", type=_finite_float, default=q.beta_start, help="ddpm-linear schedule")
-    g.add_argument("--beta-end", type=_finite_float, default=q.beta_end, help="ddpm-linear schedule")
-    g.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
-                   help="never rank the history's items (default: when items do not repeat in the data)")
-    g.add_argument("--embedding-warmup", choices=["none", "ce"], default=None,
-                   help="ce: train the encoder and item embeddings with the next item's cross-entropy for "
-                        "--warmup-epochs epochs before the diffusion loss (against the embedding collapse); "
-                        + seq("embedding_warmup"))
-    g.add_argument("--warmup-epochs", type=_nonnegative_int, default=None,
-                   help="epochs of the --embedding-warmup (default: until its own validation HR@20 has not "
-                        f"risen for {WARMUP_PATIENCE} epochs, at most half of --epochs or --time-budget)")
-    g.add_argument("--ce-weight", type=_finite_float, default=None,
-                   help="after the warm start, add this weight times the cross-entropy of the denoiser's x0 "
-                        "prediction (its item scores) toward the target to the diffusion loss; " + seq("ce_weight"))
-    g = p.add_argument_group("PreferDiff's loss")
-    g.add_argument("--lamda", type=_finite_float, default=pd.lamda,
-                   help="weight of the reconstruction term; the preference term gets 1 - lamda")
-    g.add_argument("--gamma", type=_finite_float, default=pd.gamma,
-                   help="scale of the error difference in the preference term")
-    g.add_argument("--reconstruction", choices=["cosine", "mse"], default=pd.reconstruction,
-                   help="the denoising error both terms measure")
-    g.add_argument("--pairing", choices=["batch", "row"], default=pd.pairing,
-                   help="batch: the log-sigmoid of the batch means of the errors (PreferDiff's code); row: of "
-                        "each row's own difference")
-    g.add_argument("--negatives", type=_positive_int, default=None,
-                   help="average this many of the batch's other targets into the negative (default: all)")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--mean-type", choices=["x0", "eps"], default=d.mean_type)
-    g.add_argument("--steps", type=_positive_int, default=None, help=both("steps"))
-    g.add_argument("--noise-schedule", choices=list(SCHEDULES), default=None, help=both("noise_schedule"))
-    g.add_argument("--noise-scale", type=_finite_float, default=d.noise_scale)
-    g.add_argument("--noise-min", type=_finite_float, default=d.noise_min)
-    g.add_argument("--noise-max", type=_finite_float, default=d.noise_max)
-    g.add_argument("--sampling-steps", type=int, default=d.sampling_steps)
-    g.add_argument("--sampling-noise", action=argparse.BooleanOptionalAction, default=d.sampling_noise)
-    g.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=d.reweight)
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", type=_finite_float, default=None, help=both("lr"))
-    g.add_argument("--weight-decay", type=_finite_float, default=d.weight_decay)
-    g.add_argument("--batch-size", type=_positive_int, default=None, help=both("batch_size"))
-    g.add_argument("--epochs", type=_positive_int, default=None, help=both("epochs"))
-    g.add_argument("--eval-every", type=_positive_int, default=None, help=both("eval_every"))
-    g.add_argument("--patience", type=_positive_int, default=None, help="epochs without improvement; " + both("patience"))
-    g.add_argument("--seed", type=_seed, default=d.seed)
-    g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
-    g.add_argument("--eval-batch-size", type=_positive_int, default=None, help=both("eval_batch_size"))
-    g.add_argument("--ks", type=_int_list, default=None, help="cut-offs, e.g. 10,20,50,100; " + both("ks"))
+    # Every other flag is a field of a family's config (refit.settings.setting), with its help.
+    p.set_defaults(settings_owners=add_arguments(p, _pretrain_configs()))
 
 
-def _fill_family_defaults(args) -> None:
-    """Sets the flags left out to the chosen model family's defaults."""
-    from .pretrain import PretrainConfig
-    from .sequential import DreamRecConfig
+def _config_from_args(cls, args, owners, what: str, **fixed):
+    """``cls`` built from the flags given (its own defaults for the others) and ``fixed``; a flag that
+    ``cls`` does not take is refused (ValueError naming it and what takes it)."""
+    from .settings import flag_fields, flag_name, foreign_settings, given_settings
 
-    defaults = _seq_config_class(args.model)() if args.model in _SEQ_MODELS else PretrainConfig()
-    seq = _seq_config_class(args.model)() if args.model in _SEQ_MODELS else DreamRecConfig()
-    for name in _FAMILY_DEFAULTS:
-        if getattr(args, name, None) is None:
-            value = getattr(defaults, name)
-            setattr(args, name, list(value) if isinstance(value, tuple) else value)
-    for name in _SEQ_DEFAULTS:
-        if getattr(args, name, None) is None:
-            setattr(args, name, getattr(seq, name))
+    foreign = foreign_settings(args, cls, owners)
+    if foreign:
+        metas = {}
+        for label_cls in _pretrain_configs():
+            metas.update(flag_fields(label_cls[1]))
+        raise ValueError("; ".join(f"{flag_name(n, metas.get(n, {}))} is not a setting of {what} (it is one of "
+                                   f"{', '.join(owners[n])})" for n in foreign))
+    return cls(**given_settings(args, cls), **fixed)
 
 
 def _default_out(kind: str, model: str, data: str) -> str:
@@ -345,60 +179,36 @@ def _device():
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import PretrainConfig, pretrain
-    from .sequential import pretrain_dreamrec
+    from . import families
 
-    _fill_family_defaults(args)
+    family = families.get(args.model)
     out = args.out or _default_out("pretrain", args.model, args.data)
     _check_folder_arg("--out", out)
-    _check_file_arg("--init", args.init)
+    _check_file_arg("--init", getattr(args, "init", None))
     try:
-        common = dict(data=args.data, data_options=_data_options(args), model=args.model, dropout=args.dropout,
-                      steps=args.steps,
-                      noise_schedule=args.noise_schedule, lr=args.lr, weight_decay=args.weight_decay,
-                      batch_size=args.batch_size, epochs=args.epochs, eval_every=args.eval_every,
-                      patience=args.patience, seed=args.seed, precision=args.precision,
-                      eval_batch_size=args.eval_batch_size, ks=tuple(args.ks), out=out, progress=_progress(args),
-                      init=args.init, time_budget=args.time_budget)
-        if args.model in _SEQ_MODELS:
-            seq = dict(hidden=args.hidden, max_len=args.max_len, heads=args.heads, diffuser=args.diffuser,
-                       p_uncond=args.p_uncond, w=args.w, detach_target=args.detach_target,
-                       beta_start=args.beta_start, beta_end=args.beta_end, exclude_history=args.exclude_history,
-                       eval_steps=args.eval_steps, eval_eta=args.eval_eta,
-                       embedding_warmup=args.embedding_warmup, warmup_epochs=args.warmup_epochs,
-                       ce_weight=args.ce_weight, w_grid=args.w_grid)
-            if args.model == "preferdiff":
-                seq.update(lamda=args.lamda, gamma=args.gamma, reconstruction=args.reconstruction,
-                           pairing=args.pairing, negatives=args.negatives)
-            config = _seq_config_class(args.model)(**common, **seq)
-        else:
-            config = PretrainConfig(
-                **common, dims=tuple(args.dims), emb_size=args.emb_size, n_tokens=args.n_tokens,
-                d_model=args.d_model, n_heads=args.n_heads, top_n=args.top_n, mean_type=args.mean_type,
-                noise_scale=args.noise_scale, noise_min=args.noise_min, noise_max=args.noise_max,
-                sampling_steps=args.sampling_steps, sampling_noise=args.sampling_noise, reweight=args.reweight)
+        config = _config_from_args(family.config, args, args.settings_owners, f"--model {args.model}",
+                                   data=args.data, data_options=_data_options(args), model=args.model, out=out,
+                                   progress=_progress(args))
     except ValueError as exc:
         print(f"refit pretrain: {exc}", file=sys.stderr)
         return 2
-    if args.model in _SEQ_MODELS:
-        summary = pretrain_dreamrec(config, resume=args.resume, overwrite=args.overwrite, device=_device())
-    else:
-        summary = pretrain(config, resume=args.resume, overwrite=args.overwrite, device=_device())
+    summary = family.pretrain(config, resume=args.resume, overwrite=args.overwrite, device=_device())
     if not _main():
         return _stop_code(summary)
     print(f"run folder: {os.path.abspath(out)}")
+    budget = getattr(config, "time_budget", None)
     reason = {"epochs": f"all {config.epochs} epochs run",
-              "patience": f"no better validation {summary['selection'].split()[-1]} for {config.patience} epochs",
-              "time_budget": f"the time budget of {config.time_budget:g} s" if config.time_budget else ""}.get(
+              "patience": f"no better validation {summary['selection'].split()[-1]} for "
+                          f"{getattr(config, 'patience', '?')} epochs",
+              "time_budget": f"the time budget of {budget:g} s" if budget else ""}.get(
         summary["stop_reason"], f"{summary['stop_reason']} (stopped by a signal)")
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']} run; stopped by: {reason}; "
           f"{summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MiB")
-    metrics = ("hr", "ndcg", "mrr") if args.model in _SEQ_MODELS else ("recall", "ndcg", "precision", "mrr")
     if "guidance" in summary:
         g = summary["guidance"]
         print(f"guidance weight {g['w']:g}, chosen on validation (trained with {g['trained_w']:g}): "
               + ", ".join(f"w {w}: {v:.4f}" for w, v in g[f"valid_{summary['selection'].split()[-1]}"].items()))
-    print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks, metrics))
+    print(format_table([("valid", summary["valid"]), ("test", summary["test"])], config.ks, family.metrics))
     _print_resume(summary, out)
     return _stop_code(summary)
 
@@ -435,15 +245,15 @@ def _checkpoint_model(path: str) -> str:
     return load_checkpoint(path).get("recommender", {}).get("model", {}).get("name", "")
 
 
-def cmd_evaluate_sequential(args) -> int:
+def cmd_evaluate_sequential(args, family) -> int:
     from .data import load_dataset
     from .seqdata import PREFERDIFF_KS
-    from .sequential import SEQ_KS, evaluate_dreamrec, load_seq_recommender
+    from .sequential import SEQ_KS, evaluate_dreamrec
 
     options = _data_options(args)
     data = load_dataset(args.data, **options) if args.data else None
-    rec, data, state = load_seq_recommender(args.checkpoint, data, precision=args.precision, device=_device(),
-                                            allow_other_data=args.allow_other_data)
+    rec, data, state = family.load(args.checkpoint, data, precision=args.precision, device=_device(),
+                                   allow_other_data=args.allow_other_data)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     ks = args.ks if args.ks is not None else list(PREFERDIFF_KS if args.protocol == "preferdiff" else SEQ_KS)
     if args.eval_steps is not None:
@@ -536,25 +346,30 @@ def cmd_evaluate_outside(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from . import families
     from .data import load_dataset
-    from .pretrain import evaluate_recommender, load_recommender
-
-    _check_file_arg("--checkpoint", args.checkpoint)
+    from .evaluate import evaluate_recommender
     from .policy import OUTSIDE_MODELS
 
-    if args.policy is not None or _checkpoint_model(args.checkpoint) in OUTSIDE_MODELS:
+    _check_file_arg("--checkpoint", args.checkpoint)
+    model = _checkpoint_model(args.checkpoint)
+    if args.policy is not None or model in OUTSIDE_MODELS:
         return cmd_evaluate_outside(args)
-    if _checkpoint_model(args.checkpoint) == "dreamrec":
+    family = families.of_checkpoint(model)
+    if family is None:
+        raise ValueError(f"--checkpoint {args.checkpoint!r} holds a {model!r} model, which no registered model "
+                         f"family loads (registered: {', '.join(families.names())})")
+    if family.data_kind == "sequences":
         if args.min_target_rating is not None:
-            raise ValueError("--min-target-rating needs interaction data with ratings; a dreamrec checkpoint's "
+            raise ValueError(f"--min-target-rating needs interaction data with ratings; a {model} checkpoint's "
                              "sequences carry none")
-        return cmd_evaluate_sequential(args)
+        return cmd_evaluate_sequential(args, family)
     if args.ks is None:
         args.ks = [10, 20, 50, 100]
     options = _data_options(args)
     data = load_dataset(args.data, **options) if args.data else None
-    rec, data, state = load_recommender(args.checkpoint, data, precision=args.precision, device=_device(),
-                                        allow_other_data=args.allow_other_data)
+    rec, data, state = family.load(args.checkpoint, data, precision=args.precision, device=_device(),
+                                   allow_other_data=args.allow_other_data)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = evaluate_recommender(rec, data, splits, ks=args.ks, batch_size=args.batch_size,
                                    progress=_progress(args), min_target_rating=args.min_target_rating)
@@ -691,150 +506,25 @@ def cmd_baselines(args) -> int:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
-    from .reward import REWARDS
-    from .trainer import ANCHORS, BASELINES, GROUP_SIZE, LR_SCHEDULES, METHODS, RW_LAMBDA, FinetuneConfig
+    from .trainer import FinetuneConfig
 
-    d = FinetuneConfig()
     p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
-    p.add_argument("--policy", default=None, metavar="MODULE:FUNCTION",
-                   help="for a checkpoint of an outside policy: the function that builds the policy from the data "
-                        "(see refit evaluate --policy)")
     _add_data_args(p, required=False)
-    p.add_argument("--allow-other-data", action="store_true",
-                   help="use --data although the checkpoint records another data fingerprint, or none (a model "
-                        "saved without its data); a warning names both fingerprints")
     p.add_argument("--out", default=None, help="run folder (default: runs/finetune-<model>-<data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out holds (its files are removed first); without this or "
                         "--resume a folder that holds a run is refused")
-    g = p.add_argument_group("training")
-    g.add_argument("--iterations", type=_positive_int, default=d.iterations)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="trajectories per iteration")
-    g.add_argument("--lr", type=_finite_float, default=d.lr)
-    g.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=d.lr_schedule,
-                   help="constant, or cosine: from --lr down to near 0 over --iterations")
-    g.add_argument("--weight-decay", type=_finite_float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=_finite_float, default=d.grad_clip)
-    g.add_argument("--seed", type=_seed, default=d.seed)
-    g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
-    g = p.add_argument_group("reward")
-    g.add_argument("--reward", choices=list(REWARDS), default=d.reward,
-                   help="what the target term counts: hit (N_K / K, hits in the top-K list), or from each "
-                        "target's rank over every item not excluded: ndcg (1 / log2(rank + 2), normalised over "
-                        "a user's targets) or rr (1 / (rank + 1) of the best-ranked target)")
-    g.add_argument("--k", type=_positive_int, default=d.k, help="length of the rewarded top-K list")
-    g.add_argument("--alpha", type=_finite_float, default=d.alpha, help="weight of N_K against N_sim-K")
-    g.add_argument("--similar-users", type=_positive_int, default=d.similar_users)
-    g.add_argument("--similar-users-method", choices=["auto", "exact", "approximate"], default=d.similar_users_method,
-                   help="the similar-user table behind N_sim-K: exact (time quadratic in the users), approximate "
-                        "(pynndescent, the ann extra; about linear) or auto: exact up to 60,000 users")
-    g.add_argument("--target", choices=["hidden", "observed"], default=d.target)
-    g.add_argument("--hide-fraction", type=_finite_float, default=d.hide_fraction)
-    g = p.add_argument_group("policy gradient")
-    g.add_argument("--baseline", choices=list(BASELINES), default=d.baseline)
-    g.add_argument("--group-size", type=_positive_int, default=None,
-                   help="trajectories per user (default: " + ", ".join(f"{v} for {k}" for k, v in GROUP_SIZE.items())
-                        + ", else 1)")
-    g.add_argument("--temperature", type=_finite_float, default=d.temperature, help="scale of the sampling noise")
-    g.add_argument("--rl-steps", type=_positive_int, default=d.rl_steps,
-                   help="sample trajectories with this many respaced reverse steps (default: the model's own); "
-                        "the log-likelihood covers exactly those steps, evaluation keeps the model's sampler")
-    g.add_argument("--rl-noise", type=_finite_float, default=d.rl_noise,
-                   help="DDIM's eta while fine-tuning (default: the posterior's noise, eta 1); above 1 explores "
-                        "with more noise and the same marginals; the log-likelihood is the one of that noise")
-    g.add_argument("--timestep-fraction", type=_finite_float, default=d.timestep_fraction,
-                   help="train each update on this random share of the stochastic steps")
-    g.add_argument("--explore-steps", type=_positive_int, default=d.explore_steps,
-                   help="only this many consecutive steps draw noise, a window placed at random each iteration; "
-                        "the others are deterministic (DDIM, eta 0) and a group shares its start, so each reward "
-                        "difference is credited to the steps that caused it (default: every step draws noise)")
-    g.add_argument("--ema-decay", type=_finite_float, default=d.ema_decay)
-    g.add_argument("--reduction", choices=["sum", "mean"], default=d.reduction,
-                   help="log-likelihood summed or averaged over items")
-    g.add_argument("--reuse-sampling-graph", action=argparse.BooleanOptionalAction, default=d.reuse_sampling_graph,
-                   help="take the log-probabilities from the sampling pass instead of one batched re-forward")
-    g.add_argument("--anchor", choices=list(ANCHORS), default=d.anchor)
-    g.add_argument("--anchor-weight", type=_finite_float, default=d.anchor_weight)
-    g.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="0: plain REINFORCE")
-    g.add_argument("--ppo-clip", type=_finite_float, default=d.ppo_clip)
-    g.add_argument("--minibatch-size", type=_positive_int, default=d.minibatch_size,
-                   help="PPO: trajectories per update within an inner epoch (default: the whole batch)")
-    g.add_argument("--method", choices=list(METHODS), default=d.method,
-                   help="reinforce: ReFiT's policy gradient; grpo: the policy gradient with the advantages of "
-                        "each episode's --group-size trajectories (their mean and std), groups whose rewards "
-                        "all tie dropped and counted; reward-weighted: the model's own denoising loss "
-                        "toward its sampled final states, weighted by softmax(reward / --rw-lambda) within each "
-                        "user's --group-size trajectories; offline-reward-weighted: no sampling, the pretraining "
-                        "loss on the logged rows with each logged item weighted by softmax(rating / --rw-lambda) "
-                        "over the user's items (data with ratings only); reward-backprop: the targets' log-softmax "
-                        "over the items, differentiated through the last --backprop-steps reverse steps; nft: "
-                        "negative-aware fine-tuning, a regression on the noised samples of an old policy toward a "
-                        "positive and away from an implicit negative policy, weighted by the reward (no likelihood)")
-    g.add_argument("--rw-lambda", type=_finite_float, default=None,
-                   help="the exponential weights' lambda, on the reward's scale (default: "
-                        + ", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()) + ")")
-    g.add_argument("--backprop-steps", type=_positive_int, default=d.backprop_steps,
-                   help="reward-backprop: the last K reverse steps that keep their graph (the reward's gradient "
-                        "flows through them; memory grows with K)")
-    g.add_argument("--rb-temperature", type=_positive_float, default=d.rb_temperature,
-                   help="reward-backprop: the scores are divided by this before the targets' log-softmax (for "
-                        "ndcg and topk: the sigmoids' temperature of the smooth ranks)")
-    g.add_argument("--rb-reward", choices=["log-softmax", "ndcg", "topk"], default=d.rb_reward,
-                   help="reward-backprop: what is ascended: the targets' log-softmax over the items, a smooth NDCG "
-                        "of the targets (each rank a sum of sigmoids of score differences), or a soft top-K (the "
-                        "share of the targets whose smooth rank lies within --k)")
-    g.add_argument("--nft-beta", type=_positive_float, default=d.nft_beta,
-                   help="nft: the positive policy's step from the old one (its inverse is the strength of the "
-                        "trust region around the old policy)")
-    g.add_argument("--nft-ema", type=_finite_float, default=d.nft_ema,
-                   help="nft: the old (sampling) policy follows the trained one with this moving-average decay "
-                        "after every update, in [0, 1); 0: it is the trained one")
-    g.add_argument("--nft-timesteps", type=_positive_int, default=d.nft_timesteps,
-                   help="nft: noise levels each sample is trained at (one per equal stratum of the schedule)")
-    g.add_argument("--nft-normalize", choices=["group", "batch"], default=d.nft_normalize,
-                   help="nft: rewards are centred within each episode's --group-size samples, or over the batch, "
-                        "before they become weights in [0, 1]")
-    g.add_argument("--nft-adv-clip", type=_positive_float, default=d.nft_adv_clip,
-                   help="nft: centred rewards are clipped at this many standard deviations (weight 0 or 1)")
-    g.add_argument("--placebo", action="store_true",
-                   help="control run: shuffle each batch's advantages between trajectories (reward-weighted: "
-                        "the rewards within each user's group), so updates keep their size and noise but no "
-                        "longer follow the reward")
-    g = p.add_argument_group("bookkeeping")
-    g.add_argument("--probe-size", type=int, default=d.probe_size,
-                   help="training episodes of the probe reward (fixed episodes and noise), measured at every "
-                        "evaluation; 0: no probe")
-    g.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
-    g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
-    g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
-    g.add_argument("--ks", type=_int_list, default=None, help="default: 10,20,50,100 (10,20,50 for sequences)")
-    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=d.plot, help="write plot.png")
+    # Every other flag is a field of FinetuneConfig (refit.settings.setting), with its help.
+    p.set_defaults(settings_owners=add_arguments(p, [("finetune", FinetuneConfig)]))
 
 
 def _finetune_config(args, out: str):
     from .trainer import FinetuneConfig
 
-    return FinetuneConfig(
-        checkpoint=args.checkpoint, policy_factory=args.policy, data=args.data, data_options=_data_options(args),
-        allow_other_data=args.allow_other_data, iterations=args.iterations,
-        batch_size=args.batch_size,
-        lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, k=args.k, alpha=args.alpha,
-        similar_users=args.similar_users, similar_users_method=args.similar_users_method, target=args.target,
-        hide_fraction=args.hide_fraction,
-        group_size=args.group_size, temperature=args.temperature, baseline=args.baseline,
-        ema_decay=args.ema_decay, reduction=args.reduction, reuse_sampling_graph=args.reuse_sampling_graph,
-        anchor=args.anchor, anchor_weight=args.anchor_weight, ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip,
-        placebo=args.placebo, method=args.method, rw_lambda=args.rw_lambda, reward=args.reward,
-        backprop_steps=args.backprop_steps, rb_temperature=args.rb_temperature, rb_reward=args.rb_reward,
-        nft_beta=args.nft_beta, nft_ema=args.nft_ema, nft_timesteps=args.nft_timesteps,
-        nft_normalize=args.nft_normalize, nft_adv_clip=args.nft_adv_clip,
-        rl_steps=args.rl_steps, rl_noise=args.rl_noise, timestep_fraction=args.timestep_fraction,
-        explore_steps=args.explore_steps,
-        minibatch_size=args.minibatch_size, probe_size=args.probe_size,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        precision=args.precision, eval_batch_size=args.eval_batch_size,
-        ks=tuple(args.ks) if args.ks else None, out=out, progress=_progress(args), plot=args.plot)
+    return _config_from_args(FinetuneConfig, args, args.settings_owners, "refit finetune",
+                             checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args), out=out,
+                             progress=_progress(args))
 
 
 def cmd_finetune(args) -> int:
@@ -994,26 +684,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "saved without its data); a warning names both fingerprints")
     p.add_argument("--split", choices=["valid", "test", "both"], default="test")
     p.add_argument("--ks", type=_int_list, default=None,
-                   help="default: 10,20,50,100 (10,20,50 for dreamrec; 5,10 with --protocol preferdiff)")
+                   help="default: 10,20,50,100 (10,20,50 for sequence models; 5,10 with --protocol preferdiff)")
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--seed", type=_seed, default=0, help="dreamrec: seed of the sampled embeddings")
+    p.add_argument("--seed", type=_seed, default=0, help="sequence models: seed of the sampled embeddings")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
-                   help="dreamrec: never rank the history's items (default: when items do not repeat)")
+                   help="sequence models: never rank the history's items (default: when items do not repeat)")
     p.add_argument("--protocol", choices=["full", "dreamrec", "preferdiff"], default="full",
                    help="dreamrec: evaluate as DreamRec's own code does (dropout on, padding ranked, no "
                         "exclusion, batches of 100 with the last partial one dropped), for comparison; "
                         "preferdiff: as PreferDiff's code does (Recall and NDCG at 5 and 10 unless --ks, every "
                         "item ranked, the history not excluded)")
     p.add_argument("--eval-steps", type=_positive_int, default=None,
-                   help="dreamrec: sample with this many respaced reverse steps instead of all of them")
+                   help="sequence models: sample with this many respaced reverse steps instead of all of them")
     p.add_argument("--min-target-rating", type=_finite_float, default=None, metavar="R",
                    help="count only the held-out interactions rated >= R as hits (data with ratings, read "
-                        "with --min-rating below R, e.g. none; not for dreamrec; no baseline row)")
+                        "with --min-rating below R, e.g. none; not for sequence models; no baseline row)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also print the best tuned baseline's row (cached in the checkpoint's folder); for "
-                        "dreamrec: most-popular, and the SASRec of a `refit baselines` run on the same data "
+                        "sequence models: most-popular, and the SASRec of a `refit baselines` run on the same data "
                         "(its baselines.json beside the checkpoint or in runs/baselines-<data name>)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import-diffrec", help="a checkpoint of DiffRec's paper code (a pickled DNN) as a refit "

@@ -34,7 +34,7 @@ the eager sampler, no host sync and no allocation inside the loop, padding).
 
 Use: wrap a policy and pass the wrapper wherever the policy went::
 
-    from refit.cudagraph import graphed
+    from refit.families import graphed     # each model family names its wrapper class of this module
     fast = graphed(rec, batch_size=64, eval_batch_size=1024)   # a Recommender or a SeqRecommender
     trainer = ReFiT(fast, data, config)     # ReFiT's sampling replays a graph
     fast.evaluate(data)                     # so does evaluation's reverse pass
@@ -595,27 +595,10 @@ class GraphedSeqRecommender(_Graphed):
         return evaluate_dreamrec(self, data, ks=ks or SEQ_KS, batch_size=batch_size, seed=seed)
 
 
-def graphed(policy, *, batch_size: Optional[int] = None, eval_batch_size: Optional[int] = None,
-            use_graph: Optional[bool] = None):
-    """``policy`` with its reverse-sampling loops in CUDA graphs (see the module's documentation).
-
-    ``batch_size``: ReFiT's batch (trajectories per iteration); ``eval_batch_size``: evaluation's.
-    Smaller batches are padded to them; a bigger one builds (and captures) a bigger sampler.
-    ``use_graph=False`` runs the capture-safe loop eagerly (on any device).
-    """
-    from .recommender import Recommender
-    from .sequential import SeqRecommender
-
-    if isinstance(policy, _Graphed):
-        return policy
-    if isinstance(policy, SeqRecommender):
-        return GraphedSeqRecommender(policy, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                                     use_graph=use_graph)
-    if isinstance(policy, Recommender):
-        return GraphedRecommender(policy, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                                  use_graph=use_graph)
-    raise TypeError(f"no graphed sampler for {type(policy).__name__}: wrap a Recommender or a SeqRecommender")
+def is_graphed(policy) -> bool:
+    """Whether ``policy`` is a wrapper of this module already."""
+    return isinstance(policy, _Graphed)
 
 
 __all__ = ["graph_autocast", "StepTable", "step_table", "set_temperature", "reverse_loop", "CapturedLoop",
-           "ReverseSampler", "LatentSampler", "GraphedRecommender", "GraphedSeqRecommender", "graphed"]
+           "ReverseSampler", "LatentSampler", "GraphedRecommender", "GraphedSeqRecommender", "is_graphed"]

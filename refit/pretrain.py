@@ -14,20 +14,21 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import distributed as dist
 from .data import InteractionData, load_dataset
-from .diffusion import DiffusionConfig, GaussianDiffusion
+from .diffusion import SCHEDULES, DiffusionConfig, GaussianDiffusion
 from .evaluate import evaluate_many, evaluate_recommender, evaluation_targets  # noqa: F401  (importable from here)
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
 from .control import StopRequests
 from .limits import check_run_settings
 from .loop import EpochTask, run_epochs
+from .settings import finite_float, int_list, positive_float, positive_int, seed as seed_type, setting
 from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
                    save_checkpoint, set_rng_state)
 
@@ -43,44 +44,52 @@ class PretrainConfig:
     data: str = "synthetic"
     model: str = "diffrec"
     # DiffRec MLP
-    dims: Tuple[int, ...] = (200, 600)
-    emb_size: int = 10
-    dropout: float = 0.5
+    dims: Tuple[int, ...] = setting((200, 600), "encoder widths, e.g. 200,600", type=int_list, group="DiffRec MLP")
+    emb_size: int = setting(10, "timestep embedding width", type=positive_int, group="DiffRec MLP")
+    dropout: float = setting(0.5, "dropout of the denoiser's input", type=finite_float, group="training")
     # CF-Diff
-    n_tokens: int = 16
-    d_model: int = 32
-    n_heads: int = 4
-    top_n: int = 50
+    n_tokens: int = setting(16, type=positive_int, group="CF-Diff")
+    d_model: int = setting(32, type=positive_int, group="CF-Diff")
+    n_heads: int = setting(4, type=positive_int, group="CF-Diff")
+    top_n: int = setting(50, "co-users of the 3-hop signal", type=positive_int, group="CF-Diff")
     # diffusion
-    mean_type: str = "x0"
-    steps: int = 40
-    noise_schedule: str = "linear-var"
-    noise_scale: float = 0.005
-    noise_min: float = 0.005
-    noise_max: float = 0.01
-    sampling_steps: int = 0
-    sampling_noise: bool = False
-    reweight: bool = True
+    mean_type: str = setting("x0", "what the denoiser predicts", choices=("x0", "eps"), group="diffusion")
+    steps: int = setting(40, "diffusion steps T", type=positive_int, group="diffusion")
+    noise_schedule: str = setting("linear-var", choices=SCHEDULES, group="diffusion")
+    noise_scale: float = setting(0.005, group="diffusion")
+    noise_min: float = setting(0.005, group="diffusion")
+    noise_max: float = setting(0.01, group="diffusion")
+    sampling_steps: int = setting(0, "recommend from the user's row noised to this step (0: the clean row)",
+                                  group="diffusion")
+    sampling_noise: bool = setting(False, "recommend with noisy reverse steps", group="diffusion")
+    reweight: bool = setting(True, "importance-sample the timesteps by their loss", group="diffusion")
     # optimisation and schedule
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 400
-    epochs: int = 1000
-    eval_every: int = 5
-    patience: int = 20
-    seed: int = 1
-    precision: str = "fp32"
-    eval_batch_size: int = 1024
-    ks: Tuple[int, ...] = (10, 20, 50, 100)
+    lr: float = setting(1e-3, "AdamW's learning rate", group="training")
+    weight_decay: float = setting(0.0, group="training")
+    batch_size: int = setting(400, type=positive_int, group="training")
+    epochs: int = setting(1000, "epochs at most", type=positive_int, group="training")
+    eval_every: int = setting(5, "evaluate every this many epochs (and always the last)", type=positive_int,
+                              group="training")
+    patience: int = setting(20, "epochs without improvement", type=positive_int, group="training")
+    seed: int = setting(1, type=seed_type, group="training")
+    precision: str = setting("fp32", choices=PRECISIONS, group="training")
+    eval_batch_size: int = setting(1024, type=positive_int, group="training")
+    ks: Tuple[int, ...] = setting((10, 20, 50, 100), "cut-offs, e.g. 10,20,50,100", type=int_list, group="training")
     out: str = "runs/pretrain"
     progress: Optional[bool] = None  # progress bar: None when stderr is a terminal, True always, False never
     data_options: Dict[str, Any] = field(default_factory=dict)
-    init: Optional[str] = None  # start from this checkpoint's weights (its model settings are used)
-    time_budget: Optional[float] = None  # stop after this many seconds (training and evaluation)
+    # start from this checkpoint's weights (its model settings are used)
+    init: Optional[str] = setting(None, "start from this checkpoint's weights (continued pretraining)", type=str)
+    # stop after this many seconds (training and evaluation)
+    time_budget: Optional[float] = setting(None, "stop after this many seconds", type=positive_float)
+
+    #: The denoisers this configuration builds, by ``model`` name (a family of other denoisers subclasses
+    #: the config and names its own).
+    models: ClassVar[Dict[str, type]] = MODELS
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.model not in self.models:
+            raise ValueError(f"model must be one of {', '.join(self.models)}, got {self.model!r}")
         if not self.ks:
             raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC}), got {self.ks}")
         check_run_settings(self, positive=("batch_size", "epochs", "eval_every", "patience", "eval_batch_size",
@@ -159,9 +168,11 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
         if init_state["model"]["name"] != config.model or init_state["diffusion"] != config.diffusion_config().to_dict():
             raise ValueError(f"init checkpoint {config.init!r} has another model or diffusion than the settings "
                              "given: pass the settings it was trained with")
-        model = Recommender.from_state(init_state, train=data.train, device=device, source=config.init).model
+        model = Recommender.from_state(init_state, train=data.train, device=device, source=config.init,
+                                       models=config.models).model
     else:
-        model = build_model(config.model, config.model_config(data.n_items), train=data.train).to(device)
+        model = build_model(config.model, config.model_config(data.n_items), train=data.train,
+                            models=config.models).to(device)
     diffusion = GaussianDiffusion(config.diffusion_config(), device=device)
     rec = Recommender(config.model, model, diffusion, sampling_steps=config.sampling_steps,
                       sampling_noise=config.sampling_noise, precision=config.precision)
@@ -262,9 +273,10 @@ def _distributed_loss(rec: Recommender, diffusion: GaussianDiffusion, users: tor
 
 
 def load_recommender(path: str, data: Optional[InteractionData] = None, *, device: Any = "cpu",
-                     precision: Optional[str] = None,
-                     allow_other_data: bool = False) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
-    """A saved recommender with its data (loaded from the checkpoint's source unless given).
+                     precision: Optional[str] = None, allow_other_data: bool = False,
+                     models: Optional[Dict[str, type]] = None) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
+    """A saved recommender with its data (loaded from the checkpoint's source unless given); ``models``:
+    the denoiser classes by name (default: :data:`refit.models.MODELS`).
 
     Raises ValueError when the data differs from what the model was trained on, or when data are given
     and the checkpoint records no fingerprint to check them against, unless ``allow_other_data`` (see
@@ -276,5 +288,5 @@ def load_recommender(path: str, data: Optional[InteractionData] = None, *, devic
     if n_items != data.n_items:
         raise ValueError(f"checkpoint {path!r} scores {n_items} items, the data has {data.n_items}")
     rec = Recommender.from_state(state["recommender"], train=data.train, device=device, precision=precision,
-                                 source=path)
+                                 source=path, models=models)
     return rec, data, state

@@ -202,8 +202,10 @@ class Recommender:
 
     @classmethod
     def from_state(cls, state: Dict[str, Any], train: Any = None, device="cpu",
-                   precision: Optional[str] = None, *, source: Optional[str] = None) -> "Recommender":
-        """Rebuilds a recommender from :meth:`state` (CF-Diff needs the training matrix).
+                   precision: Optional[str] = None, *, source: Optional[str] = None,
+                   models: Optional[Dict[str, type]] = None) -> "Recommender":
+        """Rebuilds a recommender from :meth:`state` (CF-Diff needs the training matrix); ``models``: the
+        denoiser classes by name (default: :data:`refit.models.MODELS`).
 
         ``source``, the checkpoint the state was read from, is named in the errors. A state with a NaN
         or infinite weight is refused (ValueError naming the tensor).
@@ -215,7 +217,7 @@ class Recommender:
             m = state["model"]
             check_finite_weights(m["state_dict"], what)
             try:
-                model = build_model(m["name"], dict(m["config"]), train=train)
+                model = build_model(m["name"], dict(m["config"]), train=train, models=models)
             except (ValueError, TypeError) as exc:  # settings the model refuses: say whose they are
                 raise ValueError(f"{what}: its model settings are refused: {exc}") from exc
             missing = model.load_state_dict(m["state_dict"], strict=True)

@@ -40,12 +40,14 @@ from torch.nn import functional as F
 
 from . import distributed as dist
 from .control import StopRequests
-from .diffusion import FULL_SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
+from .diffusion import FULL_SCHEDULES, SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
 from .limits import check_finite, check_memory, check_run_settings
 from .loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .models.preferdiff import PAIRINGS, RECONSTRUCTIONS, PreferDiff, check_loss_settings
 from .recommender import PRECISIONS, autocast
+from .settings import (finite_float, int_list, nonnegative_int, positive_float, positive_int, seed as seed_type,
+                       setting, weight_grid)
 from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
                    set_rng_state)
 
@@ -453,6 +455,10 @@ def select_guidance(rec: SeqRecommender, data, grid: Sequence[float], *, batch_s
 
 # --- pretraining ---------------------------------------------------------------------------------
 
+#: Sections of ``refit pretrain --help``.
+_GROUP, _LOSS_GROUP = "DreamRec and PreferDiff", "PreferDiff's loss"
+
+
 @dataclass
 class DreamRecConfig:
     """Everything a DreamRec pretraining run depends on. Defaults: DreamRec's published code
@@ -463,49 +469,67 @@ class DreamRecConfig:
     data: str = "synthetic-seq"
     data_options: Dict[str, Any] = field(default_factory=dict)
     model: str = "dreamrec"
-    hidden: int = 64
-    max_len: int = 10
-    dropout: float = 0.1
-    heads: int = 1
-    diffuser: str = "mlp1"
-    p_uncond: float = 0.1
-    detach_target: bool = True  # chosen on ml-1m_seq's validation split (see docs/models.md)
-    steps: int = 500
-    noise_schedule: str = "ddpm-linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    w: float = 2.0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    epochs: int = 100
-    eval_every: int = 5
-    patience: int = 20
-    seed: int = 1
-    precision: str = "fp32"
-    eval_batch_size: int = 2048
-    ks: Tuple[int, ...] = SEQ_KS
-    exclude_history: Optional[bool] = None
+    hidden: int = setting(64, "embedding width", type=positive_int, group=_GROUP)
+    max_len: int = setting(10, "history window (items)", type=positive_int, group=_GROUP)
+    dropout: float = setting(0.1, "dropout of the denoiser's input", type=finite_float, group="training")
+    heads: int = setting(1, type=positive_int, group=_GROUP)
+    diffuser: str = setting("mlp1", choices=DIFFUSERS, group=_GROUP)
+    p_uncond: float = setting(0.1, "guidance dropout while training", group=_GROUP)
+    detach_target: bool = setting(  # chosen on ml-1m_seq's validation split (see docs/models.md)
+        True, "the target item's embedding is a constant of the loss (DreamRec's and PreferDiff's code train it "
+              "too)", group=_GROUP)
+    steps: int = setting(500, "diffusion steps T", type=positive_int, group="diffusion")
+    noise_schedule: str = setting("ddpm-linear", choices=SCHEDULES, group="diffusion")
+    beta_start: float = setting(1e-4, "ddpm-linear schedule", group=_GROUP)
+    beta_end: float = setting(0.02, "ddpm-linear schedule", group=_GROUP)
+    w: float = setting(2.0, "classifier-free guidance weight", group=_GROUP)
+    lr: float = setting(1e-3, "AdamW's learning rate", group="training")
+    weight_decay: float = setting(0.0, group="training")
+    batch_size: int = setting(256, type=positive_int, group="training")
+    epochs: int = setting(100, "epochs at most", type=positive_int, group="training")
+    eval_every: int = setting(5, "evaluate every this many epochs (and always the last)", type=positive_int,
+                              group="training")
+    patience: int = setting(20, "epochs without improvement", type=positive_int, group="training")
+    seed: int = setting(1, type=seed_type, group="training")
+    precision: str = setting("fp32", choices=PRECISIONS, group="training")
+    eval_batch_size: int = setting(2048, type=positive_int, group="training")
+    ks: Tuple[int, ...] = setting(SEQ_KS, "cut-offs, e.g. 10,20,50,100", type=int_list, group="training")
+    exclude_history: Optional[bool] = setting(
+        None, "never rank the history's items", type=bool, group=_GROUP,
+        default_text="when items do not repeat in the data")
     out: str = "runs/pretrain-dreamrec"
     progress: Optional[bool] = None
-    init: Optional[str] = None
-    time_budget: Optional[float] = None
-    eval_steps: Optional[int] = None  # recommend with this many respaced steps (None: all T)
-    eval_eta: Optional[float] = None  # ... and DDIM's steps of this noise level (None: the posterior)
+    init: Optional[str] = setting(None, "start from this checkpoint's weights (continued pretraining)", type=str)
+    time_budget: Optional[float] = setting(None, "stop after this many seconds", type=positive_float)
+    # recommend with this many respaced steps (None: all T)
+    eval_steps: Optional[int] = setting(None, "recommend with this many respaced reverse steps (none: all T)",
+                                        type=positive_int, group=_GROUP)
+    # ... and DDIM's steps of this noise level (None: the posterior)
+    eval_eta: Optional[float] = setting(None, "recommend with DDIM steps of this noise level (0: deterministic; "
+                                              "none: the posterior)", type=finite_float, group=_GROUP)
     # A ranking-aware warm start (ADRec's remedy for the embedding collapse of a regression loss):
     # "ce" trains the encoder and the item table with the next item's softmax cross-entropy over all
     # items (:func:`ce_loss`) for the first ``warmup_epochs`` epochs (None: until the validation HR@20
     # of its own scores stops rising, see WARMUP_PATIENCE), then the network's own loss.
-    embedding_warmup: str = "ce"
-    warmup_epochs: Optional[int] = None
+    embedding_warmup: str = setting(
+        "ce", "ce: train the encoder and item embeddings with the next item's cross-entropy for --warmup-epochs "
+              "epochs before the diffusion loss (against the embedding collapse)", choices=WARMUPS, group=_GROUP)
+    warmup_epochs: Optional[int] = setting(
+        None, "epochs of the --embedding-warmup", type=nonnegative_int, group=_GROUP,
+        default_text=f"until its own validation HR@20 has not risen for {WARMUP_PATIENCE} epochs, at most half of "
+                     "--epochs or --time-budget")
     # After the warm start, the same cross-entropy on the denoiser's x0 prediction (its inner products
     # with every item), added with this weight to the network's loss (ADRec trains with both).
-    ce_weight: float = 1.0
+    ce_weight: float = setting(
+        1.0, "after the warm start, add this weight times the cross-entropy of the denoiser's x0 prediction (its "
+             "item scores) toward the target to the diffusion loss", group=_GROUP)
     # The guidance weights recommending may use: after a finished run, the selected model (best.pt)
     # recommends the validation split with each, and the best ``SEQ_SELECTION`` keeps its weight in the
     # checkpoint (its inference w) and in the summary's metrics. ``w`` itself, with which the network
     # trained, is always among them. None: recommend with ``w``.
-    w_grid: Optional[Tuple[float, ...]] = W_GRID
+    w_grid: Optional[Tuple[float, ...]] = setting(
+        W_GRID, "after training, recommend with the guidance weight among these (and --w) that scores the best "
+                "validation HR@20; none: with --w", type=weight_grid, metavar="W,W,...|none", group=_GROUP)
 
     #: The network this configuration trains.
     network_class: ClassVar[type] = DreamRec
@@ -614,11 +638,15 @@ class PreferDiffConfig(DreamRecConfig):
     out: str = "runs/pretrain-preferdiff"
     eval_steps: Optional[int] = 21
     eval_eta: Optional[float] = 0.0
-    lamda: float = 0.4
-    gamma: float = 5.0
-    reconstruction: str = "cosine"
-    pairing: str = "batch"
-    negatives: Optional[int] = None
+    lamda: float = setting(0.4, "weight of the reconstruction term; the preference term gets 1 - lamda",
+                           group=_LOSS_GROUP)
+    gamma: float = setting(5.0, "scale of the error difference in the preference term", group=_LOSS_GROUP)
+    reconstruction: str = setting("cosine", "the denoising error both terms measure", choices=RECONSTRUCTIONS,
+                                  group=_LOSS_GROUP)
+    pairing: str = setting("batch", "batch: the log-sigmoid of the batch means of the errors (PreferDiff's code); "
+                                    "row: of each row's own difference", choices=PAIRINGS, group=_LOSS_GROUP)
+    negatives: Optional[int] = setting(None, "average this many of the batch's other targets into the negative",
+                                       type=positive_int, group=_LOSS_GROUP, default_text="all")
 
     network_class: ClassVar[type] = PreferDiff
 

@@ -37,10 +37,12 @@ import refit_kernels as rk
 from .control import Progress, StopRequests
 from .limits import ThreadGovernor, check_run_settings
 from .loop import peak_memory_mb
-from .pretrain import SELECTION_METRIC, load_recommender
+from .pretrain import SELECTION_METRIC
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source, kept_modes
 from .posttrain import METHOD_CLASSES
+from .posttrain.nft import NORMALIZE
+from .posttrain.reward_backprop import RB_REWARDS
 # The shared helpers of the methods, importable from here as before.
 from .posttrain.common import (Baseline, Rows as _Rows, group_weights, rating_weights,  # noqa: F401
                                reinforce_loss, select_rows as _select_rows, trajectory_logprob)
@@ -48,6 +50,7 @@ from .reward import (REWARDS, TARGETS, Episode, Reward, collaborative_reward, ma
                      repeat_episode, slice_episode)
 from . import distributed as dist
 from .runs import RunDir, atomic_write, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .settings import finite_float, int_list, positive_float, positive_int, seed as seed_type, setting
 from .similarity import shared_similar_users
 
 log = logging.getLogger(__name__)
@@ -75,84 +78,145 @@ class FinetuneConfig:
 
     checkpoint: str = ""
     # "module:function" building an outside policy from the data, for a checkpoint of one (load_policy)
-    policy_factory: Optional[str] = None
+    policy_factory: Optional[str] = setting(
+        None, "for a checkpoint of an outside policy: the function that builds the policy from the data (see refit "
+              "evaluate --policy)", type=str, flag="--policy", metavar="MODULE:FUNCTION")
     data: Optional[str] = None  # default: the checkpoint's own data source
     # take data the checkpoint records another fingerprint for, or none (refit.runs.checkpoint_data)
-    allow_other_data: bool = False
-    iterations: int = 200
-    batch_size: int = 64
-    lr: float = 1e-5
+    allow_other_data: bool = setting(
+        False, "use --data although the checkpoint records another data fingerprint, or none (a model saved "
+               "without its data); a warning names both fingerprints", switch=True)
+    iterations: int = setting(200, type=positive_int, group="training")
+    batch_size: int = setting(64, "trajectories per iteration", type=positive_int, group="training")
+    lr: float = setting(1e-5, group="training")
     # "constant", or "cosine": lr * (1 + cos(pi * (i - 1) / iterations)) / 2 at iteration i, from lr down to near 0.
     # An update is mostly noise (the probe's plateau, benchmarks/RESULTS.md): a smaller step late lets the
     # signal keep what it gained.
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr_schedule: str = setting("constant", "constant, or cosine: from --lr down to near 0 over --iterations",
+                               choices=LR_SCHEDULES, group="training")
+    weight_decay: float = setting(0.0, group="training")
+    grad_clip: float = setting(1.0, group="training")
     # reward
-    reward: str = "hit"  # what N_K becomes: "hit" (N_K / K), "ndcg" or "rr" over the full ranking (refit.reward)
-    k: int = 20
-    alpha: float = 0.5
-    similar_users: int = 10
+    reward: str = setting(  # what N_K becomes (refit.reward)
+        "hit", "what the target term counts: hit (N_K / K, hits in the top-K list), or from each target's rank over "
+               "every item not excluded: ndcg (1 / log2(rank + 2), normalised over a user's targets) or rr "
+               "(1 / (rank + 1) of the best-ranked target)", choices=REWARDS, group="reward")
+    k: int = setting(20, "length of the rewarded top-K list", type=positive_int, group="reward")
+    alpha: float = setting(0.5, "weight of N_K against N_sim-K", group="reward")
+    similar_users: int = setting(10, type=positive_int, group="reward")
     # the N_sim-K neighbours: "exact", "approximate" (pynndescent, the ann extra) or "auto" (exact up to
     # refit.similarity.APPROXIMATE_ABOVE_USERS users)
-    similar_users_method: str = "auto"
-    target: str = "hidden"
-    hide_fraction: float = 0.2
+    similar_users_method: str = setting(
+        "auto", "the similar-user table behind N_sim-K: exact (time quadratic in the users), approximate "
+                "(pynndescent, the ann extra; about linear) or auto: exact up to 60,000 users",
+        choices=("auto", "exact", "approximate"), group="reward")
+    target: str = setting("hidden", choices=TARGETS, group="reward")
+    hide_fraction: float = setting(0.2, group="reward")
     # policy gradient
     # trajectories per user in a batch; the "group" baseline compares them (None: GROUP_SIZE's value for the
     # method, 1 for the others)
-    group_size: Optional[int] = None
-    temperature: float = 1.0  # scale of the sampling noise (exploration)
+    group_size: Optional[int] = setting(
+        None, "trajectories per user", type=positive_int, group="policy gradient",
+        default_text=", ".join(f"{v} for {k}" for k, v in GROUP_SIZE.items()) + ", else 1")
+    temperature: float = setting(1.0, "scale of the sampling noise", group="policy gradient")
     # trajectories while fine-tuning: this many respaced reverse steps (None: the model's own T), DDIM's
     # eta as the noise level (None: the posterior's; > 1 explores more with the marginals kept), and the
     # share of their stochastic steps each update trains (a random subset, drawn per update)
-    rl_steps: Optional[int] = None
-    rl_noise: Optional[float] = None
-    timestep_fraction: float = 1.0
+    rl_steps: Optional[int] = setting(
+        None, "sample trajectories with this many respaced reverse steps; the log-likelihood covers exactly those "
+              "steps, evaluation keeps the model's sampler", type=positive_int, group="policy gradient",
+        default_text="the model's own")
+    rl_noise: Optional[float] = setting(
+        None, "DDIM's eta while fine-tuning; above 1 explores with more noise and the same marginals; the "
+              "log-likelihood is the one of that noise", type=finite_float, group="policy gradient",
+        default_text="the posterior's noise, eta 1")
+    timestep_fraction: float = setting(1.0, "train each update on this random share of the stochastic steps",
+                                       group="policy gradient")
     # only this many consecutive steps draw noise (a window placed at random each iteration); the others
     # are DDIM's deterministic steps, and a group's trajectories share their start (None: every step)
-    explore_steps: Optional[int] = None
-    baseline: str = "mean-std"
-    ema_decay: float = 0.9
-    reduction: str = "mean"  # of the log-likelihood over items: "sum" (exact) or "mean"
-    reuse_sampling_graph: bool = False  # log-probs from the sampling pass instead of a batched re-forward
-    anchor: str = "none"
-    anchor_weight: float = 0.0
-    ppo_epochs: int = 0  # 0: plain REINFORCE, one update per batch of trajectories
-    ppo_clip: float = 0.2
-    minibatch_size: Optional[int] = None  # PPO: trajectories per update within an inner epoch (None: all)
-    placebo: bool = False  # control: shuffle each batch's advantages between trajectories (breaks reward -> update)
-    # "reinforce" (ReFiT's policy gradient); "reward-weighted": the model's own denoising loss toward its
-    # sampled final states, weighted by softmax(reward / rw_lambda) within each user's group;
-    # "offline-reward-weighted": no sampling, the pretraining loss on the logged rows with each logged
-    # interaction's error weighted by softmax(rating / rw_lambda) over the user's items
-    method: str = "reinforce"
-    rw_lambda: Optional[float] = None  # None: RW_LAMBDA's value for the method
+    explore_steps: Optional[int] = setting(
+        None, "only this many consecutive steps draw noise, a window placed at random each iteration; the others "
+              "are deterministic (DDIM, eta 0) and a group shares its start, so each reward difference is credited "
+              "to the steps that caused it", type=positive_int, group="policy gradient",
+        default_text="every step draws noise")
+    baseline: str = setting("mean-std", choices=BASELINES, group="policy gradient")
+    ema_decay: float = setting(0.9, group="policy gradient")
+    reduction: str = setting("mean", "log-likelihood summed (exact) or averaged over items", choices=("sum", "mean"),
+                             group="policy gradient")
+    reuse_sampling_graph: bool = setting(
+        False, "take the log-probabilities from the sampling pass instead of one batched re-forward",
+        group="policy gradient")
+    anchor: str = setting("none", choices=ANCHORS, group="policy gradient")
+    anchor_weight: float = setting(0.0, group="policy gradient")
+    ppo_epochs: int = setting(0, "0: plain REINFORCE, one update per batch of trajectories", group="policy gradient")
+    ppo_clip: float = setting(0.2, group="policy gradient")
+    minibatch_size: Optional[int] = setting(
+        None, "PPO: trajectories per update within an inner epoch", type=positive_int, group="policy gradient",
+        default_text="the whole batch")
+    placebo: bool = setting(  # control: shuffle each batch's advantages between trajectories (breaks reward -> update)
+        False, "control run: shuffle each batch's advantages between trajectories (reward-weighted: the rewards "
+               "within each user's group), so updates keep their size and noise but no longer follow the reward",
+        switch=True, group="policy gradient")
+    method: str = setting(
+        "reinforce", "reinforce: ReFiT's policy gradient; grpo: the policy gradient with the advantages of each "
+                     "episode's --group-size trajectories (their mean and std), groups whose rewards all tie dropped "
+                     "and counted; reward-weighted: the model's own denoising loss toward its sampled final states, "
+                     "weighted by softmax(reward / --rw-lambda) within each user's --group-size trajectories; "
+                     "offline-reward-weighted: no sampling, the pretraining loss on the logged rows with each logged "
+                     "item weighted by softmax(rating / --rw-lambda) over the user's items (data with ratings only); "
+                     "reward-backprop: the targets' log-softmax over the items, differentiated through the last "
+                     "--backprop-steps reverse steps; nft: negative-aware fine-tuning, a regression on the noised "
+                     "samples of an old policy toward a positive and away from an implicit negative policy, weighted "
+                     "by the reward (no likelihood)", choices=METHODS, group="policy gradient")
+    rw_lambda: Optional[float] = setting(
+        None, "the exponential weights' lambda, on the reward's scale", type=finite_float, group="policy gradient",
+        default_text=", ".join(f"{v:g} for {k}" for k, v in RW_LAMBDA.items()))
     # reward-backprop (refit.posttrain.reward_backprop): the last K reverse steps keep their graph, and the
     # targets' log-softmax over the items (scores / rb_temperature) is ascended through them
-    backprop_steps: int = 1
-    rb_temperature: float = 1.0
+    backprop_steps: int = setting(
+        1, "reward-backprop: the last K reverse steps that keep their graph (the reward's gradient flows through "
+           "them; memory grows with K)", type=positive_int, group="policy gradient")
+    rb_temperature: float = setting(
+        1.0, "reward-backprop: the scores are divided by this before the targets' log-softmax (for ndcg and topk: "
+             "the sigmoids' temperature of the smooth ranks)", type=positive_float, group="policy gradient")
     # the differentiable reward: "log-softmax", "ndcg" (smooth ranks) or "topk" (soft recall at k)
-    rb_reward: str = "log-softmax"
+    rb_reward: str = setting(
+        "log-softmax", "reward-backprop: what is ascended: the targets' log-softmax over the items, a smooth NDCG of "
+                       "the targets (each rank a sum of sigmoids of score differences), or a soft top-K (the share "
+                       "of the targets whose smooth rank lies within --k)", choices=RB_REWARDS,
+        group="policy gradient")
     # nft (refit.posttrain.nft): beta (the trust region around the old policy), the old policy's moving-average
     # decay, the noise levels trained per sample, how rewards become weights in [0, 1] (centred within each
     # group or over the batch; clipped at nft_adv_clip standard deviations)
-    nft_beta: float = 1.0
-    nft_ema: float = 0.5
-    nft_timesteps: int = 4
-    nft_normalize: str = "group"
-    nft_adv_clip: float = 5.0
+    nft_beta: float = setting(
+        1.0, "nft: the positive policy's step from the old one (its inverse is the strength of the trust region "
+             "around the old policy)", type=positive_float, group="policy gradient")
+    nft_ema: float = setting(
+        0.5, "nft: the old (sampling) policy follows the trained one with this moving-average decay after every "
+             "update, in [0, 1); 0: it is the trained one", group="policy gradient")
+    nft_timesteps: int = setting(
+        4, "nft: noise levels each sample is trained at (one per equal stratum of the schedule)", type=positive_int,
+        group="policy gradient")
+    nft_normalize: str = setting(
+        "group", "nft: rewards are centred within each episode's --group-size samples, or over the batch, before "
+                 "they become weights in [0, 1]", choices=NORMALIZE, group="policy gradient")
+    nft_adv_clip: float = setting(
+        5.0, "nft: centred rewards are clipped at this many standard deviations (weight 0 or 1)",
+        type=positive_float, group="policy gradient")
     # bookkeeping
-    probe_size: int = 1024  # episodes of the probe reward (fixed episodes, fixed noise) at every evaluation; 0: none
-    eval_every: int = 20
-    checkpoint_every: int = 20
-    seed: int = 1
-    precision: str = "fp32"
-    eval_batch_size: int = 1024
-    ks: Optional[Tuple[int, ...]] = None  # None: the model family's (10, 20, 50, 100; 10, 20, 50 for sequences)
+    probe_size: int = setting(
+        1024, "training episodes of the probe reward (fixed episodes and noise), measured at every evaluation; "
+              "0: no probe", group="bookkeeping")
+    eval_every: int = setting(20, type=positive_int, group="bookkeeping")
+    checkpoint_every: int = setting(20, type=positive_int, group="bookkeeping")
+    seed: int = setting(1, type=seed_type, group="training")
+    precision: str = setting("fp32", choices=PRECISIONS, group="training")
+    eval_batch_size: int = setting(1024, type=positive_int, group="bookkeeping")
+    ks: Optional[Tuple[int, ...]] = setting(  # None: the model family's
+        None, "cut-offs", type=int_list, group="bookkeeping", default_text="10,20,50,100 (10,20,50 for sequences)")
     out: str = "runs/finetune"
     progress: Optional[bool] = None  # progress bar: None when stderr is a terminal, True always, False never
-    plot: bool = True
+    plot: bool = setting(True, "write plot.png", group="bookkeeping")
     data_options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -785,12 +849,13 @@ def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optiona
     if factory is not None:
         raise ValueError(f"--policy is for checkpoints of outside policies; {path!r} holds refit's own "
                          f"{model.get('name')!r} model, which refit rebuilds itself")
-    if state.get("recommender", {}).get("model", {}).get("name") == "dreamrec":
-        from .sequential import load_seq_recommender
+    from . import families
 
-        return load_seq_recommender(path, data, device=device, precision=precision,
-                                    allow_other_data=allow_other_data)
-    return load_recommender(path, data, device=device, precision=precision, allow_other_data=allow_other_data)
+    family = families.of_checkpoint(model.get("name"))
+    if family is None:
+        raise ValueError(f"checkpoint {path!r} holds a {model.get('name')!r} model, which no registered model family "
+                         f"loads (registered: {', '.join(families.names())})")
+    return family.load(path, data, device=device, precision=precision, allow_other_data=allow_other_data)
 
 
 def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_iterations_this_run: Optional[int],

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import refit_kernels as rk
-from refit.cudagraph import (CapturedLoop, ReverseSampler, graphed, reverse_loop, step_table)
+from refit.cudagraph import CapturedLoop, ReverseSampler, reverse_loop, step_table
+from refit.families import graphed
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.models import build_model

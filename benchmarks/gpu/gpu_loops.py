@@ -46,7 +46,7 @@ import torch
 
 import refit_kernels as rk
 from benchmarks.paths import data_root
-from refit.cudagraph import graphed
+from refit.families import graphed
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
 from refit.models import build_model

@@ -5,7 +5,7 @@ Every denoiser is called as ``model(x_t, t, cond)`` where ``cond`` comes from
 but the noisy row); :func:`build_model` makes one from its name and config.
 """
 
-from typing import Any
+from typing import Any, Dict, Optional
 
 from .cfdiff import CFDiff, HopGraph, HopInputs
 from .diffrec import DiffRecMLP, timestep_embedding
@@ -13,17 +13,20 @@ from .diffrec import DiffRecMLP, timestep_embedding
 MODELS = {"diffrec": DiffRecMLP, "cfdiff": CFDiff}
 
 
-def build_model(name: str, config: dict, train: Any = None):
-    """A denoiser by name ("diffrec" or "cfdiff") from its ``config()`` dict.
+def build_model(name: str, config: dict, train: Any = None, models: Optional[Dict[str, type]] = None):
+    """A denoiser by name from its ``config()`` dict; ``models`` maps the names to classes (default:
+    :data:`MODELS`, "diffrec" and "cfdiff").
 
-    CF-Diff also needs the training interactions (``train``) for its hop inputs.
+    A denoiser with an ``attach(train)`` method (CF-Diff: its hop inputs) also gets the training
+    interactions (``train``).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
-    model = MODELS[name](**config)
-    if name == "cfdiff":
+    models = MODELS if models is None else models
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(models)}")
+    model = models[name](**config)
+    if hasattr(model, "attach"):
         if train is None:
-            raise ValueError("the cfdiff model needs the training interactions (train=)")
+            raise ValueError(f"the {name} model needs the training interactions (train=)")
         model.attach(train)
     return model
 

@@ -1,0 +1,170 @@
+"""The model-family registry: a family registered from outside refit is pretrained, evaluated and
+fine-tuned through the command line, with nothing of refit changed; the registry's refusals."""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from refit import cli, families
+from refit.diffusion import DiffusionConfig, GaussianDiffusion
+from refit.families import Family
+from refit.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.recommender import Recommender
+from refit.runs import load_checkpoint, save_checkpoint
+from refit.settings import positive_int, setting
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A one-hidden-layer denoiser of the interaction row, with the timestep as one more input."""
+
+    def __init__(self, n_items: int, width: int, steps: int):
+        super().__init__()
+        self.n_items, self.width, self.steps = n_items, width, steps
+        self.hidden = torch.nn.Linear(n_items + 1, width)
+        self.out = torch.nn.Linear(width, n_items)
+
+    def condition(self, users, rows):
+        return None
+
+    def forward(self, x, t, cond=None):
+        time = (t.to(x.dtype) / self.steps)[:, None]
+        return self.out(torch.tanh(self.hidden(torch.cat([x, time], 1))))
+
+    def config(self):
+        return {"n_items": self.n_items, "width": self.width, "steps": self.steps}
+
+
+@dataclasses.dataclass
+class ToyConfig(PretrainConfig):
+    model: str = "toy"
+    width: int = setting(8, "the toy's hidden width", type=positive_int, group="toy")
+
+    models = {"toy": ToyDenoiser}
+
+    def model_config(self, n_items):
+        return {"n_items": n_items, "width": self.width, "steps": self.steps}
+
+
+TOY = Family(name="toy", config=ToyConfig, pretrain=pretrain,
+             load=functools.partial(load_recommender, models=ToyConfig.models), data_kind="interactions",
+             policy_type=Recommender, help="a test's toy")
+
+
+@pytest.fixture
+def toy():
+    families.register(TOY)
+    try:
+        yield TOY
+    finally:
+        families.unregister("toy")
+    assert "toy" not in families.names()
+
+
+def test_a_toy_family_runs_pretrain_evaluate_and_finetune_through_the_command_line(toy, tmp_path, capsys):
+    out = str(tmp_path / "pre")
+    code = cli.main(["-q", "pretrain", "--model", "toy", "--data", "synthetic", "--width", "12", "--steps", "5",
+                     "--epochs", "2", "--eval-every", "1", "--batch-size", "200", "--out", out])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "recall@20" in printed.out
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model"] == "toy" and config["width"] == 12 and config["steps"] == 5
+    assert config["dims"] == [200, 600]  # the parent config's default, kept
+    state = load_checkpoint(os.path.join(out, "best.pt"))
+    assert state["recommender"]["model"]["name"] == "toy"
+    assert state["recommender"]["model"]["config"] == {"n_items": config["n_items"], "width": 12, "steps": 5}
+
+    code = cli.main(["-q", "evaluate", "--checkpoint", os.path.join(out, "best.pt"), "--json", "--no-baselines",
+                     "--split", "both"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    metrics = json.loads(printed.out)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert metrics["test"]["recall@20"] == pytest.approx(summary["test"]["recall@20"], abs=1e-6)
+    assert metrics["valid"]["recall@20"] == pytest.approx(summary["valid"]["recall@20"], abs=1e-6)
+
+    fine = str(tmp_path / "fine")
+    code = cli.main(["-q", "finetune", "--checkpoint", os.path.join(out, "best.pt"), "--iterations", "2",
+                     "--batch-size", "8", "--eval-every", "1", "--probe-size", "16", "--no-plot", "--out", fine])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    done = json.load(open(os.path.join(fine, "summary.json")))
+    assert done["status"] == "finished" and done["iterations"] == 2
+    tuned = load_checkpoint(os.path.join(fine, "last.pt"))["recommender"]["model"]
+    assert tuned["name"] == "toy"
+    before = state["recommender"]["model"]["state_dict"]
+    assert any(not torch.equal(before[k], v) for k, v in tuned["state_dict"].items())  # it trained
+
+
+def test_a_flag_of_another_family_is_refused_by_name(toy, tmp_path, capsys):
+    code = cli.main(["-q", "pretrain", "--model", "diffrec", "--data", "synthetic", "--width", "4",
+                     "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--width is not a setting of --model diffrec (it is one of toy)" in err
+    assert not os.path.exists(tmp_path / "r" / "config.json")
+
+
+def test_without_the_family_its_flag_and_its_checkpoints_are_unknown(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--model", "toy", "--data", "synthetic"])
+    assert "invalid choice: 'toy'" in capsys.readouterr().err
+    rec = Recommender("toy", ToyDenoiser(5, 4, 3), GaussianDiffusion(DiffusionConfig(steps=3)))
+    save_checkpoint(str(tmp_path / "t.pt"), {"kind": "pretrain", "recommender": rec.state()})
+    code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "t.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a 'toy' model, which no registered model family loads" in err
+
+
+def test_the_registry_refuses_what_it_cannot_use():
+    with pytest.raises(ValueError, match="registered already"):
+        families.register(dataclasses.replace(families.get("diffrec"), data_kind="sequences"))
+    with pytest.raises(ValueError, match="data_kind"):
+        Family(name="x", config=ToyConfig, pretrain=pretrain, load=load_recommender, data_kind="graphs")
+
+    @dataclasses.dataclass
+    class Bare:
+        lr: float = 1.0
+
+    with pytest.raises(TypeError, match="lacks the fields data, data_options, model, out, progress, ks, epochs"):
+        Family(name="x", config=Bare, pretrain=pretrain, load=load_recommender)
+    with pytest.raises(TypeError, match="load must be callable"):
+        Family(name="x", config=ToyConfig, pretrain=pretrain, load=None)
+    with pytest.raises(ValueError, match="unknown model family 'nope'; registered: diffrec, cfdiff, dreamrec"):
+        families.get("nope")
+    with pytest.raises(TypeError, match="no graphed sampler for object"):
+        families.graphed(object())
+
+
+def test_the_built_in_families_are_found_by_checkpoint_and_by_policy():
+    assert families.names()[:4] == ["diffrec", "cfdiff", "dreamrec", "preferdiff"]
+    assert families.of_checkpoint("dreamrec").name == "dreamrec"  # PreferDiff's checkpoints are DreamRec's kind
+    assert families.of_checkpoint("cfdiff").name == "cfdiff"
+    assert families.of_checkpoint("nope") is None
+    assert families.get("preferdiff").metrics == ("hr", "ndcg", "mrr")
+    assert families.get("cfdiff").metrics == ("recall", "ndcg", "precision", "mrr")
+
+
+def test_the_example_of_docs_models_md_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/models.md's block that adds a family runs unchanged: pretrain, evaluate and finetune of it."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "models.md"),
+                encoding="utf-8").read()
+    section = text[text.index("\n## Model families: adding a backbone\n"):]
+    block = re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M).group(1)
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(block, "docs/models.md", "exec"), {"__name__": "docs_example"})
+    finally:
+        families.unregister("mine")
+    printed = capsys.readouterr()
+    assert "recall@20" in printed.out, printed.err
+    pre = json.load(open(tmp_path / "runs" / "mine" / "summary.json"))
+    assert pre["status"] == "finished" and pre["epochs_run"] == 3
+    assert json.load(open(tmp_path / "runs" / "mine" / "config.json"))["width"] == 32
+    fine = json.load(open(tmp_path / "runs" / "mine-refit" / "summary.json"))
+    assert fine["status"] == "finished" and fine["iterations"] == 5
