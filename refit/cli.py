@@ -128,15 +128,11 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
 def _config_from_args(cls, args, owners, what: str, **fixed):
     """``cls`` built from the flags given (its own defaults for the others) and ``fixed``; a flag that
     ``cls`` does not take is refused (ValueError naming it and what takes it)."""
-    from .settings import flag_fields, flag_name, foreign_settings, given_settings
+    from .settings import foreign_settings, given_settings
 
-    foreign = foreign_settings(args, cls, owners)
+    foreign = foreign_settings(args, cls, owners, what)
     if foreign:
-        metas = {}
-        for label_cls in _pretrain_configs():
-            metas.update(flag_fields(label_cls[1]))
-        raise ValueError("; ".join(f"{flag_name(n, metas.get(n, {}))} is not a setting of {what} (it is one of "
-                                   f"{', '.join(owners[n])})" for n in foreign))
+        raise ValueError("; ".join(foreign))
     return cls(**given_settings(args, cls), **fixed)
 
 

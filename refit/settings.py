@@ -182,9 +182,10 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def add_arguments(parser: argparse.ArgumentParser, configs: Sequence[Tuple[str, type]]) -> Dict[str, List[str]]:
+def add_arguments(parser: argparse.ArgumentParser,
+                  configs: Sequence[Tuple[str, type]]) -> Dict[str, Tuple[str, List[str]]]:
     """Adds one flag per :func:`setting` field of the ``(label, config class)`` pairs; returns
-    ``{field name: the labels whose config has it}``.
+    ``{field name: (its flag, the labels whose config has it)}``.
 
     A field that several configs declare is one flag. Its help gives each default, with the labels
     that have it when they differ or when only some configs take the flag.
@@ -234,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser, configs: Sequence[Tuple[str, 
                 groups[title] = parser.add_argument_group(title)
             target = groups[title]
         target.add_argument(flag_name(name, meta), **kwargs)
-    return {name: [label for label, _ in has] for name, has in owners.items()}
+    return {name: (flag_name(name, metas[name]), [label for label, _ in has]) for name, has in owners.items()}
 
 
 def given_settings(args: argparse.Namespace, cls: type) -> Dict[str, Any]:
@@ -243,10 +244,13 @@ def given_settings(args: argparse.Namespace, cls: type) -> Dict[str, Any]:
             for name in flag_fields(cls) if hasattr(args, name)}
 
 
-def foreign_settings(args: argparse.Namespace, cls: type, owners: Mapping[str, Sequence[str]]) -> List[str]:
-    """The flags given that ``cls`` has no field for, each with the labels that take it."""
+def foreign_settings(args: argparse.Namespace, cls: type, owners: Mapping[str, Tuple[str, Sequence[str]]],
+                     what: str) -> List[str]:
+    """A line for each flag given that ``cls`` has no field for, naming the configs that take it
+    (``owners``: what :func:`add_arguments` returned; ``what``: how the line names ``cls``)."""
     own = flag_fields(cls)
-    return [name for name in owners if name not in own and hasattr(args, name)]
+    return [f"{flag} is not a setting of {what} (it is one of {', '.join(labels)})"
+            for name, (flag, labels) in owners.items() if name not in own and hasattr(args, name)]
 
 
 __all__ = ["setting", "flag_fields", "flag_name", "add_arguments", "given_settings", "foreign_settings",

@@ -34,9 +34,9 @@ import torch
 
 import refit_kernels as rk
 
-from .control import Progress, StopRequests
+from .control import StopRequests
 from .limits import ThreadGovernor, check_run_settings
-from .loop import peak_memory_mb
+from .loop import LoopState, LoopTask, run_loop
 from .pretrain import SELECTION_METRIC
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source, kept_modes
@@ -930,73 +930,37 @@ def _finetune(config: FinetuneConfig, data, resume: bool, device: Any, max_itera
             run.log(record)
             save_checkpoint(run.file("best.pt"), ckpt(0))
 
-    bar = Progress(config.progress if main else False, total=config.iterations, initial=start - 1, desc="refit",
-                   unit="it")
     step_times = []
-    iteration = start - 1
-    stop_reason = "iterations"
 
-    def summary_now(status: str) -> Dict[str, Any]:
-        return {
-            **_diagnostics_summary(run.records() if main else [], best.get("probe_start", {}),
-                                   0 if trainer._probe is None else int(trainer._probe.users.numel())),
-            "status": status,
-            "stop_reason": None if status == "running" else stop_reason,
-            "best_iteration": best["iteration"],
-            "selection": f"valid {selection}",
-            "before": best["before"],
-            "valid": best["valid"],
-            "test": best["test"],
-            "iterations": iteration,
-            "iterations_planned": config.iterations,
-            "seconds": round(elapsed_before + time.perf_counter() - t_start, 2),
-            "s_per_iteration": round(float(np.median(step_times)), 4) if step_times else None,
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-            "checkpoint": run.file("best.pt"),
-            "world_size": dist.world_size(),
-        }
-
-    for iteration in range(start, config.iterations + 1):
-        if max_iterations_this_run is not None and iteration - start >= max_iterations_this_run:
-            bar.close()
-            return {"stopped_at": iteration - 1}
+    def train(iteration: int) -> Dict[str, Any]:
         trainer.set_iteration(iteration)
         stats = trainer.step()
         step_times.append(stats["step_s"])
-        last = iteration == config.iterations
-        if not last and stops.requested():
-            stop_reason, last = stops.signal_name, True
-        record = {"iteration": iteration, **stats}
-        evaluated = iteration % config.eval_every == 0 or iteration == config.iterations
-        if evaluated:
-            record.update({k: v for k, v in evaluate(iteration).items() if k != "iteration"})
-            if record["valid"][selection] > best["value"]:
-                best.update(iteration=iteration, value=record["valid"][selection], valid=record["valid"],
-                            test=record["test"])
-                if main:
-                    save_checkpoint(run.file("best.pt"), ckpt(iteration))
-        if main:
-            run.log(record)
-        if main and (iteration % config.checkpoint_every == 0 or last):
-            save_checkpoint(run.file("last.pt"), {**ckpt(iteration), "trainer": trainer.state(),
-                                                  "elapsed": elapsed_before + time.perf_counter() - t_start})
-        if main and evaluated and not last:
-            run.write_json("summary.json", summary_now("running"))
-        shown = {"reward": f"{stats.get('reward', stats.get('weighted_rating', 0.0)):.3f}"}
+        return stats
+
+    def summary(loop: LoopState) -> Dict[str, Any]:
+        return {
+            **_diagnostics_summary(run.records() if main else [], best.get("probe_start", {}),
+                                   0 if trainer._probe is None else int(trainer._probe.users.numel())),
+            "before": best["before"],
+            "iterations": loop.position,
+            "iterations_planned": loop.planned,
+            "s_per_iteration": round(float(np.median(step_times)), 4) if step_times else None,
+        }
+
+    def shown(record: Dict[str, Any]) -> Dict[str, str]:
+        out = {"reward": f"{record.get('reward', record.get('weighted_rating', 0.0)):.3f}"}
         if "probe_reward" in record:
-            shown["probe"] = f"{record['probe_reward']:.4f}"
-        bar.update(1, **shown, best=f"{best['value']:.4f}@{best['iteration']}")
-        if last:
-            break
-    bar.close()
-    stopped = stop_reason != "iterations"
-    if stopped:
-        log.warning("finetune: stopped by %s after iteration %d of %d; last.pt holds it: continue with --resume",
-                    stop_reason, iteration, config.iterations)
-    summary = summary_now("stopped" if stopped else "finished")
-    if main:
+            out["probe"] = f"{record['probe_reward']:.4f}"
+        return out
+
+    def finish(summary: Dict[str, Any]) -> None:
         if config.plot:
             summary["plot"] = _plot(run)
-        run.write_json("summary.json", summary)
-    dist.barrier()  # the run folder is complete before any rank returns
-    return summary
+
+    task = LoopTask(train=train, evaluate=evaluate, checkpoint=ckpt,
+                    resume_state=lambda: {"trainer": trainer.state()}, summary=summary, shown=shown, finish=finish)
+    return run_loop(run, task, unit="iteration", total=config.iterations, start=start, best=best,
+                    selection=selection, stops=stops, t_start=t_start, elapsed_before=elapsed_before,
+                    eval_every=config.eval_every, checkpoint_every=config.checkpoint_every, evaluate_on_stop=False,
+                    train_key=None, progress=config.progress, desc="refit", max_this_run=max_iterations_this_run)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .. import seqdata
-from ..control import Progress
+from ..loop import LoopTask, run_loop
 from ..limits import check_run_settings
 from ..models.sasrec import IGNORE, SASRec, left_pad
 from .rows import BaselineResult, _fmt
@@ -333,28 +333,10 @@ def _train(data, config: SASRecConfig, start_token: bool, device: torch.device, 
     deadline = None if config.time_budget is None else t_start + config.time_budget
     step_costs: List[float] = []
     eval_cost = 0.0
-    best, best_epoch, best_state = -math.inf, 0.0, None
+    best_state = None
     history: List[Dict[str, Any]] = []
-    steps, bad, stopped = 0, 0, "max_epochs"
-    loss_sum, loss_n, since_eval = 0.0, 0, 0
-    bar = Progress(progress, total=config.max_epochs * steps_per_epoch, desc=f"sasrec (max_len {config.max_len})")
-
-    def validate(epoch: float) -> None:
-        nonlocal best, best_epoch, best_state, bad, eval_cost, loss_sum, loss_n, since_eval
-        t0 = time.perf_counter()
-        hr = evaluate_sasrec(model, data, ("valid",), ks=(20,), batch_size=config.eval_batch_size)["valid"][
-            SELECTION_METRIC]
-        eval_cost = time.perf_counter() - t0
-        history.append({"epoch": round(epoch, 4), "steps": steps,
-                        "loss": loss_sum / loss_n if loss_n else float("nan"), f"valid {SELECTION_METRIC}": hr,
-                        "elapsed_s": round(time.perf_counter() - t_start, 3)})
-        loss_sum, loss_n, since_eval = 0.0, 0, 0
-        if hr > best:
-            best, best_epoch, bad = hr, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-        log.info("sasrec: epoch %.2f loss %.4f valid %s %.4f", epoch, history[-1]["loss"], SELECTION_METRIC, hr)
+    steps, loss_sum, loss_n, since_eval = 0, 0.0, 0, 0
+    stopping = False  # the budget or max_steps ended the run within an epoch
 
     def out_of_time() -> bool:
         if deadline is None:
@@ -362,46 +344,71 @@ def _train(data, config: SASRecConfig, start_token: bool, device: torch.device, 
         recent = statistics.median(step_costs[-25:]) if step_costs else 0.0
         return time.perf_counter() + recent + eval_cost > deadline
 
-    try:
-        for epoch in range(config.max_epochs):
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            order = torch.randperm(E, generator=g)
-            model.train()
-            for i in range(steps_per_epoch):
-                if config.max_steps is not None and steps >= config.max_steps:
-                    stopped = "max_steps"
-                    break
-                if out_of_time():
-                    stopped = "time budget"
-                    break
-                t0 = time.perf_counter()
-                tokens, labels = window_batch(data, windows, order[i * B:(i + 1) * B], model.start)
-                if not bool((labels != IGNORE).any()):  # possible only with cover="all" and gaps between targets
-                    continue
-                loss = model.loss(tokens.to(device), labels.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                since_eval += 1
-                loss_sum += float(loss.detach())
-                loss_n += 1
-                step_costs.append(time.perf_counter() - t0)
-                bar.update(1, loss=f"{float(loss.detach()):.3f}")
-            else:
-                if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.max_epochs:
-                    validate(epoch + 1)
-                    bar.update(0, **{SELECTION_METRIC: f"{history[-1][f'valid {SELECTION_METRIC}']:.4f}"})
-                    if bad >= config.patience:
-                        stopped = "early stopping"
-                        break
+    def train_epoch(epoch: int) -> Dict[str, Any]:
+        """One epoch's steps; ``{"stop": reason}`` when max_steps or the time budget ends it early."""
+        nonlocal steps, loss_sum, loss_n, since_eval, stopping
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch - 1)
+        order = torch.randperm(E, generator=g)
+        model.train()
+        for i in range(steps_per_epoch):
+            if config.max_steps is not None and steps >= config.max_steps:
+                stopping = True
+                return {"stop": "max_steps"}
+            if out_of_time():
+                stopping = True
+                return {"stop": "time_budget"}
+            t0 = time.perf_counter()
+            tokens, labels = window_batch(data, windows, order[i * B:(i + 1) * B], model.start)
+            if not bool((labels != IGNORE).any()):  # possible only with cover="all" and gaps between targets
                 continue
-            break  # stopped inside an epoch
-    finally:
-        bar.close()
+            loss = model.loss(tokens.to(device), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            since_eval += 1
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            step_costs.append(time.perf_counter() - t0)
+        return {}
+
+    def validate(epoch: int) -> Dict[str, Any]:
+        nonlocal eval_cost, loss_sum, loss_n, since_eval
+        if stopping and not since_eval and history:  # stopped right after a validation: validated already
+            return {"valid": {SELECTION_METRIC: -math.inf}, "test": {}}
+        t0 = time.perf_counter()
+        hr = evaluate_sasrec(model, data, ("valid",), ks=(20,), batch_size=config.eval_batch_size)["valid"][
+            SELECTION_METRIC]
+        eval_cost = time.perf_counter() - t0
+        # A full epoch by its number; a run stopped within an epoch, by the share of the steps run.
+        history.append({"epoch": round(steps / steps_per_epoch if stopping else epoch, 4), "steps": steps,
+                        "loss": loss_sum / loss_n if loss_n else float("nan"), f"valid {SELECTION_METRIC}": hr,
+                        "elapsed_s": round(time.perf_counter() - t_start, 3)})
+        loss_sum, loss_n, since_eval = 0.0, 0, 0
+        log.info("sasrec: epoch %.2f loss %.4f valid %s %.4f", history[-1]["epoch"], history[-1]["loss"],
+                 SELECTION_METRIC, hr)
+        return {"valid": {SELECTION_METRIC: hr}, "test": {}}
+
+    def keep(epoch: int) -> None:
+        nonlocal best_state
+        best_state = copy.deepcopy(model.state_dict())
+
+    # Patience counts validations without improvement; the loop counts epochs since the best one, and
+    # stops before the epoch after the patience-th such validation.
+    summary = run_loop(None, LoopTask(train=train_epoch, evaluate=validate, checkpoint=lambda epoch: {},
+                                      resume_state=dict, keep_best=keep,
+                                      shown=lambda record: {"hr@20": f"{history[-1][f'valid {SELECTION_METRIC}']:.4f}"}
+                                      if history else {}),
+                       unit="epoch", total=config.max_epochs, start=1,
+                       best={"epoch": 0, "value": -1.0, "valid": None, "test": None}, selection=SELECTION_METRIC,
+                       stops=None, t_start=t_start, elapsed_before=0.0, eval_every=config.eval_every,
+                       patience=config.patience * config.eval_every + 1, train_key=None, progress=progress,
+                       desc=f"sasrec (max_len {config.max_len})")
+    stopped = {"epochs": "max_epochs", "patience": "early stopping", "time_budget": "time budget"}.get(
+        summary["stop_reason"], summary["stop_reason"])
     done = steps / steps_per_epoch
-    if since_eval or best_state is None:  # weights not validated yet: a partial epoch, or no epoch at all
-        validate(done)
+    best_row = max(history, key=lambda r: r[f"valid {SELECTION_METRIC}"])  # the first of equals, as selected
+    best, best_epoch = best_row[f"valid {SELECTION_METRIC}"], best_row["epoch"]
     model.load_state_dict(best_state)
     model.eval()
     return TrainedSASRec(model, config, best, best_epoch, round(done, 4), steps,
