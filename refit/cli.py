@@ -9,7 +9,7 @@
 
 Every command also runs under ``torchrun`` (``torchrun --nproc_per_node N -m
 refit ...``): the process group is joined from the environment before the
-command runs, work is shared between the ranks (see :mod:`refit.distributed`)
+command runs, work is shared between the ranks (see :mod:`refit.runtime.distributed`)
 and rank 0 alone prints and writes the run folder.
 """
 
@@ -156,7 +156,7 @@ def format_table(results, ks: Sequence[int], metrics=("recall", "ndcg", "precisi
 def cmd_info(args) -> int:
     from refit_kernels.info import report
 
-    from . import distributed as dist
+    from .runtime import distributed as dist
 
     lines = dist.describe()  # a collective under torchrun: every rank takes part
     if dist.is_main():
@@ -169,7 +169,7 @@ def cmd_info(args) -> int:
 
 def _device():
     """The device a command trains and evaluates on: the rank's GPU under torchrun with nccl, else the CPU."""
-    from . import distributed as dist
+    from .runtime import distributed as dist
 
     return dist.world().device
 
@@ -225,7 +225,7 @@ def _print_resume(summary, out: str) -> None:
         return
     import shlex
 
-    from . import distributed as dist
+    from .runtime import distributed as dist
 
     argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
     if "--out" not in argv:
@@ -236,7 +236,7 @@ def _print_resume(summary, out: str) -> None:
 
 
 def _checkpoint_model(path: str) -> str:
-    from .runs import load_checkpoint
+    from .runtime.runs import load_checkpoint
 
     return load_checkpoint(path).get("recommender", {}).get("model", {}).get("name", "")
 
@@ -283,7 +283,7 @@ def _sequence_baseline_rows(args, data, state, splits, ks):
     computed here under the same protocol, and the SASRec a ``refit baselines`` run fitted on the same
     data (its baselines.json beside the checkpoint or in runs/baselines-<data name>, matched by
     fingerprint; SASRec takes minutes to hours to train, so it is never fitted here)."""
-    from .runs import data_fingerprint
+    from .runtime.runs import data_fingerprint
     from .baselines.sequences import most_popular_metrics
 
     rows = [("most-popular", most_popular_metrics(data, splits, ks=ks, protocol=args.protocol,
@@ -411,7 +411,7 @@ def cmd_import_diffrec(args) -> int:
     """A DiffRec paper-code checkpoint (a pickled DNN) as a refit checkpoint, checked against its data."""
     from .data import load_dataset
     from .integrations.diffrec_paper import PaperCheckpointError, load_diffrec_paper_checkpoint
-    from .runs import data_fingerprint, save_checkpoint
+    from .runtime.runs import data_fingerprint, save_checkpoint
 
     _check_file_arg("checkpoint", args.checkpoint)
     _check_file_arg("--out", args.out, output=True)
@@ -446,7 +446,7 @@ def cmd_import_diffrec(args) -> int:
 def cmd_baselines(args) -> int:
     from .baselines import best_baseline, fit_baselines
     from .data import load_dataset
-    from .runs import RunDir, data_fingerprint
+    from .runtime.runs import RunDir, data_fingerprint
 
     if args.out is not None:
         _check_folder_arg("--out", args.out)
@@ -556,7 +556,7 @@ def cmd_demo(args) -> int:
 
     from .data import RECBOLE_HINT, load_dataset
     from .pretrain import PretrainConfig, pretrain
-    from .runs import RUN_FILES
+    from .runtime.runs import RUN_FILES
     from .trainer import FinetuneConfig, finetune
 
     t0 = time.perf_counter()
@@ -619,7 +619,7 @@ def cmd_demo(args) -> int:
 
 
 def _main() -> bool:
-    from . import distributed as dist
+    from .runtime import distributed as dist
 
     return dist.is_main()
 
@@ -771,7 +771,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from . import distributed as dist
+    from .runtime import distributed as dist
 
     if argv is None:  # run as a command (not called from Python, whose threads are its own)
         from .limits import adapt_threads

@@ -160,7 +160,7 @@ class UserBatches:
         device: where the rows are built (the matrix is moved there once).
         backend: forces a ``gather_rows`` backend.
         shard: ``(rank, world_size)``: yield only this rank's contiguous share
-            of every batch (see :func:`refit.distributed.shard_range`); the
+            of every batch (see :func:`refit.runtime.distributed.shard_range`); the
             batches themselves, and their order, are those of a single
             process. :attr:`current_slice` then holds ``(offset, size)`` of the
             share last yielded within its global batch.
@@ -225,7 +225,7 @@ class UserBatches:
         for b in range(len(self)):
             ids = order[b * self.batch_size:(b + 1) * self.batch_size]
             if self.shard is not None:
-                from .distributed import shard_range
+                from .runtime.distributed import shard_range
 
                 lo, hi = shard_range(len(ids), *self.shard)
                 self.current_slice = (lo, len(ids))

@@ -160,7 +160,7 @@ class Trajectory(NamedTuple):
 #: ``(offset, total)``: the rows a process holds of a global batch of ``total`` rows.
 #: Random draws are then made for all ``total`` rows and the slice
 #: ``[offset, offset + B)`` kept, so each row gets the numbers it would get in
-#: one process running the whole batch (see :mod:`refit.distributed`).
+#: one process running the whole batch (see :mod:`refit.runtime.distributed`).
 BatchSlice = Tuple[int, int]
 
 

@@ -29,8 +29,8 @@ import torch
 import refit_kernels as rk
 from refit_kernels.sparse import CSR, as_csr
 
-from . import distributed as dist
-from .control import progress_enabled
+from .runtime import distributed as dist
+from .runtime.control import progress_enabled
 
 if TYPE_CHECKING:  # annotations only: refit.recommender imports this module
     from .data import InteractionData

@@ -12,7 +12,7 @@ model (``inputs`` are an :class:`~refit.reward.Episode`'s policy inputs,
     (S, B, D), per-step ``coef_pred``, ``coef_x``, ``log_var``, ``timesteps``
     (S,), and the ``final`` (B, D) state. No gradient unless ``keep_graph``.
     ``rows=(offset, total)``: the batch is a slice of a global batch; every
-    random draw is the global batch's, sliced (see :mod:`refit.distributed`).
+    random draw is the global batch's, sliced (see :mod:`refit.runtime.distributed`).
 ``outputs(users, inputs, traj) -> Tensor``
     The denoiser's (S, B, D) outputs along a given trajectory, re-evaluated
     with gradient (in one batched forward pass). With the trajectory's
@@ -468,7 +468,7 @@ def import_factory(spec: str) -> Callable[[Any], Any]:
 def load_outside_policy(path: str, state: Dict[str, Any], data: Any, factory: Callable[[Any], Any]):
     """A policy from ``factory(data)`` with the weights of the outside-policy checkpoint ``state`` (read
     from ``path``, named in errors) loaded into its module, strictly and after a finiteness check."""
-    from .runs import check_finite_weights
+    from .runtime.runs import check_finite_weights
 
     policy = factory(data)
     check_policy(policy)
@@ -503,7 +503,7 @@ def _check_plain(value: Any, where: str) -> None:
 
 def policy_state(module: torch.nn.Module, name: str, **meta: Any) -> Dict[str, Any]:
     """What an outside policy's ``state()`` returns, in the checkpoint layout refit reads
-    (:mod:`refit.runs`): ``{"model": {"name": "external", "config": {"external": name, **meta},
+    (:mod:`refit.runtime.runs`): ``{"model": {"name": "external", "config": {"external": name, **meta},
     "state_dict": ...}}``.
 
     ``module`` is the policy's module (every trained parameter; its ``state_dict`` is copied to the
@@ -527,7 +527,7 @@ def policy_state(module: torch.nn.Module, name: str, **meta: Any) -> Dict[str, A
 def outside_state_dict(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The outside module's own ``state_dict`` from a checkpoint of an outside policy (a
     :func:`ScheduleDenoiser` run's ``best.pt`` / ``last.pt``, loaded with
-    :func:`refit.runs.load_checkpoint`, or a policy's ``state()``).
+    :func:`refit.runtime.runs.load_checkpoint`, or a policy's ``state()``).
 
     Raises:
         ValueError when the checkpoint holds no outside module's weights (a refit model's checkpoint,

@@ -19,17 +19,17 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from . import distributed as dist
+from .runtime import distributed as dist
 from .data import InteractionData, load_dataset
 from .diffusion import SCHEDULES, DiffusionConfig, GaussianDiffusion
 from .evaluate import evaluate_many, evaluate_recommender, evaluation_targets  # noqa: F401  (importable from here)
 from .models import MODELS, build_model
 from .recommender import PRECISIONS, Recommender
-from .control import StopRequests
+from .runtime.control import StopRequests
 from .limits import check_run_settings
-from .loop import EpochTask, run_epochs
+from .runtime.loop import EpochTask, run_epochs
 from .settings import finite_float, int_list, positive_float, positive_int, seed as seed_type, setting
-from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
+from .runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
                    save_checkpoint, set_rng_state)
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     same generator and sliced, the losses that steer the importance sampling
     of timesteps are those of the global batch, and each rank's loss is
     scaled so that the average of the ranks' gradients
-    (:func:`refit.distributed.average_gradients`) is the gradient of the global
+    (:func:`refit.runtime.distributed.average_gradients`) is the gradient of the global
     batch's mean loss. Dropout masks come from a per-rank seed derived from
     (seed, epoch, rank). Rank 0 alone writes the run folder; the checkpoint
     (global epoch, generator state, loss history) resumes with any number of
@@ -140,7 +140,7 @@ def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, 
     arrived; ``summary.json`` (rewritten at every evaluation) says which in
     ``stop_reason`` and ``status``.
 
-    The run holds ``config.out`` from start to end (:meth:`refit.runs.RunDir.claim`): a second run in
+    The run holds ``config.out`` from start to end (:meth:`refit.runtime.runs.RunDir.claim`): a second run in
     it is refused, and so is a new run in a folder that holds one, unless ``resume`` (continue it) or
     ``overwrite`` (remove its files first).
     """
@@ -280,7 +280,7 @@ def load_recommender(path: str, data: Optional[InteractionData] = None, *, devic
 
     Raises ValueError when the data differs from what the model was trained on, or when data are given
     and the checkpoint records no fingerprint to check them against, unless ``allow_other_data`` (see
-    :func:`refit.runs.checkpoint_data`); and when a weight is NaN or infinite.
+    :func:`refit.runtime.runs.checkpoint_data`); and when a weight is NaN or infinite.
     """
     state = load_checkpoint(path)
     data = checkpoint_data(path, state, data, allow_other_data=allow_other_data)

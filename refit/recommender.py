@@ -155,7 +155,7 @@ class Recommender:
                        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) ELBO loss of denoising toward the (B, I) rows ``x0``, conditioned on ``inputs``; ``weight``
         (B, I) weighs each item's squared error (see :meth:`GaussianDiffusion.training_loss`)."""
-        from . import distributed as dist
+        from .runtime import distributed as dist
 
         f = self.denoiser(users, inputs)
         if rows is None:
@@ -210,7 +210,7 @@ class Recommender:
         ``source``, the checkpoint the state was read from, is named in the errors. A state with a NaN
         or infinite weight is refused (ValueError naming the tensor).
         """
-        from .runs import check_finite_weights
+        from .runtime.runs import check_finite_weights
 
         what = f"checkpoint {source!r}" if source else "the checkpoint"
         try:

@@ -16,7 +16,7 @@ that names the file, before any of it runs:
   and written back with the original classes (``torch.save(...,
   pickle_module=RECBOLE_PICKLE_MODULE)``).
 
-Checkpoints of refit itself are read by :func:`refit.runs.load_checkpoint`
+Checkpoints of refit itself are read by :func:`refit.runtime.runs.load_checkpoint`
 (torch's ``weights_only`` loader, with its own checks).
 """
 

@@ -1067,7 +1067,7 @@ def _rank(score_fn, data: SequenceData, t: Targets, ks: Tuple[int, ...], batch_s
           max_len: Optional[int], n_cols: int, backend: Optional[str], progress: Optional[bool],
           desc: str) -> Dict[str, float]:
     """Scores the targets t in order, batch by batch, and averages HR / NDCG / MRR at each k."""
-    from .control import progress_enabled
+    from .runtime.control import progress_enabled
 
     n = len(t)
     n_k = len(ks)

@@ -21,7 +21,7 @@ steps over ``eval_steps`` respaced timesteps instead of the posterior's.
 :class:`PreferDiffConfig`) trains it on the training targets of a
 :class:`~refit.seqdata.SequenceData` (each target predicted from the window of
 ``max_len`` items before it) with the loop every pretraining run shares
-(:mod:`refit.loop`): run folder, checkpoints, ``--resume``, early stopping on
+(:mod:`refit.runtime.loop`): run folder, checkpoints, ``--resume``, early stopping on
 validation HR@20, time budget, signals, bf16 and torchrun.
 """
 
@@ -38,17 +38,17 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 import torch
 from torch.nn import functional as F
 
-from . import distributed as dist
-from .control import StopRequests
+from .runtime import distributed as dist
+from .runtime.control import StopRequests
 from .diffusion import FULL_SCHEDULES, SCHEDULES, DiffusionConfig, GaussianDiffusion, _normal, rl_diffusion
 from .limits import check_finite, check_memory, check_run_settings
-from .loop import EpochTask, run_epochs
+from .runtime.loop import EpochTask, run_epochs
 from .models.dreamrec import DIFFUSERS, DreamRec
 from .models.preferdiff import PAIRINGS, RECONSTRUCTIONS, PreferDiff, check_loss_settings
 from .recommender import PRECISIONS, autocast
 from .settings import (finite_float, int_list, nonnegative_int, positive_float, positive_int, seed as seed_type,
                        setting, weight_grid)
-from .runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
+from .runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
                    set_rng_state)
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class SeqRecommender:
         """Rebuilds a DreamRec (or the PreferDiff its ``network`` entry names) from :meth:`state`;
         ``source``, the checkpoint it was read from, is named in the errors. A state with a NaN or infinite
         weight is refused (ValueError naming the tensor)."""
-        from .runs import check_finite_weights
+        from .runtime.runs import check_finite_weights
 
         what = f"checkpoint {source!r}" if source else "the checkpoint"
         try:
@@ -661,7 +661,7 @@ class PreferDiffConfig(DreamRecConfig):
 
 
 def sequence_fingerprint(data) -> str:
-    """A short hash of a sequence data set (see :func:`refit.runs.data_fingerprint`)."""
+    """A short hash of a sequence data set (see :func:`refit.runtime.runs.data_fingerprint`)."""
     return data_fingerprint(data)
 
 
@@ -1094,7 +1094,8 @@ def _choose_guidance(config: DreamRecConfig, rec: SeqRecommender, data, run, bes
 def load_seq_recommender(path: str, data=None, *, device: Any = "cpu", precision: Optional[str] = None,
                          allow_other_data: bool = False):
     """A saved DreamRec with its sequence data (loaded from the checkpoint's source unless given; data
-    other than those the checkpoint records need ``allow_other_data``, see :func:`refit.runs.checkpoint_data`)."""
+    other than those the checkpoint records need ``allow_other_data``, see
+    :func:`refit.runtime.runs.checkpoint_data`)."""
     state = load_checkpoint(path)
     data = checkpoint_data(path, state, data, allow_other_data=allow_other_data)
     rec = SeqRecommender.from_state(state["recommender"], device=device, precision=precision, source=path)

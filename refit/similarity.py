@@ -20,7 +20,7 @@ import torch
 
 import refit_kernels as rk
 
-from . import distributed as dist
+from .runtime import distributed as dist
 
 #: Elements of one block's (block x n_users) similarity matrix: 4 MB in float64, so a
 #: block's working arrays stay in cache (larger blocks measured slower).

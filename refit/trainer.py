@@ -34,9 +34,9 @@ import torch
 
 import refit_kernels as rk
 
-from .control import StopRequests
+from .runtime.control import StopRequests
 from .limits import ThreadGovernor, check_run_settings
-from .loop import LoopState, LoopTask, run_loop
+from .runtime.loop import LoopState, LoopTask, run_loop
 from .pretrain import SELECTION_METRIC
 from .recommender import PRECISIONS
 from .policy import check_policy, episode_source, kept_modes
@@ -48,8 +48,9 @@ from .posttrain.common import (Baseline, Rows as _Rows, group_weights, rating_we
                                reinforce_loss, select_rows as _select_rows, trajectory_logprob)
 from .reward import (REWARDS, TARGETS, Episode, Reward, collaborative_reward, map_inputs, ranking_reward, rank_metrics,
                      repeat_episode, slice_episode)
-from . import distributed as dist
-from .runs import RunDir, atomic_write, data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .runtime import distributed as dist
+from .runtime.runs import (RunDir, atomic_write, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
+                           set_rng_state)
 from .settings import finite_float, int_list, positive_float, positive_int, seed as seed_type, setting
 from .similarity import shared_similar_users
 
@@ -82,7 +83,7 @@ class FinetuneConfig:
         None, "for a checkpoint of an outside policy: the function that builds the policy from the data (see refit "
               "evaluate --policy)", type=str, flag="--policy", metavar="MODULE:FUNCTION")
     data: Optional[str] = None  # default: the checkpoint's own data source
-    # take data the checkpoint records another fingerprint for, or none (refit.runs.checkpoint_data)
+    # take data the checkpoint records another fingerprint for, or none (refit.runtime.runs.checkpoint_data)
     allow_other_data: bool = setting(
         False, "use --data although the checkpoint records another data fingerprint, or none (a model saved "
                "without its data); a warning names both fingerprints", switch=True)
@@ -306,12 +307,12 @@ class ReFiT:
     interaction data, training targets with their history windows for
     sequence data.
 
-    Under torch.distributed (see :mod:`refit.distributed`) every rank draws the
+    Under torch.distributed (see :mod:`refit.runtime.distributed`) every rank draws the
     same global batch of episodes and sampling noise from the same seeded
     generator and works on its contiguous share of the rows; rewards are
     all-gathered so the baseline (mean, std, EMA) is that of the global
     batch, and each rank's loss is scaled so that the average of the ranks'
-    gradients (:func:`refit.distributed.average_gradients`) is the gradient of
+    gradients (:func:`refit.runtime.distributed.average_gradients`) is the gradient of
     ``-mean(adv * L)`` over the global batch. One step with N processes then
     leaves the parameters of one step in a single process with the same
     ``batch_size`` (up to float32 rounding), and the generator's state,
@@ -800,7 +801,7 @@ def finetune(config: FinetuneConfig, data=None, *, resume: bool = False, overwri
     checkpoint holds the global iteration, the optimiser and the generator
     state, which are the same on every rank.
 
-    The run holds ``config.out`` from start to end (:meth:`refit.runs.RunDir.claim`): a second run in
+    The run holds ``config.out`` from start to end (:meth:`refit.runtime.runs.RunDir.claim`): a second run in
     it is refused, and so is a new run in a folder that holds one, unless ``resume`` (continue it) or
     ``overwrite`` (remove its files first; never the checkpoint it starts from).
     """
@@ -829,7 +830,7 @@ def load_policy(path: str, data=None, *, device: Any = "cpu", precision: Optiona
     policy from the data, and the checkpoint's weights are loaded into it. ValueError without one.
     """
     from .policy import OUTSIDE_MODELS, import_factory, load_outside_policy
-    from .runs import checkpoint_data
+    from .runtime.runs import checkpoint_data
 
     state = load_checkpoint(path)
     model = state.get("recommender", {}).get("model", {})

@@ -4,11 +4,11 @@ tests/_dist_worker.py under torchrun); the test compares the two results."""
 import numpy as np
 import torch
 
-from refit import distributed as dist
+from refit.runtime import distributed as dist
 from refit.data import UserBatches, load_dataset
 from refit.evaluate import evaluate
 from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.similarity import shared_similar_users
 from refit.sequential import DreamRecConfig, pretrain_dreamrec
 from refit.trainer import FinetuneConfig, ReFiT, load_policy
@@ -219,7 +219,7 @@ def latent_policy(data):
 
 def latent_checkpoint(path: str) -> str:
     """A checkpoint of :func:`latent_policy` on :func:`seq_data` (what a run of it would start from)."""
-    from refit.runs import data_fingerprint, save_checkpoint
+    from refit.runtime.runs import data_fingerprint, save_checkpoint
 
     d = seq_data()
     save_checkpoint(path, {"kind": "model", "recommender": latent_policy(d).state(),

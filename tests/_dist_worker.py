@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _dist_cases as cases  # noqa: E402
 
-from refit import distributed as dist  # noqa: E402
+from refit.runtime import distributed as dist  # noqa: E402
 
 
 def threads() -> int:

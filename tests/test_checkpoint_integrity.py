@@ -22,7 +22,7 @@ from refit.models import DiffRecMLP
 from refit.models.dreamrec import DreamRec
 from refit.pretrain import load_recommender
 from refit.recommender import Recommender
-from refit.runs import data_fingerprint, load_checkpoint, save_checkpoint
+from refit.runtime.runs import data_fingerprint, load_checkpoint, save_checkpoint
 from refit.sequential import SeqRecommender, load_seq_recommender
 from refit.trainer import FinetuneConfig, finetune
 
@@ -313,7 +313,7 @@ def test_a_checkpoint_without_a_fingerprint_needs_allow_other_data(tmp_path, dat
     save_checkpoint(path, _diffrec(data.n_items).state())  # a bare model: kind "model", no data recorded
     with pytest.raises(ValueError, match=r"checkpoint '.*model.pt' records no data fingerprint.*--allow-other-data"):
         load_recommender(path, data)
-    with caplog.at_level(logging.WARNING, logger="refit.runs"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.runs"):
         rec, got, _ = load_recommender(path, data, allow_other_data=True)
     assert got is data
     assert f"fingerprint none recorded, {data_fingerprint(data)} for these data" in caplog.text
@@ -324,7 +324,7 @@ def test_a_checkpoint_of_other_data_is_refused_unless_allowed(tmp_path, data, ot
     load_recommender(path, data)  # its own data
     with pytest.raises(ValueError, match=r"'.*best.pt' was trained on other data .*--allow-other-data"):
         load_recommender(path, other)
-    with caplog.at_level(logging.WARNING, logger="refit.runs"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.runs"):
         load_recommender(path, other, allow_other_data=True)
     assert f"fingerprint {data_fingerprint(data)} recorded, {data_fingerprint(other)} for these data" in caplog.text
 

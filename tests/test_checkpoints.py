@@ -1,4 +1,4 @@
-"""refit.runs checkpoints: only tensors, NumPy arrays of numbers and plain containers are unpickled;
+"""refit.runtime.runs checkpoints: only tensors, NumPy arrays of numbers and plain containers are unpickled;
 broken files are named; everything refit writes (and wrote before) loads."""
 
 import io
@@ -13,7 +13,7 @@ import torch
 
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
-from refit.runs import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from refit.runtime.runs import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from refit.trainer import FinetuneConfig, finetune
 
 TAGS = {"format": "refit-checkpoint", "version": 1}

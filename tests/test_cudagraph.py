@@ -1,4 +1,4 @@
-"""refit.cudagraph: the capture-safe reverse loop, checked on the CPU.
+"""refit.runtime.cudagraph: the capture-safe reverse loop, checked on the CPU.
 
 A CUDA graph can only be recorded and replayed on a GPU (benchmarks/gpu/gpu_check.sh
 does both and times them). What a CPU can check is everything the capture
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import refit_kernels as rk
-from refit.cudagraph import CapturedLoop, ReverseSampler, reverse_loop, step_table
+from refit.runtime.cudagraph import CapturedLoop, ReverseSampler, reverse_loop, step_table
 from refit.families import graphed
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion

@@ -16,11 +16,11 @@ import torch
 
 import _dist_cases as cases
 import refit_kernels as rk
-from refit import distributed as dist
+from refit.runtime import distributed as dist
 from refit.data import UserBatches
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.pretrain import pretrain
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.similarity import top_similar_users
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

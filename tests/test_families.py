@@ -15,7 +15,7 @@ from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.families import Family
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.recommender import Recommender
-from refit.runs import load_checkpoint, save_checkpoint
+from refit.runtime.runs import load_checkpoint, save_checkpoint
 from refit.settings import positive_int, setting
 
 

@@ -16,7 +16,7 @@ from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.reward import collaborative_reward, make_episode, rank_metrics, ranking_reward
 from refit.sequential import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, ReFiT, finetune
 from _testing import benchmark_module
 

@@ -11,7 +11,7 @@ import pytest
 
 from _testing import TINY_SEQ, benchmark_command, sigterm_after_first_evaluation
 from refit import sequential
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.sequential import (SEQ_SELECTION, W_GRID, DreamRecConfig, evaluate_dreamrec, load_seq_recommender,
                               pretrain_dreamrec, select_guidance)
 

@@ -13,7 +13,7 @@ from torch import nn
 from refit.data import load_dataset
 from refit.latent_adapter import LatentScheduleDenoiser, kept_modes
 from refit.policy import check_policy, episode_source, outside_state_dict
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, finetune
 
 SEQ = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}

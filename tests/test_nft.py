@@ -13,7 +13,7 @@ from _testing import TINY_SEQ, tiny_dreamrec
 from refit.data import load_dataset
 from refit.posttrain import METHOD_CLASSES, PostTrainingMethod
 from refit.posttrain.nft import nft_loss, optimality
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, ReFiT, finetune
 
 SEQ = TINY_SEQ

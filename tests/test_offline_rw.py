@@ -218,7 +218,7 @@ def test_min_rating_from_the_command_line(tmp_path):
     out = refit("pretrain", "--data", str(path), "--min-rating", "none", "--steps", "5", "--epochs", "1",
                 "--batch-size", "16", "--dims", "16,32", "--ks", "10,20", "--out", "all")
     assert out.returncode == 0, out.stderr
-    from refit.runs import load_checkpoint
+    from refit.runtime.runs import load_checkpoint
 
     saved = load_checkpoint(str(tmp_path / "all" / "best.pt"))["data"]
     assert saved["options"] == {"min_rating": None}

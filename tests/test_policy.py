@@ -17,7 +17,7 @@ import refit_kernels as rk
 from refit.data import load_dataset
 from refit.policy import ScheduleDenoiser, check_policy, episode_source, outside_state_dict
 from refit.reward import collaborative_reward
-from refit.runs import load_checkpoint, save_checkpoint
+from refit.runtime.runs import load_checkpoint, save_checkpoint
 from refit.sequential import DreamRecConfig, dreamrec_loss, load_seq_recommender, pretrain_dreamrec
 from refit.trainer import FinetuneConfig, ReFiT, finetune, trajectory_logprob
 

@@ -13,7 +13,7 @@ from refit.data import load_dataset
 from refit.diffusion import Trajectory
 from refit.evaluate import evaluate_many
 from refit.policy import batched_outputs, check_policy, episode_source, policy_state
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, finetune, trajectory_logprob
 
 DATA = {"n_users": 150, "n_items": 120}

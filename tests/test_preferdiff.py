@@ -17,7 +17,7 @@ from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.models.dreamrec import step_embedding
 from refit.models.preferdiff import PreferDiff
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.sequential import (PreferDiffConfig, SeqRecommender, load_seq_recommender, preference_term,
                               preferdiff_loss, pretrain_dreamrec, reconstruction_error)
 

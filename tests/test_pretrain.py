@@ -14,7 +14,7 @@ from refit.data import load_dataset
 from refit.evaluate import evaluate
 from refit.models import CFDiff, build_model
 from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 
 SMALL = dict(data="synthetic", steps=10, batch_size=100, eval_every=2, progress=False,
              data_options={"n_users": 300, "n_items": 200})

@@ -25,7 +25,7 @@ import torch
 
 import refit.trainer
 from refit.policy import outside_state_dict
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join("docs", "drop-in.md")  # the page that holds SECTION, relative to ROOT

@@ -12,7 +12,7 @@ from refit.data import load_dataset
 from refit.posttrain import METHOD_CLASSES, PostTrainingMethod
 from refit.posttrain.reward_backprop import listwise_logprob, smooth_metric, soft_ranks
 from refit.reward import rank_metrics
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, ReFiT, finetune
 
 SEQ = TINY_SEQ

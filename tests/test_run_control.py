@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from refit import control
+from refit.runtime import control
 from refit.baselines import fit_baselines
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, pretrain
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import FinetuneConfig, finetune
 
 DATA = {"n_users": 200, "n_items": 150}

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from refit import runs
+from refit.runtime import runs
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, pretrain
-from refit.runs import RunDir, atomic_write, load_checkpoint
+from refit.runtime.runs import RunDir, atomic_write, load_checkpoint
 from refit.trainer import FinetuneConfig, finetune
 
 DATA = {"n_users": 200, "n_items": 150}
@@ -118,7 +118,7 @@ def test_resume_without_last_pt_starts_again_and_says_so(tmp_path, data, caplog)
     out = tmp_path / "run"
     pretrain(PretrainConfig(**SMALL, epochs=2, out=str(out)), data)
     os.unlink(out / "last.pt")
-    with caplog.at_level(logging.WARNING, logger="refit.runs"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.runs"):
         s = pretrain(PretrainConfig(**SMALL, epochs=1, out=str(out)), data, resume=True)
     assert s["epochs_run"] == 1
     assert "no last.pt" in caplog.text and str(out) in caplog.text
@@ -179,7 +179,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, dat
     out = tmp_path / "run"
     dead = _dead_pid()
     _hold(out, dead)
-    with caplog.at_level(logging.WARNING, logger="refit.runs"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.runs"):
         s = pretrain(PretrainConfig(**SMALL, epochs=1, out=str(out)), data)
     assert s["status"] == "finished"
     assert f"lock of pid {dead}" in caplog.text and str(out) in caplog.text
@@ -196,7 +196,7 @@ def test_a_torchrun_restart_takes_over_its_earlier_attempts_lock(tmp_path, monke
         RunDir(str(tmp_path)).lock()  # the same attempt: another rank 0 can only be another job's
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     run = RunDir(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="refit.runs"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.runs"):
         run.lock()
     assert "pid 12345" in caplog.text and "earlier attempt" in caplog.text
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
@@ -237,7 +237,7 @@ def test_resume_drops_a_torn_last_line_with_a_warning(tmp_path, data, caplog):
     pretrain(PretrainConfig(**SMALL, epochs=2, out=str(out)), data)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"time": 1.0, "epoch": 3, "loss": 0.5, "trai')  # killed while writing epoch 3
-    with caplog.at_level(logging.WARNING, logger="refit.runs"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.runs"):
         s = pretrain(PretrainConfig(**SMALL, epochs=3, out=str(out)), data, resume=True)
     assert s["epochs_run"] == 3
     assert "metrics.jsonl" in caplog.text and "last line" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 from _testing import TINY_SEQ
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, pretrain
-from refit.runs import RESUME_MAY_CHANGE, load_checkpoint, save_checkpoint
+from refit.runtime.runs import RESUME_MAY_CHANGE, load_checkpoint, save_checkpoint
 from refit.sequential import DreamRecConfig, pretrain_dreamrec
 from refit.trainer import FinetuneConfig, finetune
 

@@ -524,7 +524,7 @@ def test_refit_evaluate_prints_the_sequence_baselines_under_a_dreamrec_checkpoin
     with open(tmp_path / "pre" / "baselines.json") as f:
         payload = json.load(f)
     from refit.data import load_dataset
-    from refit.runs import data_fingerprint
+    from refit.runtime.runs import data_fingerprint
 
     payload["fingerprint"] = data_fingerprint(load_dataset("synthetic-seq", **opts))
     sasrec = next(r for r in payload["results"] if r["name"] == "sasrec")

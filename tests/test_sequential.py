@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refit.data import load_dataset
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.baselines.sequences import most_popular_metrics
 from refit.sequential import DreamRecConfig, evaluate_dreamrec, load_seq_recommender, pretrain_dreamrec
 

@@ -15,7 +15,7 @@ import refit_kernels as rk
 from refit.data import load_dataset
 from refit.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.reward import collaborative_reward, make_episode, repeat_episode
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.trainer import Baseline, FinetuneConfig, ReFiT, finetune, reinforce_loss, trajectory_logprob
 
 DATA = {"n_users": 200, "n_items": 150}

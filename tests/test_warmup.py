@@ -14,7 +14,7 @@ from _testing import TINY_SEQ, sigterm_after_first_evaluation
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.models.dreamrec import DreamRec
-from refit.runs import load_checkpoint
+from refit.runtime.runs import load_checkpoint
 from refit.models.preferdiff import PreferDiff
 from refit.sequential import (DreamRecConfig, PreferDiffConfig, SeqRecommender, ce_loss, dreamrec_loss,
                               preferdiff_loss, pretrain_dreamrec)

@@ -1,4 +1,4 @@
-"""Reverse loops and ReFiT iterations on one device, eagerly and from CUDA graphs (refit.cudagraph).
+"""Reverse loops and ReFiT iterations on one device, eagerly and from CUDA graphs (refit.runtime.cudagraph).
 
 For benchmarks/gpu/gpu_check.sh. Untrained models of the published sizes stand
 in for trained ones (the time of a pass does not depend on the weights), so

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     else:
         lines.append("- none measured" + ("" if gpu else " (the CUDA and Triton rows exist only on a GPU)"))
     lines += ["", "## Kernels", ""] + kernel_lines
-    lines += ["", "## Reverse loops and ReFiT iterations (refit.cudagraph)", ""] + loop_lines
+    lines += ["", "## Reverse loops and ReFiT iterations (refit.runtime.cudagraph)", ""] + loop_lines
     lines += ["", "## Checks", ""]
     lines += [f"- {'ok' if c['ok'] else 'FAILED'}: {c['name']}" + (f" ({c['detail']})" if c.get("detail") else "")
               for c in checks] or ["- none ran"]

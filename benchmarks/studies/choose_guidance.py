@@ -19,7 +19,7 @@ import sys
 import time
 
 
-from refit.runs import load_checkpoint, save_checkpoint
+from refit.runtime.runs import load_checkpoint, save_checkpoint
 from refit.sequential import (SEQ_SELECTION, W_GRID, evaluate_dreamrec, load_seq_recommender,
                               select_guidance)
 

@@ -22,7 +22,7 @@ import tempfile
 CHILD = r"""
 import json, os, statistics, sys, time
 import torch
-from refit import distributed as dist
+from refit.runtime import distributed as dist
 from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
 from refit.trainer import FinetuneConfig, ReFiT
 a = json.loads(sys.argv[1])
@@ -88,7 +88,7 @@ def make_checkpoint(data_path: str, path: str) -> None:
     from refit.models import build_model
     from refit.pretrain import PretrainConfig
     from refit.recommender import Recommender
-    from refit.runs import data_fingerprint, save_checkpoint
+    from refit.runtime.runs import data_fingerprint, save_checkpoint
 
     import torch
 

@@ -11,7 +11,7 @@ Three loops, each in fresh processes, counting exits that are not 0:
   on a small synthetic model (pretrained once, in one process, first);
 * ``control``: a 12-line script that trains one step with
   ``DistributedDataParallel`` on gloo and exits, the pattern refit used before
-  (see ``refit.distributed.average_gradients``). It is expected to abort now
+  (see ``refit.runtime.distributed.average_gradients``). It is expected to abort now
   and then ("terminate called without an active exception"); its failures
   show that the loop can see the abort at all on this machine.
 

@@ -69,7 +69,7 @@ def _pretrained_metrics(checkpoint):
 
 
 def _load(checkpoint):
-    from refit.runs import load_checkpoint
+    from refit.runtime.runs import load_checkpoint
 
     return load_checkpoint(checkpoint)
 

@@ -341,7 +341,7 @@ def save_like_the_paper_code(dnn, path: str) -> str:
 
 
 def state_dict_of(path: str):
-    from refit.runs import load_checkpoint
+    from refit.runtime.runs import load_checkpoint
 
     return load_checkpoint(path)["recommender"]["model"]["state_dict"]
 
@@ -743,7 +743,7 @@ class Attack:
     def class_integrity(self) -> None:
         c = "integrity"
         import torch
-        from refit.runs import load_checkpoint, save_checkpoint
+        from refit.runtime.runs import load_checkpoint, save_checkpoint
 
         base = self.base()
         best = os.path.join(base, "best.pt")

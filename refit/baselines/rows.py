@@ -437,7 +437,7 @@ def cached_baselines(data: InteractionData, folder: str, *, ks: Sequence[int] = 
     Returns:
         (results, path, from_cache); path is None when the folder is not writable.
     """
-    from ..runs import RunDir, data_fingerprint
+    from ..runtime.runs import RunDir, data_fingerprint
 
     key = {"fingerprint": data_fingerprint(data), "ks": sorted(set(int(k) for k in ks) | {20}),
            "knn_grid": sorted(set(int(k) for k in knn_grid)), "ease_grid": sorted(set(float(v) for v in ease_grid))}

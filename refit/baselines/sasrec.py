@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .. import seqdata
-from ..loop import LoopTask, run_loop
+from ..runtime.loop import LoopTask, run_loop
 from ..limits import check_run_settings
 from ..models.sasrec import IGNORE, SASRec, left_pad
 from .rows import BaselineResult, _fmt

@@ -3,7 +3,7 @@ the ELBO (:func:`refit.pretrain.pretrain`) and ranked by :class:`refit.recommend
 
 from __future__ import annotations
 
-from ..cudagraph import GraphedRecommender
+from ..runtime.cudagraph import GraphedRecommender
 from ..pretrain import PretrainConfig, load_recommender, pretrain
 from ..recommender import Recommender
 from .registry import Family, register

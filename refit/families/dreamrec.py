@@ -4,7 +4,7 @@ rebuilds either network."""
 
 from __future__ import annotations
 
-from ..cudagraph import GraphedSeqRecommender
+from ..runtime.cudagraph import GraphedSeqRecommender
 from ..sequential import DreamRecConfig, PreferDiffConfig, SeqRecommender, load_seq_recommender, pretrain_dreamrec
 from .registry import Family, register
 

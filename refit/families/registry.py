@@ -20,7 +20,7 @@ class Family:
             ``out``, ``progress``, ``ks`` and ``epochs`` fields; its :func:`refit.settings.setting` fields
             are the command's flags, ``model`` is set to ``name``).
         pretrain: ``pretrain(config, *, resume, overwrite, device) -> summary`` (the summary of
-            :func:`refit.loop.run_epochs`).
+            :func:`refit.runtime.loop.run_epochs`).
         load: ``load(path, data=None, *, device, precision, allow_other_data) -> (policy, data, state)``:
             a checkpoint as a policy of :mod:`refit.policy`'s protocol, with its data and the checkpoint.
         data_kind: one of :data:`DATA_KINDS`.
@@ -28,7 +28,7 @@ class Family:
             default ``name``. Families may share one (PreferDiff's checkpoints are DreamRec's kind).
         policy_type: the class of its policies, for :func:`graphed`.
         graphed: ``graphed(policy, *, batch_size, eval_batch_size, use_graph)``: the policy with its
-            reverse-sampling loops in CUDA graphs (see :mod:`refit.cudagraph`).
+            reverse-sampling loops in CUDA graphs (see :mod:`refit.runtime.cudagraph`).
         help: one line for ``refit pretrain --help``.
     """
 
@@ -120,14 +120,14 @@ def of_policy(policy: Any) -> Optional[Family]:
 def graphed(policy, *, batch_size: Optional[int] = None, eval_batch_size: Optional[int] = None,
             use_graph: Optional[bool] = None):
     """``policy`` with its reverse-sampling loops in CUDA graphs, by its family's wrapper (see
-    :mod:`refit.cudagraph`); a policy that is wrapped already comes back as it is.
+    :mod:`refit.runtime.cudagraph`); a policy that is wrapped already comes back as it is.
 
     ``batch_size``: ReFiT's batch (trajectories per iteration); ``eval_batch_size``: evaluation's.
     Smaller batches are padded to them; a bigger one builds (and captures) a bigger sampler.
     ``use_graph=False`` runs the capture-safe loop eagerly (on any device). TypeError for a policy
     whose family has no wrapper.
     """
-    from ..cudagraph import is_graphed
+    from ..runtime.cudagraph import is_graphed
 
     if is_graphed(policy):
         return policy

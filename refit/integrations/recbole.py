@@ -684,7 +684,7 @@ def export_recbole_checkpoint(rec: Recommender, template: Any, path: str) -> str
         raise RecBoleMismatch(f"norm: this recommender has {rec.model.norm}, the RecBole config {cfg.get('norm')}")
     state = dict(template.state)
     state["state_dict"] = recbole_state_dict(rec, template.state["state_dict"])
-    from ..runs import atomic_write
+    from ..runtime.runs import atomic_write
 
     atomic_write(path, lambda f: torch.save(state, f, pickle_module=RECBOLE_PICKLE_MODULE, pickle_protocol=4))
     return path

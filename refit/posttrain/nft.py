@@ -198,7 +198,7 @@ class NFT(PostTrainingMethod):
         # How far the update has taken the policy from the one that sampled (NFT's own diagnostic).
         deviation = (pred.detach() - old_out).pow(2).mean(2).mean(0).double().cpu()
         if tr.world > 1:
-            from .. import distributed as dist
+            from ..runtime import distributed as dist
 
             deviation = dist.all_gather_rows(deviation)
         stats.update({

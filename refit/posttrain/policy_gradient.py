@@ -20,7 +20,7 @@ import torch
 
 import refit_kernels as rk
 
-from .. import distributed as dist
+from ..runtime import distributed as dist
 from .base import PostTrainingMethod, register
 from .common import Rows, reinforce_loss, select_rows
 

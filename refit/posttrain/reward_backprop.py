@@ -176,7 +176,7 @@ class RewardBackprop(PostTrainingMethod):
         reward = tr._reward(scores.detach(), episode)  # the run's ranking reward of these samples (for the logs)
         parts = torch.stack([reward.reward, reward.n_k, reward.n_sim_k, surrogate.detach().float().cpu()], 1)
         if tr.world > 1:
-            from .. import distributed as dist
+            from ..runtime import distributed as dist
 
             parts = dist.all_gather_rows(parts)
         return {

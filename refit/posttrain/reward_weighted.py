@@ -14,7 +14,7 @@ import torch
 
 import refit_kernels as rk
 
-from .. import distributed as dist
+from ..runtime import distributed as dist
 from .base import PostTrainingMethod, register
 from .common import Rows, group_weights, rating_weights, shuffle_within_groups, shuffle_within_rows
 

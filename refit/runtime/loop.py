@@ -10,7 +10,7 @@ training (epochs, in memory: :func:`refit.baselines.sasrec.train_sasrec`): it ev
 rewrites ``summary.json`` at every evaluation, and stops at the last unit,
 after ``patience`` units without improvement, before a unit that would not
 fit in the time budget, or at the end of the unit in which SIGTERM / SIGINT
-arrived. Resuming is :meth:`refit.runs.RunDir.resume_state`'s one rule.
+arrived. Resuming is :meth:`refit.runtime.runs.RunDir.resume_state`'s one rule.
 """
 
 from __future__ import annotations

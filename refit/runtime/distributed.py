@@ -130,7 +130,8 @@ def warn_if_not_joined(what: str) -> None:
 
         logging.getLogger(__name__).warning(
             "%s: WORLD_SIZE=%s but no process group was joined, so this process runs the whole job alone; "
-            "call refit.distributed.init() first (the refit command line does)", what, os.environ.get("WORLD_SIZE"))
+            "call refit.runtime.distributed.init() first (the refit command line does)", what,
+            os.environ.get("WORLD_SIZE"))
 
 
 def shutdown() -> None:

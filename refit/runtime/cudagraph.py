@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .diffusion import GaussianDiffusion, Trajectory, _normal
+from ..diffusion import GaussianDiffusion, Trajectory, _normal
 
 #: ``forward(x (C, D) float32, t (C,) int64, cond) -> (C, D) float32``: the denoiser with the
 #: batch's conditioning ``cond``, a tuple of (C, ...) tensors (empty when there is none).
@@ -515,8 +515,8 @@ class GraphedRecommender(_Graphed):
         """
         import refit_kernels as rk
 
-        from .evaluate import evaluate_many
-        from .pretrain import evaluation_targets
+        from ..evaluate import evaluate_many
+        from ..pretrain import evaluation_targets
 
         device = self.policy.device
         train = rk.as_csr(data.train, "train", index_dtype=None).to(device)
@@ -590,7 +590,7 @@ class GraphedSeqRecommender(_Graphed):
         return self.policy.model.item_scores(x, include_padding=include_padding).float()
 
     def evaluate(self, data, *, ks=None, batch_size: int = 2048, seed: int = 0) -> Dict[str, Dict[str, float]]:
-        from .sequential import SEQ_KS, evaluate_dreamrec
+        from ..sequential import SEQ_KS, evaluate_dreamrec
 
         return evaluate_dreamrec(self, data, ks=ks or SEQ_KS, batch_size=batch_size, seed=seed)
 
