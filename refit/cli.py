@@ -243,7 +243,7 @@ def _checkpoint_model(path: str) -> str:
 
 def cmd_evaluate_sequential(args, family) -> int:
     from .data import load_dataset
-    from .seqdata import PREFERDIFF_KS
+    from .data.sequences import PREFERDIFF_KS
     from .sequential import SEQ_KS, evaluate_dreamrec
 
     options = _data_options(args)
@@ -451,7 +451,7 @@ def cmd_baselines(args) -> int:
     if args.out is not None:
         _check_folder_arg("--out", args.out)
     data = load_dataset(args.data, **_data_options(args))
-    sequences = hasattr(data, "targets")  # refit.seqdata.SequenceData: next-item targets, HR@k
+    sequences = hasattr(data, "targets")  # refit.data.sequences.SequenceData: next-item targets, HR@k
     only = args.only or ("most-popular,sasrec" if sequences else "most-popular,itemknn,ease")
     include = [n.strip() for n in only.split(",") if n.strip()]
     if sequences:

@@ -233,7 +233,7 @@ def slice_episode(episode: Episode, start: int, stop: int) -> Episode:
 def sequence_episode(data, targets) -> Episode:
     """Episodes of sequence data: predict each target item from the window before it.
 
-    ``targets`` is a :class:`refit.seqdata.Targets`. N_K counts the target
+    ``targets`` is a :class:`refit.data.sequences.Targets`. N_K counts the target
     item; the history (every item before the target) is excluded from the
     ranking when the data's items do not repeat, as at evaluation.
     """

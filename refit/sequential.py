@@ -19,7 +19,7 @@ steps over ``eval_steps`` respaced timesteps instead of the posterior's.
 
 ``pretrain_dreamrec(config)`` (a :class:`DreamRecConfig` or a
 :class:`PreferDiffConfig`) trains it on the training targets of a
-:class:`~refit.seqdata.SequenceData` (each target predicted from the window of
+:class:`~refit.data.sequences.SequenceData` (each target predicted from the window of
 ``max_len`` items before it) with the loop every pretraining run shares
 (:mod:`refit.runtime.loop`): run folder, checkpoints, ``--resume``, early stopping on
 validation HR@20, time budget, signals, bf16 and torchrun.
@@ -398,7 +398,7 @@ def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid
                       ks: Sequence[int] = SEQ_KS, batch_size: int = 2048, exclude_history: Optional[bool] = None,
                       seed: int = 0, progress: Optional[bool] = False, fast: Optional[bool] = None,
                       protocol: str = "full", backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """HR@k / NDCG@k of ``rec`` on each split (full ranking; see :func:`refit.seqdata.evaluate_sequences`).
+    """HR@k / NDCG@k of ``rec`` on each split (full ranking; see :func:`refit.evaluate.evaluate_sequences`).
 
     Sampling is seeded per batch of targets (``seed`` and the batch's first
     target), so a call is repeatable; ``seed`` draws another set of samples.
@@ -407,7 +407,7 @@ def evaluate_dreamrec(rec: SeqRecommender, data, splits: Sequence[str] = ("valid
     the padding id ranked as an item, no history excluded, batches of 100
     with the last partial one dropped, samples from the global RNG.
     """
-    from .seqdata import evaluate_sequences
+    from .evaluate import evaluate_sequences
 
     if protocol == "dreamrec":
         def score_fn(history, lengths, seq):
@@ -972,7 +972,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
 
     def warm_validation() -> float:
         """Validation HR@20 of the warm-started encoder's own scores (the guidance against every item)."""
-        from .seqdata import evaluate_sequences
+        from .evaluate import evaluate_sequences
 
         was = model.training
         model.eval()

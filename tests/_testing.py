@@ -75,15 +75,15 @@ def tiny_dreamrec(data, seed: int = 0):
 
 
 def sigterm_after_first_evaluation(monkeypatch):
-    """Makes the first ``refit.seqdata.evaluate_sequences`` call of a run send SIGTERM to this process
+    """Makes the first ``refit.evaluate.evaluate_sequences`` call of a run send SIGTERM to this process
     (read by the run's StopRequests after that epoch), so the run stops there as if signalled. Returns the
-    real function, to put back with ``monkeypatch.setattr(seqdata, "evaluate_sequences", real)``."""
+    real function, to put back with ``monkeypatch.setattr(evaluation, "evaluate_sequences", real)``."""
     import os
     import signal
 
-    import refit.seqdata as seqdata
+    import refit.evaluate as evaluation
 
-    real = seqdata.evaluate_sequences
+    real = evaluation.evaluate_sequences
     calls = []
 
     def stop_after_the_first(score_fn, data_, splits, **kw):
@@ -92,7 +92,7 @@ def sigterm_after_first_evaluation(monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(score_fn, data_, splits, **kw)
 
-    monkeypatch.setattr(seqdata, "evaluate_sequences", stop_after_the_first)
+    monkeypatch.setattr(evaluation, "evaluate_sequences", stop_after_the_first)
     return real
 
 

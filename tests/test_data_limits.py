@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from _testing import shared_dataset
-import refit.formats as formats_module
-import refit.safe_pickle as safe_pickle
-import refit.seqdata as seqdata
+import refit.data.formats as formats_module
+import refit.data.safe_pickle as safe_pickle
+import refit.data.sequences as seqdata
 from refit.data import DataFormatError, load_dataset
-from refit.seqdata import load_sequences
+from refit.data.sequences import load_sequences
 
 try:
     import pandas as pd
@@ -258,7 +258,7 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     path.write_text("1::10::5::100\n" * 20)
     monkeypatch.setattr(formats_module, "MAX_FILE_BYTES", 100)
     with pytest.raises(DataFormatError, match=r"ratings\.dat: the file holds 280 bytes, more than the 100 bytes a "
-                                              r"data file may have \(refit\.formats\.MAX_FILE_BYTES\)"):
+                                              r"data file may have \(refit\.data\.formats\.MAX_FILE_BYTES\)"):
         load_dataset(str(path))
 
 

@@ -77,7 +77,7 @@ def test_a_finished_run_recommends_with_the_weight_validation_favours(tmp_path):
 def test_a_stopped_run_chooses_when_resumed_to_its_end(tmp_path, monkeypatch):
     """A run stopped by SIGTERM keeps the weight it trained with; resumed to its end, it chooses as a run
     never stopped does."""
-    import refit.seqdata as seqdata
+    import refit.evaluate as evaluation
 
     cfg = dict(SMALL, epochs=3, w=2.0, w_grid=(0.0, 4.0))
     full = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "full")))
@@ -85,7 +85,7 @@ def test_a_stopped_run_chooses_when_resumed_to_its_end(tmp_path, monkeypatch):
     part = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")))
     assert part["status"] == "stopped" and "guidance" not in part
     assert load_checkpoint(str(tmp_path / "part" / "best.pt"))["recommender"]["inference"]["w"] == 2.0
-    monkeypatch.setattr(seqdata, "evaluate_sequences", real)
+    monkeypatch.setattr(evaluation, "evaluate_sequences", real)
     again = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")), resume=True)
     assert again["guidance"]["w"] == full["guidance"]["w"]
     assert again["guidance"][f"valid_{SEQ_SELECTION}"] == full["guidance"][f"valid_{SEQ_SELECTION}"]

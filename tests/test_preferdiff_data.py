@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from _testing import shared_dataset
-import refit.seqdata as seqdata
+import refit.data.sequences as seqdata
 from refit import cli
 from refit.data import DataFormatError, DataOptionsError, load_dataset
 from refit.baselines.sequences import SequenceMostPopular, most_popular_metrics
-from refit.seqdata import SequenceData, evaluate_sequences, is_sequence_source, load_sequences
+from refit.data.sequences import SequenceData, is_sequence_source, load_sequences
+from refit.evaluate import evaluate_sequences
 
 
 def write_folder(folder, train, valid, test):

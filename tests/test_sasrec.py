@@ -5,7 +5,7 @@ needs NumPy aliases that NumPy 2 removed; they are patched there only, as in
 test_recbole.py), save its weights, scores and per-prefix losses, and compare
 ours loaded from the same weights. They skip when RecBole cannot be imported.
 The other tests build small ``SequenceData`` objects by hand and evaluate
-with :func:`refit.seqdata.evaluate_sequences`.
+with :func:`refit.evaluate.evaluate_sequences`.
 """
 
 import importlib.util
@@ -37,7 +37,7 @@ from refit.baselines.sasrec import (
     window_batch,
 )
 from refit.baselines.sequences import most_popular_metrics
-from refit.seqdata import SequenceData, Targets
+from refit.data.sequences import SequenceData, Targets
 
 
 @pytest.fixture(autouse=True, scope="module")

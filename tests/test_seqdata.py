@@ -1,4 +1,4 @@
-"""refit.seqdata: both sequence formats on small files written here (broken and malicious ones too),
+"""refit.data.sequences: both sequence formats on small files written here (broken and malicious ones too),
 windows, histories, batches, evaluation (ours and DreamRec's) and the most-popular baseline."""
 
 import copyreg
@@ -14,11 +14,12 @@ import scipy.sparse as sp
 import torch
 
 from _testing import shared_dataset
-import refit.safe_pickle as safe_pickle
-import refit.seqdata as seqdata
+import refit.data.safe_pickle as safe_pickle
+import refit.data.sequences as seqdata
 from refit.data import DataFormatError, load_dataset
 from refit.baselines.sequences import SequenceMostPopular, most_popular_metrics
-from refit.seqdata import SequenceData, Targets, evaluate_like_dreamrec, evaluate_sequences, load_sequences
+from refit.data.sequences import SequenceData, Targets, load_sequences
+from refit.evaluate import evaluate_like_dreamrec, evaluate_sequences
 
 try:
     import pandas as pd

@@ -134,7 +134,7 @@ def test_resume_across_the_phase_boundary_is_exact(tmp_path, data):
 def test_resume_inside_the_automatic_warm_start_is_exact(tmp_path, data, monkeypatch):
     """A run stopped (SIGTERM) after its first warm epoch and resumed ends with the weights of one never
     stopped: the warm start's best value, best weights and count are in last.pt."""
-    import refit.seqdata as seqdata
+    import refit.evaluate as evaluation
 
     cfg = dict(SMALL, epochs=8)
     full = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "full")), data)
@@ -142,7 +142,7 @@ def test_resume_inside_the_automatic_warm_start_is_exact(tmp_path, data, monkeyp
     real = sigterm_after_first_evaluation(monkeypatch)
     part = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")), data)
     assert part["status"] == "stopped" and part["epochs_run"] == 1
-    monkeypatch.setattr(seqdata, "evaluate_sequences", real)
+    monkeypatch.setattr(evaluation, "evaluate_sequences", real)
     again = pretrain_dreamrec(DreamRecConfig(**cfg, out=str(tmp_path / "part")), data, resume=True)
     assert again["warmup"] == full["warmup"]
     a, b = _state(str(tmp_path / "full")), _state(str(tmp_path / "part"))
@@ -163,10 +163,10 @@ def test_the_automatic_warm_start_ends_on_its_own_validation(tmp_path, data, mon
     """warmup_epochs None: after each warm epoch the cross-entropy model's validation HR@20 is measured;
     the warm start ends WARMUP_PATIENCE epochs after its best (whose weights go on) or at half the
     epochs. The values the run records are those of the rule replayed on its own measurements."""
-    import refit.seqdata as seqdata
+    import refit.evaluate as evaluation
 
     measured = []
-    real = seqdata.evaluate_sequences
+    real = evaluation.evaluate_sequences
 
     def spy(score_fn, data_, splits, **kw):
         out = real(score_fn, data_, splits, **kw)
@@ -174,7 +174,7 @@ def test_the_automatic_warm_start_ends_on_its_own_validation(tmp_path, data, mon
             measured.append(out["valid"]["hr@20"])
         return out
 
-    monkeypatch.setattr(seqdata, "evaluate_sequences", spy)
+    monkeypatch.setattr(evaluation, "evaluate_sequences", spy)
     # w_grid None: the guidance choice after the run makes validation passes of the same kind
     s = pretrain_dreamrec(DreamRecConfig(**SMALL, epochs=16, w_grid=None, out=str(tmp_path / "run")), data)
     from refit.sequential import WARMUP_PATIENCE

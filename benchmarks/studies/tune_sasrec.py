@@ -35,7 +35,7 @@ import torch
 
 from refit.baselines.sasrec import DEFAULT_GRID, DEFAULT_KS, SASRecConfig, fit_sasrec, save_sasrec
 from benchmarks.paths import data_root
-from refit.seqdata import load_sequences
+from refit.data.sequences import load_sequences
 
 
 def _default_data() -> str:

@@ -21,7 +21,7 @@ are never trained on; ``cover="all"`` cuts each sequence into consecutive
 windows so that every training target is predicted once per epoch.
 
 Models are selected and stopped early on the validation HR@20 from
-:func:`refit.seqdata.evaluate_sequences` (full ranking; history excluded when
+:func:`refit.evaluate.evaluate_sequences` (full ranking; history excluded when
 items do not repeat), evaluated with windows of the model's ``max_len``.
 :func:`fit_sasrec` tunes a small grid that way and reports a
 :class:`SASRecResult` (a :class:`refit.baselines.BaselineResult`, so it sits in
@@ -41,7 +41,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .. import seqdata
+from ..data import sequences as seqdata
+from ..evaluate import evaluate_sequences
 from ..runtime.loop import LoopTask, run_loop
 from ..limits import check_run_settings
 from ..models.sasrec import IGNORE, SASRec, left_pad
@@ -231,7 +232,7 @@ def window_batch(data: "seqdata.SequenceData", windows: TrainingWindows, index: 
 
 def score_fn_for(model: SASRec, device: Optional[Union[str, torch.device]] = None,
                  pad_column: bool = False) -> Callable:
-    """``score_fn(history, lengths, seq) -> (B, n_items)`` float32 for :func:`refit.seqdata.evaluate_sequences`.
+    """``score_fn(history, lengths, seq) -> (B, n_items)`` float32 for :func:`refit.evaluate.evaluate_sequences`.
 
     Takes its right-padded history windows (best of width ``model.max_len``), turns them into
     the model's left-padded layout (with the start token before a whole history, when the
@@ -262,13 +263,13 @@ def score_fn_for(model: SASRec, device: Optional[Union[str, torch.device]] = Non
 def evaluate_sasrec(model: SASRec, data: "seqdata.SequenceData", splits: Sequence[str] = ("valid", "test"), *,
                     ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, protocol: str = "full",
                     progress: Optional[bool] = False) -> Dict[str, Dict[str, float]]:
-    """HR@k / NDCG@k / MRR@k of ``model`` on ``splits`` by :func:`refit.seqdata.evaluate_sequences`.
+    """HR@k / NDCG@k / MRR@k of ``model`` on ``splits`` by :func:`refit.evaluate.evaluate_sequences`.
 
     Windows of ``model.max_len`` items; ``protocol`` "full" (every target, all items ranked,
     history excluded when items do not repeat) or "dreamrec" (DreamRec's own evaluation, for
     comparison with its published numbers; ``batch_size`` is then ignored).
     """
-    return seqdata.evaluate_sequences(score_fn_for(model, pad_column=protocol == "dreamrec"), data, tuple(splits),
+    return evaluate_sequences(score_fn_for(model, pad_column=protocol == "dreamrec"), data, tuple(splits),
                                       ks=tuple(ks), batch_size=batch_size, max_len=model.max_len, progress=progress,
                                       protocol=protocol)
 

@@ -1,4 +1,4 @@
-"""Baselines for sequential recommendation on :class:`refit.seqdata.SequenceData`: most-popular, and
+"""Baselines for sequential recommendation on :class:`refit.data.sequences.SequenceData`: most-popular, and
 :func:`fit_sequence_baselines` (most-popular and a tuned SASRec, as ``refit baselines`` runs them)."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..seqdata import SequenceData, evaluate_sequences
+from ..data.sequences import SequenceData
+from ..evaluate import evaluate_sequences
 
 
 class SequenceMostPopular:
     """Scores every item by how often it is a training target: the same ranking for every history.
 
-    A score function for :func:`refit.seqdata.evaluate_sequences`. Equal
+    A score function for :func:`refit.evaluate.evaluate_sequences`. Equal
     counts rank by lower item id (``topk_hits``'s rule).
 
     Args:
@@ -39,7 +40,7 @@ class SequenceMostPopular:
 def most_popular_metrics(data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
                          protocol: str = "full", exclude_history: Optional[bool] = None,
                          batch_size: int = 1024, backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """:func:`refit.seqdata.evaluate_sequences` of :class:`SequenceMostPopular` (arguments as there).
+    """:func:`refit.evaluate.evaluate_sequences` of :class:`SequenceMostPopular` (arguments as there).
 
     Returns:
         {split: {"hr@k", "ndcg@k", "mrr@k" for every k, "n"}}.

@@ -28,7 +28,7 @@ from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..models import DiffRecMLP
 from ..recommender import Recommender
 from ..runtime.runs import _check_archive, check_finite_weights
-from ..safe_pickle import Opaque, read_pickle
+from ..data.safe_pickle import Opaque, read_pickle
 
 #: The most parameters a paper checkpoint may declare (4 Gi: 16 GiB of float32 weights, held twice while
 #: the model is built). Checked on the declared dims before anything is allocated from them.

@@ -44,7 +44,7 @@ from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..evaluate import DEFAULT_KS, evaluate_many
 from ..models import DiffRecMLP
 from ..recommender import Recommender
-from ..safe_pickle import RECBOLE_PICKLE_MODULE, Opaque, read_pickle  # noqa: F401  (importable from here)
+from ..data.safe_pickle import RECBOLE_PICKLE_MODULE, Opaque, read_pickle  # noqa: F401  (importable from here)
 
 
 class RecBoleMismatch(ValueError):

@@ -15,7 +15,7 @@ be compared weight for weight (:meth:`SASRec.from_recbole_state_dict`):
   cross-entropy over all items (RecBole's ``loss_type = "CE"``).
 
 Token ids: items are ``0 .. n_items - 1``, ``n_items`` is the padding id (the
-id :mod:`refit.seqdata` pads its windows with) and, with ``start_token``,
+id :mod:`refit.data.sequences` pads its windows with) and, with ``start_token``,
 ``n_items + 1`` is a learned start-of-sequence token. Windows are
 left-padded: the newest token sits in the last slot.
 
@@ -264,7 +264,7 @@ class SASRec(nn.Module):
 
 def left_pad(history: torch.Tensor, lengths: torch.Tensor, pad: int, length: int,
              start: Optional[int] = None) -> torch.Tensor:
-    """Right-padded history windows (:meth:`refit.seqdata.SequenceData.windows`) -> left-padded SASRec input.
+    """Right-padded history windows (:meth:`refit.data.sequences.SequenceData.windows`) -> left-padded SASRec input.
 
     Args:
         history: (B, Lh) int64, each row's items oldest first in its first ``lengths[b]`` slots.

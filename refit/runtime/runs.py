@@ -374,7 +374,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 def data_fingerprint(data) -> str:
     """A short hash of a data set, to check a checkpoint meets its data: the interactions of all three
     splits, or, for sequence data, the items, the sequence boundaries and the targets of every split."""
-    if hasattr(data, "targets"):  # refit.seqdata.SequenceData
+    if hasattr(data, "targets"):  # refit.data.sequences.SequenceData
         h = hashlib.sha256(f"{data.n_items}".encode())
         parts = [data.items, data.offsets]
         for name in ("train", "valid", "test"):

@@ -2,7 +2,7 @@
 size limits checked before anything is read, UTF-8 decoding, the dense id-space rule and binary CSRs.
 
 A leaf module (it imports nothing of refit), so the interaction loaders (:mod:`refit.data`) and the
-sequence loaders (:mod:`refit.seqdata`) both build on it; :mod:`refit.data` re-exports every name.
+sequence loaders (:mod:`refit.data.sequences`) both build on it; :mod:`refit.data` re-exports every name.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _regular_file(path: str) -> int:
     if st.st_size > MAX_FILE_BYTES:
         raise DataFormatError(path, None, f"the file holds {_bytes(st.st_size)}, more than the "
                                           f"{_bytes(MAX_FILE_BYTES)} a data file may have "
-                                          "(refit.formats.MAX_FILE_BYTES)")
+                                          "(refit.data.formats.MAX_FILE_BYTES)")
     return st.st_size
 
 

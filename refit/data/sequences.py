@@ -80,7 +80,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-import refit_kernels as rk
 from refit_kernels.sparse import CSR
 
 from .formats import (DENSE_ID_FACTOR, DENSE_ID_FLOOR, MAX_DATA_BYTES, DataFormatError, _bytes, _decode,
@@ -112,13 +111,13 @@ DREAMREC_BATCH = 100
 
 def check_window(max_len: int, rows: int, where: str = "", option: str = "max_len") -> None:
     """Refuses a window length whose history windows, ``rows`` of them (rows x max_len int64), would
-    take more than ``refit.formats.MAX_DATA_BYTES``: a ValueError naming the option, its value and the
+    take more than ``refit.data.formats.MAX_DATA_BYTES``: a ValueError naming the option, its value and the
     bytes, instead of an allocation failure later. ``where`` (a file or data set) prefixes the message."""
     need = int(rows) * int(max_len) * 8
     if need > MAX_DATA_BYTES:
         raise ValueError(f"{where + ': ' if where else ''}{option}={max_len} would take {_bytes(need)} for the "
                          f"history windows ({rows} windows x {max_len} items x 8 bytes), more than "
-                         f"{_bytes(MAX_DATA_BYTES)} (refit.formats.MAX_DATA_BYTES)")
+                         f"{_bytes(MAX_DATA_BYTES)} (refit.data.formats.MAX_DATA_BYTES)")
 
 
 @dataclass
@@ -597,7 +596,7 @@ def _read_statis(path: str) -> Tuple[int, int]:
         if int(v) * 8 > MAX_DATA_BYTES:
             raise DataFormatError(path, 0, f"{col} = {int(v)} would take {_bytes(int(v) * 8)} for "
                                            f"{'its item ids' if col == 'item_num' else 'one window'} alone, more "
-                                           f"than {_bytes(MAX_DATA_BYTES)} (refit.formats.MAX_DATA_BYTES)", what="row")
+                                           f"than {_bytes(MAX_DATA_BYTES)} (refit.data.formats.MAX_DATA_BYTES)", what="row")
         out.append(int(v))
     return out[0], out[1]
 
@@ -1050,193 +1049,6 @@ def load_sequences(path: str, **options) -> SequenceData:
                                 train_targets=options.get("train_targets", "all"))
     return _load_pkl(p, max_len=DEFAULT_MAX_LEN if max_len is None else int(max_len))
 
-
-# --- evaluation -----------------------------------------------------------------------------------------------
-
-def _check_ks(ks, limit: Optional[int] = None) -> Tuple[int, ...]:
-    ks = tuple(int(k) for k in ([ks] if isinstance(ks, int) else ks))
-    if not ks or any(k < 1 for k in ks) or any(b <= a for a, b in zip(ks, ks[1:])):
-        raise ValueError(f"ks must be positive and strictly ascending, got {ks}")
-    if limit is not None and ks[-1] > limit:
-        raise ValueError(f"DreamRec's protocol ranks the top {limit} items only: every k must be <= {limit}, "
-                         f"got {ks}")
-    return ks
-
-
-def _rank(score_fn, data: SequenceData, t: Targets, ks: Tuple[int, ...], batch_size: int, *, exclude: bool,
-          max_len: Optional[int], n_cols: int, backend: Optional[str], progress: Optional[bool],
-          desc: str) -> Dict[str, float]:
-    """Scores the targets t in order, batch by batch, and averages HR / NDCG / MRR at each k."""
-    from .runtime.control import progress_enabled
-
-    n = len(t)
-    n_k = len(ks)
-    ks_t = torch.tensor(ks, dtype=torch.int64)
-    sums = torch.zeros(3, n_k, dtype=torch.float64)
-    starts = range(0, n, batch_size)
-    if progress_enabled(progress):
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch")
-    for start in starts:
-        b = t[start:start + batch_size]
-        B = len(b)
-        history, lengths = data.windows(b.seq, b.pos, max_len)
-        scores = score_fn(history, lengths, b.seq)
-        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or tuple(scores.shape) != (B, n_cols):
-            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"score_fn must return ({B}, {n_cols}) scores for a batch of {B} targets, got {shape}")
-        dev = scores.device
-        target = data.target_items(b).to(dev)
-        positives = CSR(torch.arange(B + 1, dtype=torch.int64, device=dev), target, None, n_cols)
-        ex = data.history_csr(b).to(dev) if exclude else None
-        # One positive per row: its rank over the whole list gives every metric at every k, in one
-        # pass over the scores and without a top-K selection (rank < k exactly when topk_hits hits).
-        rank = rk.target_rank(scores, positives, exclude=ex, backend=backend).cpu()
-        within = (rank[:, None] >= 0) & (rank[:, None] < ks_t[None, :])  # -1: the target was history
-        r = rank.clamp_min(0).to(torch.float64)[:, None]
-        sums[0] += within.to(torch.float64).sum(0)
-        sums[1] += torch.where(within, 1.0 / torch.log2(r + 2.0), 0.0).sum(0)  # one positive: IDCG = 1
-        sums[2] += torch.where(within, 1.0 / (r + 1.0), 0.0).sum(0)
-    means = (sums / n if n else sums).tolist()
-    result: Dict[str, float] = {}
-    for j, k in enumerate(ks):
-        result[f"hr@{k}"] = means[0][j]
-        result[f"ndcg@{k}"] = means[1][j]
-        result[f"mrr@{k}"] = means[2][j]
-    result["n"] = n
-    return result
-
-
-def evaluate_sequences(score_fn, data: SequenceData, splits=("valid", "test"), *, ks=None,
-                       batch_size: int = 1024, exclude_history: Optional[bool] = None, max_len: Optional[int] = None,
-                       progress: Optional[bool] = False, backend: Optional[str] = None,
-                       protocol: str = "full") -> Dict[str, Dict[str, float]]:
-    """Full-ranking HR@k (= Recall@k with one positive) and NDCG@k of each split, via ``target_rank``.
-
-    Three protocols:
-
-    * ``"full"`` (default): every target of the split, in batches of
-      ``batch_size``, is ranked against all ``n_items`` items with
-      ``refit_kernels.target_rank`` (higher score first, equal scores by lower
-      item id, ``-inf`` allowed, NaN an error); the positive of a row is its
-      target item and, when excluding, the row's history
-      (:meth:`SequenceData.history_csr`) is never ranked. HR@k = 1 when the
-      target is in the top k; NDCG@k = 1 / log2(rank + 2) (0-based rank < k);
-      MRR@k = 1 / (rank + 1) (rank < k).
-    * ``"dreamrec"``: DreamRec's own evaluation (``evaluate`` and
-      ``calculate_hit`` of its ``DreamRec.py`` / ``utility.py``), for
-      comparison with its published numbers; see :func:`evaluate_like_dreamrec`.
-      The history is never excluded, ``score_fn`` returns ``n_items + 1``
-      columns (the padding id is ranked like an item), targets are scored in
-      batches of 100 in split order and a last partial batch is dropped;
-      ``batch_size`` is ignored, every k must be <= 100.
-    * ``"preferdiff"``: PreferDiff's evaluation (``Evaluator`` of its
-      ``evaluator.py``, ``predict`` of its models): every target of the split
-      ranked against all ``n_items`` items (``score_fn`` returns ``n_items``
-      columns; PreferDiff scores ids 1..item_num, its padding id 0 is not
-      ranked), nothing masked: the history is never excluded, so an item of
-      the history can take a place in the top k and a target that occurred
-      in its history can be hit. Ranking and metrics as for ``"full"``
-      (Recall@k = HR@k with one positive, NDCG@k = 1 / log2(rank + 2)),
-      averaged over every target; ks default to 5 and 10 (PreferDiff's
-      ``topk``), and the results also hold ``"recall@k"`` (equal to ``"hr@k"``),
-      PreferDiff's name. Ties rank by lower item id, where PreferDiff's
-      ``torch.topk`` orders them as its kernel happens to.
-
-    Args:
-        score_fn: ``score_fn(history (B, L), lengths (B,), seq (B,)) -> (B, n_items)`` float scores of
-            every item for a batch of targets (history windows as :meth:`SequenceData.windows` gives them).
-        ks: the cutoffs, ascending; default (10, 20, 50), or (5, 10) for ``"preferdiff"``.
-        exclude_history: never rank the items before the target in its sequence (all of them, not
-            only the window). Default: exclude exactly when ``data.repeats`` is False ("full"), never
-            ("dreamrec", "preferdiff", which refuse True).
-        max_len: window length handed to ``score_fn`` (default ``data.max_len``).
-        protocol: ``"full"``, ``"dreamrec"`` or ``"preferdiff"`` (see above).
-
-    Returns:
-        {split: {"hr@k": ..., "ndcg@k": ..., "mrr@k": ..., "n": number of targets}} averaged over
-        every target of the split (each target counts once; a target excluded as history counts as
-        a miss); with ``"preferdiff"`` also "recall@k".
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {protocol!r}")
-    if ks is None:
-        ks = PREFERDIFF_KS if protocol == "preferdiff" else DEFAULT_KS
-    if protocol == "dreamrec":
-        if exclude_history:
-            raise ValueError("DreamRec's protocol never excludes the history; pass exclude_history=None or False")
-        return evaluate_like_dreamrec(score_fn, data, splits, ks=ks, max_len=max_len, progress=progress,
-                                      backend=backend)
-    if protocol == "preferdiff" and exclude_history:
-        raise ValueError("PreferDiff's protocol never excludes the history; pass exclude_history=None or False")
-    ks = _check_ks(ks)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if protocol == "preferdiff":
-        exclude = False
-    else:
-        exclude = (not data.repeats) if exclude_history is None else bool(exclude_history)
-    results = {}
-    for split in ([splits] if isinstance(splits, str) else splits):
-        if split not in data.targets:
-            raise ValueError(f"unknown split {split!r} (splits: {', '.join(data.targets)})")
-        results[split] = _rank(score_fn, data, data.targets[split], ks, batch_size, exclude=exclude,
-                               max_len=max_len, n_cols=data.n_items, backend=backend, progress=progress,
-                               desc=f"evaluate {split}" + (" (PreferDiff)" if protocol == "preferdiff" else ""))
-        if protocol == "preferdiff":
-            results[split].update({f"recall@{k}": results[split][f"hr@{k}"] for k in ks})
-    return results
-
-
-def evaluate_like_dreamrec(score_fn, data: SequenceData, splits=("valid", "test"), *, ks=(10, 20, 50),
-                           batch_size: int = DREAMREC_BATCH, max_len: Optional[int] = None,
-                           progress: Optional[bool] = False, backend: Optional[str] = None
-                           ) -> Dict[str, Dict[str, float]]:
-    """HR@k and NDCG@k exactly as DreamRec's ``evaluate`` computes them, for comparison with its numbers.
-
-    DreamRec (``DreamRec.py``, ``evaluate``; ``utility.py``, ``calculate_hit``):
-
-    * walks the split's rows in file order in batches of 100 and scores only
-      ``len // 100`` full batches: the last ``len % 100`` targets are dropped,
-      and HR and NDCG are averaged over the scored ones (``"n"``);
-    * scores the ``item_num + 1`` rows of its item embedding table, so the
-      padding id (``n_items`` here) is ranked like any item and can take a
-      place in the top k: ``score_fn`` must return (B, n_items + 1) scores;
-    * never excludes the history (items seen earlier in the session can be
-      recommended and hit);
-    * takes ``prediction.topk(100)``, flips it to ascending order and, for
-      each k, looks for the target among the last k columns: rank =
-      k - column (1-based), HR counts a hit, NDCG adds 1 / log2(rank + 1).
-      With one target per row this is the 0-based rank r < k with
-      1 / log2(r + 2), as here; ks above 100 are refused (DreamRec's rank
-      formula is wrong there). Ties: ``torch.topk`` orders equal scores as its
-      kernel happens to, ``topk_hits`` by lower item id; with float scores
-      from a model ties are rare.
-
-    MRR@k (which DreamRec does not report) is given on the same ranks.
-    ``score_fn`` gets the windows of ``max_len`` (default ``data.max_len``,
-    DreamRec's ``seq_size`` for its folders: the ``seq`` column itself);
-    its ``lengths`` are 0 where DreamRec's ``len_seq`` says 1.
-
-    Returns:
-        {split: {"hr@k", "ndcg@k", "mrr@k" for every k, "n"}}.
-    """
-    ks = _check_ks(ks, DREAMREC_TOPK)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    results = {}
-    for split in ([splits] if isinstance(splits, str) else splits):
-        if split not in data.targets:
-            raise ValueError(f"unknown split {split!r} (splits: {', '.join(data.targets)})")
-        t = data.targets[split]
-        kept = t[:(len(t) // batch_size) * batch_size]
-        results[split] = _rank(score_fn, data, kept, ks, batch_size, exclude=False, max_len=max_len,
-                               n_cols=data.n_items + 1, backend=backend, progress=progress,
-                               desc=f"evaluate {split} (DreamRec)")
-    return results
-
-
-__all__ = ["PREFERDIFF_KS", "SequenceBatches", "SequenceData", "Targets", "evaluate_like_dreamrec",
-           "evaluate_sequences", "is_sequence_source", "load_sequences", "read_dataframe", "read_plain_pickle",
+__all__ = ["PREFERDIFF_KS", "SequenceBatches", "SequenceData", "Targets",
+           "is_sequence_source", "load_sequences", "read_dataframe", "read_plain_pickle",
            "synthetic_sequences"]

@@ -597,7 +597,7 @@ def _read_bytes(path: str, empty_ok: bool = False) -> bytes:
         raw = f.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:  # grew after the check
         raise DataFormatError(path, None, f"the file holds more than {_bytes(MAX_FILE_BYTES)} "
-                                          "(refit.formats.MAX_FILE_BYTES)")
+                                          "(refit.data.formats.MAX_FILE_BYTES)")
     if not raw and not empty_ok:
         raise DataFormatError(path, None, "the file is empty (0 bytes)")
     return raw

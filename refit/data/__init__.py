@@ -52,8 +52,8 @@ from .formats import (DENSE_ID_FACTOR, DENSE_ID_FLOOR, MAX_DATA_BYTES, MAX_FILE_
                       DataFormatError, DataOptionsError, _bytes, _decode, _refuse_unknown, _regular_file, binary_csr)
 
 
-if TYPE_CHECKING:  # for annotations only: refit.seqdata imports this module
-    from .seqdata import SequenceData
+if TYPE_CHECKING:  # for annotations only: refit.data.sequences imports this module
+    from .sequences import SequenceData
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class UserBatches:
         for b in range(len(self)):
             ids = order[b * self.batch_size:(b + 1) * self.batch_size]
             if self.shard is not None:
-                from .runtime.distributed import shard_range
+                from ..runtime.distributed import shard_range
 
                 lo, hi = shard_range(len(ids), *self.shard)
                 self.current_slice = (lo, len(ids))
@@ -245,8 +245,8 @@ def load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceDat
     Sequence data -- ml-1m_seq's ``dataset.pkl`` (the file, any ``.pkl`` file,
     or a folder holding ``dataset.pkl``), a DreamRec folder of ``.df`` splits
     (or one of its ``.df`` files) and the name ``"synthetic-seq"`` -- is read
-    by :func:`refit.seqdata.load_sequences` and comes back as a
-    :class:`refit.seqdata.SequenceData` (options as there).
+    by :func:`refit.data.sequences.load_sequences` and comes back as a
+    :class:`refit.data.sequences.SequenceData` (options as there).
 
     Options (each source takes those that apply to it; others raise DataOptionsError, a TypeError):
         min_rating: keep ratings >= this (default 4; None keeps all). Sources
@@ -279,7 +279,7 @@ def load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceDat
 
 
 def _load_dataset(name_or_path: Any, **options) -> "InteractionData | SequenceData":
-    from .seqdata import is_sequence_source, load_sequences  # seqdata imports this module
+    from .sequences import is_sequence_source, load_sequences  # only for the sources that need it
 
     if is_sequence_source(name_or_path):
         return load_sequences(name_or_path, **options)
@@ -989,7 +989,7 @@ def _load_diffrec(folder: str, *, n_users: Optional[int] = None, n_items: Option
         need = (4 * (int(declared) + 1) if col == 0 else int(declared) + 1) * 8
         if need > MAX_DATA_BYTES:
             raise ValueError(f"{folder}: n_{what}s={declared} would take {_bytes(need)} for the {what} id space "
-                             f"alone, more than {_bytes(MAX_DATA_BYTES)} (refit.formats.MAX_DATA_BYTES)")
+                             f"alone, more than {_bytes(MAX_DATA_BYTES)} (refit.data.formats.MAX_DATA_BYTES)")
         for path, a in parts.values():
             bad = np.flatnonzero(a[:, col] >= declared)
             if len(bad):
