@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import __version__
 from .settings import add_arguments
@@ -395,16 +395,6 @@ def cmd_evaluate(args) -> int:
             where = "not cached" if cache is None else f"{'read from' if from_cache else 'written to'} {cache}"
             print(f"best baseline by valid recall@20: {base.label} (fit {base.fit_s:.2f} s; {where})")
     return 0
-
-
-def _float_list(text: str) -> List[float]:
-    try:
-        value = [float(p) for p in text.replace(" ", "").strip("[]").split(",") if p]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not value or not all(v > 0 for v in value):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return value
 
 
 def cmd_import_diffrec(args) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,9 +40,8 @@ from .data.sequences import (DEFAULT_KS as SEQUENCE_KS, DREAMREC_BATCH, DREAMREC
                              SequenceData, Targets)
 from .runtime.control import progress_enabled
 
-if TYPE_CHECKING:  # annotations only: refit.recommender imports this module
+if TYPE_CHECKING:  # annotations only
     from .data import InteractionData
-    from .recommender import Recommender
 
 DEFAULT_KS = (10, 20, 50, 100)
 METRICS = ("recall", "ndcg", "precision", "mrr")
@@ -356,11 +355,12 @@ def _rated_at_least(data: InteractionData, split: str, min_rating: float):
     return liked
 
 
-def evaluate_recommender(rec: Recommender, data: InteractionData, splits: Sequence[str] = ("valid", "test"), *,
+def evaluate_recommender(rec: Any, data: InteractionData, splits: Sequence[str] = ("valid", "test"), *,
                          ks: Sequence[int] = (10, 20, 50, 100), batch_size: int = 1024,
                          progress: bool = False, min_target_rating: Optional[float] = None
                          ) -> Dict[str, Dict[str, float]]:
-    """Metrics of ``rec`` on each split, from one reverse pass per batch of users.
+    """Metrics of ``rec`` (anything with ``scores(users, rows)`` and ``device``, as
+    :class:`refit.recommender.Recommender`) on each split, from one reverse pass per batch of users.
 
     Every user is scored from their training row (densified per batch with
     ``gather_rows``); no users x items matrix is built. min_target_rating: see

@@ -33,24 +33,6 @@ def check_plain_args(scores, users, exclude_indptr, exclude_indices, positives_i
     check_plain_csr("positives", positives_indptr, positives_indices, dev, _OP, rows=per_batch)
 
 
-def positive_counts(indptr: torch.Tensor, nnz: int, users: Optional[torch.Tensor], B: int) -> torch.Tensor:
-    """(B,) int64: how many ranks each scores row puts in the output (its positives).
-
-    0 for a row the kernels will refuse (users[b] or its indptr range out of
-    range): the output is sized before they check. The compiled op does the
-    same (target_rank_output in csrc/target_rank.h).
-    """
-    n_rows = indptr.shape[0] - 1
-    r = users if users is not None else torch.arange(B, device=indptr.device)
-    if n_rows == 0:
-        return torch.zeros(B, dtype=torch.int64, device=indptr.device)
-    in_range = (r >= 0) & (r < n_rows)
-    r = r.clamp(0, n_rows - 1)
-    lo, hi = indptr[r], indptr[r + 1]
-    ok = in_range & (lo >= 0) & (lo <= hi) & (hi <= nnz)
-    return torch.where(ok, hi - lo, 0)
-
-
 # --- fake implementations and the Triton op ----------------------------------------
 
 def _fake(scores, users, exclude_indptr, exclude_indices, positives_indptr, positives_indices):

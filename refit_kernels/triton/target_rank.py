@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..ops.target_rank import positive_counts
+from ..sparse import positive_counts
 from .topk_hits import _ARG_POSITIVES, _ARG_SCORES, _NAN, _check_user_row, _in_sorted, _keep_first, _start_row
 
 #: The most positives one pass over a row counts (the width of the comparison block).

@@ -255,7 +255,7 @@ def target_rank(exe: Path, scores: torch.Tensor, users, exclude_indptr, exclude_
     (csrc/target_rank.h), with the same row sizes (``positive_counts``).
     """
     from refit_kernels import reference
-    from refit_kernels.ops.target_rank import positive_counts
+    from refit_kernels.sparse import positive_counts
 
     B, I = scores.shape
     assert B == 0 or I <= 1 or scores.stride(1) == 1, "the host glue passes unit item strides"
