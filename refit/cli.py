@@ -315,6 +315,7 @@ def cmd_evaluate_outside(args) -> int:
     """``refit evaluate`` of an outside policy's checkpoint: ``--policy MODULE:FUNCTION`` rebuilds the
     policy from the data, the checkpoint's weights are loaded into it, and the policy evaluates itself."""
     from .data import load_dataset
+    from .families import METRICS
     from .trainer import load_policy
 
     if args.min_target_rating is not None:
@@ -337,7 +338,7 @@ def cmd_evaluate_outside(args) -> int:
     print(f"{args.checkpoint}: {what} (built by {args.policy}) on {state.get('data', {}).get('source', '?')} "
           f"({data.n_items} items)")
     print(format_table([(s, results[s]) for s in splits], ks,
-                       ("hr", "ndcg", "mrr") if sequences else ("recall", "ndcg", "precision", "mrr")))
+                       METRICS["sequences" if sequences else "interactions"]))
     return 0
 
 
@@ -436,6 +437,7 @@ def cmd_import_diffrec(args) -> int:
 def cmd_baselines(args) -> int:
     from .baselines import best_baseline, fit_baselines
     from .data import load_dataset
+    from .families import METRICS
     from .runtime.runs import RunDir, data_fingerprint
 
     if args.out is not None:
@@ -478,7 +480,7 @@ def cmd_baselines(args) -> int:
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     print(format_table([(f"{r.label}: {s}" if len(splits) > 1 else r.label, getattr(r, s))
                         for r in results for s in splits], args.ks,
-                       *([("hr", "ndcg", "mrr")] if sequences else [])))
+                       METRICS["sequences" if sequences else "interactions"]))
     print("fitting times (one fit at the chosen values; tuning: every fit and validation pass of the grid):")
     for r in results:
         tune = f", tuning over {len(r.grid)} values {r.tune_s:.2f} s" if r.grid else ""
@@ -514,6 +516,7 @@ def _finetune_config(args, out: str):
 
 
 def cmd_finetune(args) -> int:
+    from .families import METRICS
     from .trainer import finetune
 
     _check_file_arg("--checkpoint", args.checkpoint)
@@ -532,7 +535,7 @@ def cmd_finetune(args) -> int:
     print(f"best iteration {summary['best_iteration']} of {summary['iterations']} (selected by {summary['selection']}), "
           f"{summary['s_per_iteration']:.3f} s per iteration, {summary['seconds']:.1f} s in all, "
           f"peak memory {summary['peak_memory_mb']:.0f} MiB")
-    metrics = ("hr", "ndcg", "mrr") if "hr@20" in summary["test"] else ("recall", "ndcg", "precision", "mrr")
+    metrics = METRICS["sequences" if "hr@20" in summary["test"] else "interactions"]
     ks = config.ks or sorted(int(k.split("@")[1]) for k in summary["test"] if k.startswith("ndcg@"))
     print(format_table([("test, before", summary["before"]["test"]), ("test, after", summary["test"])],
                        ks, metrics))

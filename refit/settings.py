@@ -240,8 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser,
 
 def given_settings(args: argparse.Namespace, cls: type) -> Dict[str, Any]:
     """The flags of ``cls``'s fields that were given, as its keyword arguments (lists become tuples)."""
-    return {name: tuple(getattr(args, name)) if isinstance(getattr(args, name), list) else getattr(args, name)
-            for name in flag_fields(cls) if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in flag_fields(cls) if hasattr(args, name)}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in given.items()}
 
 
 def foreign_settings(args: argparse.Namespace, cls: type, owners: Mapping[str, Tuple[str, Sequence[str]]],

@@ -22,10 +22,10 @@ checkpoints work (``python -m refit`` imports nothing of yours: call :func:`refi
 from a script that registers the family first).
 """
 
-from .registry import (DATA_KINDS, Family, get, graphed, names, of_checkpoint, of_policy, register,  # noqa: F401
+from .registry import (DATA_KINDS, METRICS, Family, get, graphed, names, of_checkpoint, of_policy, register,  # noqa: F401
                        unregister)
 # The built-in families register themselves.
 from . import diffrec, dreamrec  # noqa: E402,F401
 
-__all__ = ["Family", "DATA_KINDS", "register", "unregister", "names", "get", "of_checkpoint", "of_policy",
+__all__ = ["Family", "DATA_KINDS", "METRICS", "register", "unregister", "names", "get", "of_checkpoint", "of_policy",
            "graphed"]

@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 #: The kinds of data a family ranks: rows of interactions (Recall@k, NDCG@k, ...) or next-item
 #: sequences (HR@k, NDCG@k, MRR@k).
 DATA_KINDS = ("interactions", "sequences")
+#: The metrics a table of each data kind shows.
+METRICS = {"interactions": ("recall", "ndcg", "precision", "mrr"), "sequences": ("hr", "ndcg", "mrr")}
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Family:
     @property
     def metrics(self) -> Tuple[str, ...]:
         """The metrics its tables show."""
-        return ("hr", "ndcg", "mrr") if self.data_kind == "sequences" else ("recall", "ndcg", "precision", "mrr")
+        return METRICS[self.data_kind]
 
 
 _FAMILIES: Dict[str, Family] = {}
@@ -139,5 +141,5 @@ def graphed(policy, *, batch_size: Optional[int] = None, eval_batch_size: Option
     return family.graphed(policy, batch_size=batch_size, eval_batch_size=eval_batch_size, use_graph=use_graph)
 
 
-__all__ = ["Family", "DATA_KINDS", "register", "unregister", "names", "get", "of_checkpoint", "of_policy",
+__all__ = ["Family", "DATA_KINDS", "METRICS", "register", "unregister", "names", "get", "of_checkpoint", "of_policy",
            "graphed"]
