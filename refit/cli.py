@@ -244,7 +244,7 @@ def _checkpoint_model(path: str) -> str:
 def cmd_evaluate_sequential(args, family) -> int:
     from .data import load_dataset
     from .data.sequences import PREFERDIFF_KS
-    from .sequential import SEQ_KS, evaluate_dreamrec
+    from .families.dreamrec.recommender import SEQ_KS, evaluate_dreamrec
 
     options = _data_options(args)
     data = load_dataset(args.data, **options) if args.data else None
@@ -316,7 +316,7 @@ def cmd_evaluate_outside(args) -> int:
     policy from the data, the checkpoint's weights are loaded into it, and the policy evaluates itself."""
     from .data import load_dataset
     from .families import METRICS
-    from .trainer import load_policy
+    from .posttrain.run import load_policy
 
     if args.min_target_rating is not None:
         raise ValueError("--min-target-rating is not available for outside policies: they evaluate themselves")
@@ -494,7 +494,7 @@ def cmd_baselines(args) -> int:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
-    from .trainer import FinetuneConfig
+    from .posttrain.config import FinetuneConfig
 
     p.add_argument("--checkpoint", required=True, help="the pretrained model (a best.pt written by refit pretrain)")
     _add_data_args(p, required=False)
@@ -508,7 +508,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_config(args, out: str):
-    from .trainer import FinetuneConfig
+    from .posttrain.config import FinetuneConfig
 
     return _config_from_args(FinetuneConfig, args, args.settings_owners, "refit finetune",
                              checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args), out=out,
@@ -517,7 +517,7 @@ def _finetune_config(args, out: str):
 
 def cmd_finetune(args) -> int:
     from .families import METRICS
-    from .trainer import finetune
+    from .posttrain.run import finetune
 
     _check_file_arg("--checkpoint", args.checkpoint)
     out = args.out or os.path.join("runs", "finetune-" + os.path.basename(os.path.dirname(
@@ -548,9 +548,10 @@ def cmd_demo(args) -> int:
     import time
 
     from .data import RECBOLE_HINT, load_dataset
-    from .pretrain import PretrainConfig, pretrain
+    from . import families
     from .runtime.runs import RUN_FILES
-    from .trainer import FinetuneConfig, finetune
+    from .posttrain.config import FinetuneConfig
+    from .posttrain.run import finetune
 
     t0 = time.perf_counter()
     _check_folder_arg("--out", args.out)
@@ -578,10 +579,11 @@ def cmd_demo(args) -> int:
     say(f"refit demo: {source}: {data.n_users} users, {data.n_items} items, "
         f"{data.train.nnz} / {data.valid.nnz} / {data.test.nnz} train / valid / test interactions")
     out = args.out
-    pre = PretrainConfig(data=source, epochs=args.epochs, out=os.path.join(out, "pretrain"),
+    diffrec = families.get("diffrec")  # the demo's model
+    pre = diffrec.config(data=source, epochs=args.epochs, out=os.path.join(out, "pretrain"),
                          progress=_progress(args), seed=args.seed)
     say(f"1/2 pretraining DiffRec (at most {args.epochs} epochs, early stopping on validation Recall@20) ...")
-    ps = pretrain(pre, data, overwrite=args.overwrite, device=_device())
+    ps = diffrec.pretrain(pre, data, overwrite=args.overwrite, device=_device())
     say(f"    best epoch {ps['best_epoch']}, {ps['seconds']:.0f} s")
     ft = FinetuneConfig(checkpoint=os.path.join(out, "pretrain", "best.pt"), data=source,
                         iterations=args.iterations, out=os.path.join(out, "finetune"), progress=_progress(args),

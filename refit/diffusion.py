@@ -20,6 +20,7 @@ clipped to [1e-4, 0.9999]) and ``exp`` (betas ``1 - exp(-b_min / T - x (b_max
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple, Optional, Tuple
@@ -36,6 +37,19 @@ FULL_SCHEDULES = ("ddpm-linear", "ddpm-cosine", "exp", "custom")
 TIMESTEP_SAMPLING = ("importance", "uniform")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+#: The precisions a model runs its denoiser in (its ``precision`` setting).
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision ("fp32": none)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

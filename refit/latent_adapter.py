@@ -6,8 +6,8 @@ DreamRec's published code keeps a sequential recommender in two pieces: an
 from ``(x_t, h, step)`` (``forward``), and a plain ``diffusion`` object that
 holds the betas and the guidance weight ``w``. :func:`LatentScheduleDenoiser`
 turns such a pair into a diffusion policy (see :mod:`refit.policy`) that
-:func:`refit.trainer.finetune` post-trains, with refit's own DreamRec policy
-(:class:`refit.sequential.SeqRecommender`) doing the sampling, the
+:func:`refit.posttrain.run.finetune` post-trains, with refit's own DreamRec policy
+(:class:`refit.families.dreamrec.recommender.SeqRecommender`) doing the sampling, the
 classifier-free guidance ``(1 + w) f(x, h, t) - w f(x, null, t)``, the ranking
 by inner products with the item embeddings, the losses and the evaluation.
 
@@ -49,7 +49,7 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .policy import kept_modes
-from .sequential import SEQ_KS, SeqRecommender, evaluate_dreamrec
+from .families.dreamrec.recommender import SEQ_KS, SeqRecommender, evaluate_dreamrec
 
 PADS = ("left", "right")
 
@@ -386,7 +386,7 @@ class OutsideSeqRecommender(SeqRecommender):
         return final / final.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale
 
     def evaluate(self, data, *, ks=SEQ_KS, batch_size: int = 2048, seed: int = 0) -> Dict[str, Dict[str, float]]:
-        """Full-ranking HR@k / NDCG@k on the valid and test splits (:func:`refit.sequential.evaluate_dreamrec`,
+        """Full-ranking HR@k / NDCG@k on the valid and test splits (:func:`refit.families.dreamrec.recommender.evaluate_dreamrec`,
         seeded per batch); the outside module is left in the modes it was found in."""
         if getattr(data, "n_items", self.n_items) != self.n_items:
             raise ValueError(f"the outside model scores {self.n_items} items (n_items), the data have "
@@ -430,7 +430,7 @@ def LatentScheduleDenoiser(module: nn.Module, betas, *, n_items: int, encode: Pa
         max_len: the window length ``encode`` takes (DreamRec's ``state_size``; default: the data's).
         detach_target: the pretraining loss's target embedding carries no gradient (DreamRec's code
             trains it: False).
-        precision, eval_steps: as for :class:`refit.sequential.SeqRecommender`.
+        precision, eval_steps: as for :class:`refit.families.dreamrec.recommender.SeqRecommender`.
 
     Returns an :class:`OutsideSeqRecommender`. Its pretraining loss (the ELBO anchor) is DreamRec's:
     the mean squared error of the x0 prediction toward the target item's embedding from a uniform

@@ -39,8 +39,8 @@ model (``inputs`` are an :class:`~refit.reward.Episode`'s policy inputs,
     switched between train and eval mode, deep-copied for the KL anchor), the
     autocast precision, the device, and everything a checkpoint holds.
 
-refit's :class:`~refit.recommender.Recommender` (DiffRec, CF-Diff) and
-:class:`~refit.sequential.SeqRecommender` (DreamRec) implement it;
+refit's :class:`~refit.families.diffrec.recommender.Recommender` (DiffRec, CF-Diff) and
+:class:`~refit.families.dreamrec.recommender.SeqRecommender` (DreamRec) implement it;
 :class:`ScheduleDenoiser` adapts any ``denoiser(x_t, t)`` with a beta schedule
 written the way DiffRec's paper code is, and
 :func:`refit.latent_adapter.LatentScheduleDenoiser` a guided latent sequence
@@ -406,13 +406,13 @@ def ScheduleDenoiser(denoiser: torch.nn.Module, betas: Sequence[float], *, n_ite
     predicts x0 (``mean_type="x0"``) or the noise (``"eps"``), and the (T,)
     betas of its schedule (e.g. ``GaussianDiffusion.betas`` of that code).
     The reverse process starts from the user's (partly hidden) training row,
-    as DiffRec's does. Returns a :class:`refit.recommender.Recommender`, which
+    as DiffRec's does. Returns a :class:`refit.families.diffrec.recommender.Recommender`, which
     implements the protocol; its checkpoints hold the outside module's
     ``state_dict`` (load it back into that module with
     ``denoiser.load_state_dict(state["recommender"]["model"]["state_dict"])``
     after stripping the ``denoiser.`` prefix, or with :func:`outside_state_dict`).
     """
-    from .recommender import Recommender
+    from .families.diffrec.recommender import Recommender
 
     if mean_type not in MEAN_TYPES:
         raise ValueError(f"mean_type must be one of {MEAN_TYPES}, got {mean_type!r}")
@@ -544,7 +544,7 @@ def outside_state_dict(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     if model.get("name") not in OUTSIDE_MODELS or not out:
         raise ValueError(f"outside_state_dict: the checkpoint holds a {model.get('name', 'refit')!r} model, not an "
                          "outside module's weights (only runs of a ScheduleDenoiser or LatentScheduleDenoiser "
-                         "policy hold them); load it with refit.trainer.load_policy instead")
+                         "policy hold them); load it with refit.posttrain.run.load_policy instead")
     return out
 
 

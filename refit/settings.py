@@ -3,7 +3,7 @@
 A run's configuration is a dataclass; a field declared with :func:`setting` is
 a flag of the command that builds that configuration (``refit pretrain`` for
 every model family's config, ``refit finetune`` for
-:class:`refit.trainer.FinetuneConfig`). The field carries its help, its
+:class:`refit.posttrain.config.FinetuneConfig`). The field carries its help, its
 argument type and its group, so the command line never lists a setting of
 its own: :func:`add_arguments` makes the flags from the dataclasses and
 :func:`config_from_args` builds the configuration back from the parsed flags.

@@ -6,12 +6,14 @@ import torch
 
 from refit.runtime import distributed as dist
 from refit.data import UserBatches, load_dataset
-from refit.evaluate import evaluate
-from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
+from refit.evaluate import evaluate, evaluate_recommender
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.runtime.runs import load_checkpoint
 from refit.similarity import shared_similar_users
-from refit.sequential import DreamRecConfig, pretrain_dreamrec
-from refit.trainer import FinetuneConfig, ReFiT, load_policy
+from refit.families.dreamrec.pretrain import DreamRecConfig, pretrain_dreamrec
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import load_policy
 
 DATA = {"n_users": 200, "n_items": 150}
 SEQ_DATA = {"n_users": 90, "n_items": 60, "mean_length": 10, "seed": 4}
@@ -230,7 +232,7 @@ def latent_checkpoint(path: str) -> str:
 
 def latent_finetune_step(checkpoint: str, name: str):
     """:func:`finetune_step` of a :data:`LATENT_CASES` case: the outside policy rebuilt by its factory with
-    the checkpoint's weights (refit.trainer.load_policy), then two ReFiT steps, recorded alike."""
+    the checkpoint's weights (refit.posttrain.run.load_policy), then two ReFiT steps, recorded alike."""
     cfg = FinetuneConfig(checkpoint=checkpoint, policy_factory=LATENT_FACTORY, lr=1e-3, grad_clip=1e9, seed=5,
                          progress=False, plot=False, **LATENT_CASES[name])
     rec, d, _ = load_policy(checkpoint, seq_data(), factory=cfg.policy_factory)

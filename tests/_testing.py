@@ -66,8 +66,9 @@ TINY_SEQ = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
 def tiny_dreamrec(data, seed: int = 0):
     """An untrained DreamRec policy (width 8, 8 steps, w 1) over ``data``, its weights seeded by ``seed``."""
     from refit.diffusion import GaussianDiffusion
-    from refit.models.dreamrec import DreamRec
-    from refit.sequential import DreamRecConfig, SeqRecommender
+    from refit.families.dreamrec.network import DreamRec
+    from refit.families.dreamrec.pretrain import DreamRecConfig
+    from refit.families.dreamrec.recommender import SeqRecommender
 
     cfg = DreamRecConfig(hidden=8, steps=8, detach_target=True)
     torch.manual_seed(seed)

@@ -141,7 +141,7 @@ def test_similar_users_dispatch(monkeypatch):
 
 
 def test_finetune_config_refuses_an_unknown_method():
-    from refit.trainer import FinetuneConfig
+    from refit.posttrain.config import FinetuneConfig
 
     with pytest.raises(ValueError, match="similar_users_method"):
         FinetuneConfig(similar_users_method="fast")
@@ -149,10 +149,11 @@ def test_finetune_config_refuses_an_unknown_method():
 
 def test_refit_takes_a_precomputed_table():
     from refit.diffusion import GaussianDiffusion
-    from refit.models import build_model
-    from refit.pretrain import PretrainConfig
-    from refit.recommender import Recommender
-    from refit.trainer import FinetuneConfig, ReFiT
+    from refit.families.diffrec.denoisers import build_model
+    from refit.families.diffrec.pretrain import PretrainConfig
+    from refit.families.diffrec.recommender import Recommender
+    from refit.posttrain.config import FinetuneConfig
+    from refit.posttrain.trainer import ReFiT
 
     data = load_dataset("synthetic", n_users=120, n_items=60)
     cfg = PretrainConfig(dims=(16,))

@@ -18,13 +18,15 @@ from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.integrations import diffrec_paper
 from refit.integrations.diffrec_paper import load_diffrec_paper_checkpoint, read_paper_model
-from refit.models import DiffRecMLP
-from refit.models.dreamrec import DreamRec
-from refit.pretrain import load_recommender
-from refit.recommender import Recommender
+from refit.families.diffrec.denoisers import DiffRecMLP
+from refit.families.dreamrec.network import DreamRec
+from refit.families.diffrec.pretrain import load_recommender
+from refit.families.diffrec.recommender import Recommender
 from refit.runtime.runs import data_fingerprint, load_checkpoint, save_checkpoint
-from refit.sequential import SeqRecommender, load_seq_recommender
-from refit.trainer import FinetuneConfig, finetune
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.families.dreamrec.pretrain import load_seq_recommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAGS = {"format": "refit-checkpoint", "version": 1}

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from refit.data import load_dataset
-from refit.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.runtime.runs import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from refit.trainer import FinetuneConfig, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 TAGS = {"format": "refit-checkpoint", "version": 1}
 ENV_FLAG = "REFIT_TEST_PAYLOAD_RAN"

@@ -12,12 +12,13 @@ import pytest
 from refit import cli
 from refit.diffusion import DiffusionConfig
 from refit.limits import available_memory, check_memory, format_bytes
-from refit.models.diffrec import DiffRecMLP
-from refit.models.dreamrec import DreamRec
-from refit.pretrain import PretrainConfig, pretrain
-from refit.sequential import DreamRecConfig
+from refit.families.diffrec.mlp import DiffRecMLP
+from refit.families.dreamrec.network import DreamRec
+from refit.families.diffrec.pretrain import PretrainConfig, pretrain
+from refit.families.dreamrec.pretrain import DreamRecConfig
 from refit.similarity import similar_users
-from refit.trainer import FinetuneConfig, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = {"n_users": 200, "n_items": 150}

@@ -26,12 +26,13 @@ from refit.runtime.cudagraph import CapturedLoop, ReverseSampler, reverse_loop, 
 from refit.families import graphed
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
-from refit.models import build_model
-from refit.models.diffrec import DiffRecMLP
-from refit.models.dreamrec import DreamRec
-from refit.recommender import Recommender
-from refit.sequential import SeqRecommender
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.diffrec.denoisers import build_model
+from refit.families.diffrec.mlp import DiffRecMLP
+from refit.families.dreamrec.network import DreamRec
+from refit.families.diffrec.recommender import Recommender
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 
 N_USERS, N_ITEMS = 60, 40
 # Noise large enough that the noise term of every step shows in the states.

@@ -8,7 +8,7 @@ import torch
 
 import refit_kernels as rk
 from refit.diffusion import DiffusionConfig, GaussianDiffusion, betas_for
-from refit.models import DiffRecMLP, timestep_embedding
+from refit.families.diffrec.denoisers import DiffRecMLP, timestep_embedding
 
 
 def test_linear_schedule_is_a_ramp_with_fixed_first_beta():

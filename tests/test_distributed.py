@@ -19,7 +19,7 @@ import refit_kernels as rk
 from refit.runtime import distributed as dist
 from refit.data import UserBatches
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
-from refit.pretrain import pretrain
+from refit.families.diffrec.pretrain import pretrain
 from refit.runtime.runs import load_checkpoint
 from refit.similarity import top_similar_users
 
@@ -60,7 +60,7 @@ def pretrained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dreamrec_pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("dreamrec") / "run"
-    from refit.sequential import pretrain_dreamrec
+    from refit.families.dreamrec.pretrain import pretrain_dreamrec
 
     # The start of the fine-tuning cases recommends with the weight it trained with (w 2): chosen on this
     # tiny validation split, the weight chosen left every reward group of the group-advantage case tied
@@ -356,7 +356,7 @@ def test_distributed_dreamrec_pretraining_equals_one_process(two_ranks, tmp_path
     for k, v in single["params"].items():
         if k != "k.bias":
             torch.testing.assert_close(multi["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    from refit.models.dreamrec import DreamRec
+    from refit.families.dreamrec.network import DreamRec
 
     data = cases.seq_data()
     nets = []

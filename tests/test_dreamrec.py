@@ -7,8 +7,9 @@ import torch
 
 import refit_kernels as rk
 from refit.diffusion import DiffusionConfig, GaussianDiffusion, betas_for
-from refit.models.dreamrec import DreamRec
-from refit.sequential import DreamRecConfig, SeqRecommender
+from refit.families.dreamrec.network import DreamRec
+from refit.families.dreamrec.pretrain import DreamRecConfig
+from refit.families.dreamrec.recommender import SeqRecommender
 
 N_ITEMS, D, L = 30, 16, 6
 
@@ -206,7 +207,7 @@ def test_respaced_sampling_is_the_exact_coarse_posterior():
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_the_target_embedding_is_trained_only_without_detach_target(detach):
-    from refit.sequential import dreamrec_loss
+    from refit.families.dreamrec.losses import dreamrec_loss
 
     rec = make()
     rec.model.detach_target = detach

@@ -13,8 +13,8 @@ import torch
 from refit import cli, families
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.families import Family
-from refit.pretrain import PretrainConfig, load_recommender, pretrain
-from refit.recommender import Recommender
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.families.diffrec.recommender import Recommender
 from refit.runtime.runs import load_checkpoint, save_checkpoint
 from refit.settings import positive_int, setting
 

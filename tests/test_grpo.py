@@ -13,11 +13,13 @@ import torch
 import refit_kernels as rk
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
-from refit.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.reward import collaborative_reward, make_episode, rank_metrics, ranking_reward
-from refit.sequential import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
+from refit.families.dreamrec.pretrain import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import FinetuneConfig, ReFiT, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import finetune
 from _testing import benchmark_module
 
 DATA = {"n_users": 200, "n_items": 150}
@@ -448,7 +450,7 @@ def test_gradient_snr_compares_the_samplers(dreamrec, capsys):
 # --- the learning-rate schedule -------------------------------------------------------------------
 
 def test_cosine_schedule_values_and_refusal(pretrained):
-    from refit.trainer import ReFiT
+    from refit.posttrain.trainer import ReFiT
 
     config = FinetuneConfig(checkpoint=pretrained, lr=1e-3, lr_schedule="cosine", iterations=4)
     trainer = ReFiT.__new__(ReFiT)  # lr_at reads the config alone
@@ -481,7 +483,7 @@ def test_a_resumed_cosine_run_ends_where_an_uninterrupted_one_does(pretrained, d
 
 def test_the_thread_count_the_governor_changed_ends_with_the_run(pretrained, data, tmp_path, monkeypatch):
     """A run whose governor lowers torch's threads leaves the caller's count as it found it."""
-    from refit import trainer as tr
+    from refit.posttrain import trainer as tr
 
     class Lowering:
         def __init__(self):

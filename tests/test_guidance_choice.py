@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from _testing import TINY_SEQ, benchmark_command, sigterm_after_first_evaluation
-from refit import sequential
+from refit.families.dreamrec import recommender as dreamrec_recommender
 from refit.runtime.runs import load_checkpoint
-from refit.sequential import (SEQ_SELECTION, W_GRID, DreamRecConfig, evaluate_dreamrec, load_seq_recommender,
-                              pretrain_dreamrec, select_guidance)
+from refit.families.dreamrec.recommender import SEQ_SELECTION, evaluate_dreamrec, select_guidance
+from refit.families.dreamrec.pretrain import W_GRID, DreamRecConfig, load_seq_recommender, pretrain_dreamrec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(data="synthetic-seq", data_options=TINY_SEQ, hidden=16, steps=30, batch_size=32, eval_every=1,
@@ -36,7 +36,7 @@ def test_the_rule_on_planted_metrics(monkeypatch, planted, want):
         seen.append((rec.w, splits, kw["ks"]))
         return {"valid": {SEQ_SELECTION: planted[rec.w]}}
 
-    monkeypatch.setattr(sequential, "evaluate_dreamrec", fake)
+    monkeypatch.setattr(dreamrec_recommender, "evaluate_dreamrec", fake)
     rec = _Rec()
     w, values = select_guidance(rec, None, sorted(planted))
     assert w == want and values == planted

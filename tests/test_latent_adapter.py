@@ -14,7 +14,8 @@ from refit.data import load_dataset
 from refit.latent_adapter import LatentScheduleDenoiser, kept_modes
 from refit.policy import check_policy, episode_source, outside_state_dict
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import FinetuneConfig, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 SEQ = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
 HIDDEN, STATE, STEPS, W = 16, 6, 12, 2.0

@@ -14,7 +14,9 @@ from refit.data import load_dataset
 from refit.posttrain import METHOD_CLASSES, PostTrainingMethod
 from refit.posttrain.nft import nft_loss, optimality
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import FinetuneConfig, ReFiT, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import finetune
 
 SEQ = TINY_SEQ
 
@@ -50,7 +52,7 @@ def _grad(fn, pred):
 
 def test_the_method_is_a_registered_strategy():
     assert issubclass(METHOD_CLASSES["nft"], PostTrainingMethod)
-    from refit.trainer import METHODS
+    from refit.posttrain.config import METHODS
 
     assert "nft" in METHODS
 
@@ -239,7 +241,7 @@ def test_a_policy_without_a_noise_schedule_is_refused(data):
 def test_a_row_model_fine_tunes_from_the_command_line(tmp_path, mean_type):
     """DiffRec, x0 and eps models (an eps model regresses its noise prediction toward the drawn noise)."""
     from refit.cli import main
-    from refit.pretrain import PretrainConfig, pretrain
+    from refit.families.diffrec.pretrain import PretrainConfig, pretrain
 
     pretrain(PretrainConfig(data="synthetic", data_options={"n_users": 120, "n_items": 80}, epochs=2, dims=(32,),
                             ks=(10, 20), mean_type=mean_type, progress=False, out=str(tmp_path / "pre")))

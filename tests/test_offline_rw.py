@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from refit.data import load_dataset
-from refit.pretrain import PretrainConfig, load_recommender, pretrain
-from refit.trainer import FinetuneConfig, ReFiT, rating_weights
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.common import rating_weights
 from _testing import benchmark_module
 
 
@@ -273,7 +275,7 @@ def _rated_data():
 
 def test_held_out_items_rated_high_are_the_only_hits():
     from refit.evaluate import evaluate_many
-    from refit.pretrain import evaluation_targets
+    from refit.evaluate import evaluation_targets
 
     d = _rated_data()
     targets = evaluation_targets(d, ("valid", "test"), min_target_rating=4)
@@ -292,7 +294,7 @@ def test_held_out_items_rated_high_are_the_only_hits():
 
 
 def test_held_out_ratings_are_required_and_checked():
-    from refit.pretrain import evaluation_targets
+    from refit.evaluate import evaluation_targets
 
     with pytest.raises(ValueError, match=r"min_target_rating needs data with ratings \('synthetic'"):
         evaluation_targets(load_dataset("synthetic", n_users=30, n_items=20), ("test",), min_target_rating=4)
@@ -315,7 +317,8 @@ def test_evaluate_counts_held_out_items_rated_high_from_the_command_line(pretrai
     out = refit("--min-target-rating", "4", "--split", "both", "--json")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    from refit.pretrain import evaluate_recommender, load_recommender
+    from refit.evaluate import evaluate_recommender
+    from refit.families.diffrec.pretrain import load_recommender
 
     rec, data, _ = load_recommender(checkpoint)
     want = evaluate_recommender(rec, data, ("valid", "test"), ks=(10, 20), min_target_rating=4)
@@ -332,7 +335,9 @@ def test_the_study_tabulates_selected_models_on_held_out_items_rated_high(pretra
     """post_training_study.py --min-target-rating: each run's selected checkpoint and the pretrained one
     evaluated again with only items rated >= R as hits; changes paired against the pretrained model."""
 
-    from refit.pretrain import evaluate_recommender, load_recommender
+    from refit.evaluate import evaluate_recommender
+
+    from refit.families.diffrec.pretrain import load_recommender
 
     checkpoint, _ = pretrained
     study = benchmark_module("studies.post_training_study")
@@ -355,7 +360,7 @@ def test_the_rated_study_tunes_lambda_on_validation_and_evaluates_final_models(p
     """benchmarks/studies/offline_rated_study.py end to end on the small rated data: lambda is the first seed's
     best on validation, each arm's numbers are its final model's, baselines are tuned on the same metric."""
 
-    from refit.pretrain import evaluate_recommender
+    from refit.evaluate import evaluate_recommender
 
     checkpoint, _ = pretrained
     study = benchmark_module("studies.offline_rated_study")

@@ -18,8 +18,12 @@ from refit.data import load_dataset
 from refit.policy import ScheduleDenoiser, check_policy, episode_source, outside_state_dict
 from refit.reward import collaborative_reward
 from refit.runtime.runs import load_checkpoint, save_checkpoint
-from refit.sequential import DreamRecConfig, dreamrec_loss, load_seq_recommender, pretrain_dreamrec
-from refit.trainer import FinetuneConfig, ReFiT, finetune, trajectory_logprob
+from refit.families.dreamrec.pretrain import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
+from refit.families.dreamrec.losses import dreamrec_loss
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import finetune
+from refit.posttrain.common import trajectory_logprob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = {"n_users": 150, "n_items": 120}
@@ -252,8 +256,8 @@ def test_the_configs_precision_applies_to_a_given_policy(data, tmp_path):
 
 def test_outside_state_dict_refuses_a_checkpoint_without_outside_weights(data):
     from refit.diffusion import GaussianDiffusion
-    from refit.models import build_model
-    from refit.recommender import Recommender
+    from refit.families.diffrec.denoisers import build_model
+    from refit.families.diffrec.recommender import Recommender
 
     dnn = make_dnn(data.n_items)
     state = ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items).state()

@@ -14,7 +14,9 @@ from refit.diffusion import Trajectory
 from refit.evaluate import evaluate_many
 from refit.policy import batched_outputs, check_policy, episode_source, policy_state
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import FinetuneConfig, finetune, trajectory_logprob
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
+from refit.posttrain.common import trajectory_logprob
 
 DATA = {"n_users": 150, "n_items": 120}
 

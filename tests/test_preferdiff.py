@@ -15,11 +15,12 @@ from torch.nn import functional as F
 from _testing import TINY_SEQ, benchmark_module
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
-from refit.models.dreamrec import step_embedding
-from refit.models.preferdiff import PreferDiff
+from refit.families.dreamrec.network import step_embedding
+from refit.families.dreamrec.preferdiff import PreferDiff
 from refit.runtime.runs import load_checkpoint
-from refit.sequential import (PreferDiffConfig, SeqRecommender, load_seq_recommender, preference_term,
-                              preferdiff_loss, pretrain_dreamrec, reconstruction_error)
+from refit.families.dreamrec.pretrain import PreferDiffConfig, load_seq_recommender, pretrain_dreamrec
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.families.dreamrec.losses import preference_term, preferdiff_loss, reconstruction_error
 
 N_ITEMS, D, L = 30, 16, 6
 SEQ = TINY_SEQ
@@ -101,7 +102,7 @@ def test_preference_term_by_hand():
 
 
 def test_negatives_are_the_other_targets_of_the_batch():
-    from refit.sequential import _negative_embeddings
+    from refit.families.dreamrec.losses import _negative_embeddings
 
     rec = make()
     E = rec.model.item_embeddings.weight
@@ -211,7 +212,7 @@ def test_encoder_and_denoiser_match_preferdiffs_operations(heads):
 
 
 def test_preferdiff_wiring_differs_from_dreamrecs_and_its_init_is_xavier():
-    from refit.models.dreamrec import DreamRec
+    from refit.families.dreamrec.network import DreamRec
 
     rec = make()
     twin = DreamRec(N_ITEMS, hidden=D, max_len=L, heads=2).eval()
@@ -385,8 +386,8 @@ def pretrained(tmp_path_factory, data):
 
 
 def test_checkpoint_loads_as_a_policy_through_the_dreamrec_path(pretrained, data):
-    from refit.sequential import evaluate_dreamrec
-    from refit.trainer import load_policy
+    from refit.families.dreamrec.recommender import evaluate_dreamrec
+    from refit.posttrain.run import load_policy
 
     path, s = pretrained
     state = load_checkpoint(path)
@@ -446,7 +447,8 @@ def test_the_backbone_passes_check_policy_and_its_protocol_losses(pretrained, da
 
 @pytest.mark.parametrize("method", ["reward-weighted", "nft"])
 def test_other_methods_fine_tune_it_from_the_library(pretrained, data, tmp_path, method):
-    from refit.trainer import FinetuneConfig, finetune
+    from refit.posttrain.config import FinetuneConfig
+    from refit.posttrain.run import finetune
 
     s = finetune(FinetuneConfig(checkpoint=pretrained[0], method=method, group_size=2, iterations=2, batch_size=8,
                                 eval_every=2, out=str(tmp_path / "ft"), progress=False, plot=False, probe_size=0,

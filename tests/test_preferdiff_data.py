@@ -265,7 +265,7 @@ def test_preferdiff_protocol_differs_from_the_full_default_without_repeats(tmp_p
 
 @pytest.fixture(scope="module")
 def dreamrec_checkpoint(tmp_path_factory):
-    from refit.sequential import DreamRecConfig, pretrain_dreamrec
+    from refit.families.dreamrec.pretrain import DreamRecConfig, pretrain_dreamrec
 
     root = tmp_path_factory.mktemp("pdcli")
     rng = np.random.default_rng(0)
@@ -279,7 +279,8 @@ def dreamrec_checkpoint(tmp_path_factory):
 
 
 def test_cli_evaluate_with_the_preferdiff_protocol(dreamrec_checkpoint, capsys):
-    from refit.sequential import evaluate_dreamrec, load_seq_recommender
+    from refit.families.dreamrec.recommender import evaluate_dreamrec
+    from refit.families.dreamrec.pretrain import load_seq_recommender
 
     folder, checkpoint = dreamrec_checkpoint
     assert cli.main(["-q", "evaluate", "--checkpoint", checkpoint, "--protocol", "preferdiff", "--split", "both",

@@ -11,9 +11,9 @@ import torch
 
 import refit_kernels as rk
 from refit.data import load_dataset
-from refit.evaluate import evaluate
-from refit.models import CFDiff, build_model
-from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
+from refit.evaluate import evaluate, evaluate_recommender
+from refit.families.diffrec.denoisers import CFDiff, build_model
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.runtime.runs import load_checkpoint
 
 SMALL = dict(data="synthetic", steps=10, batch_size=100, eval_every=2, progress=False,
@@ -126,7 +126,7 @@ def test_cfdiff_trains_and_its_hop_inputs_are_exact(tmp_path, data):
 def test_bf16_precision_runs(tmp_path, data, monkeypatch):
     """bf16 pretraining runs the denoiser under bfloat16 autocast, in training and in evaluation, and ends
     near the fp32 run of the same seed."""
-    import refit.pretrain as pretrain_module
+    import refit.families.diffrec.pretrain as pretrain_module
 
     seen = {"fp32": set(), "bf16": set()}  # (module.training, output dtype) of every Linear layer call
     now = []
@@ -207,7 +207,7 @@ def test_cli_reports_bad_flags_clearly(tmp_path):
 @pytest.mark.parametrize("mean_type", ["x0", "eps"])
 def test_hidden_space_reverse_pass_equals_the_step_by_step_pass(data, name, config, mean_type):
     from refit.diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent
-    from refit.recommender import Recommender
+    from refit.families.diffrec.recommender import Recommender
 
     torch.manual_seed(0)
     model = build_model(name, config, train=data.train).eval()

@@ -6,7 +6,7 @@ blocks (an outside row model through ScheduleDenoiser on ml-1m_clean, an outside
 through LatentScheduleDenoiser on ml-1m_seq) and a bash block (`--policy mymodels:make_policy`). Each
 block is read from docs/drop-in.md by the section's heading and run unchanged: only the objects it assumes
 the reader has (their module, betas, schedule) are provided, and the run length is cut (iterations,
-eval_every) by a wrapper around ``refit.trainer.finetune`` or by flags added to the command.
+eval_every) by a wrapper around ``refit.posttrain.finetune`` or by flags added to the command.
 
 The blocks name their data relative to the repository's parent (``../shared/data/...``) and write
 ``runs/...`` relative to the working directory: they run in ``<tmp>/repo`` with ``<tmp>/shared/data``
@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-import refit.trainer
+import refit.posttrain
 from refit.policy import outside_state_dict
 from refit.runtime.runs import load_checkpoint
 
@@ -147,9 +147,9 @@ def mymodels(workdir):
 
 
 def run_block(block, namespace, workdir):
-    """exec's ``block`` unchanged in ``namespace`` from ``workdir``, with refit.trainer.finetune cut to
+    """exec's ``block`` unchanged in ``namespace`` from ``workdir``, with refit.posttrain.finetune cut to
     SHORT; returns the configs the block's runs got."""
-    real, seen = refit.trainer.finetune, []
+    real, seen = refit.posttrain.finetune, []
 
     def short_finetune(config, data=None, **kwargs):
         # The block's out is relative ("runs/..."): from the working directory it lands under tmp.
@@ -160,7 +160,7 @@ def run_block(block, namespace, workdir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
-        mp.setattr(refit.trainer, "finetune", short_finetune)
+        mp.setattr(refit.posttrain, "finetune", short_finetune)
         exec(compile(block, DOC, "exec"), namespace)
     return seen
 

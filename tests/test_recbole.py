@@ -34,7 +34,8 @@ from refit.integrations.recbole import (
     recbole_data,
     recbole_reference_scores,
 )
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 
 # --- RecBole itself, in a subprocess --------------------------------------------------------------
 

@@ -13,7 +13,9 @@ from refit.posttrain import METHOD_CLASSES, PostTrainingMethod
 from refit.posttrain.reward_backprop import listwise_logprob, smooth_metric, soft_ranks
 from refit.reward import rank_metrics
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import FinetuneConfig, ReFiT, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import finetune
 
 SEQ = TINY_SEQ
 
@@ -82,7 +84,7 @@ def test_the_smooth_metrics_tend_to_the_exact_ones(kind, metric):
 
 def test_the_method_is_a_registered_strategy():
     assert issubclass(METHOD_CLASSES["reward-backprop"], PostTrainingMethod)
-    from refit.trainer import METHODS
+    from refit.posttrain.config import METHODS
 
     assert "reward-backprop" in METHODS
 
@@ -184,7 +186,7 @@ def test_a_policy_without_a_differentiable_sample_is_refused(data):
 @pytest.mark.parametrize("reward", ["log-softmax", "topk", "ndcg"])
 def test_a_row_model_fine_tunes_from_the_command_line(tmp_path, reward):
     from refit.cli import main
-    from refit.pretrain import PretrainConfig, pretrain
+    from refit.families.diffrec.pretrain import PretrainConfig, pretrain
 
     pretrain(PretrainConfig(data="synthetic", data_options={"n_users": 120, "n_items": 80}, epochs=2, dims=(32,),
                             ks=(10, 20), progress=False, out=str(tmp_path / "pre")))

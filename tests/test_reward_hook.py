@@ -8,7 +8,9 @@ from torch import nn
 
 from refit.data import load_dataset
 from refit.policy import InteractionEpisodes, ScheduleDenoiser
-from refit.trainer import FinetuneConfig, ReFiT, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import finetune
 
 DATA = {"n_users": 80, "n_items": 50}
 

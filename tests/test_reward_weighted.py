@@ -7,10 +7,13 @@ import torch
 
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
-from refit.models.dreamrec import DreamRec
+from refit.families.dreamrec.network import DreamRec
 from refit.reward import Reward
-from refit.sequential import DreamRecConfig, SeqRecommender
-from refit.trainer import FinetuneConfig, ReFiT, group_weights
+from refit.families.dreamrec.pretrain import DreamRecConfig
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.common import group_weights
 
 SEQ = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
 
@@ -115,7 +118,7 @@ def test_the_placebo_permutes_rewards_within_each_group(monkeypatch):
 
 def _pretrained_policy():
     """A DreamRec briefly trained on the synthetic sequences (its samples mean something)."""
-    from refit.sequential import dreamrec_loss
+    from refit.families.dreamrec.losses import dreamrec_loss
 
     policy, data = _policy(seed=1)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
@@ -184,8 +187,8 @@ def test_reward_weighted_fine_tuning_climbs_toward_a_known_optimum(monkeypatch):
 def test_a_diffrec_target_is_the_start_row_and_the_judged_list():
     import refit_kernels as rk
     from refit.diffusion import DiffusionConfig
-    from refit.models import DiffRecMLP
-    from refit.recommender import Recommender
+    from refit.families.diffrec.denoisers import DiffRecMLP
+    from refit.families.diffrec.recommender import Recommender
 
     rec = Recommender("diffrec", DiffRecMLP(12, dims=(8,)), GaussianDiffusion(DiffusionConfig(steps=4)))
     inputs = torch.zeros(2, 12)
@@ -204,7 +207,7 @@ def test_reward_weighted_runs_from_the_command_line(tmp_path):
     import subprocess
     import sys
 
-    from refit.sequential import pretrain_dreamrec
+    from refit.families.dreamrec.pretrain import pretrain_dreamrec
 
     pretrain_dreamrec(DreamRecConfig(data="synthetic-seq", data_options=SEQ, hidden=8, steps=8, epochs=1,
                                      eval_every=1, batch_size=64, eval_batch_size=64, progress=False, ks=(10, 20),

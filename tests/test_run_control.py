@@ -11,9 +11,10 @@ import pytest
 from refit.runtime import control
 from refit.baselines import fit_baselines
 from refit.data import load_dataset
-from refit.pretrain import PretrainConfig, pretrain
+from refit.families.diffrec.pretrain import PretrainConfig, pretrain
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import FinetuneConfig, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 DATA = {"n_users": 200, "n_items": 150}
 SMALL = dict(data="synthetic", data_options=DATA, steps=8, batch_size=100, dims=(32, 64), progress=False)

@@ -11,9 +11,10 @@ import pytest
 
 from refit.runtime import runs
 from refit.data import load_dataset
-from refit.pretrain import PretrainConfig, pretrain
+from refit.families.diffrec.pretrain import PretrainConfig, pretrain
 from refit.runtime.runs import RunDir, atomic_write, load_checkpoint
-from refit.trainer import FinetuneConfig, finetune
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 DATA = {"n_users": 200, "n_items": 150}
 SMALL = dict(data="synthetic", data_options=DATA, steps=8, batch_size=100, dims=(32, 64), progress=False)
@@ -212,7 +213,7 @@ def test_the_lock_is_held_during_the_run_and_released_when_it_fails(tmp_path, da
         seen.append(json.loads((out / ".lock").read_text()))
         raise KeyboardInterrupt("second SIGINT")
 
-    monkeypatch.setattr("refit.pretrain.run_epochs", interrupted)
+    monkeypatch.setattr("refit.families.diffrec.pretrain.run_epochs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pretrain(PretrainConfig(**SMALL, epochs=1, out=str(out)), data)
     assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()

@@ -8,10 +8,11 @@ import pytest
 
 from _testing import TINY_SEQ
 from refit.data import load_dataset
-from refit.pretrain import PretrainConfig, pretrain
+from refit.families.diffrec.pretrain import PretrainConfig, pretrain
 from refit.runtime.runs import RESUME_MAY_CHANGE, load_checkpoint, save_checkpoint
-from refit.sequential import DreamRecConfig, pretrain_dreamrec
-from refit.trainer import FinetuneConfig, finetune
+from refit.families.dreamrec.pretrain import DreamRecConfig, pretrain_dreamrec
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.run import finetune
 
 DATA = {"n_users": 200, "n_items": 150}
 DIFFREC = dict(data="synthetic", data_options=DATA, steps=8, eval_every=1, batch_size=100, dims=(32, 64),

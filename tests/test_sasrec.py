@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from refit.models.sasrec import IGNORE, SASRec, left_pad
+from refit.baselines.sasrec_network import IGNORE, SASRec, left_pad
 from refit.baselines.sasrec import (
     SASRecConfig,
     SASRecResult,
@@ -502,7 +502,7 @@ def test_refit_evaluate_prints_the_sequence_baselines_under_a_dreamrec_checkpoin
     import subprocess
     import sys
 
-    from refit.sequential import DreamRecConfig, pretrain_dreamrec
+    from refit.families.dreamrec.pretrain import DreamRecConfig, pretrain_dreamrec
 
     opts = {"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5}
     pretrain_dreamrec(DreamRecConfig(data="synthetic-seq", data_options=opts, hidden=8, steps=8, epochs=1,

@@ -11,7 +11,8 @@ import torch
 from refit.data import load_dataset
 from refit.runtime.runs import load_checkpoint
 from refit.baselines.sequences import most_popular_metrics
-from refit.sequential import DreamRecConfig, evaluate_dreamrec, load_seq_recommender, pretrain_dreamrec
+from refit.families.dreamrec.pretrain import DreamRecConfig, load_seq_recommender, pretrain_dreamrec
+from refit.families.dreamrec.recommender import evaluate_dreamrec
 
 DATA = {"n_users": 120, "n_items": 60, "mean_length": 12, "seed": 3}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

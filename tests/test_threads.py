@@ -146,7 +146,7 @@ def test_proc_stat_is_read_per_cpu(tmp_path):
 
 def test_a_training_step_consults_the_governor(monkeypatch):
     """ReFiT.step ticks the governor first and logs what it changes."""
-    from refit import trainer as tr
+    from refit.posttrain import trainer as tr
 
     calls = []
 

@@ -13,10 +13,13 @@ import torch
 
 import refit_kernels as rk
 from refit.data import load_dataset
-from refit.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
 from refit.reward import collaborative_reward, make_episode, repeat_episode
 from refit.runtime.runs import load_checkpoint
-from refit.trainer import Baseline, FinetuneConfig, ReFiT, finetune, reinforce_loss, trajectory_logprob
+from refit.posttrain.common import Baseline, reinforce_loss, trajectory_logprob
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.run import finetune
 
 DATA = {"n_users": 200, "n_items": 150}
 

@@ -13,11 +13,12 @@ from torch.nn import functional as F
 from _testing import TINY_SEQ, sigterm_after_first_evaluation
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
-from refit.models.dreamrec import DreamRec
+from refit.families.dreamrec.network import DreamRec
 from refit.runtime.runs import load_checkpoint
-from refit.models.preferdiff import PreferDiff
-from refit.sequential import (DreamRecConfig, PreferDiffConfig, SeqRecommender, ce_loss, dreamrec_loss,
-                              preferdiff_loss, pretrain_dreamrec)
+from refit.families.dreamrec.preferdiff import PreferDiff
+from refit.families.dreamrec.pretrain import DreamRecConfig, PreferDiffConfig, pretrain_dreamrec
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.families.dreamrec.losses import ce_loss, dreamrec_loss, preferdiff_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(data="synthetic-seq", data_options=TINY_SEQ, hidden=16, steps=30, batch_size=32, eval_every=1,
@@ -177,7 +178,7 @@ def test_the_automatic_warm_start_ends_on_its_own_validation(tmp_path, data, mon
     monkeypatch.setattr(evaluation, "evaluate_sequences", spy)
     # w_grid None: the guidance choice after the run makes validation passes of the same kind
     s = pretrain_dreamrec(DreamRecConfig(**SMALL, epochs=16, w_grid=None, out=str(tmp_path / "run")), data)
-    from refit.sequential import WARMUP_PATIENCE
+    from refit.families.dreamrec.pretrain import WARMUP_PATIENCE
 
     n = s["warmup"]["epochs"]
     assert 1 <= n <= 8 and len(measured) == n

@@ -49,12 +49,14 @@ from benchmarks.paths import data_root
 from refit.families import graphed
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
-from refit.models import build_model
-from refit.models.dreamrec import DreamRec
-from refit.pretrain import PretrainConfig
-from refit.recommender import Recommender
-from refit.sequential import DreamRecConfig, SeqRecommender
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.diffrec.denoisers import build_model
+from refit.families.dreamrec.network import DreamRec
+from refit.families.diffrec.pretrain import PretrainConfig
+from refit.families.diffrec.recommender import Recommender
+from refit.families.dreamrec.pretrain import DreamRecConfig
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 
 
 class Bench:
@@ -123,7 +125,7 @@ def _reward_on_the_scores_device(reward_fn):
 def first_step(b: Bench, trainer) -> None:
     """One ReFiT step as the library takes it; where its reward refuses inputs left on the CPU, the
     failure is recorded and the reward's inputs are moved to the device for the timings that follow."""
-    import refit.trainer as trainer_module
+    import refit.posttrain.trainer as trainer_module
 
     try:
         trainer.step()
@@ -132,7 +134,7 @@ def first_step(b: Bench, trainer) -> None:
         if "is on cpu but scores is on" not in str(exc):
             raise
         b.check("ReFiT.step runs on this device as written", False,
-                f"refit/trainer.py ReFiT.rollout: {exc}; timed with the reward's inputs moved to the device")
+                f"refit/posttrain/trainer.py ReFiT.rollout: {exc}; timed with the reward's inputs moved to the device")
         trainer_module.collaborative_reward = _reward_on_the_scores_device(trainer_module.collaborative_reward)
         trainer.step()
 
@@ -206,7 +208,7 @@ def no_sync(b: Bench, fast):
 def evaluate_on_device(scorer, data, batch: int, ks, device):
     """refit's evaluation (valid + test metrics) with the training rows gathered on ``device``."""
     from refit.evaluate import evaluate_many
-    from refit.pretrain import evaluation_targets
+    from refit.evaluate import evaluation_targets
 
     train = rk.as_csr(data.train, "train", index_dtype=None).to(device)
 
@@ -236,7 +238,7 @@ def evaluation(b: Bench, data, batch: int):
     except ValueError as exc:
         want = None
         b.check("Recommender.evaluate runs on this device as written", False,
-                f"refit/pretrain.py evaluate_recommender: {exc}; timed with the rows gathered on the device")
+                f"refit.evaluate.evaluate_recommender: {exc}; timed with the rows gathered on the device")
     got = fast.evaluate(data, ks=ks, batch_size=batch)
     if want is not None:
         worst = max(abs(got[s][k] - want[s][k]) for s in want for k in want[s])

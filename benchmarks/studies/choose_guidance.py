@@ -3,7 +3,7 @@
 ``refit pretrain --model dreamrec|preferdiff`` ends a finished run by choosing
 the weight recommending uses on validation (``--w-grid``; docs/models.md, "The
 guidance weight, chosen on validation"). This script applies the same rule
-(``refit.sequential.select_guidance``, with the run's own seed, evaluation
+(``refit.families.dreamrec.recommender.select_guidance``, with the run's own seed, evaluation
 batch size and history rule) to the best.pt of an older run folder and writes
 a new folder: best.pt recommending with the chosen weight, and the run's
 summary.json with that model's valid/test metrics and a ``guidance`` entry.
@@ -20,8 +20,8 @@ import time
 
 
 from refit.runtime.runs import load_checkpoint, save_checkpoint
-from refit.sequential import (SEQ_SELECTION, W_GRID, evaluate_dreamrec, load_seq_recommender,
-                              select_guidance)
+from refit.families.dreamrec.recommender import SEQ_SELECTION, evaluate_dreamrec, select_guidance
+from refit.families.dreamrec.pretrain import W_GRID, load_seq_recommender
 
 
 def main(argv=None) -> int:

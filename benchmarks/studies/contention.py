@@ -71,10 +71,11 @@ if iteration_repeats:
     import scipy.sparse as sp
     from refit.data import load_dataset
     from refit.diffusion import GaussianDiffusion
-    from refit.models import build_model
-    from refit.pretrain import PretrainConfig
-    from refit.recommender import Recommender
-    from refit.trainer import METHODS, FinetuneConfig, ReFiT
+    from refit.families.diffrec.denoisers import build_model
+    from refit.families.diffrec.pretrain import PretrainConfig
+    from refit.families.diffrec.recommender import Recommender
+    from refit.posttrain.config import METHODS, FinetuneConfig
+    from refit.posttrain.trainer import ReFiT
 
     data = load_dataset("synthetic", n_users=6040, n_items=3706, seed=0)
     rated = data.train.copy().astype(np.float32)

@@ -23,8 +23,10 @@ CHILD = r"""
 import json, os, statistics, sys, time
 import torch
 from refit.runtime import distributed as dist
-from refit.pretrain import PretrainConfig, evaluate_recommender, load_recommender, pretrain
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
+from refit.evaluate import evaluate_recommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 a = json.loads(sys.argv[1])
 dist.init()
 out = {}
@@ -85,9 +87,9 @@ def make_checkpoint(data_path: str, path: str) -> None:
     """An untrained DiffRec with the ML-1M defaults, as a refit checkpoint."""
     from refit.data import load_dataset
     from refit.diffusion import GaussianDiffusion
-    from refit.models import build_model
-    from refit.pretrain import PretrainConfig
-    from refit.recommender import Recommender
+    from refit.families.diffrec.denoisers import build_model
+    from refit.families.diffrec.pretrain import PretrainConfig
+    from refit.families.diffrec.recommender import Recommender
     from refit.runtime.runs import data_fingerprint, save_checkpoint
 
     import torch

@@ -17,7 +17,9 @@ import json
 import statistics
 import time
 
-from refit.sequential import evaluate_dreamrec, load_seq_recommender
+from refit.families.dreamrec.recommender import evaluate_dreamrec
+
+from refit.families.dreamrec.pretrain import load_seq_recommender
 
 
 def main(argv=None):

@@ -19,8 +19,9 @@ import sys
 CHILD = r"""
 import json, resource, statistics, sys, time
 import torch
-from refit.pretrain import load_recommender
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.diffrec.pretrain import load_recommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 args = json.loads(sys.argv[1])
 rec, data, _ = load_recommender(args["checkpoint"], precision=args["precision"])
 cfg = FinetuneConfig(checkpoint=args["checkpoint"], batch_size=args["batch_size"], precision=args["precision"],

@@ -44,7 +44,8 @@ def main(argv=None):
     from refit.cli import _finetune_config, build_parser
     from refit.reward import repeat_episode
     from refit.posttrain.common import Rows
-    from refit.trainer import ReFiT, load_policy
+    from refit.posttrain.trainer import ReFiT
+    from refit.posttrain.run import load_policy
 
     args = build_parser().parse_args(["finetune", "--checkpoint", a.checkpoint, *shlex.split(a.finetune)])
     cfg = _finetune_config(args, out=os.devnull)

@@ -57,10 +57,11 @@ def profile(ops: str, batch_size: int, warmup: int, iterations: int, data_name: 
         os.environ.pop("REFIT_BACKEND", None)
     from refit.data import load_dataset
     from refit.diffusion import GaussianDiffusion
-    from refit.models import build_model
-    from refit.pretrain import PretrainConfig
-    from refit.recommender import Recommender
-    from refit.trainer import FinetuneConfig, ReFiT
+    from refit.families.diffrec.denoisers import build_model
+    from refit.families.diffrec.pretrain import PretrainConfig
+    from refit.families.diffrec.recommender import Recommender
+    from refit.posttrain.config import FinetuneConfig
+    from refit.posttrain.trainer import ReFiT
 
     path = shared_data(data_name) if data_name != "synthetic" else None
     data = load_dataset(path) if path is not None else load_dataset("synthetic")

@@ -60,14 +60,14 @@ def _finetune(checkpoint, out, seed, lam, iterations, extra, placebo=False):
 
 def _metrics(rec, data, rating):
     """{"rated": {split: metrics}, "all": {split: metrics}} at k = 20."""
-    from refit.pretrain import evaluate_recommender
+    from refit.evaluate import evaluate_recommender
 
     return {"rated": evaluate_recommender(rec, data, ("valid", "test"), ks=(20,), min_target_rating=rating),
             "all": evaluate_recommender(rec, data, ("valid", "test"), ks=(20,))}
 
 
 def _evaluate(checkpoint, data, rating):
-    from refit.pretrain import load_recommender
+    from refit.families.diffrec.pretrain import load_recommender
 
     rec, data, _ = load_recommender(checkpoint, data)
     return _metrics(rec, data, rating), data
@@ -77,7 +77,7 @@ def baselines(data, rating):
     """ItemKNN and EASE, each tuned on validation Recall@20 over the items rated >= rating."""
     from refit.baselines import DEFAULT_EASE_GRID, DEFAULT_KNN_GRID, EASE, ItemKNN
     from refit.evaluate import evaluate_many
-    from refit.pretrain import evaluation_targets
+    from refit.evaluate import evaluation_targets
 
     rated = evaluation_targets(data, ("valid", "test"), rating)
     every = evaluation_targets(data, ("valid", "test"))
@@ -98,7 +98,7 @@ def baselines(data, rating):
 
 
 def run_seed(seed, a, lam):
-    from refit.pretrain import load_recommender
+    from refit.families.diffrec.pretrain import load_recommender
 
     pretrained = a.pretrained.replace("{seed}", str(seed))
     rec, data, _ = load_recommender(pretrained)
@@ -168,7 +168,7 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time (one core each)")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    from refit.pretrain import load_recommender
+    from refit.families.diffrec.pretrain import load_recommender
 
     lam, tried = tune_lambda(a)
     print(f"chosen lambda: {lam:g}", flush=True)

@@ -170,7 +170,8 @@ def rated_results(results, pretrained, min_rating):
     counting as hits only the held-out items rated >= min_rating (interaction data with ratings; see
     ``refit evaluate --min-target-rating``). DiffRec's evaluation samples nothing, so each change is
     paired against the pretrained checkpoint evaluated the same way."""
-    from refit.pretrain import evaluate_recommender, load_recommender
+    from refit.evaluate import evaluate_recommender
+    from refit.families.diffrec.pretrain import load_recommender
 
     def metrics(checkpoint, data):
         rec, data, _ = load_recommender(checkpoint, data)

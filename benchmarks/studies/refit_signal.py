@@ -21,9 +21,11 @@ import statistics
 import torch
 
 import refit_kernels as rk
-from refit.pretrain import load_recommender
+from refit.families.diffrec.pretrain import load_recommender
 from refit.reward import collaborative_reward, make_episode, repeat_episode
-from refit.trainer import FinetuneConfig, ReFiT, trajectory_logprob
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
+from refit.posttrain.common import trajectory_logprob
 
 
 def reward_spread(rec, trainer, n_users, samples, k):

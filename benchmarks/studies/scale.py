@@ -99,11 +99,13 @@ def run_size(n_users: int, n_items: int, *, stages: List[str], exact_max_users: 
     from refit.baselines import EASE, ItemKNN
     from refit.data import _build, synthetic_interactions
     from refit.diffusion import GaussianDiffusion
-    from refit.models import build_model
-    from refit.pretrain import PretrainConfig, evaluate_recommender
-    from refit.recommender import Recommender
+    from refit.families.diffrec.denoisers import build_model
+    from refit.families.diffrec.pretrain import PretrainConfig
+    from refit.evaluate import evaluate_recommender
+    from refit.families.diffrec.recommender import Recommender
     from refit.similarity import approximate_similar_users, top_similar_users
-    from refit.trainer import FinetuneConfig, ReFiT
+    from refit.posttrain.config import FinetuneConfig
+    from refit.posttrain.trainer import ReFiT
 
     res: Dict[str, Any] = {"n_users": n_users, "n_items": n_items}
     log(f"{n_users:,} users x {n_items:,} items")

@@ -23,8 +23,10 @@ from benchmarks.paths import shared_data
 from benchmarks.suites._bench import QUICK, record
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
-from refit.models.dreamrec import DreamRec
-from refit.sequential import DreamRecConfig, SeqRecommender, dreamrec_loss, evaluate_dreamrec
+from refit.families.dreamrec.network import DreamRec
+from refit.families.dreamrec.pretrain import DreamRecConfig
+from refit.families.dreamrec.recommender import SeqRecommender, evaluate_dreamrec
+from refit.families.dreamrec.losses import dreamrec_loss
 
 STEPS = 20 if QUICK else 200
 _CACHE = {}

@@ -15,10 +15,11 @@ from benchmarks.paths import shared_data
 from benchmarks.suites._bench import QUICK, record
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
-from refit.models import build_model
-from refit.pretrain import PretrainConfig
-from refit.recommender import Recommender
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.diffrec.denoisers import build_model
+from refit.families.diffrec.pretrain import PretrainConfig
+from refit.families.diffrec.recommender import Recommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 
 _DATA = {}
 

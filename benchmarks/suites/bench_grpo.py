@@ -17,9 +17,11 @@ from benchmarks.paths import shared_data
 from benchmarks.suites._bench import QUICK, record
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
-from refit.models.dreamrec import DreamRec
-from refit.sequential import DreamRecConfig, SeqRecommender
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.dreamrec.network import DreamRec
+from refit.families.dreamrec.pretrain import DreamRecConfig
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 
 _DATA = {}
 SAMPLERS = {"all-steps": {}, "explore-1": {"explore_steps": 1}}

@@ -23,12 +23,14 @@ from benchmarks.paths import shared_data
 from benchmarks.suites._bench import QUICK, record
 from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
-from refit.models import build_model
-from refit.models.dreamrec import DreamRec
-from refit.pretrain import PretrainConfig
-from refit.recommender import Recommender
-from refit.sequential import DreamRecConfig, SeqRecommender
-from refit.trainer import FinetuneConfig, ReFiT
+from refit.families.diffrec.denoisers import build_model
+from refit.families.dreamrec.network import DreamRec
+from refit.families.diffrec.pretrain import PretrainConfig
+from refit.families.diffrec.recommender import Recommender
+from refit.families.dreamrec.pretrain import DreamRecConfig
+from refit.families.dreamrec.recommender import SeqRecommender
+from refit.posttrain.config import FinetuneConfig
+from refit.posttrain.trainer import ReFiT
 
 _DATA = {}
 METHODS = {

@@ -15,9 +15,10 @@ from benchmarks.paths import shared_data
 from benchmarks.suites._bench import QUICK, record
 from refit.data import load_dataset
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
-from refit.models import build_model
-from refit.pretrain import PretrainConfig, evaluate_recommender
-from refit.recommender import Recommender
+from refit.families.diffrec.denoisers import build_model
+from refit.families.diffrec.pretrain import PretrainConfig
+from refit.evaluate import evaluate_recommender
+from refit.families.diffrec.recommender import Recommender
 
 _CACHE = {}
 

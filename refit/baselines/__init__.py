@@ -7,7 +7,7 @@
   sequence data (:class:`SequenceMostPopular`), and the sequence baselines'
   table (:func:`fit_sequence_baselines`);
 * :mod:`refit.baselines.sasrec`: SASRec's training, tuning and evaluation (its
-  network is :class:`refit.models.sasrec.SASRec`).
+  network is :class:`refit.baselines.sasrec_network.SASRec`).
 
 The row baselines are importable from here, as before
 (``from refit.baselines import EASE, ItemKNN, fit_baselines``).

@@ -1,4 +1,4 @@
-"""Training and tuning SASRec (:mod:`refit.models.sasrec`), the sequential baseline of DreamRec.
+"""Training and tuning SASRec (:mod:`refit.baselines.sasrec_network`), the sequential baseline of DreamRec.
 
 Training follows the SASRec paper: each step takes B training sequences,
 each cut to its last ``max_len`` tokens before its last training target and
@@ -45,7 +45,7 @@ from ..data import sequences as seqdata
 from ..evaluate import evaluate_sequences
 from ..runtime.loop import LoopTask, run_loop
 from ..limits import check_run_settings
-from ..models.sasrec import IGNORE, SASRec, left_pad
+from .sasrec_network import IGNORE, SASRec, left_pad
 from .rows import BaselineResult, _fmt
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ configuration (whose :func:`refit.settings.setting` fields are ``refit
 pretrain``'s flags), its pretraining run, how a checkpoint of it is loaded as a
 policy (:mod:`refit.policy`'s protocol), the kind of data it ranks, and
 optionally a wrapper that runs its sampling loops in CUDA graphs. The command
-line, :func:`refit.trainer.load_policy` and :func:`graphed` read this registry;
+line, :func:`refit.posttrain.run.load_policy` and :func:`graphed` read this registry;
 none of them names a family.
 
 Built in: ``diffrec`` and ``cfdiff`` (rows of interactions, :mod:`refit.families.diffrec`),

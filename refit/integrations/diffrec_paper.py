@@ -8,7 +8,7 @@ importing anything of that code and without running anything in the file
 classes outside an exact allow-list become stand-ins that only keep their
 data), takes the weights and the architecture (``in_dims``, ``out_dims``,
 ``time_emb_dim``, ``time_type``, ``norm``, the dropout rate) from the
-stand-ins, and builds refit's :class:`~refit.models.DiffRecMLP` with the
+stand-ins, and builds refit's :class:`~refit.families.diffrec.denoisers.DiffRecMLP` with the
 diffusion settings given as arguments (``refit import-diffrec`` takes them as
 flags with DiffRec's names). The two networks compute the same function
 (tested), so the result can be evaluated, fine-tuned and saved as any refit
@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..diffusion import DiffusionConfig, GaussianDiffusion
-from ..models import DiffRecMLP
-from ..recommender import Recommender
+from ..families.diffrec.denoisers import DiffRecMLP
+from ..families.diffrec.recommender import Recommender
 from ..runtime.runs import _check_archive, check_finite_weights
 from ..data.safe_pickle import Opaque, read_pickle
 

@@ -9,7 +9,7 @@ replaced by an inert stand-in that keeps the object's data (:class:`Opaque`),
 so the config can be read and the whole checkpoint written back, with the
 original classes, for RecBole to load. Nothing in the file runs code.
 
-* :func:`load_recbole_checkpoint` builds a :class:`refit.recommender.Recommender`
+* :func:`load_recbole_checkpoint` builds a :class:`refit.families.diffrec.recommender.Recommender`
   with the same denoiser (RecBole's ``DNN``: time embedding, layer sizes,
   tanh, input dropout), the same noise schedule and steps, and the same
   inference settings, and checks that it scores a batch of users exactly as
@@ -42,8 +42,8 @@ import torch
 from ..data import InteractionData, binary_csr
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..evaluate import DEFAULT_KS, evaluate_many
-from ..models import DiffRecMLP
-from ..recommender import Recommender
+from ..families.diffrec.denoisers import DiffRecMLP
+from ..families.diffrec.recommender import Recommender
 from ..data.safe_pickle import RECBOLE_PICKLE_MODULE, Opaque, read_pickle  # noqa: F401  (importable from here)
 
 

@@ -405,8 +405,9 @@ class LatentSampler:
 
 # --- wrappers that give a policy graphed sampling and evaluation -------------------------------------
 
-class _Graphed:
-    """Delegates everything to the wrapped policy but what a subclass defines."""
+class GraphedPolicy:
+    """A wrapper of a policy that delegates everything to it but what a subclass defines: each model
+    family's graphed wrapper (:attr:`refit.families.Family.graphed`) subclasses it."""
 
     def __init__(self, policy, *, batch_size: Optional[int] = None, eval_batch_size: Optional[int] = None,
                  use_graph: Optional[bool] = None):
@@ -433,172 +434,10 @@ class _Graphed:
         return have
 
 
-def _plain_cond(cond) -> Tuple[Tuple[torch.Tensor, ...], Any]:
-    """A model's conditioning as (tuple of tensors, the type that rebuilds it)."""
-    if cond is None:
-        return (), None
-    if isinstance(cond, torch.Tensor):
-        return (cond,), None
-    return tuple(cond), type(cond)
-
-
-class GraphedRecommender(_Graphed):
-    """A :class:`refit.recommender.Recommender` (DiffRec, CF-Diff, outside models) whose ReFiT sampling
-    (:meth:`sample`) and evaluation pass (:meth:`scores`, :meth:`evaluate`) replay CUDA graphs.
-
-    ``batch_size`` / ``eval_batch_size``: the padded batch sizes (default: the first batch's).
-    """
-
-    def _forward(self, cond_type) -> Forward:
-        module, precision = self.policy.model, self.policy.precision
-
-        def forward(x, t, cond):
-            c = None if not cond else (cond_type(*cond) if cond_type is not None else cond[0])
-            with graph_autocast(precision, x.device):
-                out = module(x, t, c)
-            return out.float()
-
-        return forward
-
-    def sample(self, users: torch.Tensor, inputs: torch.Tensor, *, generator: Optional[torch.Generator] = None,
-               temperature: float = 1.0, rows=None, keep_graph: bool = False):
-        """As :meth:`Recommender.sample` (same trajectories for the same generator), from a graph."""
-        rec = self.policy
-        if keep_graph or rec.model.training or rec.diffusion.betas is None:
-            return rec.sample(users, inputs, generator=generator, temperature=temperature, rows=rows,
-                              keep_graph=keep_graph)
-        with torch.no_grad():
-            cond, cond_type = _plain_cond(rec.model.condition(users, inputs))
-        B, D = inputs.shape
-        sampler = self._sampler(
-            ("sample", tuple(c.shape[1:] for c in cond)), max(B, self.batch_size or 0),
-            lambda n: ReverseSampler(rec.diffusion, self._forward(cond_type), n, D, device=inputs.device,
-                                     cond_like=cond, noise=True, trajectory=True, use_graph=self.use_graph))
-        return sampler(inputs, cond, generator=generator, rows=rows, temperature=temperature)
-
-    @torch.no_grad()
-    def scores(self, users: torch.Tensor, rows: torch.Tensor, generator: Optional[torch.Generator] = None,
-               latent: Optional[bool] = None) -> torch.Tensor:
-        """As :meth:`Recommender.scores`, (B, I) float32, from a graph."""
-        rec = self.policy
-        was = rec.model.training
-        rec.model.eval()
-        try:
-            use_latent = rec.latent_inference() if latent is None else latent
-            cond, cond_type = _plain_cond(rec.model.condition(users, rows))
-            B, D = rows.shape
-            wanted = max(B, self.eval_batch_size or 0)
-            shapes = tuple(c.shape[1:] for c in cond)
-            if use_latent:
-                sampler = self._sampler(("latent", shapes), wanted, lambda n: LatentSampler(
-                    rec.diffusion, rec.model, n, D, device=rows.device, precision=rec.precision, cond_like=cond,
-                    cond_type=cond_type, use_graph=self.use_graph))
-                x = rows
-                if rec.sampling_steps > 0:
-                    t = torch.full((B,), rec.sampling_steps - 1, dtype=torch.long, device=rows.device)
-                    x = rec.diffusion.q_sample(rows, t, generator=generator)
-                return sampler(x, cond)
-            if rec.diffusion.betas is None:
-                return rec.scores(users, rows, generator=generator, latent=False)
-            sampler = self._sampler(("scores", shapes, rec.sampling_noise), wanted, lambda n: ReverseSampler(
-                rec.diffusion, self._forward(cond_type), n, D, device=rows.device, cond_like=cond,
-                noise=rec.sampling_noise, trajectory=False, use_graph=self.use_graph))
-            return sampler(rows, cond, generator=generator, sampling_steps=rec.sampling_steps)
-        finally:
-            rec.model.train(was)
-
-    def evaluate(self, data, *, ks=(10, 20, 50, 100), batch_size: int = 1024) -> Dict[str, Dict[str, float]]:
-        """As :meth:`Recommender.evaluate` (valid and test metrics), each batch scored by :meth:`scores`.
-
-        The training rows are gathered where the model is (``gather_rows``' CUDA kernel on a GPU),
-        from a copy of the training matrix placed there once.
-        """
-        import refit_kernels as rk
-
-        from ..evaluate import evaluate_many
-        from ..pretrain import evaluation_targets
-
-        device = self.policy.device
-        train = rk.as_csr(data.train, "train", index_dtype=None).to(device)
-
-        def score_fn(users: torch.Tensor) -> torch.Tensor:
-            users = users.to(device)
-            return self.scores(users, rk.gather_rows(train, users))
-
-        return evaluate_many(score_fn, evaluation_targets(data, ("valid", "test")), ks=ks, batch_size=batch_size,
-                             desc="evaluate")
-
-
-class GraphedSeqRecommender(_Graphed):
-    """A :class:`refit.sequential.SeqRecommender` (DreamRec) whose ReFiT sampling (:meth:`sample`) and
-    evaluation sampler (:meth:`generate`, :meth:`scores`, :meth:`evaluate`) replay CUDA graphs.
-
-    :meth:`generate` runs the step-by-step guided sampler (``fast=False`` of
-    :meth:`SeqRecommender.generate`, whose embeddings it equals); the eager default folds the
-    mlp1 denoiser's linear algebra instead, which agrees up to float32 rounding.
-    """
-
-    def _forward(self) -> Forward:
-        model, w, precision = self.policy.model, self.policy.w, self.policy.precision
-
-        def forward(x, t, cond):
-            with graph_autocast(precision, x.device):
-                out = model.guided(x, cond[0], t, w)
-            return out.float()
-
-        return forward
-
-    def _run(self, key, diffusion, h, x_T, capacity, generator, rows, temperature, trajectory):
-        B, D = x_T.shape
-        sampler = self._sampler((key,), max(B, capacity or 0), lambda n: ReverseSampler(
-            diffusion, self._forward(), n, D, device=x_T.device, cond_like=(h,), noise=True, trajectory=trajectory,
-            use_graph=self.use_graph))
-        return sampler(x_T, (h,), generator=generator, rows=rows, temperature=temperature)
-
-    def sample(self, users: torch.Tensor, inputs, *, generator: Optional[torch.Generator] = None,
-               temperature: float = 1.0, rows=None, keep_graph: bool = False):
-        """As :meth:`SeqRecommender.sample` (same trajectories for the same generator), from a graph."""
-        rec = self.policy
-        if keep_graph or rec.model.training:
-            return rec.sample(users, inputs, generator=generator, temperature=temperature, rows=rows,
-                              keep_graph=keep_graph)
-        history, lengths = inputs
-        with torch.no_grad():
-            h = rec.guidance(history, lengths)
-        x_T = rec.start_noise(h.shape[0], generator, rows)  # the first draw, as sample_from makes it
-        return self._run("sample", rec.diffusion, h, x_T, self.batch_size, generator, rows, temperature, True)
-
-    @torch.no_grad()
-    def generate(self, history: torch.Tensor, lengths: torch.Tensor, generator: Optional[torch.Generator] = None,
-                 fast: Optional[bool] = None) -> torch.Tensor:
-        """(B, D) generated embeddings, as ``SeqRecommender.generate(..., fast=False)``, from a graph."""
-        rec = self.policy
-        was = rec.model.training
-        rec.model.eval()
-        try:
-            h = rec.guidance(history, lengths)
-            x_T = rec.start_noise(h.shape[0], generator)
-            return self._run("generate", rec._eval_diffusion, h, x_T, self.eval_batch_size, generator, None, 1.0,
-                             False)
-        finally:
-            rec.model.train(was)
-
-    @torch.no_grad()
-    def scores(self, history: torch.Tensor, lengths: torch.Tensor, generator: Optional[torch.Generator] = None,
-               include_padding: bool = False) -> torch.Tensor:
-        x = self.generate(history, lengths, generator)
-        return self.policy.model.item_scores(x, include_padding=include_padding).float()
-
-    def evaluate(self, data, *, ks=None, batch_size: int = 2048, seed: int = 0) -> Dict[str, Dict[str, float]]:
-        from ..sequential import SEQ_KS, evaluate_dreamrec
-
-        return evaluate_dreamrec(self, data, ks=ks or SEQ_KS, batch_size=batch_size, seed=seed)
-
-
 def is_graphed(policy) -> bool:
     """Whether ``policy`` is a wrapper of this module already."""
-    return isinstance(policy, _Graphed)
+    return isinstance(policy, GraphedPolicy)
 
 
 __all__ = ["graph_autocast", "StepTable", "step_table", "set_temperature", "reverse_loop", "CapturedLoop",
-           "ReverseSampler", "LatentSampler", "GraphedRecommender", "GraphedSeqRecommender", "is_graphed"]
+           "ReverseSampler", "LatentSampler", "GraphedPolicy", "is_graphed"]

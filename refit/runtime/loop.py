@@ -3,7 +3,7 @@
 A run supplies a :class:`LoopTask` (train one unit, evaluate, the checkpoint
 contents, its own summary fields); :func:`run_loop` does the rest the same
 way for pretraining (epochs; :func:`run_epochs` for every model family),
-fine-tuning (iterations; :func:`refit.trainer.finetune`) and SASRec's
+fine-tuning (iterations; :func:`refit.posttrain.run.finetune`) and SASRec's
 training (epochs, in memory: :func:`refit.baselines.sasrec.train_sasrec`): it evaluates every
 ``eval_every`` units and always the last, keeps the best validation score in
 ``best.pt``, writes ``last.pt`` and a line of ``metrics.jsonl`` per unit,

@@ -10,7 +10,7 @@ embedding, as PreferDiff's ``predict`` does (``models/PreferDiff/_model.py``
 l. 118-124 of lswhim/PreferDiff, commit fdf45b0): :meth:`item_scores` is
 DreamRec's.
 
-What differs is the training loss (:func:`refit.sequential.preferdiff_loss`):
+What differs is the training loss (:func:`refit.families.dreamrec.losses.preferdiff_loss`):
 a reconstruction term (the squared cosine gap ``(cos(x0, x0_hat) - 1)^2``)
 and a preference term, BPR recast as a diffusion likelihood, that asks the
 denoising error toward the target to be smaller than the error toward a
@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dreamrec import DreamRec
+from .network import DreamRec
 
 RECONSTRUCTIONS = ("cosine", "mse")
 PAIRINGS = ("batch", "row")
@@ -46,9 +46,9 @@ class PreferDiff(DreamRec):
     """PreferDiff's network: DreamRec's interface (``encode``, ``denoise``, ``guided``, ``item_scores``,
     ``item_embeddings``, ``hidden``, ``n_items``) with PreferDiff's encoder block and loss settings.
 
-    Shapes as :class:`~refit.models.dreamrec.DreamRec`: histories (B, L) right-padded with ``n_items``.
+    Shapes as :class:`~refit.families.dreamrec.network.DreamRec`: histories (B, L) right-padded with ``n_items``.
 
-    Loss settings (see :func:`refit.sequential.preferdiff_loss`): ``lamda`` the reconstruction
+    Loss settings (see :func:`refit.families.dreamrec.losses.preferdiff_loss`): ``lamda`` the reconstruction
     term's weight (the preference term gets ``1 - lamda``; PreferDiff's spelling), ``gamma`` the scale
     of the error difference inside the log-sigmoid, ``reconstruction`` the error both terms measure
     (``"cosine"``: ``(cos - 1)^2``; ``"mse"``: the mean squared error), ``pairing`` (``"batch"``: the

@@ -8,7 +8,7 @@ but the noisy row); :func:`build_model` makes one from its name and config.
 from typing import Any, Dict, Optional
 
 from .cfdiff import CFDiff, HopGraph, HopInputs
-from .diffrec import DiffRecMLP, timestep_embedding
+from .mlp import DiffRecMLP, timestep_embedding
 
 MODELS = {"diffrec": DiffRecMLP, "cfdiff": CFDiff}
 

@@ -10,27 +10,26 @@ improvement, and writes everything into the run folder: ``config.json``,
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .runtime import distributed as dist
-from .data import InteractionData, load_dataset
-from .diffusion import SCHEDULES, DiffusionConfig, GaussianDiffusion
-from .evaluate import evaluate_many, evaluate_recommender, evaluation_targets  # noqa: F401  (importable from here)
-from .models import MODELS, build_model
-from .recommender import PRECISIONS, Recommender
-from .runtime.control import StopRequests
-from .limits import check_run_settings
-from .runtime.loop import EpochTask, run_epochs
-from .settings import finite_float, int_list, positive_float, positive_int, seed as seed_type, setting
-from .runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
-                   save_checkpoint, set_rng_state)
+from ...data import InteractionData, load_dataset
+from ...diffusion import SCHEDULES, DiffusionConfig, GaussianDiffusion
+from ...evaluate import evaluate_recommender
+from ...runtime import distributed as dist
+from ...runtime.control import StopRequests
+from ...runtime.loop import EpochTask, run_epochs
+from ...runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
+                             set_rng_state)
+from ...settings import finite_float, int_list, positive_int, setting
+from ..base import PretrainSettings
+from .denoisers import MODELS, build_model
+from .recommender import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,10 @@ SELECTION_METRIC = "recall@20"
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run depends on. Defaults: DiffRec's published ML-1M settings."""
+class PretrainConfig(PretrainSettings):
+    """Everything a DiffRec or CF-Diff pretraining run depends on. Defaults: DiffRec's published ML-1M
+    settings. The data, optimiser and loop settings are those of :class:`refit.families.base.PretrainSettings`."""
 
-    data: str = "synthetic"
     model: str = "diffrec"
     # DiffRec MLP
     dims: Tuple[int, ...] = setting((200, 600), "encoder widths, e.g. 200,600", type=int_list, group="DiffRec MLP")
@@ -63,25 +62,8 @@ class PretrainConfig:
                                   group="diffusion")
     sampling_noise: bool = setting(False, "recommend with noisy reverse steps", group="diffusion")
     reweight: bool = setting(True, "importance-sample the timesteps by their loss", group="diffusion")
-    # optimisation and schedule
-    lr: float = setting(1e-3, "AdamW's learning rate", group="training")
-    weight_decay: float = setting(0.0, group="training")
-    batch_size: int = setting(400, type=positive_int, group="training")
-    epochs: int = setting(1000, "epochs at most", type=positive_int, group="training")
-    eval_every: int = setting(5, "evaluate every this many epochs (and always the last)", type=positive_int,
-                              group="training")
-    patience: int = setting(20, "epochs without improvement", type=positive_int, group="training")
-    seed: int = setting(1, type=seed_type, group="training")
-    precision: str = setting("fp32", choices=PRECISIONS, group="training")
-    eval_batch_size: int = setting(1024, type=positive_int, group="training")
-    ks: Tuple[int, ...] = setting((10, 20, 50, 100), "cut-offs, e.g. 10,20,50,100", type=int_list, group="training")
-    out: str = "runs/pretrain"
-    progress: Optional[bool] = None  # progress bar: None when stderr is a terminal, True always, False never
-    data_options: Dict[str, Any] = field(default_factory=dict)
-    # start from this checkpoint's weights (its model settings are used)
-    init: Optional[str] = setting(None, "start from this checkpoint's weights (continued pretraining)", type=str)
-    # stop after this many seconds (training and evaluation)
-    time_budget: Optional[float] = setting(None, "stop after this many seconds", type=positive_float)
+
+    selection_metric: ClassVar[str] = SELECTION_METRIC
 
     #: The denoisers this configuration builds, by ``model`` name (a family of other denoisers subclasses
     #: the config and names its own).
@@ -90,12 +72,7 @@ class PretrainConfig:
     def __post_init__(self):
         if self.model not in self.models:
             raise ValueError(f"model must be one of {', '.join(self.models)}, got {self.model!r}")
-        if not self.ks:
-            raise ValueError(f"ks must include 20 (model selection uses {SELECTION_METRIC}), got {self.ks}")
-        check_run_settings(self, positive=("batch_size", "epochs", "eval_every", "patience", "eval_batch_size",
-                                           "emb_size"),
-                           finite=("dropout", "noise_scale", "noise_min", "noise_max"), precisions=PRECISIONS,
-                           selection=SELECTION_METRIC)
+        self.check_run(positive=("emb_size",), finite=("dropout", "noise_scale", "noise_min", "noise_max"))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.dims = tuple(int(d) for d in self.dims)
@@ -111,9 +88,6 @@ class PretrainConfig:
                     "dropout": self.dropout, "norm": False}
         return {"n_items": n_items, "n_tokens": self.n_tokens, "d_model": self.d_model, "n_heads": self.n_heads,
                 "emb_size": self.emb_size, "dropout": self.dropout, "top_n": self.top_n}
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def pretrain(config: PretrainConfig, data: Optional[InteractionData] = None, *, resume: bool = False,
@@ -276,7 +250,7 @@ def load_recommender(path: str, data: Optional[InteractionData] = None, *, devic
                      precision: Optional[str] = None, allow_other_data: bool = False,
                      models: Optional[Dict[str, type]] = None) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
     """A saved recommender with its data (loaded from the checkpoint's source unless given); ``models``:
-    the denoiser classes by name (default: :data:`refit.models.MODELS`).
+    the denoiser classes by name (default: :data:`refit.families.diffrec.denoisers.MODELS`).
 
     Raises ValueError when the data differs from what the model was trained on, or when data are given
     and the checkpoint records no fingerprint to check them against, unless ``allow_other_data`` (see

@@ -8,25 +8,13 @@ final state. ``precision="bf16"`` runs the denoiser under CPU/GPU autocast.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .diffusion import DiffusionConfig, GaussianDiffusion, batched_outputs, reverse_in_latent, rl_diffusion
-from .models import build_model
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context of a precision ("fp32": none)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
+from ...diffusion import (PRECISIONS, DiffusionConfig, GaussianDiffusion, autocast, batched_outputs, reverse_in_latent,
+                          rl_diffusion)
+from .denoisers import build_model
 
 
 class Recommender:
@@ -155,7 +143,7 @@ class Recommender:
                        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) ELBO loss of denoising toward the (B, I) rows ``x0``, conditioned on ``inputs``; ``weight``
         (B, I) weighs each item's squared error (see :meth:`GaussianDiffusion.training_loss`)."""
-        from .runtime import distributed as dist
+        from ...runtime import distributed as dist
 
         f = self.denoiser(users, inputs)
         if rows is None:
@@ -186,7 +174,7 @@ class Recommender:
         return target
 
     def evaluate(self, data, *, ks=(10, 20, 50, 100), batch_size: int = 1024) -> Dict[str, Dict[str, float]]:
-        from .evaluate import evaluate_recommender
+        from ...evaluate import evaluate_recommender
 
         return evaluate_recommender(self, data, ks=ks, batch_size=batch_size)
 
@@ -205,12 +193,12 @@ class Recommender:
                    precision: Optional[str] = None, *, source: Optional[str] = None,
                    models: Optional[Dict[str, type]] = None) -> "Recommender":
         """Rebuilds a recommender from :meth:`state` (CF-Diff needs the training matrix); ``models``: the
-        denoiser classes by name (default: :data:`refit.models.MODELS`).
+        denoiser classes by name (default: :data:`refit.families.diffrec.denoisers.MODELS`).
 
         ``source``, the checkpoint the state was read from, is named in the errors. A state with a NaN
         or infinite weight is refused (ValueError naming the tensor).
         """
-        from .runtime.runs import check_finite_weights
+        from ...runtime.runs import check_finite_weights
 
         what = f"checkpoint {source!r}" if source else "the checkpoint"
         try:

@@ -20,18 +20,16 @@ through a token-wise layer, and projected back to all items.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 import refit_kernels as rk
 
-from ..limits import check_memory
-from ..similarity import top_similar_users
-from .diffrec import _xavier_normal_, timestep_embedding
+from ...limits import check_memory
+from ...similarity import top_similar_users
+from .mlp import _xavier_normal_, timestep_embedding
 
 
 class HopInputs(NamedTuple):

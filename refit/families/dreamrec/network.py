@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..limits import check_memory
+from ...limits import check_memory
 
 DIFFUSERS = ("mlp1", "mlp2")
 
@@ -53,7 +53,7 @@ class DreamRec(nn.Module):
     float32 with D = ``hidden``.
     """
 
-    #: Which network a checkpoint rebuilds (:data:`refit.sequential.NETWORKS`).
+    #: Which network a checkpoint rebuilds (:data:`refit.families.dreamrec.recommender.NETWORKS`).
     network_name = "dreamrec"
 
     def __init__(self, n_items: int, hidden: int = 64, max_len: int = 10, dropout: float = 0.1, heads: int = 1,
@@ -71,7 +71,7 @@ class DreamRec(nn.Module):
                      ((n_items + 1 + max_len) * hidden + 16 * hidden * (hidden + 1)) * 4, "DreamRec's weights (float32)")
         self.n_items, self.hidden, self.max_len, self.heads = n_items, hidden, max_len, heads
         self.diffuser_type, self.p_uncond, self.dropout_p = diffuser, p_uncond, dropout
-        # Training setting kept with the network (see refit.sequential.dreamrec_loss): whether the
+        # Training setting kept with the network (see refit.families.dreamrec.losses.dreamrec_loss): whether the
         # diffusion target's embedding is a constant of the loss or, as in DreamRec's code, trained by it.
         self.detach_target = bool(detach_target)
         D = hidden
