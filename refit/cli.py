@@ -16,10 +16,8 @@ and rank 0 alone prints and writes the run folder.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
-import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -242,21 +240,29 @@ def _checkpoint_model(path: str) -> str:
 
 
 def cmd_evaluate_sequential(args, family) -> int:
+    """``refit evaluate`` of a sequence family's checkpoint: its family's evaluation (and protocols)."""
     from .data import load_dataset
-    from .data.sequences import PREFERDIFF_KS
-    from .families.dreamrec.recommender import SEQ_KS, evaluate_dreamrec
+    from .data.sequences import DEFAULT_KS, PREFERDIFF_KS
 
     options = _data_options(args)
     data = load_dataset(args.data, **options) if args.data else None
     rec, data, state = family.load(args.checkpoint, data, precision=args.precision, device=_device(),
                                    allow_other_data=args.allow_other_data)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
-    ks = args.ks if args.ks is not None else list(PREFERDIFF_KS if args.protocol == "preferdiff" else SEQ_KS)
+    ks = args.ks if args.ks is not None else list(PREFERDIFF_KS if args.protocol == "preferdiff" else DEFAULT_KS)
     if args.eval_steps is not None:
+        if not hasattr(rec, "set_eval_steps"):
+            raise ValueError(f"--eval-steps: a {family.name} policy has no respaced sampler")
         rec.set_eval_steps(args.eval_steps)
-    results = evaluate_dreamrec(rec, data, splits, ks=ks, batch_size=args.batch_size,
-                                exclude_history=args.exclude_history, seed=args.seed, progress=_progress(args),
-                                protocol=args.protocol)
+    if family.evaluate is not None:
+        results = family.evaluate(rec, data, splits, ks=ks, batch_size=args.batch_size,
+                                  exclude_history=args.exclude_history, seed=args.seed, progress=_progress(args),
+                                  protocol=args.protocol)
+    elif args.protocol != "full":
+        raise ValueError(f"--protocol {args.protocol}: the {family.name} family evaluates with the full protocol only")
+    else:
+        results = rec.evaluate(data, ks=tuple(ks), batch_size=args.batch_size)
+        results = {s: results[s] for s in splits}
     if not _main():
         return 0
     base = _sequence_baseline_rows(args, data, state, splits, ks) if args.baselines else []
@@ -265,16 +271,19 @@ def cmd_evaluate_sequential(args, family) -> int:
             results["baselines"] = {label: metrics for label, metrics in base}
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
-    steps = rec.eval_steps or rec.diffusion.steps
-    sampler = f"{steps} sampling steps" + (f" (DDIM, eta {rec.eval_eta:g})" if rec.eval_eta is not None else "")
-    print(f"{args.checkpoint}: {rec.network} on {state.get('data', {}).get('source', '?')} "
-          f"({data.n_sequences} sequences, {data.n_items} items; w={rec.w:g}, {sampler}, "
-          f"{args.protocol} protocol)")
+    how = []
+    if hasattr(rec, "w"):  # a guided sampler: its guidance weight and steps
+        steps = getattr(rec, "eval_steps", None) or rec.diffusion.steps
+        eta = getattr(rec, "eval_eta", None)
+        how += [f"w={rec.w:g}", f"{steps} sampling steps" + (f" (DDIM, eta {eta:g})" if eta is not None else "")]
+    how.append(f"{args.protocol} protocol")
+    print(f"{args.checkpoint}: {getattr(rec, 'network', family.name)} on {state.get('data', {}).get('source', '?')} "
+          f"({data.n_sequences} sequences, {data.n_items} items; {', '.join(how)})")
     rows = [(s, results[s]) for s in splits]
     rows += [(f"{label}: {s}" if len(splits) > 1 else label, metrics.get(s)) for label, metrics in base
              for s in splits]
     # PreferDiff reports Recall@k (= HR@k with one target) and NDCG@k
-    print(format_table(rows, ks, ("recall", "ndcg") if args.protocol == "preferdiff" else ("hr", "ndcg", "mrr")))
+    print(format_table(rows, ks, ("recall", "ndcg") if args.protocol == "preferdiff" else family.metrics))
     return 0
 
 

@@ -135,6 +135,8 @@ def test_the_registry_refuses_what_it_cannot_use():
         Family(name="x", config=Bare, pretrain=pretrain, load=load_recommender)
     with pytest.raises(TypeError, match="load must be callable"):
         Family(name="x", config=ToyConfig, pretrain=pretrain, load=None)
+    with pytest.raises(TypeError, match="evaluate must be callable or None"):
+        Family(name="x", config=ToyConfig, pretrain=pretrain, load=load_recommender, evaluate="full")
     with pytest.raises(ValueError, match="unknown model family 'nope'; registered: diffrec, cfdiff, dreamrec"):
         families.get("nope")
     with pytest.raises(TypeError, match="no graphed sampler for object"):
@@ -168,3 +170,36 @@ def test_the_example_of_docs_models_md_runs_as_written(tmp_path, monkeypatch, ca
     assert json.load(open(tmp_path / "runs" / "mine" / "config.json"))["width"] == 32
     fine = json.load(open(tmp_path / "runs" / "mine-refit" / "summary.json"))
     assert fine["status"] == "finished" and fine["iterations"] == 5
+
+
+def test_a_sequence_family_without_its_own_evaluation_is_evaluated_by_its_policy(capsys):
+    """``refit evaluate`` of a sequence family that registers no ``evaluate``: the policy's own
+    ``evaluate(data, ks=, batch_size=)`` on the full protocol, the family's metrics in the table; the
+    DreamRec protocols and --eval-steps are refused by name."""
+    import argparse
+
+    from refit.data import load_dataset
+
+    data = load_dataset("synthetic-seq", n_users=60, n_items=30, seed=0)
+    seen = []
+
+    class Policy:
+        def evaluate(self, data, *, ks, batch_size):
+            seen.append((ks, batch_size))
+            return {s: {f"{m}@{k}": 0.5 for m in ("hr", "ndcg", "mrr") for k in ks} for s in ("valid", "test")}
+
+    family = Family(name="seqtoy", config=ToyConfig, pretrain=pretrain, data_kind="sequences",
+                    load=lambda path, d=None, **kw: (Policy(), data, {"data": {"source": "s"}}))
+    args = argparse.Namespace(data=None, split="test", ks=None, protocol="full", eval_steps=None, batch_size=16,
+                              exclude_history=None, seed=0, json=False, baselines=False, checkpoint="toy.pt",
+                              precision=None, allow_other_data=False, progress=False, quiet=True)
+    assert cli.cmd_evaluate_sequential(args, family) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert seen == [((10, 20, 50), 16)]
+    assert out[0] == "toy.pt: seqtoy on s (60 sequences, 30 items; full protocol)"
+    assert out[1].split() == [f"{m}@{k}" for k in (10, 20, 50) for m in ("hr", "ndcg", "mrr")]
+    assert out[2].split() == ["test"] + ["0.5000"] * 9
+    with pytest.raises(ValueError, match="--protocol dreamrec: the seqtoy family evaluates with the full protocol"):
+        cli.cmd_evaluate_sequential(argparse.Namespace(**{**vars(args), "protocol": "dreamrec"}), family)
+    with pytest.raises(ValueError, match="--eval-steps: a seqtoy policy has no respaced sampler"):
+        cli.cmd_evaluate_sequential(argparse.Namespace(**{**vars(args), "eval_steps": 5}), family)

@@ -31,6 +31,11 @@ class Family:
         policy_type: the class of its policies, for :func:`graphed`.
         graphed: ``graphed(policy, *, batch_size, eval_batch_size, use_graph)``: the policy with its
             reverse-sampling loops in CUDA graphs (see :mod:`refit.runtime.cudagraph`).
+        evaluate: for a sequence family, ``evaluate(policy, data, splits, *, ks, batch_size, exclude_history,
+            seed, progress, protocol) -> {split: metrics}``: what ``refit evaluate`` runs on its
+            checkpoints, with the evaluation protocols of :func:`refit.evaluate.evaluate_sequences`
+            (``protocol``: "full", "dreamrec" or "preferdiff"). Default: the policy's own
+            ``evaluate(data, ks=, batch_size=)`` (the full protocol only).
         help: one line for ``refit pretrain --help``.
     """
 
@@ -42,6 +47,7 @@ class Family:
     checkpoint_name: Optional[str] = None
     policy_type: Optional[type] = None
     graphed: Optional[Callable[..., Any]] = None
+    evaluate: Optional[Callable[..., Dict[str, Dict[str, float]]]] = None
     help: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -59,6 +65,9 @@ class Family:
         for what in ("pretrain", "load"):
             if not callable(getattr(self, what)):
                 raise TypeError(f"family {self.name!r}: {what} must be callable")
+        for what in ("graphed", "evaluate"):
+            if getattr(self, what) is not None and not callable(getattr(self, what)):
+                raise TypeError(f"family {self.name!r}: {what} must be callable or None")
 
     @property
     def stored_name(self) -> str:

@@ -25,9 +25,10 @@ from .recommender import SEQ_KS, SEQ_SELECTION, SeqRecommender, evaluate_dreamre
 
 register(Family(name="dreamrec", config=DreamRecConfig, pretrain=pretrain_dreamrec, load=load_seq_recommender,
                 data_kind="sequences", policy_type=SeqRecommender, graphed=GraphedSeqRecommender,
-                help="DreamRec: guided denoising of the next item's embedding"))
+                evaluate=evaluate_dreamrec, help="DreamRec: guided denoising of the next item's embedding"))
 register(Family(name="preferdiff", config=PreferDiffConfig, pretrain=pretrain_dreamrec, load=load_seq_recommender,
-                data_kind="sequences", checkpoint_name="dreamrec", help="PreferDiff: DreamRec with a preference loss"))
+                data_kind="sequences", checkpoint_name="dreamrec", evaluate=evaluate_dreamrec,
+                help="PreferDiff: DreamRec with a preference loss"))
 
 __all__ = ["SeqRecommender", "DreamRecConfig", "PreferDiffConfig", "pretrain_dreamrec", "load_seq_recommender",
            "evaluate_dreamrec", "select_guidance", "GraphedSeqRecommender", "DreamRec", "PreferDiff", "SEQ_KS",
