@@ -315,7 +315,7 @@ def evaluate_many(
     return results
 
 
-# --- DiffRec-style recommenders (refit.families.diffrec.recommender.Recommender) ------------------------------------------
+# --- DiffRec-style recommenders (refit.families.diffrec.recommender.RowRecommender) ------------------------------------------
 
 def evaluation_targets(data: InteractionData, splits: Sequence[str] = ("valid", "test"),
                        min_target_rating: Optional[float] = None):
@@ -360,7 +360,7 @@ def evaluate_recommender(rec: Any, data: InteractionData, splits: Sequence[str] 
                          progress: bool = False, min_target_rating: Optional[float] = None
                          ) -> Dict[str, Dict[str, float]]:
     """Metrics of ``rec`` (anything with ``scores(users, rows)`` and ``device``, as
-    :class:`refit.families.diffrec.recommender.Recommender`) on each split, from one reverse pass per batch of users.
+    :class:`refit.families.diffrec.recommender.RowRecommender`) on each split, from one reverse pass per batch of users.
 
     Every user is scored from their training row (densified per batch with
     ``gather_rows``); no users x items matrix is built. min_target_rating: see

@@ -39,7 +39,7 @@ model (``inputs`` are an :class:`~refit.reward.Episode`'s policy inputs,
     switched between train and eval mode, deep-copied for the KL anchor), the
     autocast precision, the device, and everything a checkpoint holds.
 
-refit's :class:`~refit.families.diffrec.recommender.Recommender` (DiffRec, CF-Diff) and
+refit's :class:`~refit.families.diffrec.recommender.RowRecommender` (DiffRec, CF-Diff) and
 :class:`~refit.families.dreamrec.recommender.SeqRecommender` (DreamRec) implement it;
 :class:`ScheduleDenoiser` adapts any ``denoiser(x_t, t)`` with a beta schedule
 written the way DiffRec's paper code is, and
@@ -406,19 +406,19 @@ def ScheduleDenoiser(denoiser: torch.nn.Module, betas: Sequence[float], *, n_ite
     predicts x0 (``mean_type="x0"``) or the noise (``"eps"``), and the (T,)
     betas of its schedule (e.g. ``GaussianDiffusion.betas`` of that code).
     The reverse process starts from the user's (partly hidden) training row,
-    as DiffRec's does. Returns a :class:`refit.families.diffrec.recommender.Recommender`, which
+    as DiffRec's does. Returns a :class:`refit.families.diffrec.recommender.RowRecommender`, which
     implements the protocol; its checkpoints hold the outside module's
     ``state_dict`` (load it back into that module with
     ``denoiser.load_state_dict(state["recommender"]["model"]["state_dict"])``
     after stripping the ``denoiser.`` prefix, or with :func:`outside_state_dict`).
     """
-    from .families.diffrec.recommender import Recommender
+    from .families.diffrec.recommender import RowRecommender
 
     if mean_type not in MEAN_TYPES:
         raise ValueError(f"mean_type must be one of {MEAN_TYPES}, got {mean_type!r}")
     device = next(denoiser.parameters()).device
     diffusion = GaussianDiffusion.from_betas(np.asarray(betas, dtype=np.float64), mean_type=mean_type, device=device)
-    return Recommender("external", _Wrapped(denoiser, n_items), diffusion, sampling_steps=sampling_steps,
+    return RowRecommender("external", _Wrapped(denoiser, n_items), diffusion, sampling_steps=sampling_steps,
                        sampling_noise=sampling_noise, precision=precision)
 
 

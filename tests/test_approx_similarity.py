@@ -151,14 +151,14 @@ def test_refit_takes_a_precomputed_table():
     from refit.diffusion import GaussianDiffusion
     from refit.families.diffrec.denoisers import build_model
     from refit.families.diffrec.pretrain import PretrainConfig
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
     from refit.posttrain.config import FinetuneConfig
     from refit.posttrain.trainer import ReFiT
 
     data = load_dataset("synthetic", n_users=120, n_items=60)
     cfg = PretrainConfig(dims=(16,))
     torch.manual_seed(0)
-    policy = Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+    policy = RowRecommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
                          GaussianDiffusion(cfg.diffusion_config()))
     config = FinetuneConfig(checkpoint="", batch_size=8, similar_users=5, seed=0)
     computed = ReFiT(policy, data, config).neighbors

@@ -21,7 +21,7 @@ from refit.integrations.diffrec_paper import load_diffrec_paper_checkpoint, read
 from refit.families.diffrec.denoisers import DiffRecMLP
 from refit.families.dreamrec.network import DreamRec
 from refit.families.diffrec.pretrain import load_recommender
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 from refit.runtime.runs import data_fingerprint, load_checkpoint, save_checkpoint
 from refit.families.dreamrec.recommender import SeqRecommender
 from refit.families.dreamrec.pretrain import load_seq_recommender
@@ -42,7 +42,7 @@ def _refit(*args, cwd):
 
 def _diffrec(n_items, seed=0):
     torch.manual_seed(seed)
-    return Recommender("diffrec", DiffRecMLP(n_items, dims=[8], emb_size=4),
+    return RowRecommender("diffrec", DiffRecMLP(n_items, dims=[8], emb_size=4),
                        GaussianDiffusion(DiffusionConfig(steps=5)))
 
 

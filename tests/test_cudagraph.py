@@ -29,7 +29,7 @@ from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.families.diffrec.denoisers import build_model
 from refit.families.diffrec.mlp import DiffRecMLP
 from refit.families.dreamrec.network import DreamRec
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 from refit.families.dreamrec.recommender import SeqRecommender
 from refit.posttrain.config import FinetuneConfig
 from refit.posttrain.trainer import ReFiT
@@ -51,7 +51,7 @@ def make_rec(kind="diffrec", data=None, precision="fp32", **diffusion):
     else:
         model = build_model("cfdiff", {"n_items": N_ITEMS, "top_n": 4}, train=data.train)
     cfg = DiffusionConfig(**{**NOISY, **diffusion})
-    return Recommender(kind, model.eval(), GaussianDiffusion(cfg), precision=precision)
+    return RowRecommender(kind, model.eval(), GaussianDiffusion(cfg), precision=precision)
 
 
 def make_dreamrec(steps=9, eval_steps=None):
@@ -352,7 +352,7 @@ def test_the_kl_anchor_copies_the_plain_policy(data):
     rec = make_rec("diffrec", data)
     cfg = FinetuneConfig(checkpoint="", batch_size=4, seed=3, anchor="kl", anchor_weight=0.1)
     trainer = ReFiT(graphed(rec, batch_size=4, use_graph=False), data, cfg)
-    assert isinstance(trainer.reference, Recommender)
+    assert isinstance(trainer.reference, RowRecommender)
     trainer.step()
 
 
@@ -362,7 +362,7 @@ def test_wrapping_is_idempotent_and_refuses_other_objects(data):
     assert graphed(fast) is fast
     assert fast.device == rec.device and fast.precision == rec.precision
     assert copy.deepcopy(fast).model is not rec.model
-    with pytest.raises(TypeError, match="Recommender"):
+    with pytest.raises(TypeError, match="RowRecommender"):
         graphed(object())
 
 

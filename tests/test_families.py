@@ -14,7 +14,7 @@ from refit import cli, families
 from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.families import Family
 from refit.families.diffrec.pretrain import PretrainConfig, load_recommender, pretrain
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 from refit.runtime.runs import load_checkpoint, save_checkpoint
 from refit.settings import positive_int, setting
 
@@ -52,7 +52,7 @@ class ToyConfig(PretrainConfig):
 
 TOY = Family(name="toy", config=ToyConfig, pretrain=pretrain,
              load=functools.partial(load_recommender, models=ToyConfig.models), data_kind="interactions",
-             policy_type=Recommender, help="a test's toy")
+             policy_type=RowRecommender, help="a test's toy")
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_without_the_family_its_flag_and_its_checkpoints_are_unknown(tmp_path, c
     with pytest.raises(SystemExit):
         cli.main(["pretrain", "--model", "toy", "--data", "synthetic"])
     assert "invalid choice: 'toy'" in capsys.readouterr().err
-    rec = Recommender("toy", ToyDenoiser(5, 4, 3), GaussianDiffusion(DiffusionConfig(steps=3)))
+    rec = RowRecommender("toy", ToyDenoiser(5, 4, 3), GaussianDiffusion(DiffusionConfig(steps=3)))
     save_checkpoint(str(tmp_path / "t.pt"), {"kind": "pretrain", "recommender": rec.state()})
     code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "t.pt")])
     err = capsys.readouterr().err

@@ -257,12 +257,12 @@ def test_the_configs_precision_applies_to_a_given_policy(data, tmp_path):
 def test_outside_state_dict_refuses_a_checkpoint_without_outside_weights(data):
     from refit.diffusion import GaussianDiffusion
     from refit.families.diffrec.denoisers import build_model
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
 
     dnn = make_dnn(data.n_items)
     state = ScheduleDenoiser(dnn, paper_betas(), n_items=data.n_items).state()
     assert outside_state_dict(state).keys() == dnn.state_dict().keys()
-    own = Recommender("diffrec", build_model("diffrec", {"n_items": data.n_items, "dims": [16]}),
+    own = RowRecommender("diffrec", build_model("diffrec", {"n_items": data.n_items, "dims": [16]}),
                       GaussianDiffusion.from_betas(paper_betas()))
     with pytest.raises(ValueError, match="holds a 'diffrec' model, not an outside module's weights"):
         outside_state_dict({"recommender": own.state()})

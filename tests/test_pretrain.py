@@ -207,7 +207,7 @@ def test_cli_reports_bad_flags_clearly(tmp_path):
 @pytest.mark.parametrize("mean_type", ["x0", "eps"])
 def test_hidden_space_reverse_pass_equals_the_step_by_step_pass(data, name, config, mean_type):
     from refit.diffusion import DiffusionConfig, GaussianDiffusion, reverse_in_latent
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
 
     torch.manual_seed(0)
     model = build_model(name, config, train=data.train).eval()
@@ -224,7 +224,7 @@ def test_hidden_space_reverse_pass_equals_the_step_by_step_pass(data, name, conf
     step = diffusion.sample(lambda x, t: m64(x, t, cond), rows.double())
     torch.testing.assert_close(reverse_in_latent(diffusion, m64, rows.double(), cond), step, rtol=1e-9, atol=1e-9)
     # In float32, through the recommender, with and without a noised start.
-    rec = Recommender(name, model, diffusion)
+    rec = RowRecommender(name, model, diffusion)
     assert rec.latent_inference()
     torch.testing.assert_close(rec.scores(users, rows, latent=True), rec.scores(users, rows, latent=False),
                                rtol=1e-4, atol=1e-4)

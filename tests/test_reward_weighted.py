@@ -188,9 +188,9 @@ def test_a_diffrec_target_is_the_start_row_and_the_judged_list():
     import refit_kernels as rk
     from refit.diffusion import DiffusionConfig
     from refit.families.diffrec.denoisers import DiffRecMLP
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
 
-    rec = Recommender("diffrec", DiffRecMLP(12, dims=(8,)), GaussianDiffusion(DiffusionConfig(steps=4)))
+    rec = RowRecommender("diffrec", DiffRecMLP(12, dims=(8,)), GaussianDiffusion(DiffusionConfig(steps=4)))
     inputs = torch.zeros(2, 12)
     inputs[0, [1, 5]] = 1
     inputs[1, [0]] = 1

@@ -19,7 +19,7 @@ Rows:
 * evaluation's reverse pass over every user (batches of 1,024, the last one
   padded): the hidden-space pass (the default) and the full-row pass; and
   the whole evaluation (rows gathered on the device, scores, ``topk_hits``,
-  metrics), with a check that ``Recommender.evaluate`` itself runs there;
+  metrics), with a check that ``RowRecommender.evaluate`` itself runs there;
 * DreamRec's evaluation sampler (ML-1M-seq size: 3,706 items, width 64, 500
   steps, a batch of 2,048): eager with the folded linear algebra (the
   default), eager step by step, and the graph of the step-by-step loop; the
@@ -52,7 +52,7 @@ from refit.diffusion import GaussianDiffusion
 from refit.families.diffrec.denoisers import build_model
 from refit.families.dreamrec.network import DreamRec
 from refit.families.diffrec.pretrain import PretrainConfig
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 from refit.families.dreamrec.pretrain import DreamRecConfig
 from refit.families.dreamrec.recommender import SeqRecommender
 from refit.posttrain.config import FinetuneConfig
@@ -108,7 +108,7 @@ def diffrec(data, device, precision, quick):
     cfg = PretrainConfig(dims=(32, 64), steps=6) if quick else PretrainConfig()
     torch.manual_seed(0)
     model = build_model("diffrec", cfg.model_config(data.n_items)).to(device)
-    return Recommender("diffrec", model, GaussianDiffusion(cfg.diffusion_config(), device=device), precision=precision)
+    return RowRecommender("diffrec", model, GaussianDiffusion(cfg.diffusion_config(), device=device), precision=precision)
 
 
 def _reward_on_the_scores_device(reward_fn):
@@ -234,10 +234,10 @@ def evaluation(b: Bench, data, batch: int):
     ks = (10, 20, 50, 100)
     try:
         want = rec.evaluate(data, ks=ks, batch_size=batch)
-        b.check("Recommender.evaluate runs on this device as written", True)
+        b.check("RowRecommender.evaluate runs on this device as written", True)
     except ValueError as exc:
         want = None
-        b.check("Recommender.evaluate runs on this device as written", False,
+        b.check("RowRecommender.evaluate runs on this device as written", False,
                 f"refit.evaluate.evaluate_recommender: {exc}; timed with the rows gathered on the device")
     got = fast.evaluate(data, ks=ks, batch_size=batch)
     if want is not None:

@@ -73,7 +73,7 @@ if iteration_repeats:
     from refit.diffusion import GaussianDiffusion
     from refit.families.diffrec.denoisers import build_model
     from refit.families.diffrec.pretrain import PretrainConfig
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
     from refit.posttrain.config import METHODS, FinetuneConfig
     from refit.posttrain.trainer import ReFiT
 
@@ -84,7 +84,7 @@ if iteration_repeats:
     cfg = PretrainConfig()
     for method in METHODS:  # each with its defaults (GRPO's groups of 16, reward-weighted's of 4, ...)
         torch.manual_seed(0)
-        policy = Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+        policy = RowRecommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
                              GaussianDiffusion(cfg.diffusion_config()))
         trainer = ReFiT(policy, data, FinetuneConfig(checkpoint="", batch_size=64, seed=0, method=method))
         ops[f"{method} iteration (DiffRec, B 64)"] = trainer.step

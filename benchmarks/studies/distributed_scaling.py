@@ -89,7 +89,7 @@ def make_checkpoint(data_path: str, path: str) -> None:
     from refit.diffusion import GaussianDiffusion
     from refit.families.diffrec.denoisers import build_model
     from refit.families.diffrec.pretrain import PretrainConfig
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
     from refit.runtime.runs import data_fingerprint, save_checkpoint
 
     import torch
@@ -98,7 +98,7 @@ def make_checkpoint(data_path: str, path: str) -> None:
     data = load_dataset(data_path)
     cfg = PretrainConfig(data=data_path)
     model = build_model(cfg.model, cfg.model_config(data.n_items), train=data.train)
-    rec = Recommender(cfg.model, model, GaussianDiffusion(cfg.diffusion_config()))
+    rec = RowRecommender(cfg.model, model, GaussianDiffusion(cfg.diffusion_config()))
     save_checkpoint(path, {"kind": "pretrain", "recommender": rec.state(), "config": cfg.to_dict(), "epoch": 0,
                            "data": {"source": data_path, "options": {}, "fingerprint": data_fingerprint(data),
                                     "n_users": data.n_users, "n_items": data.n_items}})

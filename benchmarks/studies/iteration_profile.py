@@ -59,7 +59,7 @@ def profile(ops: str, batch_size: int, warmup: int, iterations: int, data_name: 
     from refit.diffusion import GaussianDiffusion
     from refit.families.diffrec.denoisers import build_model
     from refit.families.diffrec.pretrain import PretrainConfig
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
     from refit.posttrain.config import FinetuneConfig
     from refit.posttrain.trainer import ReFiT
 
@@ -67,7 +67,7 @@ def profile(ops: str, batch_size: int, warmup: int, iterations: int, data_name: 
     data = load_dataset(path) if path is not None else load_dataset("synthetic")
     cfg = PretrainConfig()
     torch.manual_seed(0)
-    rec = Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+    rec = RowRecommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
                       GaussianDiffusion(cfg.diffusion_config()))
     trainer = ReFiT(rec, data, FinetuneConfig(checkpoint="", batch_size=batch_size, seed=0))
     for _ in range(warmup):

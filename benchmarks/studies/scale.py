@@ -102,7 +102,7 @@ def run_size(n_users: int, n_items: int, *, stages: List[str], exact_max_users: 
     from refit.families.diffrec.denoisers import build_model
     from refit.families.diffrec.pretrain import PretrainConfig
     from refit.evaluate import evaluate_recommender
-    from refit.families.diffrec.recommender import Recommender
+    from refit.families.diffrec.recommender import RowRecommender
     from refit.similarity import approximate_similar_users, top_similar_users
     from refit.posttrain.config import FinetuneConfig
     from refit.posttrain.trainer import ReFiT
@@ -140,7 +140,7 @@ def run_size(n_users: int, n_items: int, *, stages: List[str], exact_max_users: 
     cfg = PretrainConfig(batch_size=400)
     torch.manual_seed(0)
     # The items that occur: the generator may draw some never (data.n_items <= n_items).
-    policy = Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+    policy = RowRecommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
                          GaussianDiffusion(cfg.diffusion_config()))
     if "pretrain-epoch" in stages:
         def epoch():

@@ -17,7 +17,7 @@ from refit.data import load_dataset
 from refit.diffusion import GaussianDiffusion
 from refit.families.diffrec.denoisers import build_model
 from refit.families.diffrec.pretrain import PretrainConfig
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 from refit.posttrain.config import FinetuneConfig
 from refit.posttrain.trainer import ReFiT
 
@@ -38,7 +38,7 @@ def test_finetune_iteration(benchmark, monkeypatch, ops):
         monkeypatch.delenv("REFIT_BACKEND", raising=False)
     cfg = PretrainConfig()
     torch.manual_seed(0)
-    rec = Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+    rec = RowRecommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
                       GaussianDiffusion(cfg.diffusion_config()))
     trainer = ReFiT(rec, data, FinetuneConfig(checkpoint="", batch_size=64, seed=0))
     benchmark.group = "ReFiT iteration (B = 64, fp32)"

@@ -26,7 +26,7 @@ from refit.diffusion import GaussianDiffusion
 from refit.families.diffrec.denoisers import build_model
 from refit.families.dreamrec.network import DreamRec
 from refit.families.diffrec.pretrain import PretrainConfig
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 from refit.families.dreamrec.pretrain import DreamRecConfig
 from refit.families.dreamrec.recommender import SeqRecommender
 from refit.posttrain.config import FinetuneConfig
@@ -63,7 +63,7 @@ def _policy(backbone, data):
     torch.manual_seed(0)
     if backbone == "diffrec":
         cfg = PretrainConfig()
-        return Recommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
+        return RowRecommender("diffrec", build_model("diffrec", cfg.model_config(data.n_items)),
                            GaussianDiffusion(cfg.diffusion_config()))
     cfg = DreamRecConfig()
     return SeqRecommender(DreamRec(**cfg.model_config(data.n_items)), GaussianDiffusion(cfg.diffusion_config()),

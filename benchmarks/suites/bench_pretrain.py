@@ -18,7 +18,7 @@ from refit.diffusion import DiffusionConfig, GaussianDiffusion
 from refit.families.diffrec.denoisers import build_model
 from refit.families.diffrec.pretrain import PretrainConfig
 from refit.evaluate import evaluate_recommender
-from refit.families.diffrec.recommender import Recommender
+from refit.families.diffrec.recommender import RowRecommender
 
 _CACHE = {}
 
@@ -36,7 +36,7 @@ def _setup(precision="fp32"):
     cfg = PretrainConfig(precision=precision)
     torch.manual_seed(0)
     model = build_model("diffrec", cfg.model_config(data.n_items))
-    rec = Recommender("diffrec", model, GaussianDiffusion(cfg.diffusion_config()), precision=precision)
+    rec = RowRecommender("diffrec", model, GaussianDiffusion(cfg.diffusion_config()), precision=precision)
     return data, cfg, rec
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..families.diffrec.denoisers import DiffRecMLP
-from ..families.diffrec.recommender import Recommender
+from ..families.diffrec.recommender import RowRecommender
 from ..runtime.runs import _check_archive, check_finite_weights
 from ..data.safe_pickle import Opaque, read_pickle
 
@@ -173,7 +173,7 @@ def read_paper_model(path: str) -> Dict[str, Any]:
 
 
 def diffrec_from_paper(model: Dict[str, Any], diffusion: DiffusionConfig, *, sampling_steps: int = 0,
-                       sampling_noise: bool = False) -> Recommender:
+                       sampling_noise: bool = False) -> RowRecommender:
     """refit's DiffRec with the weights of :func:`read_paper_model`'s result and the given diffusion."""
     in_dims, out_dims = model["in_dims"], model["out_dims"]
     if model["time_type"] != "cat":
@@ -193,14 +193,14 @@ def diffrec_from_paper(model: Dict[str, Any], diffusion: DiffusionConfig, *, sam
         net.load_state_dict({k: v.float() for k, v in have.items()}, strict=True)
     except RuntimeError as exc:
         raise PaperCheckpointError(f"the pickled DNN's weights do not fit its dims: {exc}") from None
-    return Recommender("diffrec", net, GaussianDiffusion(diffusion), sampling_steps=sampling_steps,
+    return RowRecommender("diffrec", net, GaussianDiffusion(diffusion), sampling_steps=sampling_steps,
                        sampling_noise=sampling_noise)
 
 
 def load_diffrec_paper_checkpoint(path: str, *, mean_type: str = "x0", steps: int = 100,
                                   noise_schedule: str = "linear-var", noise_scale: float = 0.1,
                                   noise_min: float = 0.0001, noise_max: float = 0.02, sampling_steps: int = 0,
-                                  sampling_noise: bool = False) -> Recommender:
+                                  sampling_noise: bool = False) -> RowRecommender:
     """A refit DiffRec from a ``torch.save(model)`` file of DiffRec's paper code.
 
     The diffusion settings are not in that file: pass the ones the model was

@@ -9,7 +9,7 @@ replaced by an inert stand-in that keeps the object's data (:class:`Opaque`),
 so the config can be read and the whole checkpoint written back, with the
 original classes, for RecBole to load. Nothing in the file runs code.
 
-* :func:`load_recbole_checkpoint` builds a :class:`refit.families.diffrec.recommender.Recommender`
+* :func:`load_recbole_checkpoint` builds a :class:`refit.families.diffrec.recommender.RowRecommender`
   with the same denoiser (RecBole's ``DNN``: time embedding, layer sizes,
   tanh, input dropout), the same noise schedule and steps, and the same
   inference settings, and checks that it scores a batch of users exactly as
@@ -43,7 +43,7 @@ from ..data import InteractionData, binary_csr
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..evaluate import DEFAULT_KS, evaluate_many
 from ..families.diffrec.denoisers import DiffRecMLP
-from ..families.diffrec.recommender import Recommender
+from ..families.diffrec.recommender import RowRecommender
 from ..data.safe_pickle import RECBOLE_PICKLE_MODULE, Opaque, read_pickle  # noqa: F401  (importable from here)
 
 
@@ -206,7 +206,7 @@ def _layout(layers, n_items: int, emb_size: int) -> List[int]:
     return widths[1:-1]
 
 
-def diffrec_from_recbole(state_dict: Dict[str, torch.Tensor], config: Any) -> Recommender:
+def diffrec_from_recbole(state_dict: Dict[str, torch.Tensor], config: Any) -> RowRecommender:
     """A refit DiffRec recommender with the weights and settings of a RecBole DiffRec.
 
     Raises :class:`RecBoleMismatch` naming what refit's DiffRec cannot
@@ -254,7 +254,7 @@ def diffrec_from_recbole(state_dict: Dict[str, torch.Tensor], config: Any) -> Re
     model.load_state_dict({k: v.detach().float().clone() for k, v in mapped.items()}, strict=True)
     diffusion = GaussianDiffusion(diffusion_config(cfg))
     steps = int(cfg.get("sampling_steps", 0))
-    return Recommender("diffrec", model, diffusion, sampling_steps=steps,
+    return RowRecommender("diffrec", model, diffusion, sampling_steps=steps,
                        sampling_noise=bool(cfg.get("sampling_noise", False)))
 
 
@@ -270,7 +270,7 @@ def diffusion_config(config: Any) -> DiffusionConfig:
         raise RecBoleMismatch(f"the RecBole config has no {exc.args[0]!r}: not a DiffRec config") from exc
 
 
-def recbole_state_dict(rec: Recommender, like: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def recbole_state_dict(rec: RowRecommender, like: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The weights of a refit DiffRec under RecBole's names, shaped like ``like`` (a RecBole state_dict)."""
     if not isinstance(rec.model, DiffRecMLP):
         raise RecBoleMismatch(f"only DiffRec exports to RecBole, not {rec.model_name!r}")
@@ -295,7 +295,7 @@ def recbole_state_dict(rec: Recommender, like: Dict[str, torch.Tensor]) -> Dict[
     return {k: v.detach().to(like[k].dtype).cpu().clone() for k, v in out.items()}
 
 
-def check_scores(rec: Recommender, state_dict: Dict[str, torch.Tensor], config: Any, rows: torch.Tensor, *,
+def check_scores(rec: RowRecommender, state_dict: Dict[str, torch.Tensor], config: Any, rows: torch.Tensor, *,
                  seed: int = 0, rtol: float = 1e-4, atol: float = 1e-5) -> float:
     """Checks that ``rec`` scores ``rows`` as RecBole's DiffRec with these weights does.
 
@@ -562,12 +562,12 @@ def evaluate_like_recbole(rec_or_score_fn: Any, data: InteractionData, splits: S
     As RecBole's evaluator: the ``[PAD]`` item (0) is never ranked, validation
     masks the training items and the test training + validation items, and
     only users with positives in the split are averaged. Takes a
-    :class:`Recommender` (scored from its users' training rows) or a score
+    :class:`RowRecommender` (scored from its users' training rows) or a score
     function of user ids.
     """
     import refit_kernels as rk
 
-    if isinstance(rec_or_score_fn, Recommender):
+    if isinstance(rec_or_score_fn, RowRecommender):
         rec = rec_or_score_fn
         train = rk.as_csr(data.train, "train", index_dtype=None)
 
@@ -608,7 +608,7 @@ class RecBoleCheckpoint:
     path: str
     state: Dict[str, Any]
     config: Dict[str, Any]
-    recommender: Recommender
+    recommender: RowRecommender
     data: Optional[InteractionData] = None
     ids: Optional[RecBoleIds] = None
     max_score_difference: Optional[float] = None
@@ -657,7 +657,7 @@ def load_recbole_checkpoint(path: str, *, data: bool = True, dataloaders: Option
     return out
 
 
-def export_recbole_checkpoint(rec: Recommender, template: Any, path: str) -> str:
+def export_recbole_checkpoint(rec: RowRecommender, template: Any, path: str) -> str:
     """Writes ``rec`` as a RecBole checkpoint that RecBole's trainer loads and evaluates.
 
     ``template`` is the :class:`RecBoleCheckpoint` (or the path of the

@@ -50,7 +50,7 @@ class ReFiT:
     """One ReFiT run: the policy, its frozen pretrained copy (for the KL anchor), episodes, optimiser, RNG.
 
     ``policy`` is any diffusion policy (:mod:`refit.policy`): refit's
-    DiffRec / CF-Diff :class:`~refit.families.diffrec.recommender.Recommender`, DreamRec's
+    DiffRec / CF-Diff :class:`~refit.families.diffrec.recommender.RowRecommender`, DreamRec's
     :class:`~refit.families.dreamrec.recommender.SeqRecommender`, or an outside model through
     :func:`refit.policy.ScheduleDenoiser`. Episodes come from the data
     (:func:`refit.policy.episode_source`): users with hidden items for

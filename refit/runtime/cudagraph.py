@@ -35,7 +35,7 @@ the eager sampler, no host sync and no allocation inside the loop, padding).
 Use: wrap a policy and pass the wrapper wherever the policy went::
 
     from refit.families import graphed     # each model family names its wrapper class of this module
-    fast = graphed(rec, batch_size=64, eval_batch_size=1024)   # a Recommender or a SeqRecommender
+    fast = graphed(rec, batch_size=64, eval_batch_size=1024)   # a RowRecommender or a SeqRecommender
     trainer = ReFiT(fast, data, config)     # ReFiT's sampling replays a graph
     fast.evaluate(data)                     # so does evaluation's reverse pass
 

@@ -19,7 +19,7 @@ The layout of a checkpoint (a ``torch.save`` dict of plain values)::
     format       "refit-checkpoint"                  (every checkpoint)
     version      1
     kind         "pretrain" | "finetune" | "import" | "model"
-    recommender  what rebuilds the model (Recommender.state() / SeqRecommender.state()):
+    recommender  what rebuilds the model (RowRecommender.state() / SeqRecommender.state()):
         model        {"name": "diffrec" | "cfdiff" | "dreamrec" | "external" | "external-latent",
                       "config": {...}, "state_dict": {name: tensor}}; the two outside kinds hold
                       a module refit cannot rebuild (refit.policy.ScheduleDenoiser and

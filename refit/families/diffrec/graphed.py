@@ -19,8 +19,8 @@ def _plain_cond(cond) -> Tuple[Tuple[torch.Tensor, ...], Any]:
     return tuple(cond), type(cond)
 
 
-class GraphedRecommender(GraphedPolicy):
-    """A :class:`refit.families.diffrec.recommender.Recommender` (DiffRec, CF-Diff, outside models) whose ReFiT sampling
+class GraphedRowRecommender(GraphedPolicy):
+    """A :class:`refit.families.diffrec.recommender.RowRecommender` (DiffRec, CF-Diff, outside models) whose ReFiT sampling
     (:meth:`sample`) and evaluation pass (:meth:`scores`, :meth:`evaluate`) replay CUDA graphs.
 
     ``batch_size`` / ``eval_batch_size``: the padded batch sizes (default: the first batch's).
@@ -39,7 +39,7 @@ class GraphedRecommender(GraphedPolicy):
 
     def sample(self, users: torch.Tensor, inputs: torch.Tensor, *, generator: Optional[torch.Generator] = None,
                temperature: float = 1.0, rows=None, keep_graph: bool = False):
-        """As :meth:`Recommender.sample` (same trajectories for the same generator), from a graph."""
+        """As :meth:`RowRecommender.sample` (same trajectories for the same generator), from a graph."""
         rec = self.policy
         if keep_graph or rec.model.training or rec.diffusion.betas is None:
             return rec.sample(users, inputs, generator=generator, temperature=temperature, rows=rows,
@@ -56,7 +56,7 @@ class GraphedRecommender(GraphedPolicy):
     @torch.no_grad()
     def scores(self, users: torch.Tensor, rows: torch.Tensor, generator: Optional[torch.Generator] = None,
                latent: Optional[bool] = None) -> torch.Tensor:
-        """As :meth:`Recommender.scores`, (B, I) float32, from a graph."""
+        """As :meth:`RowRecommender.scores`, (B, I) float32, from a graph."""
         rec = self.policy
         was = rec.model.training
         rec.model.eval()
@@ -85,7 +85,7 @@ class GraphedRecommender(GraphedPolicy):
             rec.model.train(was)
 
     def evaluate(self, data, *, ks=(10, 20, 50, 100), batch_size: int = 1024) -> Dict[str, Dict[str, float]]:
-        """As :meth:`Recommender.evaluate` (valid and test metrics), each batch scored by :meth:`scores`.
+        """As :meth:`RowRecommender.evaluate` (valid and test metrics), each batch scored by :meth:`scores`.
 
         The training rows are gathered where the model is (``gather_rows``' CUDA kernel on a GPU),
         from a copy of the training matrix placed there once.
@@ -106,4 +106,4 @@ class GraphedRecommender(GraphedPolicy):
                              desc="evaluate")
 
 
-__all__ = ["GraphedRecommender"]
+__all__ = ["GraphedRowRecommender"]

@@ -29,7 +29,7 @@ from ...runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_che
 from ...settings import finite_float, int_list, positive_int, setting
 from ..base import PretrainSettings
 from .denoisers import MODELS, build_model
-from .recommender import Recommender
+from .recommender import RowRecommender
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,13 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
         if init_state["model"]["name"] != config.model or init_state["diffusion"] != config.diffusion_config().to_dict():
             raise ValueError(f"init checkpoint {config.init!r} has another model or diffusion than the settings "
                              "given: pass the settings it was trained with")
-        model = Recommender.from_state(init_state, train=data.train, device=device, source=config.init,
+        model = RowRecommender.from_state(init_state, train=data.train, device=device, source=config.init,
                                        models=config.models).model
     else:
         model = build_model(config.model, config.model_config(data.n_items), train=data.train,
                             models=config.models).to(device)
     diffusion = GaussianDiffusion(config.diffusion_config(), device=device)
-    rec = Recommender(config.model, model, diffusion, sampling_steps=config.sampling_steps,
+    rec = RowRecommender(config.model, model, diffusion, sampling_steps=config.sampling_steps,
                       sampling_noise=config.sampling_noise, precision=config.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batches = data.batches(config.batch_size, "train", shuffle=True, seed=config.seed, device=device,
@@ -225,7 +225,7 @@ def _rank_seed(seed: int, epoch: int, rank: int) -> int:
                >> np.uint64(1))
 
 
-def _distributed_loss(rec: Recommender, diffusion: GaussianDiffusion, users: torch.Tensor, rows: torch.Tensor,
+def _distributed_loss(rec: RowRecommender, diffusion: GaussianDiffusion, users: torch.Tensor, rows: torch.Tensor,
                       rows_slice: Tuple[int, int], reweight: bool, generator: torch.Generator, world: int):
     """This rank's share of a global batch's ELBO loss, and the global batch's mean loss (to report).
 
@@ -248,7 +248,7 @@ def _distributed_loss(rec: Recommender, diffusion: GaussianDiffusion, users: tor
 
 def load_recommender(path: str, data: Optional[InteractionData] = None, *, device: Any = "cpu",
                      precision: Optional[str] = None, allow_other_data: bool = False,
-                     models: Optional[Dict[str, type]] = None) -> Tuple[Recommender, InteractionData, Dict[str, Any]]:
+                     models: Optional[Dict[str, type]] = None) -> Tuple[RowRecommender, InteractionData, Dict[str, Any]]:
     """A saved recommender with its data (loaded from the checkpoint's source unless given); ``models``:
     the denoiser classes by name (default: :data:`refit.families.diffrec.denoisers.MODELS`).
 
@@ -261,6 +261,6 @@ def load_recommender(path: str, data: Optional[InteractionData] = None, *, devic
     n_items = state["recommender"]["model"]["config"].get("n_items")
     if n_items != data.n_items:
         raise ValueError(f"checkpoint {path!r} scores {n_items} items, the data has {data.n_items}")
-    rec = Recommender.from_state(state["recommender"], train=data.train, device=device, precision=precision,
+    rec = RowRecommender.from_state(state["recommender"], train=data.train, device=device, precision=precision,
                                  source=path, models=models)
     return rec, data, state

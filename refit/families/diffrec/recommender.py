@@ -17,8 +17,10 @@ from ...diffusion import (PRECISIONS, DiffusionConfig, GaussianDiffusion, autoca
 from .denoisers import build_model
 
 
-class Recommender:
-    """Denoiser + diffusion + inference settings, saved and restored as one."""
+class RowRecommender:
+    """DiffRec's and CF-Diff's policy: a denoiser of a user's whole interaction row, its diffusion and
+    the inference settings, saved and restored as one (the row counterpart of
+    :class:`refit.families.dreamrec.recommender.SeqRecommender`)."""
 
     def __init__(self, model_name: str, model: torch.nn.Module, diffusion: GaussianDiffusion, *,
                  sampling_steps: int = 0, sampling_noise: bool = False, precision: str = "fp32"):
@@ -191,7 +193,7 @@ class Recommender:
     @classmethod
     def from_state(cls, state: Dict[str, Any], train: Any = None, device="cpu",
                    precision: Optional[str] = None, *, source: Optional[str] = None,
-                   models: Optional[Dict[str, type]] = None) -> "Recommender":
+                   models: Optional[Dict[str, type]] = None) -> "RowRecommender":
         """Rebuilds a recommender from :meth:`state` (CF-Diff needs the training matrix); ``models``: the
         denoiser classes by name (default: :data:`refit.families.diffrec.denoisers.MODELS`).
 
