@@ -519,9 +519,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 def _finetune_config(args, out: str):
     from .posttrain.config import FinetuneConfig
 
-    return _config_from_args(FinetuneConfig, args, args.settings_owners, "refit finetune",
-                             checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args), out=out,
-                             progress=_progress(args))
+    fixed = dict(checkpoint=args.checkpoint, data=args.data, data_options=_data_options(args), out=out,
+                 progress=_progress(args))
+    return _config_from_args(FinetuneConfig, args, args.settings_owners, "refit finetune", **fixed)
 
 
 def cmd_finetune(args) -> int:

@@ -188,6 +188,53 @@ def ranking_reward(scores: torch.Tensor, episode: Episode, neighbors: torch.Tens
     return Reward(alpha * m[kind] + (1.0 - alpha) * base.n_sim_k / k, base.n_k, base.n_sim_k)
 
 
+class RunReward:
+    """A run's reward of final scores: the collaborative reward (:func:`ranking_reward`) with its neighbor
+    table and the item sets it counts, or a reward of the caller's, computed where the scores are.
+
+    Args:
+        neighbor_sets: (U, I) CSR of every user's items (the training rows), counted by N_sim-K.
+        neighbors: (U, M) int64 table of each user's M most similar users (-1: padding).
+        kind, k, alpha: as in :func:`ranking_reward`.
+        reward_fn: ``reward_fn(scores, episode) -> (B,)`` float rewards to use instead (N_K and N_sim-K
+            are still reported beside them).
+    """
+
+    def __init__(self, neighbor_sets, neighbors: torch.Tensor, *, kind: str = "hit", k: int = 20,
+                 alpha: float = 0.5, reward_fn=None):
+        self.neighbor_sets, self.neighbors = neighbor_sets, neighbors
+        self.kind, self.k, self.alpha, self.reward_fn = kind, k, alpha, reward_fn
+        self._sets_on_device = None  # neighbor_sets on the device of the last scores
+
+    def on_device(self, scores: torch.Tensor, episode: Episode):
+        """``(episode, neighbors)``: the episode's CSRs and its users' neighbor rows on the scores' device
+        (the tables themselves stay on the CPU; the item sets are copied once per device)."""
+        dev = scores.device
+        if self._sets_on_device is None or self._sets_on_device.device != dev:
+            self._sets_on_device = self.neighbor_sets.to(dev)
+        on_dev = episode._replace(positives=episode.positives.to(dev),
+                                  exclude=None if episode.exclude is None else episode.exclude.to(dev))
+        return on_dev, self.neighbors[episode.users].to(dev)
+
+    def __call__(self, scores: torch.Tensor, episode: Episode, ranks: Optional[torch.Tensor] = None) -> Reward:
+        """(B,) rewards of (B, I) final scores, on the CPU (``ranks``: the positives' ranks when already
+        taken, see :func:`ranking_reward`)."""
+        on_dev, neighbors = self.on_device(scores, episode)
+        if self.reward_fn is not None:
+            parts = collaborative_reward(scores, on_dev, neighbors, self._sets_on_device, k=self.k, alpha=self.alpha)
+            r = self.reward_fn(scores, on_dev)
+            B = scores.shape[0]
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != (B,) or not r.is_floating_point():
+                got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(f"reward_fn must return a ({B},) float tensor (one reward per row), got {got}")
+            if not bool(torch.isfinite(r).all()):
+                raise ValueError("reward_fn returned a NaN or infinite reward")
+            return Reward(r.detach().float().cpu(), parts.n_k.cpu(), parts.n_sim_k.cpu())
+        reward = ranking_reward(scores, on_dev, neighbors, self._sets_on_device, kind=self.kind, k=self.k,
+                                alpha=self.alpha, ranks=ranks)
+        return type(reward)(*(r.cpu() for r in reward))
+
+
 def _csr_rows(c: Optional[rk.CSR], rows: torch.Tensor) -> Optional[rk.CSR]:
     """Rows ``rows`` (int64, any order, repeats allowed) of a CSR, as a new CSR."""
     if c is None:

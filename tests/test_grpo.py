@@ -263,14 +263,14 @@ def test_grpo_step_trains_only_on_kept_groups(pretrained, data, tmp_path, monkey
 
     rec, d, _ = load_recommender(pretrained, data)
     t = ReFiT(rec, d, _ft(pretrained, tmp_path, method="grpo", group_size=4, reward="ndcg", rl_steps=4))
-    real = t._reward
+    real = t.reward
     tie = torch.tensor([1.0] * 8 + [0.0] * 8)
 
     def reward(scores, episode):  # the first two groups tie
         r = real(scores, episode)
         return Reward(torch.where(torch.arange(16) < 8, tie, r.reward), r.n_k, r.n_sim_k)
 
-    monkeypatch.setattr(t, "_reward", reward)
+    monkeypatch.setattr(t, "reward", reward)
     seen = []
     outputs = rec.outputs
     monkeypatch.setattr(rec, "outputs", lambda u, i, traj: seen.append(traj.preds.shape[1]) or outputs(u, i, traj))

@@ -163,7 +163,7 @@ class RewardBackprop(PostTrainingMethod):
                                     **options)
         t_sample = time.perf_counter() - t0
         scores = policy.differentiable_scores(episode.users, inputs, final)
-        on_dev, _ = tr._on_scores_device(scores, episode)
+        on_dev, _ = tr.reward.on_device(scores, episode)
         targets = self._targets(on_dev.positives, lo, n_local, n_global, scores.shape[1])
         if cfg.rb_reward == "log-softmax":
             surrogate = listwise_logprob(scores / cfg.rb_temperature, targets, on_dev.exclude)
@@ -173,7 +173,7 @@ class RewardBackprop(PostTrainingMethod):
         loss = tr._mean(-surrogate, n_global)
         loss, anchor = tr._add_anchor(loss, episode, inputs, None, lo, n_global)
         grad_norm = tr._update(loss)
-        reward = tr._reward(scores.detach(), episode)  # the run's ranking reward of these samples (for the logs)
+        reward = tr.reward(scores.detach(), episode)  # the run's ranking reward of these samples (for the logs)
         parts = torch.stack([reward.reward, reward.n_k, reward.n_sim_k, surrogate.detach().float().cpu()], 1)
         if tr.world > 1:
             from ..runtime import distributed as dist

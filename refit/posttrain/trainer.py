@@ -31,8 +31,7 @@ import refit_kernels as rk
 
 from ..limits import ThreadGovernor
 from ..policy import check_policy, episode_source
-from ..reward import (Reward, collaborative_reward, map_inputs, ranking_reward, rank_metrics, repeat_episode,
-                      slice_episode)
+from ..reward import RunReward, map_inputs, rank_metrics, repeat_episode, slice_episode
 from ..runtime import distributed as dist
 from ..runtime.runs import rng_state, set_rng_state
 from ..similarity import shared_similar_users
@@ -109,37 +108,6 @@ class ReFiT:
         if self.world > 1 and config.minibatch_size is not None:
             raise ValueError("minibatch_size is for one process: under torchrun each rank's share of the batch "
                              "is already a minibatch of the global one; use ppo_epochs without it")
-        if episodes is None:
-            episodes = episode_source(data, config.target, config.hide_fraction)
-        else:
-            missing = [a for a in ("sample", "neighbor_sets", "__len__") if not hasattr(episodes, a)]
-            if missing:
-                raise TypeError(f"episodes ({type(episodes).__name__}) must have sample(n, generator), "
-                                f"neighbor_sets and len(); it lacks {', '.join(missing)}")
-        self.episodes = episodes
-        self.train_csr = self.episodes.neighbor_sets
-        self._neighbor_sets = None  # train_csr on the device of the scores (see rollout)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.threads = ThreadGovernor()
-        # Its own generator, so a placebo run draws the same episodes and noise as the real run would.
-        self.placebo_generator = torch.Generator().manual_seed(config.seed + 7_654_321) if config.placebo else None
-        self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
-        if neighbors is None:
-            neighbors = shared_similar_users(self.train_csr, m=config.similar_users,
-                                             method=config.similar_users_method)
-        else:
-            n_rows = rk.as_csr(self.train_csr, "train").n_rows
-            if (not isinstance(neighbors, torch.Tensor) or neighbors.dtype != torch.int64
-                    or tuple(neighbors.shape) != (n_rows, config.similar_users)):
-                raise ValueError(f"neighbors must be an int64 tensor of shape ({n_rows}, {config.similar_users}) "
-                                 f"(users x similar_users), got "
-                                 f"{getattr(neighbors, 'dtype', type(neighbors).__name__)} "
-                                 f"{tuple(getattr(neighbors, 'shape', ()))}")
-            if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= n_rows):
-                raise ValueError(f"neighbors: ids must be -1 (padding) or users in [0, {n_rows})")
-        self.neighbors = neighbors
-        self.candidates = getattr(self.episodes, "candidates", None)
         self._sample_options = {}  # passed to policy.sample only when set: outside policies may lack them
         if config.rl_steps is not None:
             self._sample_options["steps"] = config.rl_steps
@@ -170,6 +138,38 @@ class ReFiT:
         # Before any training: a policy over other data, or one whose methods return the wrong shapes
         # (a loss that is a batch mean, scores with a padding column), fails here, naming the method.
         check_policy(policy, data, sample_options=self._sample_options)
+        if episodes is None:
+            episodes = episode_source(data, config.target, config.hide_fraction)
+        else:
+            missing = [a for a in ("sample", "neighbor_sets", "__len__") if not hasattr(episodes, a)]
+            if missing:
+                raise TypeError(f"episodes ({type(episodes).__name__}) must have sample(n, generator), "
+                                f"neighbor_sets and len(); it lacks {', '.join(missing)}")
+        self.episodes = episodes
+        self.train_csr = self.episodes.neighbor_sets
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.threads = ThreadGovernor()
+        # Its own generator, so a placebo run draws the same episodes and noise as the real run would.
+        self.placebo_generator = torch.Generator().manual_seed(config.seed + 7_654_321) if config.placebo else None
+        self.optimizer = torch.optim.AdamW(policy.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.baseline = Baseline(config.baseline, config.ema_decay, config.group_size)
+        if neighbors is None:
+            neighbors = shared_similar_users(self.train_csr, m=config.similar_users,
+                                             method=config.similar_users_method)
+        else:
+            n_rows = rk.as_csr(self.train_csr, "train").n_rows
+            if (not isinstance(neighbors, torch.Tensor) or neighbors.dtype != torch.int64
+                    or tuple(neighbors.shape) != (n_rows, config.similar_users)):
+                raise ValueError(f"neighbors must be an int64 tensor of shape ({n_rows}, {config.similar_users}) "
+                                 f"(users x similar_users), got "
+                                 f"{getattr(neighbors, 'dtype', type(neighbors).__name__)} "
+                                 f"{tuple(getattr(neighbors, 'shape', ()))}")
+            if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= n_rows):
+                raise ValueError(f"neighbors: ids must be -1 (padding) or users in [0, {n_rows})")
+        self.neighbors = neighbors
+        self.reward = RunReward(self.train_csr, neighbors, kind=config.reward, k=config.k, alpha=config.alpha,
+                                reward_fn=reward_fn)
+        self.candidates = getattr(self.episodes, "candidates", None)
         # The method (a strategy of refit.posttrain) runs the iterations.
         self.method = METHOD_CLASSES[config.method](self)
         self._probe = None  # (episode, seed) of the probe reward, drawn on first use
@@ -238,7 +238,7 @@ class ReFiT:
                              rows=(lo, n_global) if self.world > 1 else None, keep_graph=cfg.reuse_sampling_graph,
                              **options)
         scores = policy.final_scores(episode.users, inputs, traj.final)
-        reward = self._reward(scores, episode)
+        reward = self.reward(scores, episode)
         if self.world > 1:  # the global batch's rewards (B floats): the baseline is the global batch's
             parts = dist.all_gather_rows(torch.stack([reward.reward, reward.n_k, reward.n_sim_k], 1))
             reward = type(reward)(parts[:, 0], parts[:, 1], parts[:, 2])
@@ -248,34 +248,6 @@ class ReFiT:
         """``(first, explore_steps)``: where the exploring window sits this iteration, uniformly placed."""
         E = self.config.explore_steps
         return int(torch.randint(0, self._stochastic_steps - E + 1, (1,), generator=self.generator)), E
-
-    def _on_scores_device(self, scores: torch.Tensor, episode):
-        """The episode's CSRs and the neighbour table (kept on the CPU) on the scores' device."""
-        dev = scores.device
-        if self._neighbor_sets is None or self._neighbor_sets.device != dev:
-            self._neighbor_sets = self.train_csr.to(dev)
-        on_dev = episode._replace(positives=episode.positives.to(dev),
-                                  exclude=None if episode.exclude is None else episode.exclude.to(dev))
-        return on_dev, self.neighbors[episode.users].to(dev)
-
-    def _reward(self, scores: torch.Tensor, episode, ranks: Optional[torch.Tensor] = None):
-        """(B,) rewards of final scores (see :func:`refit.reward.ranking_reward`; ``ranks``: the
-        positives' ranks when already taken), on the CPU."""
-        cfg = self.config
-        on_dev, neighbors = self._on_scores_device(scores, episode)
-        if self.reward_fn is not None:
-            parts = collaborative_reward(scores, on_dev, neighbors, self._neighbor_sets, k=cfg.k, alpha=cfg.alpha)
-            r = self.reward_fn(scores, on_dev)
-            B = scores.shape[0]
-            if not isinstance(r, torch.Tensor) or tuple(r.shape) != (B,) or not r.is_floating_point():
-                got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
-                raise ValueError(f"reward_fn must return a ({B},) float tensor (one reward per row), got {got}")
-            if not bool(torch.isfinite(r).all()):
-                raise ValueError("reward_fn returned a NaN or infinite reward")
-            return Reward(r.detach().float().cpu(), parts.n_k.cpu(), parts.n_sim_k.cpu())
-        reward = ranking_reward(scores, on_dev, neighbors, self._neighbor_sets, kind=cfg.reward, k=cfg.k,
-                                alpha=cfg.alpha, ranks=ranks)
-        return type(reward)(*(r.cpu() for r in reward))
 
     @torch.no_grad()
     def probe(self) -> Dict[str, float]:
@@ -308,9 +280,9 @@ class ReFiT:
                     options.update(explore=(0, 0), group_size=1)
                 traj = policy.sample(part.users, inputs, generator=gen, temperature=cfg.temperature, **options)
                 scores = policy.final_scores(part.users, inputs, traj.final)
-                on_dev, _ = self._on_scores_device(scores, part)
+                on_dev, _ = self.reward.on_device(scores, part)
                 ranks = rk.target_rank(scores.detach(), on_dev.positives, exclude=on_dev.exclude)
-                reward = self._reward(scores, part, ranks)  # one ranking pass serves the reward and the metrics
+                reward = self.reward(scores, part, ranks)  # one ranking pass serves the reward and the metrics
                 m = rank_metrics(ranks, on_dev.positives.indptr, cfg.k)
                 kl = self._kl_to_start(_Rows(part._replace(inputs=inputs), traj), all_ranks=False)
                 n = part.users.numel()
