@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 from ..diffusion import PRECISIONS
 from ..limits import check_run_settings
+from ..runtime.runs import RunDir, save_checkpoint, set_rng_state
 from ..settings import int_list, positive_float, positive_int, seed as seed_type, setting
 
 
@@ -51,8 +52,73 @@ class PretrainSettings:
                                            *positive), finite=finite, precisions=PRECISIONS,
                            selection=self.selection_metric)
 
+    def check_cutoffs(self, n_items: int) -> None:
+        """The cut-offs must fit the data's items (ValueError naming ``--ks`` otherwise)."""
+        if max(self.ks) > n_items:
+            raise ValueError(f"ks {list(self.ks)} go beyond the {n_items} items of {self.data!r}: pass smaller "
+                             "cut-offs (--ks)")
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-__all__ = ["PretrainSettings"]
+@dataclass
+class RunStart:
+    """Where a pretraining run starts (:func:`start_pretraining`).
+
+    Attributes:
+        epoch: the first epoch to train (1 for a new run).
+        best: ``{"epoch", "value", "valid", "test"}``, updated in place by the loop.
+        elapsed: seconds the run spent before this process (a resumed run's).
+        state: the resumed ``last.pt`` (None for a new run): what the family restores beyond the model,
+            the optimiser and the generator.
+        checkpoint: ``checkpoint(epoch) -> dict``: the run's state for ``best.pt`` and ``last.pt``.
+    """
+
+    epoch: int
+    best: Dict[str, Any]
+    elapsed: float
+    state: Optional[Dict[str, Any]]
+    checkpoint: Callable[[int], Dict[str, Any]]
+
+
+def start_pretraining(run: RunDir, config: PretrainSettings, fingerprint: str, *, resume: bool, main: bool,
+                      rec: Any, model: Any, optimizer: Any, generator: Any, sizes: Dict[str, int],
+                      data_meta: Dict[str, Any], evaluate: Callable[[], Dict[str, Dict[str, float]]]) -> RunStart:
+    """What every pretraining run does before its first epoch, by one rule for every family.
+
+    A resumed run (:meth:`refit.runtime.runs.RunDir.resume_state`) gets its model's weights, the
+    optimiser and ``generator`` back from ``last.pt``; the main process writes ``config.json`` (the
+    config, the data's fingerprint and ``sizes``); and a run that starts from ``config.init`` evaluates
+    that model as epoch 0, which competes for ``best.pt``. ``rec.state()`` and ``data_meta`` (beside
+    the data's source, options and fingerprint) make the checkpoints.
+    """
+    best: Dict[str, Any] = {"epoch": 0, "value": -1.0, "valid": None, "test": None}
+    epoch, elapsed = 1, 0.0
+    state = run.resume_state(config, fingerprint, resume=resume, position="epoch", data_name=config.data)
+    if state is not None:
+        model.load_state_dict(state["recommender"]["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        epoch, elapsed = state["epoch"] + 1, state.get("elapsed", 0.0)
+        best.update(state["best"])
+    if main:
+        run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint, **sizes})
+
+    def checkpoint(position: int) -> Dict[str, Any]:
+        return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
+                "data": {"source": config.data, "options": config.data_options, "fingerprint": fingerprint,
+                         **data_meta},
+                "epoch": position, "best": best}
+
+    if config.init is not None and epoch == 1:  # the starting point competes for "best" too
+        metrics = evaluate()
+        best.update({"epoch": 0, "value": metrics["valid"][config.selection_metric], "valid": metrics["valid"],
+                     "test": metrics["test"]})
+        if main:
+            run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
+            save_checkpoint(run.file("best.pt"), checkpoint(0))
+    return RunStart(epoch, best, elapsed, state, checkpoint)
+
+
+__all__ = ["PretrainSettings", "RunStart", "start_pretraining"]

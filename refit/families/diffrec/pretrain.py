@@ -24,10 +24,9 @@ from ...evaluate import evaluate_recommender
 from ...runtime import distributed as dist
 from ...runtime.control import StopRequests
 from ...runtime.loop import EpochTask, run_epochs
-from ...runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
-                             set_rng_state)
+from ...runtime.runs import RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state
 from ...settings import finite_float, int_list, positive_int, setting
-from ..base import PretrainSettings
+from ..base import PretrainSettings, start_pretraining
 from .denoisers import MODELS, build_model
 from .recommender import RowRecommender
 
@@ -130,9 +129,7 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
     run = RunDir(config.out)
     main, world = dist.is_main(), dist.world_size()
     data = data if data is not None else load_dataset(config.data, **config.data_options)
-    if max(config.ks) > data.n_items:
-        raise ValueError(f"ks {list(config.ks)} go beyond the {data.n_items} items of {config.data!r}: pass smaller "
-                         "cut-offs (--ks)")
+    config.check_cutoffs(data.n_items)
     fingerprint = data_fingerprint(data)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -154,34 +151,15 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
     batches = data.batches(config.batch_size, "train", shuffle=True, seed=config.seed, device=device,
                            shard=(dist.rank(), world) if world > 1 else None)
 
-    start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
-    elapsed_before = 0.0
-    state = run.resume_state(config, fingerprint, resume=resume, position="epoch", data_name=config.data)
-    if state is not None:
-        model.load_state_dict(state["recommender"]["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        diffusion.loss_history[...] = state["loss_history"]
-        diffusion.loss_count[...] = state["loss_count"]
-        set_rng_state(state["rng"], generator)
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        elapsed_before = state.get("elapsed", 0.0)
-    if main:
-        run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
-                                       "n_users": data.n_users, "n_items": data.n_items})
+    start = start_pretraining(
+        run, config, fingerprint, resume=resume, main=main, rec=rec, model=model, optimizer=optimizer,
+        generator=generator, sizes={"n_users": data.n_users, "n_items": data.n_items},
+        data_meta={"n_users": data.n_users, "n_items": data.n_items},
+        evaluate=lambda: evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size))
+    if start.state is not None:  # the importance sampler's loss history goes on too
+        diffusion.loss_history[...] = start.state["loss_history"]
+        diffusion.loss_count[...] = start.state["loss_count"]
 
-    def checkpoint_state(epoch: int) -> Dict[str, Any]:
-        return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
-                "data": {"source": config.data, "options": config.data_options, "fingerprint": fingerprint,
-                         "n_users": data.n_users, "n_items": data.n_items},
-                "epoch": epoch, "best": best}
-
-    if config.init is not None and start_epoch == 1:  # the starting point competes for "best" too
-        metrics = evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size)
-        best = {"epoch": 0, "value": metrics["valid"][SELECTION_METRIC], "valid": metrics["valid"],
-                "test": metrics["test"]}
-        if main:
-            run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
-            save_checkpoint(run.file("best.pt"), checkpoint_state(0))
     def train_epoch(epoch: int) -> float:
         model.train()
         batches.set_epoch(epoch)
@@ -207,13 +185,13 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
     task = EpochTask(
         train_epoch=train_epoch,
         evaluate=lambda: evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size),
-        checkpoint=lambda epoch, best_: checkpoint_state(epoch),
+        checkpoint=lambda epoch, best: start.checkpoint(epoch),
         resume_state=lambda: {"optimizer": optimizer.state_dict(), "loss_history": diffusion.loss_history.copy(),
                               "loss_count": diffusion.loss_count.copy(), "rng": rng_state(generator)})
     return run_epochs(
         run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
         time_budget=config.time_budget, progress=config.progress, selection=SELECTION_METRIC,
-        start_epoch=start_epoch, best=best, t_start=t_start, elapsed_before=elapsed_before, stops=stops,
+        start_epoch=start.epoch, best=start.best, t_start=t_start, elapsed_before=start.elapsed, stops=stops,
         init_competes=config.init is not None,
         summary_extra={"data": {"source": config.data, "fingerprint": fingerprint, "n_users": data.n_users,
                                 "n_items": data.n_items}, "world_size": world})

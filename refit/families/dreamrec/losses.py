@@ -4,20 +4,28 @@ auxiliary cross-entropy of the warm start, and PreferDiff's preference term agai
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Protocol, Tuple
 
 import torch
 from torch.nn import functional as F
 
-from ...diffusion import _normal, autocast
+from ...diffusion import GaussianDiffusion, _normal, autocast
 from ...runtime import distributed as dist
 from .preferdiff import PAIRINGS, RECONSTRUCTIONS, PreferDiff
 
-if TYPE_CHECKING:
-    from .recommender import SeqRecommender
+
+class _SeqRecommender(Protocol):
+    """What the losses read of a :class:`refit.families.dreamrec.recommender.SeqRecommender` (described
+    here, not imported: the recommender module imports the losses)."""
+
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    precision: str
+    device: torch.device
+    w: float
 
 
-def _training_guidance(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
+def _training_guidance(rec: _SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
                        generator: Optional[torch.Generator], rows: Optional[Tuple[int, int]], drop: bool = True):
     """(B, D) float32 guidance of a training batch, each row dropped to the null embedding with probability
     ``p_uncond`` (one uniform draw per row of the global batch, sliced) unless ``drop`` is False."""
@@ -34,7 +42,7 @@ def _training_guidance(rec: SeqRecommender, history: torch.Tensor, lengths: torc
     return torch.where(keep, h.float(), model.none_embedding.float().expand_as(h))
 
 
-def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
+def dreamrec_loss(rec: _SeqRecommender, history: torch.Tensor, lengths: torch.Tensor,
                   targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                   rows: Optional[Tuple[int, int]] = None, weights: Optional[torch.Tensor] = None,
                   x0: Optional[torch.Tensor] = None, detach_target: Optional[bool] = None,
@@ -78,7 +86,7 @@ def dreamrec_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Ten
     return per_row if weights is None else per_row * weights
 
 
-def prediction_ce(rec: SeqRecommender, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def prediction_ce(rec: _SeqRecommender, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B,) the softmax cross-entropy over all ``n_items`` items of (B, D) x0 predictions' item scores (their
     inner products with every item embedding, as recommending ranks) toward the (B,) targets."""
     with autocast(rec.precision, pred.device):
@@ -86,7 +94,7 @@ def prediction_ce(rec: SeqRecommender, pred: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy(scores.float(), targets, reduction="none")
 
 
-def ce_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+def ce_loss(rec: _SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
             rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """(B,) the next item's softmax cross-entropy over all ``n_items`` items (the padding id excluded),
     scored as recommending does: the inner product of the guidance ``encode(history)`` (not dropped)
@@ -156,7 +164,7 @@ def _negative_embeddings(model, batch_targets: torch.Tensor, generator: Optional
     return E[pick].mean(dim=1)
 
 
-def preferdiff_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+def preferdiff_loss(rec: _SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                     generator: Optional[torch.Generator] = None, rows: Optional[Tuple[int, int]] = None,
                     batch_targets: Optional[torch.Tensor] = None, return_parts: bool = False,
                     ce_weight: float = 0.0):
@@ -216,7 +224,7 @@ def preferdiff_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.T
     return loss
 
 
-def preferdiff_denoising_loss(rec: SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, x0: torch.Tensor,
+def preferdiff_denoising_loss(rec: _SeqRecommender, history: torch.Tensor, lengths: torch.Tensor, x0: torch.Tensor,
                               generator: Optional[torch.Generator] = None,
                               rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """(B,) PreferDiff's reconstruction error of the guided prediction ``(1 + w) f(x, h) - w f(x, null)``

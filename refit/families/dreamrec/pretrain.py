@@ -24,10 +24,10 @@ from ...limits import check_finite, check_memory
 from ...runtime import distributed as dist
 from ...runtime.control import StopRequests
 from ...runtime.loop import EpochTask, run_epochs
-from ...runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state, save_checkpoint,
-                             set_rng_state)
+from ...runtime.runs import (RunDir, checkpoint_data, data_fingerprint, load_checkpoint, rng_state,
+                             save_checkpoint)
 from ...settings import finite_float, nonnegative_int, positive_int, setting, weight_grid
-from ..base import PretrainSettings
+from ..base import PretrainSettings, start_pretraining
 from .losses import ce_loss, dreamrec_loss, preferdiff_loss
 from .network import DIFFUSERS, DreamRec
 from .preferdiff import PAIRINGS, RECONSTRUCTIONS, PreferDiff, check_loss_settings
@@ -267,9 +267,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     if not hasattr(data, "targets"):
         raise ValueError(f"{config.network_class.__name__} needs sequence data (leave-one-out sequences, DreamRec's "
                          f".df files, a PreferDiff folder); {config.data!r} holds interactions without order")
-    if max(config.ks) > data.n_items:
-        raise ValueError(f"ks {list(config.ks)} go beyond the {data.n_items} items of {config.data!r}: pass smaller "
-                         "cut-offs (--ks)")
+    config.check_cutoffs(data.n_items)
     fingerprint = sequence_fingerprint(data)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -290,36 +288,16 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batches = data.batches("train", config.batch_size, shuffle=True, seed=config.seed, max_len=config.max_len)
 
-    start_epoch, best = 1, {"epoch": 0, "value": -1.0, "valid": None, "test": None}
-    elapsed_before, saved_warmup = 0.0, None
-    state = run.resume_state(config, fingerprint, resume=resume, position="epoch", data_name=config.data)
-    if state is not None:
-        model.load_state_dict(state["recommender"]["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        saved_warmup = state.get("warmup")
-        start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state.get("elapsed", 0.0)
-    if main:
-        run.write_json("config.json", {**config.to_dict(), "data_fingerprint": fingerprint,
-                                       "n_sequences": data.n_sequences, "n_items": data.n_items})
-
-    def checkpoint_state(epoch: int) -> Dict[str, Any]:
-        return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
-                "data": {"source": config.data, "options": config.data_options, "fingerprint": fingerprint,
-                         "n_users": data.n_sequences, "n_items": data.n_items, "sequential": True},
-                "epoch": epoch, "best": best}
-
     def evaluate():
         return evaluate_dreamrec(rec, data, ks=config.ks, batch_size=config.eval_batch_size,
                                  exclude_history=config.exclude_history, seed=config.seed)
 
-    if config.init is not None and start_epoch == 1:
-        metrics = evaluate()
-        best = {"epoch": 0, "value": metrics["valid"][SEQ_SELECTION], "valid": metrics["valid"],
-                "test": metrics["test"]}
-        if main:
-            run.log({"epoch": 0, "valid": metrics["valid"], "test": metrics["test"]})
-            save_checkpoint(run.file("best.pt"), checkpoint_state(0))
+    start = start_pretraining(
+        run, config, fingerprint, resume=resume, main=main, rec=rec, model=model, optimizer=optimizer,
+        generator=generator, sizes={"n_sequences": data.n_sequences, "n_items": data.n_items},
+        data_meta={"n_users": data.n_sequences, "n_items": data.n_items, "sequential": True}, evaluate=evaluate)
+    best = start.best
+    saved_warmup = None if start.state is None else start.state.get("warmup")
 
     preferdiff = isinstance(model, PreferDiff)
     warmup = config.embedding_warmup == "ce" and config.init is None  # an --init model is already trained
@@ -355,7 +333,7 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
                              weights={k: v.detach().clone() for k, v in model.state_dict().items()})
             else:
                 phase["since"] += 1
-            spent = time.perf_counter() - t_start + elapsed_before
+            spent = time.perf_counter() - t_start + start.elapsed
             limit = epoch >= config.epochs // 2 or (config.time_budget is not None and spent >= config.time_budget / 2)
             if world > 1:  # one decision for every rank (their clocks differ; the validation is the same)
                 limit = float(dist.all_reduce_sum(torch.tensor([float(limit)], dtype=torch.float64))[0]) > 0
@@ -402,12 +380,12 @@ def _pretrain_dreamrec(config: DreamRecConfig, data, resume: bool, device: torch
             end_warm_epoch(epoch)
         return total / max(1, n)
 
-    task = EpochTask(train_epoch=train_epoch, evaluate=evaluate, checkpoint=lambda e, b: checkpoint_state(e),
+    task = EpochTask(train_epoch=train_epoch, evaluate=evaluate, checkpoint=lambda e, b: start.checkpoint(e),
                      resume_state=lambda: {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
                                            "warmup": dict(phase)})
     summary = run_epochs(run, task, epochs=config.epochs, eval_every=config.eval_every, patience=config.patience,
                       time_budget=config.time_budget, progress=config.progress, selection=SEQ_SELECTION,
-                      start_epoch=start_epoch, best=best, t_start=t_start, elapsed_before=elapsed_before,
+                      start_epoch=start.epoch, best=best, t_start=t_start, elapsed_before=start.elapsed,
                       stops=stops, init_competes=config.init is not None,
                       summary_extra={"warmup": info,
                                      "data": {"source": config.data, "fingerprint": fingerprint,
