@@ -203,3 +203,39 @@ def test_a_sequence_family_without_its_own_evaluation_is_evaluated_by_its_policy
         cli.cmd_evaluate_sequential(argparse.Namespace(**{**vars(args), "protocol": "dreamrec"}), family)
     with pytest.raises(ValueError, match="--eval-steps: a seqtoy policy has no respaced sampler"):
         cli.cmd_evaluate_sequential(argparse.Namespace(**{**vars(args), "eval_steps": 5}), family)
+
+
+_STARTS = {
+    "diffrec": dict(data="synthetic", data_options={"n_users": 120, "n_items": 60}, steps=10, batch_size=60,
+                    eval_every=1, progress=False, ks=(10, 20)),
+    "dreamrec": dict(data="synthetic-seq", data_options={"n_users": 60, "n_items": 40, "mean_length": 8, "seed": 5},
+                     hidden=16, steps=20, batch_size=32, eval_every=1, progress=False, ks=(10, 20),
+                     embedding_warmup="none", ce_weight=0.0, w_grid=None),
+}
+
+
+@pytest.mark.parametrize("name", list(_STARTS))
+def test_every_family_starts_its_runs_by_one_rule(name, tmp_path):
+    """refit.families.base.start_pretraining, for each built-in family: cut-offs beyond the items are
+    refused by name; config.json records the data's fingerprint; an --init model is evaluated as epoch
+    0 and competes for best.pt (its metrics are the init checkpoint's own); a resumed run goes on from
+    last.pt's epoch with its best."""
+    family = families.get(name)
+    settings = _STARTS[name]
+    with pytest.raises(ValueError, match=r"ks \[10, 20, 500\] go beyond the \d+ items of .*--ks"):
+        family.pretrain(family.config(**{**settings, "ks": (10, 20, 500)}, epochs=1, out=str(tmp_path / "ks")))
+    first = family.pretrain(family.config(**settings, epochs=2, out=str(tmp_path / "a")))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["data_fingerprint"] and config["epochs"] == 2 and first["status"] == "finished"
+
+    cont = family.pretrain(family.config(**settings, epochs=1, init=str(tmp_path / "a" / "best.pt"),
+                                         out=str(tmp_path / "b")))
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[0]["valid"] == pytest.approx(first["valid"])  # the init model is the first run's best
+    assert cont["best_epoch"] in (0, 1) and (tmp_path / "b" / "best.pt").exists()
+
+    resumed = family.pretrain(family.config(**settings, epochs=3, out=str(tmp_path / "a")), resume=True)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3] and resumed["epochs_run"] == 3
+    assert resumed["best_epoch"] in (first["best_epoch"], 3)
