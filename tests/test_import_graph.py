@@ -100,3 +100,20 @@ def test_the_scan_finds_a_cycle_hidden_in_a_function():
         assert _imports(f.name, "refit.a", {**tree_mods, "refit.c": None}) == {"refit.b"}
     finally:
         os.unlink(f.name)
+
+
+def test_the_former_module_names_still_import_the_same_objects():
+    """Code written against the former modules keeps working: ``refit.trainer`` and ``refit.runs`` hand out
+    the objects of ``refit.posttrain`` and ``refit.runtime.runs`` themselves (README showed both)."""
+    import refit.posttrain as posttrain
+    import refit.posttrain.common as common
+    import refit.runs as runs
+    import refit.runtime.runs as runtime_runs
+    import refit.trainer as trainer
+
+    for name in ("FinetuneConfig", "ReFiT", "finetune", "load_policy"):
+        assert getattr(trainer, name) is getattr(posttrain, name)
+    for name in ("Baseline", "group_weights", "rating_weights", "reinforce_loss", "trajectory_logprob"):
+        assert getattr(trainer, name) is getattr(common, name)
+    for name in ("load_checkpoint", "save_checkpoint", "RunDir"):
+        assert getattr(runs, name) is getattr(runtime_runs, name)
