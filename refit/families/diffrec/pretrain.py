@@ -10,7 +10,6 @@ improvement, and writes everything into the run folder: ``config.json``,
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
@@ -29,8 +28,6 @@ from ...settings import finite_float, int_list, positive_int, setting
 from ..base import PretrainSettings, start_pretraining
 from .denoisers import MODELS, build_model
 from .recommender import RowRecommender
-
-log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "recall@20"
 
