@@ -84,14 +84,15 @@ class RunStart:
 
 def start_pretraining(run: RunDir, config: PretrainSettings, fingerprint: str, *, resume: bool, main: bool,
                       rec: Any, model: Any, optimizer: Any, generator: Any, sizes: Dict[str, int],
-                      data_meta: Dict[str, Any], evaluate: Callable[[], Dict[str, Dict[str, float]]]) -> RunStart:
+                      evaluate: Callable[[], Dict[str, Dict[str, float]]],
+                      data_meta: Optional[Dict[str, Any]] = None) -> RunStart:
     """What every pretraining run does before its first epoch, by one rule for every family.
 
     A resumed run (:meth:`refit.runtime.runs.RunDir.resume_state`) gets its model's weights, the
     optimiser and ``generator`` back from ``last.pt``; the main process writes ``config.json`` (the
     config, the data's fingerprint and ``sizes``); and a run that starts from ``config.init`` evaluates
-    that model as epoch 0, which competes for ``best.pt``. ``rec.state()`` and ``data_meta`` (beside
-    the data's source, options and fingerprint) make the checkpoints.
+    that model as epoch 0, which competes for ``best.pt``. ``rec.state()`` and ``data_meta`` (default:
+    ``sizes``; beside the data's source, options and fingerprint) make the checkpoints.
     """
     best: Dict[str, Any] = {"epoch": 0, "value": -1.0, "valid": None, "test": None}
     epoch, elapsed = 1, 0.0
@@ -108,7 +109,7 @@ def start_pretraining(run: RunDir, config: PretrainSettings, fingerprint: str, *
     def checkpoint(position: int) -> Dict[str, Any]:
         return {"kind": "pretrain", "recommender": rec.state(), "config": config.to_dict(),
                 "data": {"source": config.data, "options": config.data_options, "fingerprint": fingerprint,
-                         **data_meta},
+                         **(sizes if data_meta is None else data_meta)},
                 "epoch": position, "best": best}
 
     if config.init is not None and epoch == 1:  # the starting point competes for "best" too

@@ -89,7 +89,6 @@ class ReFiT:
         if reward_fn is not None and not callable(reward_fn):
             raise TypeError(f"reward_fn must be a function (scores, episode) -> (B,) rewards, got "
                             f"{type(reward_fn).__name__}")
-        self.reward_fn = reward_fn
         self.policy = self.rec = policy  # ``rec``: the former name
         self.data, self.config = data, config
         self.world = dist.world_size()

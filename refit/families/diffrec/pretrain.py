@@ -151,7 +151,6 @@ def _pretrain(config: PretrainConfig, data: Optional[InteractionData], resume: b
     start = start_pretraining(
         run, config, fingerprint, resume=resume, main=main, rec=rec, model=model, optimizer=optimizer,
         generator=generator, sizes={"n_users": data.n_users, "n_items": data.n_items},
-        data_meta={"n_users": data.n_users, "n_items": data.n_items},
         evaluate=lambda: evaluate_recommender(rec, data, ks=config.ks, batch_size=config.eval_batch_size))
     if start.state is not None:  # the importance sampler's loss history goes on too
         diffusion.loss_history[...] = start.state["loss_history"]
