@@ -11,6 +11,8 @@
 // REFIT_TORCH_VERSION and REFIT_CUDA_VERSION, written by setup.py.
 #include "refit_build_info.h"
 
+#include "cpu/common.h"
+
 TORCH_LIBRARY(refit, m) {
   m.def(
       "gaussian_logprob(Tensor pred, Tensor traj, Tensor coef_pred, Tensor coef_x, "
@@ -49,12 +51,26 @@ TORCH_LIBRARY(refit, m) {
 
 // A plain CPython module (no pybind11): it only carries the build facts the
 // Python side checks before trusting the registered kernels.
+static PyObject* cpu_avx512(PyObject*, PyObject*) {
+#ifdef REFIT_HAVE_AVX512
+  if (refit::cpu::has_avx512()) Py_RETURN_TRUE;
+#endif
+  Py_RETURN_FALSE;
+}
+
+static PyMethodDef refit_methods[] = {
+    {"cpu_avx512", cpu_avx512, METH_NOARGS,
+     "Whether the CPU kernels run their hand-written AVX-512 loops here (False where the CPU lacks "
+     "AVX-512 or REFIT_CPU_AVX512=0 turned them off)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 static PyModuleDef refit_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "Compiled refit kernels. Importing it registers the refit:: ops with torch.",
     -1,
-    nullptr,
+    refit_methods,
 };
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

@@ -63,5 +63,6 @@ def build_facts() -> dict:
         "with_cuda": bool(getattr(MODULE, "with_cuda", 0)),
         "with_openmp": bool(getattr(MODULE, "with_openmp", 0)),
         "sanitized": bool(getattr(MODULE, "sanitized", 0)),
+        "cpu_avx512": bool(MODULE.cpu_avx512()) if hasattr(MODULE, "cpu_avx512") else False,
         "path": getattr(MODULE, "__file__", None),
     }

@@ -44,6 +44,8 @@ def report() -> str:
             f"  built for   torch {facts['torch_version']}",
             f"  CUDA        {'yes (CUDA ' + str(facts['cuda_version']) + ')' if facts['with_cuda'] else 'no'}",
             f"  OpenMP      {'yes' if facts['with_openmp'] else 'no'}",
+            f"  AVX-512     {'yes' if facts['cpu_avx512'] else 'no'} (the CPU kernels' hand-written loops; "
+            "REFIT_CPU_AVX512=0 turns them off)",
         ]
         if facts["sanitized"]:
             lines.append("  sanitizers  AddressSanitizer, UBSan (a REFIT_SANITIZE=1 build, for tests)")

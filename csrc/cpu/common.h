@@ -36,10 +36,15 @@ namespace cpu {
 // Kernels may carry a hand-written AVX-512 loop (__attribute__((target(
 // "avx512f")))), called only where has_avx512() says the CPU runs it.
 #define REFIT_HAVE_AVX512 1
+// REFIT_CPU_AVX512=0 in the environment turns these loops off (read once), so
+// that the tests also run the portable loops that machines without AVX-512
+// take.
 inline bool has_avx512() {
   // Asked on first use, not in a static initialiser, which may run before
   // the compiler's CPU detection.
   static const bool yes = [] {
+    const char* off = std::getenv("REFIT_CPU_AVX512");
+    if (off != nullptr && off[0] == '0' && off[1] == '\0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") != 0;
   }();
