@@ -326,6 +326,32 @@ def test_cpu_structured_rows(pattern):
         assert_matches(rk.topk_hits(ks=ks, return_indices=True, backend="cpu", **case), truth(case, ks), f"{pattern} {ks}")
 
 
+@pytest.mark.parametrize("where", ["inside", "across-kmax", "beyond-kmax", "at-threshold", "many"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_ties_among_the_selected_items(where, dtype):
+    """The cpu kernel ranks its candidates by counting how many score at least as much, which is exact
+    only without ties: ties among the top Kmax (inside, or across the Kmax-th place) must send the row
+    to the ranking by keys, a tie after the top Kmax need not, and more candidates than the count takes
+    (600 equal best scores) go to the keys from the start. Continuous rows of 3,000 items, Kmax 100."""
+    if rk.available_backends()["cpu"] is not None:
+        pytest.skip(rk.available_backends()["cpu"])
+    I, kmax = 3000, 100
+    g = torch.Generator().manual_seed(stable_seed("ties", where, str(dtype)))
+    scores = torch.rand(6, I, generator=g, dtype=torch.float64)
+    order = scores.argsort(dim=1, descending=True)
+    for b in range(scores.shape[0]):
+        place = {"inside": [3 + b, 4 + b, 9 + b], "across-kmax": [kmax - 2 + b % 3, kmax - 1 + b % 3, kmax + b % 3],
+                 "beyond-kmax": [kmax + 2 + b, kmax + 3 + b], "at-threshold": list(range(kmax + 5, kmax + 40)),
+                 "many": list(range(0, 600))}[where]
+        items = order[b, place]
+        scores[b, items] = float(scores[b, items[0]])
+    case = {"scores": scores.to(dtype), "exclude": random_csr(np.random.default_rng(1), 6, I, 0.05),
+            "positives": random_csr(np.random.default_rng(2), 6, I, 0.05)}
+    for ks in ((10, kmax), (1, 50, kmax)):
+        assert_matches(rk.topk_hits(ks=ks, return_indices=True, backend="cpu", **case), truth(case, ks),
+                       f"{where} {ks}")
+
+
 def test_cpu_threads_give_identical_results(monkeypatch):
     # Tasks of a thousandth of the usual work, so this small input takes the threaded path (a region
     # runs on one thread below about 1 ms of work; see csrc/cpu/common.h).

@@ -1,9 +1,10 @@
 // CPU kernel of refit::topk_hits: threads over rows. Per row: the scores are
 // widened into a buffer (NaN check) with the excluded items blanked, the best
-// Kmax items are selected without sorting the row (a threshold from block
-// maxima, the few items above it, a branch-free quickselect; O(I) per row),
-// and hits, DCG and neighbor hits are read from the ranked list through a
-// per-thread table item -> rank. Nothing of size B x I is allocated.
+// Kmax items are selected without sorting the row (a threshold from the
+// maxima of strided groups, the few items above it, ranked by counting;
+// O(I) per row), and hits, DCG and neighbor hits are read from the ranked
+// list through a per-thread table item -> rank. Nothing of size B x I is
+// allocated.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -107,41 +108,45 @@ REFIT_INLINE T kth_largest(T* __restrict__ a, int64_t n, int64_t k, T* __restric
   return a[k - 1];
 }
 
-// Maxima of the blocks of 2^log2_block consecutive scores (excluded items,
-// NaN, count as -inf). Power-of-two blocks keep the inner loop a plain
-// vectorised max.
-template <typename acc_t, int64_t kBlock>
-REFIT_INLINE int64_t block_maxima_fixed(const acc_t* __restrict__ x, int64_t n, acc_t* __restrict__ out) {
+// Maxima of the nb strided groups of a row: group g holds the items g, g + nb,
+// g + 2 nb, ... (excluded items, NaN, count as -inf); nb is a multiple of 16
+// and out has room for nb values. Any partition into groups serves the
+// threshold (kmax groups whose maximum reaches t hold kmax distinct items that
+// reach it); strided groups make the pass a column-wise max of the row seen as
+// an (n / nb, nb) matrix, one vector max per 16 scores and no horizontal
+// reduction.
+template <typename acc_t>
+REFIT_INLINE void strided_maxima(const acc_t* __restrict__ x, int64_t n, int64_t nb, acc_t* __restrict__ out) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  int64_t nb = 0, i0 = 0;
-  for (; i0 + kBlock <= n; i0 += kBlock) {
-    acc_t m = neg_inf;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < kBlock; ++j) {
-      const acc_t v = x[i0 + j];
-      m = std::max(m, v == v ? v : neg_inf);
+  const int64_t first = std::min(n, nb);
+#pragma omp simd
+  for (int64_t g = 0; g < first; ++g) {
+    const acc_t v = x[g];
+    out[g] = v == v ? v : neg_inf;
+  }
+  for (int64_t g = first; g < nb; ++g) out[g] = neg_inf;
+  // v > m is false for NaN, so NaN never replaces a maximum.
+  int64_t i0 = nb;
+  for (; i0 + nb <= n; i0 += nb) {
+#pragma omp simd
+    for (int64_t g = 0; g < nb; ++g) {
+      const acc_t v = x[i0 + g], m = out[g];
+      out[g] = v > m ? v : m;
     }
-    out[nb++] = m;
   }
-  if (i0 < n) {
-    acc_t m = neg_inf;
-    for (int64_t j = i0; j < n; ++j) m = std::max(m, x[j] == x[j] ? x[j] : neg_inf);
-    out[nb++] = m;
+  for (int64_t g = 0; i0 + g < n; ++g) {
+    const acc_t v = x[i0 + g], m = out[g];
+    out[g] = v > m ? v : m;
   }
-  return nb;
 }
 
-template <typename acc_t>
-REFIT_INLINE int64_t block_maxima(const acc_t* x, int64_t n, int log2_block, acc_t* out) {
-  switch (log2_block) {
-    case 0: return block_maxima_fixed<acc_t, 1>(x, n, out);
-    case 1: return block_maxima_fixed<acc_t, 2>(x, n, out);
-    case 2: return block_maxima_fixed<acc_t, 4>(x, n, out);
-    case 3: return block_maxima_fixed<acc_t, 8>(x, n, out);
-    case 4: return block_maxima_fixed<acc_t, 16>(x, n, out);
-    case 5: return block_maxima_fixed<acc_t, 32>(x, n, out);
-    default: return block_maxima_fixed<acc_t, 64>(x, n, out);
-  }
+// The number of groups for rows of n items and a top kmax: about 4 kmax, so
+// that the threshold lets through little more than kmax items (about 1.1
+// kmax for scores in random order), and never more groups than items (rounded
+// up to 16).
+REFIT_INLINE int64_t group_count(int64_t n, int64_t kmax) {
+  const int64_t want = std::min(n, 4 * kmax);
+  return std::max<int64_t>(16, (want + 15) / 16 * 16);
 }
 
 // The ids of the scores >= t, in increasing order, into out (which has room
@@ -192,16 +197,151 @@ REFIT_INLINE int64_t collect_any(const double* x, int64_t n, double t, int32_t* 
   return collect_at_least<double>(x, n, t, out);
 }
 
+#ifdef REFIT_HAVE_AVX512
+// kth_largest for float32 with AVX-512: the same passes, each partition step
+// moving 16 values with two compress stores. The in-place store of the larger
+// values writes a[n_gt, n_gt + 16) with n_gt <= i: only values already loaded.
+// scratch has room for n + 16 values.
+__attribute__((target("avx512f"))) float kth_largest_f32_avx512(float* __restrict__ a, int64_t n, int64_t k,
+                                                               float* __restrict__ scratch) {
+  int passes = 8;
+  for (int64_t m = n; m > 1; m >>= 1) passes += 2;
+  while (n > 24) {
+    if (--passes < 0) {
+      std::nth_element(a, a + (k - 1), a + n, std::greater<float>());
+      return a[k - 1];
+    }
+    const float p0 = a[0], p1 = a[n / 2], p2 = a[n - 1];
+    const float pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));
+    const __m512 pv = _mm512_set1_ps(pivot);
+    int64_t n_gt = 0, n_lt = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(a + i);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, pv, _CMP_GT_OQ);
+      const __mmask16 lt = _mm512_cmp_ps_mask(v, pv, _CMP_LT_OQ);
+      _mm512_storeu_ps(a + n_gt, _mm512_maskz_compress_ps(gt, v));
+      _mm512_storeu_ps(scratch + n_lt, _mm512_maskz_compress_ps(lt, v));
+      n_gt += __builtin_popcount(static_cast<unsigned>(gt));
+      n_lt += __builtin_popcount(static_cast<unsigned>(lt));
+    }
+    for (; i < n; ++i) {
+      const float v = a[i];
+      a[n_gt] = v;
+      n_gt += v > pivot;
+      scratch[n_lt] = v;
+      n_lt += v < pivot;
+    }
+    if (k <= n_gt) {
+      n = n_gt;
+    } else if (k > n - n_lt) {
+      k -= n - n_lt;
+      std::copy(scratch, scratch + n_lt, a);
+      n = n_lt;
+    } else {
+      return pivot;
+    }
+  }
+  std::sort(a, a + n, std::greater<float>());
+  return a[k - 1];
+}
+#endif
+
+REFIT_INLINE float kth_largest_any(float* a, int64_t n, int64_t k, float* scratch) {
+#ifdef REFIT_HAVE_AVX512
+  if (cpu::has_avx512()) return kth_largest_f32_avx512(a, n, k, scratch);
+#endif
+  return kth_largest(a, n, k, scratch);
+}
+REFIT_INLINE double kth_largest_any(double* a, int64_t n, int64_t k, double* scratch) {
+  return kth_largest(a, n, k, scratch);
+}
+
+// The order-preserving code of a score (refit/topk_hits.h): 32 bits for
+// float, 64 for double. No score has code 0.
+REFIT_INLINE uint32_t code_of(float x) { return topk::score_code(x); }
+REFIT_INLINE uint64_t code_of(double x) {
+  x = (x == 0.0) ? 0.0 : x;
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits >> 63) ? ~bits : (bits | (uint64_t(1) << 63));
+}
+template <typename acc_t> using CodeOf = decltype(code_of(acc_t()));
+
+// at[j] = #{i < c : code[i] >= code[j]} - 1 for every j < c: the rank of
+// candidate j when no other candidate ties with it. code[c, c + 16) is zero
+// (below every code).
+template <typename code_t>
+REFIT_INLINE void ranks_at_least(const code_t* __restrict__ code, int64_t c, int32_t* __restrict__ at) {
+  for (int64_t j = 0; j < c; ++j) {
+    const code_t cj = code[j];
+    int32_t r = 0;
+#pragma omp simd reduction(+ : r)
+    for (int64_t i = 0; i < c; ++i) r += code[i] >= cj;
+    at[j] = r - 1;
+  }
+}
+
+#ifdef REFIT_HAVE_AVX512
+// The same for 32-bit codes with AVX-512: four candidates at a time against
+// 16 codes per compare, counted by popcount (four independent sums).
+__attribute__((target("avx512f,popcnt"))) void ranks_at_least_avx512(const uint32_t* __restrict__ code, int64_t c,
+                                                                    int32_t* __restrict__ at) {
+  const int64_t nv = (c + 15) / 16;  // the zero padding never counts
+  int64_t j = 0;
+  for (; j + 4 <= c; j += 4) {
+    const __m512i b0 = _mm512_set1_epi32(static_cast<int>(code[j]));
+    const __m512i b1 = _mm512_set1_epi32(static_cast<int>(code[j + 1]));
+    const __m512i b2 = _mm512_set1_epi32(static_cast<int>(code[j + 2]));
+    const __m512i b3 = _mm512_set1_epi32(static_cast<int>(code[j + 3]));
+    int32_t r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+    for (int64_t v = 0; v < nv; ++v) {
+      const __m512i x = _mm512_loadu_si512(code + 16 * v);
+      r0 += __builtin_popcount(static_cast<unsigned>(_mm512_cmpge_epu32_mask(x, b0)));
+      r1 += __builtin_popcount(static_cast<unsigned>(_mm512_cmpge_epu32_mask(x, b1)));
+      r2 += __builtin_popcount(static_cast<unsigned>(_mm512_cmpge_epu32_mask(x, b2)));
+      r3 += __builtin_popcount(static_cast<unsigned>(_mm512_cmpge_epu32_mask(x, b3)));
+    }
+    at[j] = r0 - 1;
+    at[j + 1] = r1 - 1;
+    at[j + 2] = r2 - 1;
+    at[j + 3] = r3 - 1;
+  }
+  for (; j < c; ++j) {
+    const __m512i b = _mm512_set1_epi32(static_cast<int>(code[j]));
+    int32_t r = 0;
+    for (int64_t v = 0; v < nv; ++v)
+      r += __builtin_popcount(static_cast<unsigned>(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(code + 16 * v), b)));
+    at[j] = r - 1;
+  }
+}
+#endif
+
+REFIT_INLINE void ranks_any(const uint32_t* code, int64_t c, int32_t* at) {
+#ifdef REFIT_HAVE_AVX512
+  if (cpu::has_avx512()) return ranks_at_least_avx512(code, c, at);
+#endif
+  ranks_at_least(code, c, at);
+}
+REFIT_INLINE void ranks_any(const uint64_t* code, int64_t c, int32_t* at) { ranks_at_least(code, c, at); }
+
+// Candidates ranked by counting (ranks_at_least) up to this many; beyond, and
+// whenever two of them tie on the score, by their keys.
+constexpr int64_t kMaxCounted = 512;
+
 // Per-thread working memory of the selection, for rows of I items.
 template <typename acc_t>
 struct SelectBuffers {
   using key_t = typename KeyOf<acc_t>::type;
   std::vector<acc_t> maxima, maxima_scratch;
-  std::vector<int32_t> candidates;
+  std::vector<int32_t> candidates, at;
+  std::vector<CodeOf<acc_t>> codes;
+  std::vector<uint8_t> filled;
   std::vector<key_t> keys, keys_copy, keys_scratch;
-  explicit SelectBuffers(int64_t I)
-      : maxima(I + 1), maxima_scratch(I + 1), candidates(I + 16), keys(I + 1), keys_copy(I + 1),
-        keys_scratch(I + 1) {}
+  // Groups: at most I rounded up to 16 (and at least 16); the vector kth and
+  // counts read or write 16 values past their end.
+  SelectBuffers(int64_t I, int64_t kmax)
+      : maxima(I + 48), maxima_scratch(I + 48), candidates(I + 16), at(kMaxCounted), codes(kMaxCounted + 16),
+        filled(static_cast<size_t>(kmax)), keys(I + 1), keys_copy(I + 1), keys_scratch(I + 1) {}
 };
 
 // Selects the best min(kmax, rankable) items of a row and writes their keys,
@@ -210,14 +350,18 @@ struct SelectBuffers {
 // before).
 //
 // 1. A threshold t that at least kmax rankable scores reach: the kmax-th
-//    largest of the maxima of nb >= kmax blocks (kmax blocks hold a score
-//    >= t). When t is -inf every rankable item passes.
-// 2. The items with score >= t (ties with t included: they may rank before
-//    an item above t only by id, which the keys decide), typically ~1.5 kmax.
-// 3. Their keys; the kmax-th largest key, and the keys at or above it (keys
-//    are distinct, so exactly kmax).
-// 4. Ranks: for up to 256 keys, rank = the number of larger keys (a
-//    vectorised count, no branches); beyond, a sort.
+//    largest of the maxima of nb >= kmax strided groups (kmax groups hold a
+//    score >= t). When t is -inf every rankable item passes.
+// 2. The c items with score >= t, in increasing id (ties with t included:
+//    they may rank before an item above t only by id), typically ~1.1 kmax.
+// 3. Up to kMaxCounted candidates: each one's rank is the number of other
+//    candidates whose score code is at least its own (a vectorised count, no
+//    branches, no sort). That is its rank exactly when no candidate ties with
+//    it; a tie gives its members one shared count, so the top kmax positions
+//    are then not all filled exactly once, and the row is ranked by step 4.
+// 4. Otherwise: their keys (score code above ~id, distinct), the kmax-th
+//    largest key, and the keys at or above it; ranks by counting larger keys
+//    (up to 256) or a sort.
 //
 // Inlined into the multiversioned entry points below, so that each clone
 // (AVX-512, AVX2, baseline) vectorises it for its instruction set.
@@ -226,13 +370,36 @@ REFIT_INLINE int64_t select_top(const acc_t* __restrict__ x, int64_t n, int64_t 
                    typename KeyOf<acc_t>::type* __restrict__ ranked) {
   using K = KeyOf<acc_t>;
   using key_t = typename K::type;
-  int log2_block = 0;
-  while (log2_block < 6 && (int64_t(2) << log2_block) <= n / kmax) ++log2_block;  // nb >= kmax
-  const int64_t nb = block_maxima<acc_t>(x, n, log2_block, w.maxima.data());
-  const acc_t t = nb >= kmax ? kth_largest(w.maxima.data(), nb, kmax, w.maxima_scratch.data())
+  using code_t = CodeOf<acc_t>;
+  const int64_t nb = group_count(n, kmax);
+  strided_maxima<acc_t>(x, n, nb, w.maxima.data());
+  const acc_t t = nb >= kmax ? kth_largest_any(w.maxima.data(), nb, kmax, w.maxima_scratch.data())
                              : -std::numeric_limits<acc_t>::infinity();
   int32_t* cand = w.candidates.data();
   int64_t c = collect_any(x, n, t, cand);
+  const int64_t n_top = std::min(c, kmax);
+
+  if (c <= kMaxCounted) {
+    code_t* codes = w.codes.data();
+    for (int64_t j = 0; j < c; ++j) codes[j] = code_of(x[cand[j]]);
+    std::fill(codes + c, codes + c + 16, code_t(0));
+    int32_t* at = w.at.data();
+    ranks_any(codes, c, at);
+    uint8_t* filled = w.filled.data();
+    std::fill(filled, filled + kmax, uint8_t(0));
+    int64_t stored = 0;
+    bool distinct = true;
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t r = at[j];
+      if (r >= kmax) continue;
+      distinct &= !filled[r];
+      filled[r] = 1;
+      ranked[r] = K::key(x[cand[j]], cand[j]);
+      ++stored;
+    }
+    if (distinct && stored == n_top) return n_top;
+  }
+
   key_t* keys = w.keys.data();
   for (int64_t j = 0; j < c; ++j) keys[j] = K::key(x[cand[j]], cand[j]);
   if (c > kmax) {
@@ -348,7 +515,7 @@ void topk_hits_rows(const TopKHitsArgs& a, at::Tensor& hits, at::Tensor& dcg, at
     std::vector<acc_t> buf(static_cast<size_t>(I));
     std::vector<int32_t> rank(static_cast<size_t>(I), -1);
     std::vector<typename KeyOf<acc_t>::type> keys(static_cast<size_t>(kmax));
-    SelectBuffers<acc_t> work(I);
+    SelectBuffers<acc_t> work(I, kmax);
     std::vector<uint8_t> hit(static_cast<size_t>(kmax));
     std::vector<int64_t> cnt(static_cast<size_t>(kmax));
     for (int64_t b = b0; b < b1; ++b) {
