@@ -66,17 +66,33 @@ REFIT_INLINE uint32_t item_of(key_t key) {
   return ~static_cast<uint32_t>(key);
 }
 
+// One partition pass of kth_largest over a[from, n): values > pivot are
+// appended to a[0, n_gt) (n_gt <= i: never overwrites a value not yet read),
+// values < pivot to scratch[0, n_lt). No data-dependent branch: each value is
+// written to both sides and the side's length grows by a comparison.
+template <typename T>
+REFIT_INLINE void partition_tail(T* __restrict__ a, int64_t from, int64_t n, T pivot, T* __restrict__ scratch,
+                                 int64_t& n_gt, int64_t& n_lt) {
+  for (int64_t i = from; i < n; ++i) {
+    const T v = a[i];
+    a[n_gt] = v;
+    n_gt += v > pivot;
+    scratch[n_lt] = v;
+    n_lt += v < pivot;
+  }
+}
+
 // The k-th largest (1-based, 1 <= k <= n) of a[0, n); clobbers a and
-// scratch[0, n). A quickselect whose partition step has no data-dependent
-// branch (each value is written to both sides and the side's length grows by
-// a comparison), so it costs a few cycles per value and pass instead of the
-// branch mispredictions of std::nth_element.
+// scratch[0, n). A quickselect whose partition passes (`partition(a, n,
+// pivot, scratch, n_gt, n_lt)`, branch-free) cost a few cycles per value
+// instead of the branch mispredictions of std::nth_element.
 //
 // Median-of-three pivots can be driven to O(n^2) by adversarial inputs;
 // after 2 log2(n) + 8 passes the rest goes to std::nth_element (O(n log n)
 // at worst).
-template <typename T>
-REFIT_INLINE T kth_largest(T* __restrict__ a, int64_t n, int64_t k, T* __restrict__ scratch) {
+template <typename T, typename Partition>
+REFIT_INLINE T kth_largest_by(T* __restrict__ a, int64_t n, int64_t k, T* __restrict__ scratch,
+                              const Partition& partition) {
   int passes = 8;
   for (int64_t m = n; m > 1; m >>= 1) passes += 2;
   while (n > 24) {
@@ -87,13 +103,7 @@ REFIT_INLINE T kth_largest(T* __restrict__ a, int64_t n, int64_t k, T* __restric
     const T p0 = a[0], p1 = a[n / 2], p2 = a[n - 1];
     const T pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));  // median of three
     int64_t n_gt = 0, n_lt = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = a[i];
-      a[n_gt] = v;  // n_gt <= i: never overwrites a value not yet read
-      n_gt += v > pivot;
-      scratch[n_lt] = v;
-      n_lt += v < pivot;
-    }
+    partition(a, n, pivot, scratch, n_gt, n_lt);
     if (k <= n_gt) {
       n = n_gt;
     } else if (k > n - n_lt) {
@@ -106,6 +116,13 @@ REFIT_INLINE T kth_largest(T* __restrict__ a, int64_t n, int64_t k, T* __restric
   }
   std::sort(a, a + n, std::greater<T>());
   return a[k - 1];
+}
+
+template <typename T>
+REFIT_INLINE T kth_largest(T* __restrict__ a, int64_t n, int64_t k, T* __restrict__ scratch) {
+  return kth_largest_by(a, n, k, scratch, [](T* x, int64_t m, T pivot, T* tmp, int64_t& n_gt, int64_t& n_lt) {
+    partition_tail(x, 0, m, pivot, tmp, n_gt, n_lt);
+  });
 }
 
 // Maxima of the nb strided groups of a row: group g holds the items g, g + nb,
@@ -198,57 +215,31 @@ REFIT_INLINE int64_t collect_any(const double* x, int64_t n, double t, int32_t* 
 }
 
 #ifdef REFIT_HAVE_AVX512
-// kth_largest for float32 with AVX-512: the same passes, each partition step
-// moving 16 values with two compress stores. The in-place store of the larger
-// values writes a[n_gt, n_gt + 16) with n_gt <= i: only values already loaded.
+// kth_largest's partition pass for float32 with AVX-512: 16 values per step,
+// moved by two compress stores. The in-place store of the larger values
+// writes a[n_gt, n_gt + 16) with n_gt <= i: only values already loaded.
 // scratch has room for n + 16 values.
-__attribute__((target("avx512f"))) float kth_largest_f32_avx512(float* __restrict__ a, int64_t n, int64_t k,
-                                                               float* __restrict__ scratch) {
-  int passes = 8;
-  for (int64_t m = n; m > 1; m >>= 1) passes += 2;
-  while (n > 24) {
-    if (--passes < 0) {
-      std::nth_element(a, a + (k - 1), a + n, std::greater<float>());
-      return a[k - 1];
-    }
-    const float p0 = a[0], p1 = a[n / 2], p2 = a[n - 1];
-    const float pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));
-    const __m512 pv = _mm512_set1_ps(pivot);
-    int64_t n_gt = 0, n_lt = 0, i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const __m512 v = _mm512_loadu_ps(a + i);
-      const __mmask16 gt = _mm512_cmp_ps_mask(v, pv, _CMP_GT_OQ);
-      const __mmask16 lt = _mm512_cmp_ps_mask(v, pv, _CMP_LT_OQ);
-      _mm512_storeu_ps(a + n_gt, _mm512_maskz_compress_ps(gt, v));
-      _mm512_storeu_ps(scratch + n_lt, _mm512_maskz_compress_ps(lt, v));
-      n_gt += __builtin_popcount(static_cast<unsigned>(gt));
-      n_lt += __builtin_popcount(static_cast<unsigned>(lt));
-    }
-    for (; i < n; ++i) {
-      const float v = a[i];
-      a[n_gt] = v;
-      n_gt += v > pivot;
-      scratch[n_lt] = v;
-      n_lt += v < pivot;
-    }
-    if (k <= n_gt) {
-      n = n_gt;
-    } else if (k > n - n_lt) {
-      k -= n - n_lt;
-      std::copy(scratch, scratch + n_lt, a);
-      n = n_lt;
-    } else {
-      return pivot;
-    }
+__attribute__((target("avx512f"))) void partition_f32_avx512(float* __restrict__ a, int64_t n, float pivot,
+                                                            float* __restrict__ scratch, int64_t& n_gt,
+                                                            int64_t& n_lt) {
+  const __m512 pv = _mm512_set1_ps(pivot);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(a + i);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, pv, _CMP_GT_OQ);
+    const __mmask16 lt = _mm512_cmp_ps_mask(v, pv, _CMP_LT_OQ);
+    _mm512_storeu_ps(a + n_gt, _mm512_maskz_compress_ps(gt, v));
+    _mm512_storeu_ps(scratch + n_lt, _mm512_maskz_compress_ps(lt, v));
+    n_gt += __builtin_popcount(static_cast<unsigned>(gt));
+    n_lt += __builtin_popcount(static_cast<unsigned>(lt));
   }
-  std::sort(a, a + n, std::greater<float>());
-  return a[k - 1];
+  partition_tail(a, i, n, pivot, scratch, n_gt, n_lt);
 }
 #endif
 
 REFIT_INLINE float kth_largest_any(float* a, int64_t n, int64_t k, float* scratch) {
 #ifdef REFIT_HAVE_AVX512
-  if (cpu::has_avx512()) return kth_largest_f32_avx512(a, n, k, scratch);
+  if (cpu::has_avx512()) return kth_largest_by(a, n, k, scratch, partition_f32_avx512);
 #endif
   return kth_largest(a, n, k, scratch);
 }
