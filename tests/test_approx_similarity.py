@@ -91,6 +91,17 @@ def test_recall_against_the_exact_table_on_synthetic_data():
     assert torch.equal(got, approximate_similar_users(A, m=10, width=30, seed=0))
 
 
+def test_candidates_per_step_reach_the_descent_and_raise_recall():
+    # The same data as above at width 10, where the default descent tries at most 11 candidates per
+    # step: 40 of them find more of the exact table (measured: 0.951 -> 0.975; 20 gave 0.970).
+    A = load_dataset("synthetic", n_users=1500, n_items=300, seed=2).train
+    exact = top_similar_users(A, m=10)
+    base = approximate_similar_users(A, m=10, width=10, seed=0)
+    more = approximate_similar_users(A, m=10, width=10, candidates_per_step=40, seed=0)
+    assert recall(more, exact) > recall(base, exact)
+    assert torch.equal(more, approximate_similar_users(A, m=10, width=10, candidates_per_step=40, seed=0))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"m": 0}, "m must be an int >= 1"),
     ({"m": 5, "width": 4}, "width must be >= m=5"),
@@ -98,6 +109,8 @@ def test_recall_against_the_exact_table_on_synthetic_data():
     ({"n_jobs": 0}, "n_jobs must be an int >= 1"),
     ({"measure": "overlap"}, "cosine only"),
     ({"seed": 1.5}, "seed must be an int"),
+    ({"candidates_per_step": 0}, "candidates_per_step must be None or an int >= 1"),
+    ({"candidates_per_step": 2.0}, "candidates_per_step must be None or an int >= 1"),
 ])
 def test_refusals(kwargs, match):
     A = random_binary(20, 10, 0.3, 0)
