@@ -284,7 +284,7 @@ def similar_users(matrix: Any, m: int = 10, *, method: str = "auto", progress: O
                               f"table's quadratic time dominates; computing it exactly because "
                               f"{_MISSING_ANN}", RuntimeWarning, stacklevel=2)
     exact_names = ("block_size", "return_similarity", "measure", "user_range")
-    approx_names = ("width", "seed", "return_similarity", "measure", "n_jobs")
+    approx_names = ("width", "candidates_per_step", "seed", "return_similarity", "measure", "n_jobs")
     allowed = exact_names if method == "exact" else approx_names
     unknown = sorted(set(options) - set(exact_names) - set(approx_names))
     if unknown:

@@ -143,8 +143,8 @@ def test_similar_users_dispatch(monkeypatch):
         assert torch.equal(similar_users(A, m=4), top_similar_users(A, m=4))  # 40 users: exact
     assert calls == []
     monkeypatch.setattr(sim, "APPROXIMATE_ABOVE_USERS", 39)
-    similar_users(A, m=4, width=6, block_size=3)  # block_size is the exact path's: not passed on
-    assert calls and calls[0]["width"] == 6 and "block_size" not in calls[0]
+    similar_users(A, m=4, width=6, candidates_per_step=9, block_size=3)  # block_size is the exact path's: not passed on
+    assert calls and calls[0]["width"] == 6 and calls[0]["candidates_per_step"] == 9 and "block_size" not in calls[0]
     with pytest.raises(ValueError, match="method must be"):
         similar_users(A, m=4, method="fast")
     with pytest.raises(TypeError, match="unknown option"):
