@@ -91,8 +91,8 @@ def _measure(results: Dict[str, Any], name: str, fn: Callable[[], Any], log) -> 
 
 
 def run_size(n_users: int, n_items: int, *, stages: List[str], exact_max_users: int, quick: bool,
-             width: int = 60, candidates_per_step: Optional[int] = None, refit_iterations: int = 5,
-             log=print) -> Dict[str, Any]:
+             width: int = 60, candidates_per_step: Optional[int] = None, jobs: int = 1,
+             refit_iterations: int = 5, log=print) -> Dict[str, Any]:
     """Every stage at one size, in this process; returns {stage: {seconds, peak_mb, ...}}."""
     import numpy as np
     import torch
@@ -129,8 +129,10 @@ def run_size(n_users: int, n_items: int, *, stages: List[str], exact_max_users: 
         _measure(res, "similar-approx-compile", lambda: approximate_similar_users(
             synthetic_matrix(200, 50), 5, width=10), log)
         approx, approx_sims = _measure(res, "similar-approx", lambda: approximate_similar_users(
-            train, 10, width=width, candidates_per_step=candidates_per_step, seed=0, return_similarity=True), log)
+            train, 10, width=width, candidates_per_step=candidates_per_step, seed=0, n_jobs=jobs,
+            return_similarity=True), log)
         exact_rows, exact_sims = top_similar_users(train, 10, user_range=(0, sample), return_similarity=True)
+        res["similar-approx"].update({"width": width, "candidates_per_step": candidates_per_step, "jobs": jobs})
         res["similar-approx"].update(_recall(approx[:sample], approx_sims[:sample], exact_rows, exact_sims))
         res["similar-approx"].update(_reward_effect(train, exact_rows, approx[:sample]))
         r = res["similar-approx"]
@@ -161,7 +163,7 @@ def run_size(n_users: int, n_items: int, *, stages: List[str], exact_max_users: 
     if "refit-setup" in stages or "refit-iteration" in stages:
         if neighbors is None:
             neighbors = approximate_similar_users(train, 10, width=width, candidates_per_step=candidates_per_step,
-                                                  seed=0)
+                                                  seed=0, n_jobs=jobs)
         config = FinetuneConfig(checkpoint="", batch_size=64, seed=0, similar_users=10)
         trainer = _measure(res, "refit-setup", lambda: ReFiT(policy, data, config, neighbors=neighbors), log)
         if "refit-iteration" in stages:
@@ -290,7 +292,7 @@ def _child(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     res = run_size(args.child[0], args.child[1], stages=args.stages, exact_max_users=args.exact_max_users,
                    quick=args.quick, width=args.width, candidates_per_step=args.candidates_per_step,
-                   refit_iterations=args.refit_iterations,
+                   jobs=args.jobs, refit_iterations=args.refit_iterations,
                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(res))
 
@@ -306,7 +308,8 @@ def sweep(points: List[Dict[str, int]], args) -> List[Dict[str, Any]]:
             continue
         cmd = [sys.executable, "-m", "benchmarks.studies.scale", "--child", str(pt["n_users"]), str(pt["n_items"]),
                "--stages", ",".join(args.stages), "--exact-max-users", str(args.exact_max_users),
-               "--width", str(args.width), "--refit-iterations", str(args.refit_iterations)]
+               "--width", str(args.width), "--jobs", str(args.jobs),
+               "--refit-iterations", str(args.refit_iterations)]
         if args.candidates_per_step is not None:
             cmd += ["--candidates-per-step", str(args.candidates_per_step)]
         if args.quick:
@@ -424,6 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=60, help="candidates per user of the approximate table")
     p.add_argument("--candidates-per-step", type=int, default=None,
                    help="the approximate table's candidates per user and descent step (default: pynndescent's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="threads of the approximate table (pynndescent's n_jobs; set NUMBA_NUM_THREADS to match)")
     p.add_argument("--refit-iterations", type=int, default=5,
                    help="timed ReFiT iterations after the warm-up (their median is reported)")
     p.add_argument("--out", default=None, help="JSON results (written after every size)")
