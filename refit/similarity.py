@@ -299,6 +299,21 @@ def similar_users(matrix: Any, m: int = 10, *, method: str = "auto", progress: O
     return approximate_similar_users(matrix, m, progress=progress, **chosen)
 
 
+# Above this many users the descent tries more candidates per user and step than
+# pynndescent's default (min(60, width + 1)): at a fixed setting recall@10 falls with the
+# users (0.960 at 300k, 0.897 at 1M synthetic users, width 60), while 160 per step held
+# 0.986 at 300k and 0.959 at 1M, with a local time slope of 1.07 between them
+# (benchmarks/results/scale.md).
+MORE_CANDIDATES_ABOVE_USERS = 250_000
+CANDIDATES_PER_STEP_LARGE = 160
+
+
+def default_candidates_per_step(n_users: int) -> Optional[int]:
+    """The descent's candidates per user and step for ``n_users`` users when none is given:
+    None (pynndescent's default) up to MORE_CANDIDATES_ABOVE_USERS, CANDIDATES_PER_STEP_LARGE above."""
+    return CANDIDATES_PER_STEP_LARGE if n_users > MORE_CANDIDATES_ABOVE_USERS else None
+
+
 def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, candidates_per_step: Optional[int] = None,
                               seed: int = 0, n_jobs: int = 1, return_similarity: bool = False, measure: str = "cosine",
                               progress: Optional[Callable[[str], None]] = None):
@@ -323,10 +338,13 @@ def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, cand
         m: neighbours per user (>= 1).
         width: candidates per user (>= m): the graph's neighbour count.
         candidates_per_step: how many candidates the descent tries per user
-            and step (pynndescent's ``max_candidates``; None: its default,
-            min(60, width + 1)). More raise recall at a cost: at 300k
-            synthetic users, width 60, 120 of them took recall@10 from 0.960
-            to 0.981 for 1.3x the time (benchmarks/results/scale.md).
+            and step (pynndescent's ``max_candidates``). None:
+            :func:`default_candidates_per_step` of the users with data,
+            that is pynndescent's default, min(60, width + 1), up to
+            250,000 users and 160 above. More raise recall at a cost: at
+            300k synthetic users, width 60, 120 of them took recall@10 from
+            0.960 to 0.981 for 1.3x the time; with 160, 1M users reached
+            0.959 against 0.897 (benchmarks/results/scale.md).
         seed: pynndescent's random_state; with ``n_jobs=1`` the result is
             a function of (matrix, m, width, seed).
         n_jobs: pynndescent's threads (more is faster; the graph may then
@@ -376,6 +394,8 @@ def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, cand
         t0 = time.perf_counter()
         rows = scorer.A[active.numpy()].astype(np.float32)
         k = min(width + 1, active.numel())  # pynndescent lists each point as its own first neighbour
+        if candidates_per_step is None:
+            candidates_per_step = default_candidates_per_step(active.numel())
         torch_threads = torch.get_num_threads()
         try:
             with warnings.catch_warnings():
@@ -393,8 +413,9 @@ def approximate_similar_users(matrix: Any, m: int = 10, *, width: int = 60, cand
         graph = torch.from_numpy(np.asarray(index.neighbor_graph[0], dtype=np.int64))
         del index
         cand = torch.where(graph >= 0, active[graph.clamp(min=0)], torch.full_like(graph, -1))
-        say(f"similar users (approximate): {width} candidates per user for {active.numel():,} users "
-            f"in {time.perf_counter() - t0:.1f} s")
+        per_step = "pynndescent's default" if candidates_per_step is None else candidates_per_step
+        say(f"similar users (approximate): {width} candidates per user ({per_step} per descent step) "
+            f"for {active.numel():,} users in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         step = max(1, (1 << 20) // k)
         for b0 in range(0, active.numel(), step):

@@ -102,6 +102,21 @@ def test_candidates_per_step_reach_the_descent_and_raise_recall():
     assert torch.equal(more, approximate_similar_users(A, m=10, width=10, candidates_per_step=40, seed=0))
 
 
+def test_the_default_candidates_per_step_grow_with_the_users(monkeypatch):
+    assert sim.default_candidates_per_step(sim.MORE_CANDIDATES_ABOVE_USERS) is None
+    assert sim.default_candidates_per_step(sim.MORE_CANDIDATES_ABOVE_USERS + 1) == sim.CANDIDATES_PER_STEP_LARGE
+    # Without an explicit setting the table takes the default for its users: made to give 40 at
+    # the test's 1,500 users, it is the table that 40 per step gives, not pynndescent's default's.
+    A = load_dataset("synthetic", n_users=1500, n_items=300, seed=2).train
+    asked = []
+    monkeypatch.setattr(sim, "default_candidates_per_step", lambda n: asked.append(n) or 40)
+    got = approximate_similar_users(A, m=10, width=10, seed=0)
+    assert asked == [int((A.getnnz(axis=1) > 0).sum())]
+    assert torch.equal(got, approximate_similar_users(A, m=10, width=10, candidates_per_step=40, seed=0))
+    monkeypatch.undo()
+    assert not torch.equal(got, approximate_similar_users(A, m=10, width=10, seed=0))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"m": 0}, "m must be an int >= 1"),
     ({"m": 5, "width": 4}, "width must be >= m=5"),
