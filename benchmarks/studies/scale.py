@@ -426,7 +426,8 @@ def main(argv=None) -> int:
                    help="the exact similar-user table only up to this many users (its time is quadratic)")
     p.add_argument("--width", type=int, default=60, help="candidates per user of the approximate table")
     p.add_argument("--candidates-per-step", type=int, default=None,
-                   help="the approximate table's candidates per user and descent step (default: pynndescent's)")
+                   help="the approximate table's candidates per user and descent step (default: "
+                        "refit.similarity.default_candidates_per_step, 160 above 250,000 users)")
     p.add_argument("--jobs", type=int, default=1,
                    help="threads of the approximate table (pynndescent's n_jobs; set NUMBA_NUM_THREADS to match)")
     p.add_argument("--refit-iterations", type=int, default=5,
