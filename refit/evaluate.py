@@ -286,16 +286,16 @@ def evaluate_many(
     # The kernel's outputs of every batch go into arrays allocated once: kept as one
     # small tensor per batch, they pinned the freed score buffers between them in the
     # heap (7 GB resident at 300k users where the scores need 12 MB a batch).
-    n_mine = sum(min(batch_size, n_eval - start) for start in mine)
-    kept = {}  # name -> (hits, dcg, first_hit), each n_mine rows on the scores' device
-    placed = []  # (batch number j, its first row in kept, its users)
-    at = 0
+    # This process's batches are consecutive: their users are one slice of user_ids.
+    base = mine[0] if mine else 0
+    my_users = user_ids[base:base + sum(min(batch_size, n_eval - start) for start in mine)]
+    kept = {}  # name -> (hits, dcg, first_hit), a row per user of my_users, on the scores' device
     batches = mine
     if dist.is_main() and progress_enabled(progress):
         from tqdm.auto import tqdm
 
         batches = tqdm(mine, total=len(mine), desc=desc, unit="batch")
-    for j, start in enumerate(batches, start=first):
+    for start in batches:
         batch = user_ids[start:start + batch_size]
         scores = score_fn(batch)
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != batch.numel():
@@ -309,12 +309,10 @@ def evaluate_many(
             p_csr, ex_csr = csr_args(name, scores.shape[1], dev)
             out = rk.topk_hits(scores, ks, users=batch_dev, exclude=ex_csr, positives=p_csr, backend=backend)
             if name not in kept:
-                kept[name] = tuple(torch.empty((n_mine,) + t.shape[1:], dtype=t.dtype, device=dev)
+                kept[name] = tuple(torch.empty((my_users.numel(),) + t.shape[1:], dtype=t.dtype, device=dev)
                                    for t in (out.hits, out.dcg, out.first_hit))
             for dst, src in zip(kept[name], (out.hits, out.dcg, out.first_hit)):
-                dst[at:at + batch.numel()].copy_(src)
-        placed.append((j, at, batch))
-        at += batch.numel()
+                dst[start - base:start - base + batch.numel()].copy_(src)
         del scores, out
     # The metrics of every user come from one pass over all the batches' outputs
     # (a few dozen small tensor operations per batch were a fifth of a fast
@@ -324,13 +322,13 @@ def evaluate_many(
         if name not in kept:
             continue
         hits, dcg, first_hit = (t.cpu() for t in kept.pop(name))
-        all_users = torch.cat([b for _, _, b in placed])
-        n_pos = n_pos_all[name][all_users]
+        n_pos = n_pos_all[name][my_users]
         per_user = _per_user_metrics(hits, dcg, first_hit, n_pos, ks)  # (4, n, n_k)
-        for j, row0, b in placed:
-            rows = per_user[:, row0:row0 + b.numel()]
+        for j, start in enumerate(mine, start=first):
+            rows = slice(start - base, min(start + batch_size, n_eval) - base)
+            n_pos_rows, rows = n_pos[rows], per_user[:, rows]
             if exclude_users_without_positives:
-                rows = rows[:, n_pos[row0:row0 + b.numel()] > 0]
+                rows = rows[:, n_pos_rows > 0]
             sums[a, j, :-1] = rows.contiguous().sum(1).reshape(-1)
             sums[a, j, -1] = rows.shape[1]
     if distributed:
